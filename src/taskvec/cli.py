@@ -1,0 +1,177 @@
+"""The `taskvec` command line: glue between typer/rich and the library."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from taskvec.errors import TaskVecError
+
+app = typer.Typer(help="Task vector composition: extract, merge, inspect and compare task vectors.", no_args_is_help=True)
+console = Console()
+err_console = Console(stderr=True)
+
+Force = Annotated[bool, typer.Option("--force", help="replace OUT if it exists")]
+
+
+def _fail(e: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(2)
+
+
+def _dtype(name: str | None):  # -> torch.dtype | None
+    from taskvec.config import DTYPES
+
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise TaskVecError(f"--dtype: unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@app.command()
+def extract(
+    pretrained: Annotated[str, typer.Argument(help="pre-trained checkpoint (file or folder)")],
+    finetuned: Annotated[str, typer.Argument(help="fine-tuned checkpoint (file or folder)")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="output .safetensors file or shard folder")],
+    dtype: Annotated[str, typer.Option(help="storage dtype: float16, bfloat16, float32")] = "float32",
+    include: Annotated[list[str] | None, typer.Option(help="glob of tensors to keep (repeatable)")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="glob of tensors to skip, e.g. '*classifier*'")] = None,
+    shard_size: Annotated[str, typer.Option(help="largest shard, e.g. 2GB")] = "2GB",
+    force: Force = False,
+) -> None:
+    """Extract the task vector FINETUNED - PRETRAINED, streamed tensor by tensor."""
+    from taskvec.core import TaskVector
+    from taskvec.io import parse_size
+
+    try:
+        tv = TaskVector.from_checkpoints(pretrained, finetuned, include=include, exclude=exclude)
+        path = tv.save(out, dtype=_dtype(dtype), shard_size=parse_size(shard_size), overwrite=force, progress=True)
+    except TaskVecError as e:
+        _fail(e)
+    console.print(f"wrote task vector of {len(tv)} tensors, {tv.numel():,} parameters to [bold]{path}[/]")
+
+
+@app.command()
+def merge(
+    config: Annotated[Path, typer.Argument(help="YAML merge config")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="output shard folder or .safetensors file")],
+    force: Force = False,
+) -> None:
+    """Merge task vectors into the base model as CONFIG says, streamed and atomic."""
+    from taskvec.config import load_merge_config
+    from taskvec.merge import merge_checkpoints
+
+    try:
+        cfg = load_merge_config(config)
+        path = merge_checkpoints(cfg, out, overwrite=force, progress=True)
+    except TaskVecError as e:
+        _fail(e)
+    console.print(f"merged {len(cfg.models)} task vectors with [bold]{cfg.method}[/] into [bold]{path}[/]")
+
+
+@app.command()
+def apply(
+    base: Annotated[str, typer.Argument(help="base checkpoint")],
+    task_vector: Annotated[str, typer.Argument(help="saved task vector")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="output shard folder or .safetensors file")],
+    coef: Annotated[float, typer.Option(help="coefficient; negative to forget the task")] = 1.0,
+    dtype: Annotated[str | None, typer.Option(help="output dtype (default: the base's)")] = None,
+    force: Force = False,
+) -> None:
+    """Write BASE + COEF * TASK_VECTOR."""
+    from taskvec.core import TaskVector
+
+    try:
+        path = TaskVector.load(task_vector).apply_to(base, coef, out=out, dtype=_dtype(dtype), overwrite=force, progress=True)
+    except TaskVecError as e:
+        _fail(e)
+    console.print(f"wrote [bold]{path}[/]")
+
+
+@app.command()
+def info(
+    file: Annotated[str, typer.Argument(help="checkpoint or task vector (file or folder)")],
+    top: Annotated[int, typer.Option(help="show the N tensors of largest norm")] = 10,
+) -> None:
+    """Tensors, size, sparsity and norms of a checkpoint or task vector."""
+    from taskvec.summary import summarize
+
+    try:
+        s = summarize(file)
+    except TaskVecError as e:
+        _fail(e)
+    t = Table(title=f"{file}")
+    t.add_column("")
+    t.add_column("value", justify="right")
+    t.add_row("tensors", f"{s.n_tensors:,}")
+    t.add_row("parameters", f"{s.numel:,}")
+    t.add_row("bytes", f"{s.nbytes:,} ({s.nbytes / 2**30:.3f} GiB)")
+    t.add_row("dtypes", ", ".join(f"{k}: {v:,}" for k, v in s.dtypes.items()))
+    t.add_row("sparsity (exact zeros)", f"{s.zeros / max(s.numel, 1):.4%}")
+    t.add_row("L2 norm", f"{s.norm:.6g}")
+    t.add_row("max |x|", f"{s.max_abs:.6g}")
+    console.print(t)
+    tt = Table(title=f"top {min(top, len(s.tensors))} tensors by L2 norm")
+    for c in ("tensor", "shape", "dtype", "norm", "sparsity"):
+        tt.add_column(c, justify="left" if c == "tensor" else "right")
+    for r in sorted(s.tensors, key=lambda r: -r.norm)[:top]:
+        tt.add_row(r.key, str(list(r.shape)), str(r.dtype).replace("torch.", ""), f"{r.norm:.4g}", f"{r.zeros / max(r.numel, 1):.2%}")
+    console.print(tt)
+
+
+@app.command()
+def similarity(
+    task_vectors: Annotated[list[str], typer.Argument(help="two or more saved task vectors")],
+    png: Annotated[Path | None, typer.Option(help="write a heatmap PNG here")] = None,
+) -> None:
+    """Cosine similarity matrix of task vectors (streamed Gram matrix), as a table and a heatmap."""
+    from taskvec.core import TaskVector
+    from taskvec.core.similarity import cosine_matrix
+    from taskvec.report import heatmap
+
+    try:
+        if len(task_vectors) < 2:
+            raise TaskVecError("similarity needs at least two task vectors")
+        tvs = [TaskVector.load(p) for p in task_vectors]
+        cos = cosine_matrix(tvs)
+    except TaskVecError as e:
+        _fail(e)
+    names = [Path(p).stem for p in task_vectors]
+    t = Table(title="cosine similarity")
+    t.add_column("")
+    for n in names:
+        t.add_column(n, justify="right")
+    for i, n in enumerate(names):
+        t.add_row(n, *(f"{float(cos[i, j]):.4f}" for j in range(len(names))))
+    console.print(t)
+    if png is not None:
+        heatmap(cos.numpy(), names, names, png, title="cosine similarity of task vectors")
+        console.print(f"heatmap written to [bold]{png}[/]")
+
+
+@app.command()
+def methods() -> None:
+    """List the registered merge methods and their parameters."""
+    from taskvec.methods import list_methods
+
+    t = Table(title="merge methods")
+    for c in ("name", "what", "parameters"):
+        t.add_column(c)
+    for m in list_methods():
+        ps = ", ".join(f"{n}={f.default!r}" for n, f in m.params.model_fields.items()) or "-"
+        t.add_row(m.name, m.summary, ps)
+    console.print(t)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

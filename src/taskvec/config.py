@@ -1,0 +1,113 @@
+"""Pydantic models of the YAML configs. A bad key or value gets an error naming it and the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from taskvec.errors import ConfigError
+from taskvec.io.writer import parse_size
+
+DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+DtypeName = Literal["float16", "bfloat16", "float32", "float64"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelEntry(Strict):
+    """One task: a fine-tuned checkpoint (tau = finetuned - base) or a saved task vector."""
+
+    finetuned: str | None = None
+    task_vector: str | None = None
+    weight: float | dict[str, float] = Field(1.0, description="coefficient, or a {glob: coefficient} per-layer map")
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelEntry:
+        if (self.finetuned is None) == (self.task_vector is None):
+            raise ValueError("give exactly one of 'finetuned' or 'task_vector'")
+        return self
+
+
+class MergeConfig(Strict):
+    """`taskvec merge` config: theta = base + scale * method(tau_1..tau_T; weights, params)."""
+
+    method: str = "task_arithmetic"
+    base: str
+    models: list[ModelEntry] = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+    scale: float | dict[str, float] = 1.0
+    dtype: DtypeName | None = Field(None, description="output dtype of floating tensors (default: the base's)")
+    shard_size: str | int = "2GB"
+    include: list[str] | None = None
+    exclude: list[str] = Field(default_factory=list, description="tensors copied from the base unchanged")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from taskvec.methods import get_method
+
+        get_method(v)
+        return v
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, v: str | int) -> str | int:
+        if parse_size(v) <= 0:
+            raise ValueError("must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _params(self) -> MergeConfig:
+        from taskvec.methods import get_method
+        from taskvec.methods.registry import parse_params
+
+        parse_params(get_method(self.method), self.params)
+        return self
+
+    def resolve_paths(self, root: Path) -> MergeConfig:
+        """Paths in the config are relative to the config file's folder."""
+
+        def fix(p: str | None) -> str | None:
+            return None if p is None else str((root / p) if not Path(p).is_absolute() else Path(p))
+
+        models = [m.model_copy(update={"finetuned": fix(m.finetuned), "task_vector": fix(m.task_vector)}) for m in self.models]
+        return self.model_copy(update={"base": fix(self.base), "models": models})
+
+
+def _format(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors())
+
+
+def load_yaml_config(path: str | Path, model: type[BaseModel]) -> Any:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        cfg = model(**data)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {_format(e)}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return cfg.resolve_paths(path.parent) if hasattr(cfg, "resolve_paths") else cfg
+
+
+def load_merge_config(path: str | Path) -> MergeConfig:
+    return load_yaml_config(path, MergeConfig)

@@ -1,0 +1,89 @@
+"""The per-tensor streaming plan: every output tensor is computed slice by slice and written
+as it is produced, so peak memory is a few slices whatever the size of the model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from taskvec.io import CheckpointWriter, Source, TensorSpec
+from taskvec.io.writer import DEFAULT_SHARD_BYTES
+
+CHUNK_ELEMS = 1 << 22  # 4M elements: 16 MiB of float32 per slice
+
+
+def chunks(numel: int, size: int = CHUNK_ELEMS) -> Iterator[tuple[int, int]]:
+    """Flat [start, stop) ranges that cover `numel` elements."""
+    if numel == 0:
+        yield 0, 0
+        return
+    for s in range(0, numel, size):
+        yield s, min(numel, s + size)
+
+
+class LastSliceCache:
+    """Remembers the last slice read from a source: many task vectors share one base, and each
+    slice of the base is then read from disk once instead of once per task vector."""
+
+    def __init__(self, source: Source):
+        self.source = source
+        self.name = source.name
+        self._last: tuple[tuple[str, int, int | None], torch.Tensor] | None = None
+
+    def keys(self) -> list[str]:
+        return self.source.keys()
+
+    def spec(self, key: str) -> TensorSpec:
+        return self.source.spec(key)
+
+    def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        tag = (key, start, stop)
+        if self._last is None or self._last[0] != tag:
+            self._last = (tag, self.source.read_flat(key, start, stop))
+        return self._last[1]
+
+
+@contextmanager
+def byte_progress(total: int, description: str, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over bytes; yields a function that advances it."""
+    if not enabled:
+        yield lambda n: None
+        return
+    columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+SliceFn = Callable[[str, int, int], torch.Tensor]
+
+
+def write_checkpoint(
+    out: str | os.PathLike[str],
+    specs: dict[str, TensorSpec],
+    slice_fn: SliceFn,
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = False,
+    chunk_elems: int = CHUNK_ELEMS,
+    progress: bool = False,
+    description: str = "writing",
+) -> Path:
+    """Write every tensor of `specs`, asking `slice_fn(key, start, stop)` for each flat slice."""
+    out = Path(out)
+    total = sum(s.nbytes for s in specs.values())
+    with CheckpointWriter(out, specs, max_shard_bytes=max_shard_bytes, metadata=metadata, overwrite=overwrite) as w:
+        with byte_progress(total, description, progress) as advance:
+            for key in w.order:
+                spec = specs[key]
+                for s, e in chunks(spec.numel, chunk_elems):
+                    data = slice_fn(key, s, e)
+                    w.write(key, data)
+                    advance((e - s) * spec.dtype.itemsize)
+    return out

@@ -1,0 +1,408 @@
+"""TaskVector: the difference between fine-tuned and pre-trained weights, as a lazy object.
+
+A task vector reads its tensors on demand from the checkpoints it came from. Arithmetic builds
+new lazy task vectors, so `0.5 * tv1 - tv2` costs nothing until a tensor is read, applied or
+saved, and then only one slice of one tensor at a time is in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from taskvec.core.coef import Coef, matches, resolve
+from taskvec.core.stream import CHUNK_ELEMS, LastSliceCache, chunks, write_checkpoint
+from taskvec.errors import DtypeError, KeyMismatchError, ShapeMismatchError
+from taskvec.io import CheckpointLike, DictSource, Source, TensorSpec, open_checkpoint
+from taskvec.io.writer import DEFAULT_SHARD_BYTES
+
+TASK_VECTOR_FORMAT = "taskvec/task_vector"
+
+
+def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    out = torch.float32
+    for d in dtypes:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def _key_list(keys: Iterable[str], limit: int = 5) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(repr(k) for k in keys[:limit]) + more
+
+
+def check_same_tensors(a: Source, b: Source, keys: Sequence[str] | None = None) -> None:
+    """Raise if `a` and `b` differ in their tensor names (or in `keys`) or shapes."""
+    ka, kb = set(a.keys()), set(b.keys())
+    if keys is None:
+        if ka != kb:
+            parts = []
+            if ka - kb:
+                parts.append(f"only in {a.name}: {_key_list(ka - kb)}")
+            if kb - ka:
+                parts.append(f"only in {b.name}: {_key_list(kb - ka)}")
+            raise KeyMismatchError("tensors differ: " + "; ".join(parts))
+        keys = a.keys()
+    for k in keys:
+        for src, names in ((a, ka), (b, kb)):
+            if k not in names:
+                raise KeyMismatchError(f"tensor {k!r} is missing from {src.name}")
+        sa, sb = a.spec(k).shape, b.spec(k).shape
+        if sa != sb:
+            raise ShapeMismatchError(f"tensor {k!r}: shape {list(sa)} in {a.name} but {list(sb)} in {b.name}")
+
+
+class DiffSource:
+    """finetuned - pretrained, over the floating tensors both hold, computed in at least float32."""
+
+    def __init__(self, pretrained: Source, finetuned: Source, include: list[str] | None, exclude: list[str] | None):
+        self.pretrained, self.finetuned = pretrained, finetuned
+        self.name = f"{finetuned.name} - {pretrained.name}"
+        pk = set(pretrained.keys())
+        wanted = [k for k in pretrained.keys() if matches(k, include, exclude)]
+        wanted += [k for k in finetuned.keys() if k not in pk and matches(k, include, exclude)]
+        check_same_tensors(pretrained, finetuned, wanted)
+        self._keys: list[str] = []
+        self._dtype: dict[str, torch.dtype] = {}
+        for k in wanted:
+            dp, df = pretrained.spec(k).dtype, finetuned.spec(k).dtype
+            if dp.is_floating_point and df.is_floating_point:
+                self._keys.append(k)
+                self._dtype[k] = _compute_dtype(dp, df)
+            elif dp.is_floating_point or df.is_floating_point:
+                raise DtypeError(
+                    f"tensor {k!r}: dtype {dp} in {pretrained.name} but {df} in {finetuned.name}; "
+                    "a task vector needs floating tensors on both sides"
+                )
+            # integer buffers (position ids, BatchNorm counters) carry no task vector
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def spec(self, key: str) -> TensorSpec:
+        if key not in self._dtype:
+            raise KeyMismatchError(f"task vector {self.name}: no tensor named {key!r}")
+        return TensorSpec(self.pretrained.spec(key).shape, self._dtype[key])
+
+    def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        dt = self.spec(key).dtype
+        return self.finetuned.read_flat(key, start, stop).to(dt) - self.pretrained.read_flat(key, start, stop).to(dt)
+
+
+class FloatSource:
+    """A stored task vector (e.g. fp16 on disk) read back in at least float32."""
+
+    def __init__(self, source: Source, keys: list[str] | None = None):
+        self.source = source
+        self.name = source.name
+        self._keys = keys if keys is not None else source.keys()
+        for k in self._keys:
+            if not source.spec(k).dtype.is_floating_point:
+                raise DtypeError(f"{source.name}: tensor {k!r} has dtype {source.spec(k).dtype}; task vectors are floating")
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def spec(self, key: str) -> TensorSpec:
+        s = self.source.spec(key)
+        return TensorSpec(s.shape, _compute_dtype(s.dtype))
+
+    def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self.source.read_flat(key, start, stop).to(self.spec(key).dtype)
+
+
+class LinearSource:
+    """sum_i coef_i * tv_i, with per-tensor coefficients; all terms must hold the same tensors."""
+
+    def __init__(self, terms: list[tuple[Coef, Source]]):
+        if not terms:
+            raise ValueError("a linear combination needs at least one task vector")
+        self.terms = terms
+        first = terms[0][1]
+        for _, src in terms[1:]:
+            check_same_tensors(first, src)
+        self.name = " + ".join(s.name for _, s in terms) if len(terms) < 4 else f"sum of {len(terms)} task vectors"
+
+    def keys(self) -> list[str]:
+        return self.terms[0][1].keys()
+
+    def spec(self, key: str) -> TensorSpec:
+        specs = [s.spec(key) for _, s in self.terms]
+        return TensorSpec(specs[0].shape, _compute_dtype(*(s.dtype for s in specs)))
+
+    def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        dt = self.spec(key).dtype
+        out: torch.Tensor | None = None
+        for coef, src in self.terms:
+            c = resolve(coef, key)
+            if c == 0.0 and out is not None:
+                continue
+            x = src.read_flat(key, start, stop).to(dt)
+            out = x * c if out is None else out.add_(x, alpha=c)
+        assert out is not None
+        return out
+
+
+class TaskVector:
+    """A lazy task vector tau = theta_finetuned - theta_pretrained over named tensors."""
+
+    def __init__(self, source: Source, name: str | None = None):
+        self.source = source
+        self.name = name or source.name
+
+    # ----- construction
+    @classmethod
+    def from_checkpoints(
+        cls,
+        pretrained: CheckpointLike,
+        finetuned: CheckpointLike,
+        *,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        name: str | None = None,
+    ) -> TaskVector:
+        """tau = finetuned - pretrained over floating tensors; `include`/`exclude` are globs."""
+        pre, ft = open_checkpoint(pretrained), open_checkpoint(finetuned)
+        return cls(DiffSource(pre, ft, include, exclude), name=name)
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], name: str = "<task vector>") -> TaskVector:
+        return cls(FloatSource(DictSource(tensors, name=name)), name=name)
+
+    @classmethod
+    def load(cls, path: CheckpointLike) -> TaskVector:
+        """A task vector saved by `save` (any checkpoint format of deltas works)."""
+        src = open_checkpoint(path)
+        return cls(FloatSource(src), name=src.name)
+
+    # ----- access
+    def keys(self) -> list[str]:
+        return self.source.keys()
+
+    def spec(self, key: str) -> TensorSpec:
+        return self.source.spec(key)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.source.read_flat(key).reshape(self.spec(key).shape)
+
+    def __contains__(self, key: str) -> bool:
+        return key in set(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __repr__(self) -> str:
+        return f"TaskVector({self.name!r}, {len(self)} tensors, {self.numel():,} parameters)"
+
+    def numel(self) -> int:
+        return sum(self.spec(k).numel for k in self.keys())
+
+    def items(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """(key, tensor) pairs, one tensor in memory at a time."""
+        for k in self.keys():
+            yield k, self[k]
+
+    # ----- arithmetic
+    def _terms(self, coef: Coef = 1.0) -> list[tuple[Coef, Source]]:
+        if isinstance(self.source, LinearSource) and isinstance(coef, (int, float)):
+            return [(_times(c, coef), s) for c, s in self.source.terms]
+        return [(coef, self.source)]
+
+    def scale(self, coef: Coef) -> TaskVector:
+        """coef * tau; `coef` is a number, a {glob: number} map, or a callable of the tensor name."""
+        return TaskVector(LinearSource(self._terms(coef)), name=f"{_fmt(coef)}*({self.name})")
+
+    def __add__(self, other: TaskVector) -> TaskVector:
+        if not isinstance(other, TaskVector):
+            return NotImplemented
+        return TaskVector(LinearSource(self._terms() + other._terms()))
+
+    def __radd__(self, other: object) -> TaskVector:
+        if isinstance(other, (int, float)) and other == 0:  # lets the builtin sum() work
+            return self
+        return NotImplemented
+
+    def __sub__(self, other: TaskVector) -> TaskVector:
+        if not isinstance(other, TaskVector):
+            return NotImplemented
+        return TaskVector(LinearSource(self._terms() + other._terms(-1.0)))
+
+    def __neg__(self) -> TaskVector:
+        return self.scale(-1.0)
+
+    def __mul__(self, coef: Coef) -> TaskVector:
+        return self.scale(coef)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, x: float) -> TaskVector:
+        return self.scale(1.0 / x)
+
+    @staticmethod
+    def sum(task_vectors: Sequence[TaskVector], weights: Sequence[Coef] | None = None) -> TaskVector:
+        """sum_k w_k tau_k (weights default to 1)."""
+        weights = list(weights) if weights is not None else [1.0] * len(task_vectors)
+        if len(weights) != len(task_vectors):
+            raise ValueError(f"{len(task_vectors)} task vectors but {len(weights)} weights")
+        terms = [t for tv, w in zip(task_vectors, weights) for t in tv._terms(w)]
+        return TaskVector(LinearSource(terms), name=f"sum of {len(task_vectors)}")
+
+    def filter(self, include: list[str] | None = None, exclude: list[str] | None = None) -> TaskVector:
+        """Keep only the tensors matching `include` globs and none of `exclude`."""
+        keys = [k for k in self.keys() if matches(k, include, exclude)]
+        return TaskVector(_Subset(self.source, keys), name=self.name)
+
+    # ----- reductions (streamed)
+    def dot(self, other: TaskVector) -> float:
+        check_same_tensors(self.source, other.source)
+        total = 0.0
+        for k in self.keys():
+            for s, e in chunks(self.spec(k).numel):
+                total += float(torch.dot(self.source.read_flat(k, s, e).double(), other.source.read_flat(k, s, e).double()))
+        return total
+
+    def norm(self) -> float:
+        total = 0.0
+        for k in self.keys():
+            for s, e in chunks(self.spec(k).numel):
+                x = self.source.read_flat(k, s, e).double()
+                total += float(torch.dot(x, x))
+        return total**0.5
+
+    def cosine(self, other: TaskVector) -> float:
+        return self.dot(other) / max(self.norm() * other.norm(), 1e-300)
+
+    # ----- materialise, apply, save
+    def to_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        return {k: (v.to(dtype) if dtype else v) for k, v in self.items()}
+
+    def apply_to(
+        self,
+        base: CheckpointLike,
+        coef: Coef = 1.0,
+        *,
+        out: str | os.PathLike[str] | None = None,
+        dtype: torch.dtype | None = None,
+        shard_size: int = DEFAULT_SHARD_BYTES,
+        overwrite: bool = False,
+        progress: bool = False,
+    ) -> nn.Module | dict[str, torch.Tensor] | Path:
+        """theta0 + coef * tau.
+
+        An `nn.Module` base gives a new module (the base is left untouched); a state dict gives a new
+        state dict; a checkpoint on disk needs `out` and is streamed to it tensor by tensor.
+        """
+        if isinstance(base, nn.Module):
+            model = copy.deepcopy(base)
+            sd = model.state_dict()
+            new = self._apply_dict(sd, coef)
+            model.load_state_dict(new)
+            return model
+        if isinstance(base, Mapping) and out is None:
+            return self._apply_dict(base, coef)
+        if out is None:
+            raise ValueError("apply_to a checkpoint on disk needs `out`, the path to write to")
+        src = open_checkpoint(base)
+        return apply_streaming(src, self, coef, out, dtype=dtype, shard_size=shard_size, overwrite=overwrite, progress=progress)
+
+    def _apply_dict(self, base: Mapping[str, torch.Tensor], coef: Coef) -> dict[str, torch.Tensor]:
+        check_same_tensors(DictSource(base, name="base"), self.source, self.keys())
+        out = dict(base)
+        for k in self.keys():
+            b = base[k]
+            out[k] = add_scaled(b, self[k], resolve(coef, k)).to(b.dtype)
+        return out
+
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        dtype: torch.dtype | None = torch.float32,
+        shard_size: int = DEFAULT_SHARD_BYTES,
+        overwrite: bool = False,
+        progress: bool = False,
+    ) -> Path:
+        """Write to a .safetensors file or a shard folder, streamed and atomic; `dtype` is the storage dtype."""
+        specs = {k: TensorSpec(self.spec(k).shape, dtype or self.spec(k).dtype) for k in self.keys()}
+        return write_checkpoint(
+            path,
+            specs,
+            lambda k, s, e: self.source.read_flat(k, s, e),
+            max_shard_bytes=shard_size,
+            metadata={"taskvec": TASK_VECTOR_FORMAT},
+            overwrite=overwrite,
+            progress=progress,
+            description="saving task vector",
+        )
+
+
+def add_scaled(base: torch.Tensor, delta: torch.Tensor, coef: float) -> torch.Tensor:
+    """base + coef * delta in the delta's dtype, as a new tensor (sources may share memory: never in place)."""
+    return torch.add(base.to(delta.dtype), delta, alpha=coef) if coef != 0.0 else base.to(delta.dtype)
+
+
+class _Subset:
+    def __init__(self, source: Source, keys: list[str]):
+        self.source, self._keys, self.name = source, keys, source.name
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def spec(self, key: str) -> TensorSpec:
+        return self.source.spec(key)
+
+    def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self.source.read_flat(key, start, stop)
+
+
+def _times(c: Coef, x: float) -> Coef:
+    if isinstance(c, (int, float)):
+        return float(c) * x
+    if isinstance(c, Mapping):
+        return {p: float(v) * x for p, v in c.items()}
+    return lambda k: resolve(c, k) * x
+
+
+def _fmt(c: Coef) -> str:
+    return f"{c:g}" if isinstance(c, (int, float)) else "coef"
+
+
+def apply_streaming(
+    base: Source,
+    tv: TaskVector,
+    coef: Coef,
+    out: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    shard_size: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+    progress: bool = False,
+    chunk_elems: int = CHUNK_ELEMS,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write theta0 + coef * tau to `out`, slice by slice. Tensors outside tau are copied from the base."""
+    base = base if isinstance(base, LastSliceCache) else LastSliceCache(base)
+    delta_keys = set(tv.keys())
+    check_same_tensors(base, tv.source, sorted(delta_keys))
+    specs: dict[str, TensorSpec] = {}
+    for k in base.keys():
+        s = base.spec(k)
+        specs[k] = TensorSpec(s.shape, dtype if (dtype is not None and s.dtype.is_floating_point) else s.dtype)
+
+    def slice_fn(k: str, s: int, e: int) -> torch.Tensor:
+        b = base.read_flat(k, s, e)
+        if k not in delta_keys:
+            return b
+        c = resolve(coef, k)
+        return add_scaled(b, tv.source.read_flat(k, s, e), c)
+
+    return write_checkpoint(
+        out, specs, slice_fn, max_shard_bytes=shard_size, overwrite=overwrite, progress=progress,
+        chunk_elems=chunk_elems, metadata=metadata, description="writing model",
+    )

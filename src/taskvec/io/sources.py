@@ -1,0 +1,190 @@
+"""Checkpoint sources: one interface over every way a model's weights are held.
+
+A source lists its tensors, tells each one's shape and dtype, and reads a tensor (or a flat
+slice of it) on demand. Nothing is loaded before it is asked for, so a merge holds a few
+tensors at a time whatever the size of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from taskvec.errors import CheckpointError
+from taskvec.io.safetensors_file import SafetensorsFile, TensorSpec
+
+INDEX_NAMES = ("model.safetensors.index.json", "taskvec.safetensors.index.json")
+
+
+@runtime_checkable
+class Source(Protocol):
+    """Read-only access to named tensors."""
+
+    name: str
+
+    def keys(self) -> list[str]: ...
+
+    def spec(self, key: str) -> TensorSpec: ...
+
+    def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor: ...
+
+
+def read(source: Source, key: str) -> torch.Tensor:
+    """The whole tensor `key` of `source`, in its own shape."""
+    return source.read_flat(key).reshape(source.spec(key).shape)
+
+
+def _missing(source: Source, key: str) -> CheckpointError:
+    return CheckpointError(f"{source.name}: no tensor named {key!r}")
+
+
+class SafetensorsSource:
+    """A single .safetensors file."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.file = SafetensorsFile(path)
+        self.name = str(path)
+        self.metadata = self.file.metadata
+
+    def keys(self) -> list[str]:
+        return self.file.keys()
+
+    def spec(self, key: str) -> TensorSpec:
+        try:
+            return self.file.spec(key)
+        except KeyError:
+            raise _missing(self, key) from None
+
+    def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        self.spec(key)
+        return self.file.read_flat(key, start, stop)
+
+
+class ShardedSource:
+    """A folder of safetensors shards with an index (Hugging Face layout), or a folder of shards alone."""
+
+    def __init__(self, folder: str | os.PathLike[str]):
+        self.folder = Path(folder)
+        self.name = str(folder)
+        index = next((self.folder / n for n in INDEX_NAMES if (self.folder / n).exists()), None)
+        files: dict[str, SafetensorsFile] = {}
+        self._where: dict[str, SafetensorsFile] = {}
+        self.metadata: dict[str, str] = {}
+        if index is not None:
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            for key, fname in weight_map.items():
+                if fname not in files:
+                    path = self.folder / fname
+                    if not path.exists():
+                        raise CheckpointError(f"{index}: shard {fname} listed for tensor {key!r} is missing")
+                    files[fname] = SafetensorsFile(path)
+                if key not in files[fname].keys():
+                    raise CheckpointError(f"{self.folder / fname}: index says it holds {key!r}, but it does not")
+                self._where[key] = files[fname]
+        else:
+            shards = sorted(self.folder.glob("*.safetensors"))
+            if not shards:
+                raise CheckpointError(f"{self.folder}: no *.safetensors files and no index")
+            for path in shards:
+                f = SafetensorsFile(path)
+                for key in f.keys():
+                    if key in self._where:
+                        raise CheckpointError(f"{self.folder}: tensor {key!r} is in two shards")
+                    self._where[key] = f
+        first = next(iter(self._where.values()), None)
+        if first is not None:
+            self.metadata = dict(first.metadata)
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def _file(self, key: str) -> SafetensorsFile:
+        try:
+            return self._where[key]
+        except KeyError:
+            raise _missing(self, key) from None
+
+    def spec(self, key: str) -> TensorSpec:
+        return self._file(key).spec(key)
+
+    def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self._file(key).read_flat(key, start, stop)
+
+
+class DictSource:
+    """Tensors already in memory: a state dict, or the parameters and buffers of a module."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], name: str = "<state dict>"):
+        self.name = name
+        self._t: dict[str, torch.Tensor] = {}
+        for k, v in tensors.items():
+            if not isinstance(v, torch.Tensor):
+                raise CheckpointError(f"{name}: entry {k!r} is a {type(v).__name__}, not a tensor")
+            self._t[k] = v.detach()
+
+    def keys(self) -> list[str]:
+        return list(self._t)
+
+    def spec(self, key: str) -> TensorSpec:
+        try:
+            t = self._t[key]
+        except KeyError:
+            raise _missing(self, key) from None
+        return TensorSpec(tuple(t.shape), t.dtype)
+
+    def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        self.spec(key)
+        return self._t[key].reshape(-1)[start:stop]
+
+
+def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    return dict(obj)
+
+
+CheckpointLike = str | os.PathLike[str] | Mapping[str, torch.Tensor] | nn.Module | Source
+
+
+def open_checkpoint(x: CheckpointLike) -> Source:
+    """Open anything that holds weights as a `Source`.
+
+    Accepts a .safetensors file, a folder of shards (with or without an index), a `torch.save`d
+    state dict (.bin/.pt/.pth, memory-mapped), a dict of tensors, an `nn.Module`, or a source.
+    """
+    if isinstance(x, nn.Module):
+        return DictSource(x.state_dict(), name=f"<{type(x).__name__}>")
+    if isinstance(x, Mapping):
+        return DictSource(x)
+    if isinstance(x, Source):
+        return x
+    path = Path(x)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if any((path / n).exists() for n in INDEX_NAMES) or any(path.glob("*.safetensors")):
+            return ShardedSource(path)
+        bins = sorted(path.glob("pytorch_model*.bin"))
+        if len(bins) == 1:
+            return DictSource(_torch_state_dict(bins[0]), name=str(bins[0]))
+        raise CheckpointError(f"{path}: folder has no safetensors shards nor a single pytorch_model.bin")
+    if path.suffix == ".safetensors":
+        return SafetensorsSource(path)
+    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        return DictSource(_torch_state_dict(path), name=str(path))
+    raise CheckpointError(f"{path}: unknown checkpoint format (expected .safetensors, a shard folder, .bin/.pt/.pth)")

@@ -1,0 +1,32 @@
+"""The streamed merge of a config: base + scale * method(task vectors), written tensor by tensor."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from taskvec.config import DTYPES, MergeConfig
+from taskvec.core import TaskVector, apply_streaming
+from taskvec.core.stream import LastSliceCache
+from taskvec.io import open_checkpoint, parse_size
+from taskvec.methods import compose
+
+
+def merge_checkpoints(cfg: MergeConfig, out: str | os.PathLike[str], *, overwrite: bool = False, progress: bool = False) -> Path:
+    """Run `cfg` and write the merged model to `out` (a shard folder, or one `.safetensors` file)."""
+    base = LastSliceCache(open_checkpoint(cfg.base))  # each base slice is read once for all task vectors
+    tvs: list[TaskVector] = []
+    for m in cfg.models:
+        if m.finetuned is not None:
+            tv = TaskVector.from_checkpoints(base, m.finetuned, include=cfg.include, exclude=cfg.exclude, name=m.name)
+        else:
+            assert m.task_vector is not None
+            tv = TaskVector.load(m.task_vector).filter(cfg.include, cfg.exclude or None)
+        tvs.append(tv)
+    merged = compose(tvs, cfg.method, [m.weight for m in cfg.models], **cfg.params)
+    metadata = {"taskvec_method": cfg.method, "taskvec_models": str(len(tvs))}
+    return apply_streaming(
+        base, merged, cfg.scale, out,
+        dtype=DTYPES[cfg.dtype] if cfg.dtype else None, shard_size=parse_size(cfg.shard_size),
+        overwrite=overwrite, progress=progress, metadata=metadata,
+    )

@@ -1,0 +1,40 @@
+"""TIES-Merging (Yadav et al., 2023): trim each task vector to its top-k entries, elect a sign per
+entry, and average only the entries that agree with it (disjoint mean)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from taskvec.methods.registry import MergeMethod, MethodParams, SliceContext, register, trim_by_threshold
+
+
+class TiesParams(MethodParams):
+    density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of entries kept per task vector and tensor")
+    majority: Literal["total", "frequency"] = Field("total", description="elect the sign by summed mass or by count")
+
+
+def elect_and_merge(trimmed: torch.Tensor, weights: torch.Tensor, majority: str) -> torch.Tensor:
+    """Sign election on the trimmed (unweighted) deltas, then the weighted disjoint mean."""
+    sign = trimmed.sign()
+    mass = trimmed.sum(0) if majority == "total" else sign.sum(0)
+    elected = torch.where(mass >= 0, 1.0, -1.0).to(trimmed.dtype)
+    agree = sign == elected
+    weighted = trimmed * weights.to(trimmed.dtype)[:, None]
+    total = (weighted * agree).sum(0)
+    return total / agree.sum(0).clamp(min=1).to(trimmed.dtype)
+
+
+def merge(deltas: torch.Tensor, weights: torch.Tensor, params: MethodParams, ctx: SliceContext) -> torch.Tensor:
+    assert ctx.thresholds is not None and isinstance(params, TiesParams)
+    return elect_and_merge(trim_by_threshold(deltas, ctx.thresholds), weights, params.majority)
+
+
+METHOD = register(
+    MergeMethod(
+        "ties", "trim, elect sign, disjoint mean", TiesParams, merge,
+        magnitude_density=lambda p: p.density,  # type: ignore[attr-defined]
+    )
+)

@@ -1,0 +1,151 @@
+"""Every merge method against an exact float64 reference, and against PEFT's merge utilities."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from peft.utils import merge_utils as peft
+
+from taskvec import TaskVector, UnknownMethodError, compose
+from taskvec.errors import ConfigError
+from taskvec.methods import list_methods, slice_seed
+from taskvec.methods.compose import ComposedSource
+
+SHAPES = {"w": (40, 30), "b": (17,), "s": (1,)}
+
+
+def task_vectors(n: int = 4, seed: int = 0) -> tuple[list[TaskVector], list[dict[str, np.ndarray]]]:
+    rng = np.random.default_rng(seed)
+    raw = [{k: rng.standard_normal(s) for k, s in SHAPES.items()} for _ in range(n)]
+    return [TaskVector.from_tensors({k: torch.from_numpy(v) for k, v in r.items()}) for r in raw], raw
+
+
+# ---- independent numpy references, written from the papers' definitions
+def ref_trim(x: np.ndarray, density: float) -> np.ndarray:
+    k = int(density * x.size)
+    flat = x.ravel()
+    keep = np.zeros(x.size, dtype=bool)
+    if k > 0:
+        keep[np.argsort(-np.abs(flat), kind="stable")[:k]] = True
+    return np.where(keep.reshape(x.shape), x, 0.0)
+
+
+def ref_ties(xs: list[np.ndarray], w: list[float], density: float, majority: str = "total") -> np.ndarray:
+    t = np.stack([ref_trim(x, density) for x in xs])
+    elected = np.where((t.sum(0) if majority == "total" else np.sign(t).sum(0)) >= 0, 1.0, -1.0)
+    agree = np.sign(t) == elected
+    num = (t * np.asarray(w).reshape(-1, *[1] * xs[0].ndim) * agree).sum(0)
+    return num / np.maximum(agree.sum(0), 1)
+
+
+def test_task_arithmetic_and_negation_exact() -> None:
+    tvs, raw = task_vectors()
+    w = [0.3, -0.5, 1.2, 0.0]
+    ta, neg = compose(tvs, "task_arithmetic", w), compose(tvs, "negation", w)
+    for k in SHAPES:
+        ref = sum(wi * r[k] for wi, r in zip(w, raw))
+        np.testing.assert_allclose(ta[k].numpy(), ref, rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(neg[k].numpy(), -ref, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize("majority", ["total", "frequency"])
+def test_ties_exact(density: float, majority: str) -> None:
+    tvs, raw = task_vectors()
+    w = [1.0, 0.5, 0.8, 1.3]
+    merged = compose(tvs, "ties", w, density=density, majority=majority)
+    for k in SHAPES:
+        ref = ref_ties([r[k] for r in raw], w, density, majority)
+        np.testing.assert_allclose(merged[k].numpy(), ref, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3, 1.0])
+def test_magnitude_exact(density: float) -> None:
+    tvs, raw = task_vectors()
+    w = [0.7, 1.0, -0.2, 0.4]
+    merged = compose(tvs, "magnitude", w, density=density)
+    for k in SHAPES:
+        ref = sum(wi * ref_trim(r[k], density) for wi, r in zip(w, raw))
+        np.testing.assert_allclose(merged[k].numpy(), ref, rtol=1e-13, atol=1e-15)
+
+
+def test_dare_exact_given_its_masks() -> None:
+    """DARE = sum_t w_t m_t * tau_t / p with m_t ~ Bernoulli(p) drawn per task from the slice's seed."""
+    tvs, raw = task_vectors()
+    w, p, seed = [1.0, 0.5, 0.8, 1.3], 0.3, 11
+    merged = compose(tvs, "dare", w, density=p, seed=seed)
+    for k in SHAPES:
+        g = torch.Generator().manual_seed(slice_seed(seed, k, 0))
+        masks = [torch.bernoulli(torch.full(SHAPES[k], p, dtype=torch.float64), generator=g).numpy() for _ in raw]
+        ref = sum(wi * m * r[k] / p for wi, m, r in zip(w, masks, raw))
+        np.testing.assert_allclose(merged[k].numpy(), ref, rtol=1e-13, atol=1e-15)
+        if k == "w":  # 4 x 1200 draws keep about `density` of the entries
+            assert abs(np.mean([m.mean() for m in masks]) - p) < 0.03
+    # reproducible for a seed, different for another
+    assert torch.equal(compose(tvs, "dare", w, density=p, seed=seed)["w"], merged["w"])
+    assert not torch.equal(compose(tvs, "dare", w, density=p, seed=seed + 1)["w"], merged["w"])
+
+
+# ---- cross-checks against PEFT on the same inputs
+def _peft_inputs(key: str):
+    tvs, raw = task_vectors(seed=5)
+    return tvs, [torch.from_numpy(r[key]) for r in raw], torch.tensor([1.0, 0.6, 0.9, 1.4], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("majority", ["total", "frequency"])
+def test_ties_matches_peft(majority: str) -> None:
+    tvs, xs, w = _peft_inputs("w")
+    ours = compose(tvs, "ties", w.tolist(), density=0.25, majority=majority)["w"]
+    theirs = peft.ties(xs, w, density=0.25, majority_sign_method=majority)
+    torch.testing.assert_close(ours, theirs, rtol=1e-13, atol=1e-15)
+
+
+def test_magnitude_and_task_arithmetic_match_peft() -> None:
+    tvs, xs, w = _peft_inputs("w")
+    torch.testing.assert_close(compose(tvs, "magnitude", w.tolist(), density=0.4)["w"], peft.magnitude_prune(xs, w, density=0.4))
+    torch.testing.assert_close(compose(tvs, "task_arithmetic", w.tolist())["w"], peft.task_arithmetic(xs, w))
+
+
+@pytest.mark.parametrize(("ours", "theirs"), [("dare", peft.dare_linear), ("dare_ties", peft.dare_ties)])
+def test_dare_matches_peft_with_the_same_random_stream(ours: str, theirs) -> None:  # type: ignore[no-untyped-def]
+    tvs, xs, w = _peft_inputs("w")
+    merged = compose(tvs, ours, w.tolist(), density=0.4, seed=3)["w"]
+    torch.manual_seed(slice_seed(3, "w", 0))  # PEFT draws from the global generator, task by task
+    torch.testing.assert_close(merged, theirs(xs, w, density=0.4), rtol=1e-13, atol=1e-15)
+
+
+# ---- streaming: slicing a tensor does not change trimming methods
+@pytest.mark.parametrize("method", ["ties", "magnitude", "task_arithmetic", "negation"])
+def test_sliced_reads_equal_whole_tensor(method: str) -> None:
+    tvs, _ = task_vectors()
+    src = compose(tvs, method, [1.0, 0.5, 0.3, 2.0]).source
+    assert isinstance(src, ComposedSource)
+    whole = src.read_flat("w")
+    parts = torch.cat([src.read_flat("w", s, min(s + 97, 1200)) for s in range(0, 1200, 97)])
+    assert torch.equal(whole, parts)
+
+
+def test_per_layer_weights() -> None:
+    tvs, raw = task_vectors(2)
+    merged = compose(tvs, "task_arithmetic", [{"w": 2.0, "*": 0.0}, 1.0])
+    np.testing.assert_allclose(merged["w"].numpy(), 2 * raw[0]["w"] + raw[1]["w"], rtol=1e-13)
+    np.testing.assert_allclose(merged["b"].numpy(), raw[1]["b"], rtol=1e-13)
+
+
+def test_bad_method_and_params_are_named() -> None:
+    tvs, _ = task_vectors(2)
+    with pytest.raises(UnknownMethodError, match="'tie'.*known: dare, dare_ties, magnitude"):
+        compose(tvs, "tie")
+    with pytest.raises(ConfigError, match=r"'ties'.*density"):
+        compose(tvs, "ties", density=1.5)
+    with pytest.raises(ConfigError, match=r"'dare'.*dens"):
+        compose(tvs, "dare", dens=0.3)
+    with pytest.raises(ValueError, match="2 task vectors but 3 weights"):
+        compose(tvs, "ties", [1.0, 1.0, 1.0])
+
+
+def test_every_registered_method_is_tested() -> None:
+    here = open(__file__).read()
+    for m in list_methods():
+        assert f'"{m.name}"' in here, f"method {m.name} has no test"
