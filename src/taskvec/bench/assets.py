@@ -119,7 +119,8 @@ def load_efficientnet_lite0(
     by identities, so ``model(x)`` maps images ``(N, 3, H, W)`` normalised with
     IMAGE_MEAN/IMAGE_STD to pooled features ``(N, 1280)``; the state dict then holds
     only backbone tensors (no ``_fc.*``), which is what task vectors are built from.
-    Padding is TensorFlow "same" computed per input, so any H, W >= 32 works.
+    Padding is TensorFlow "same" computed per input, so any H, W works (stride 32:
+    64 px ends on a 2x2 map, 32 px on 1x1; smaller inputs run but lose detail).
     ``drop_connect_rate`` is the stochastic-depth rate used in train mode.
     """
     lib = _import("efficientnet_lite_pytorch", _EFFNET_PIP)
@@ -358,7 +359,11 @@ _SEPARATOR = re.compile(r"^%[ \t]*$", re.MULTILINE)  # a line holding only "%" e
 
 
 def _strip_overstrike(text: str) -> str:
-    """Remove terminal overstrikes, including runs like "___\b\b\bword" (underlined word)."""
+    """Drop each character erased by a backspace, so underlined/bold words read plainly.
+
+    Runs such as three underscores, three backspaces, then a word are applied
+    repeatedly; a stray backspace with nothing before it is removed.
+    """
     while "\x08" in text:
         stripped = _OVERSTRIKE.sub("", text)
         if stripped == text:

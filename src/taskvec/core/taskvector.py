@@ -61,7 +61,14 @@ def check_same_tensors(a: Source, b: Source, keys: Sequence[str] | None = None) 
 class DiffSource:
     """finetuned - pretrained, over the floating tensors both hold, computed in at least float32."""
 
-    def __init__(self, pretrained: Source, finetuned: Source, include: list[str] | None, exclude: list[str] | None):
+    def __init__(
+        self,
+        pretrained: Source,
+        finetuned: Source,
+        include: list[str] | None,
+        exclude: list[str] | None,
+        dtype: torch.dtype | None = None,
+    ):
         self.pretrained, self.finetuned = pretrained, finetuned
         self.name = f"{finetuned.name} - {pretrained.name}"
         pk = set(pretrained.keys())
@@ -74,7 +81,7 @@ class DiffSource:
             dp, df = pretrained.spec(k).dtype, finetuned.spec(k).dtype
             if dp.is_floating_point and df.is_floating_point:
                 self._keys.append(k)
-                self._dtype[k] = _compute_dtype(dp, df)
+                self._dtype[k] = dtype or _compute_dtype(dp, df)
             elif dp.is_floating_point or df.is_floating_point:
                 raise DtypeError(
                     f"tensor {k!r}: dtype {dp} in {pretrained.name} but {df} in {finetuned.name}; "
@@ -166,10 +173,15 @@ class TaskVector:
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         name: str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> TaskVector:
-        """tau = finetuned - pretrained over floating tensors; `include`/`exclude` are globs."""
+        """tau = finetuned - pretrained over floating tensors; `include`/`exclude` are globs.
+
+        `dtype` is the compute dtype (default: float32, or wider if the inputs are); float64 makes
+        `tau.apply_to(pretrained, 1.0)` give back float32 fine-tuned weights bit for bit.
+        """
         pre, ft = open_checkpoint(pretrained), open_checkpoint(finetuned)
-        return cls(DiffSource(pre, ft, include, exclude), name=name)
+        return cls(DiffSource(pre, ft, include, exclude, dtype), name=name)
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor], name: str = "<task vector>") -> TaskVector:

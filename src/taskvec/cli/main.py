@@ -1,27 +1,18 @@
-"""The `taskvec` command line: glue between typer/rich and the library."""
+"""Core commands: extract, merge, apply, info, similarity, methods."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from taskvec.errors import TaskVecError
 
-app = typer.Typer(help="Task vector composition: extract, merge, inspect and compare task vectors.", no_args_is_help=True)
-console = Console()
-err_console = Console(stderr=True)
+from taskvec.cli.common import Force, _fail, console
 
-Force = Annotated[bool, typer.Option("--force", help="replace OUT if it exists")]
-
-
-def _fail(e: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {e}")
-    raise typer.Exit(2)
+app = typer.Typer()
 
 
 def _dtype(name: str | None):  # -> torch.dtype | None
@@ -168,10 +159,3 @@ def methods() -> None:
         t.add_row(m.name, m.summary, ps)
     console.print(t)
 
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Run a suite end to end: fit heads, fine-tune one backbone per task (cached), compose with every
+method, choose coefficients on validation, report test accuracy, and test task negation."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from taskvec.bench.finetune import finetune
+from taskvec.bench.models import accuracy, features, fit_head, load_backbone
+from taskvec.bench.suites import SuiteSpec, TaskData, get_suite, load_task
+from taskvec.core import TaskVector
+from taskvec.methods import compose
+
+DEFAULT_METHODS = ("task_arithmetic", "ties", "dare", "magnitude")
+DEFAULT_PARAMS: dict[str, dict[str, object]] = {"ties": {"density": 0.2}, "dare": {"density": 0.5, "seed": 0}, "magnitude": {"density": 0.2}}
+LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25, 1.5)
+NEG_LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+CONTROL_KEEP = 0.95
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("TASKVEC_CACHE", Path.home() / ".cache" / "taskvec"))
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Prepared:
+    """A suite ready to compose: pretrained backbone, frozen heads, fine-tuned weights, data."""
+
+    suite: SuiteSpec
+    backbone: nn.Module
+    pretrained: dict[str, torch.Tensor]
+    tasks: dict[str, TaskData]
+    heads: dict[str, nn.Linear]
+    finetuned: dict[str, dict[str, torch.Tensor]]
+    finetune_seconds: dict[str, float] = field(default_factory=dict)
+
+    def task_vector(self, task: str) -> TaskVector:
+        """tau_task in float64, so theta0 + 1 * tau gives the fine-tuned float32 weights bit for bit."""
+        return TaskVector.from_checkpoints(self.pretrained, self.finetuned[task], dtype=torch.float64, name=task)
+
+    def evaluate(self, state: dict[str, torch.Tensor], split: str = "test", tasks: Sequence[str] | None = None) -> dict[str, float]:
+        """Accuracy of backbone weights `state` on each task's `split`, through its frozen head."""
+        self.backbone.load_state_dict(state)
+        return {t: accuracy(self.backbone, self.heads[t], getattr(self.tasks[t], split)) for t in (tasks or self.tasks)}
+
+
+def prepare(suite: SuiteSpec, cache: Path | None = None, *, progress: bool = True, console: Console | None = None) -> Prepared:
+    """Load data, fit heads on frozen pretrained features and fine-tune each task, reusing the cache."""
+    console = console or Console()
+    cache = (cache or default_cache()) / "bench" / suite.name
+    torch.manual_seed(suite.seed)
+    backbone, tokenizer = load_backbone(suite)
+    pretrained = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    tasks, heads, finetuned, seconds = {}, {}, {}, {}
+    for spec in suite.tasks:
+        data = load_task(suite, spec, tokenizer)
+        tasks[spec.name] = data
+        folder = cache / f"{spec.name}-{suite.task_hash(spec)}"
+        head_path, ft_path = folder / "head.safetensors", folder / "finetuned.safetensors"
+        if head_path.exists():
+            h = load_file(head_path)
+            head = nn.Linear(h["weight"].shape[1], h["weight"].shape[0]).requires_grad_(False)
+            head.load_state_dict(h)
+        else:
+            backbone.load_state_dict(pretrained)
+            head = fit_head(features(backbone, data.train), data.train.y, len(data.classes), suite.head_c)
+            _save_atomic(head.state_dict(), head_path)
+        heads[spec.name] = head
+        if ft_path.exists():
+            finetuned[spec.name] = load_file(ft_path)
+            console.print(f"[dim]{spec.name}: fine-tuned weights from cache {ft_path}[/]")
+        else:
+            backbone.load_state_dict(pretrained)
+            t0 = time.perf_counter()
+            state = finetune(
+                backbone, head, data.train, suite.finetune, seed=suite.seed, state_path=folder / "state.pt",
+                description=f"fine-tuning {spec.name}", progress=progress,
+            )
+            seconds[spec.name] = time.perf_counter() - t0
+            _save_atomic(state, ft_path)
+            (folder / "state.pt").unlink(missing_ok=True)
+            finetuned[spec.name] = state
+    backbone.load_state_dict(pretrained)
+    return Prepared(suite, backbone, pretrained, tasks, heads, finetuned, seconds)
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def run_method(prep: Prepared, method: str, params: dict[str, object], lambdas: Sequence[float] = LAMBDAS) -> dict[str, object]:
+    """Compose all task vectors once, pick lambda on validation (mean accuracy), report test."""
+    t0 = time.perf_counter()
+    names = list(prep.tasks)
+    merged = compose([prep.task_vector(t) for t in names], method, **params)
+    delta = TaskVector.from_tensors(merged.to_state_dict())  # materialise once, reuse for every lambda
+    val = {lam: prep.evaluate(delta.apply_to(prep.pretrained, lam), "val") for lam in lambdas}
+    best = max(lambdas, key=lambda lam: (_mean(list(val[lam].values())), -lam))
+    test = prep.evaluate(delta.apply_to(prep.pretrained, best), "test")
+    return {"lambda": best, "params": params, "val": {str(k): v for k, v in val.items()}, "test": test, "seconds": time.perf_counter() - t0}
+
+
+def run_negation(prep: Prepared, pre_val: dict[str, float], lambdas: Sequence[float] = NEG_LAMBDAS) -> dict[str, dict[str, object]]:
+    """For each target task: theta0 - lambda * tau_target, lambda chosen on validation as the largest
+    drop of the target while every other (control) task keeps >= 95% of its pretrained accuracy."""
+    out: dict[str, dict[str, object]] = {}
+    names = list(prep.tasks)
+    for target in names:
+        controls = [t for t in names if t != target]
+        tv = TaskVector.from_tensors(prep.task_vector(target).to_state_dict())
+        best, best_acc = 0.0, pre_val[target]
+        for lam in lambdas:
+            v = prep.evaluate(tv.apply_to(prep.pretrained, -lam), "val")
+            if all(v[c] >= CONTROL_KEEP * pre_val[c] for c in controls) and v[target] < best_acc:
+                best, best_acc = lam, v[target]
+        test = prep.evaluate(tv.apply_to(prep.pretrained, -best), "test")
+        out[target] = {"lambda": best, "target": test[target], "controls": {c: test[c] for c in controls}}
+    return out
+
+
+def run_suite(
+    suite_name: str,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    *,
+    out_dir: Path = Path("runs"),
+    cache: Path | None = None,
+    negation: bool = True,
+    progress: bool = True,
+    console: Console | None = None,
+) -> dict[str, object]:
+    """The whole benchmark of one suite; writes results.json, results.md and accuracy.png under out_dir/suite."""
+    from taskvec.bench.report import write_reports
+
+    console = console or Console()
+    suite = get_suite(suite_name)
+    t0 = time.perf_counter()
+    prep = prepare(suite, cache, progress=progress, console=console)
+    names = list(prep.tasks)
+    pre_test, pre_val = prep.evaluate(prep.pretrained, "test"), prep.evaluate(prep.pretrained, "val")
+    ft_test = {t: prep.evaluate(prep.finetuned[t], "test", [t])[t] for t in names}
+    results: dict[str, object] = {
+        "suite": suite.model_dump(),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(), "device": "cpu"},
+        "batchnorm": "frozen at pretrained statistics during fine-tuning (backbone in eval mode); no re-estimation after composing",
+        "selection": "lambda chosen on validation splits (mean accuracy); test reported once",
+        "pretrained": pre_test,
+        "finetuned": ft_test,
+        "finetune_seconds": prep.finetune_seconds,
+        "methods": {},
+    }
+    for m in methods:
+        console.print(f"composing with [bold]{m}[/] ...")
+        results["methods"][m] = run_method(prep, m, dict(DEFAULT_PARAMS.get(m, {})))  # type: ignore[index]
+    if negation:
+        console.print("task negation ...")
+        results["negation"] = run_negation(prep, pre_val)
+        results["pretrained_val"] = pre_val
+    results["seconds"] = time.perf_counter() - t0
+    write_reports(results, out_dir / suite.name, console=console)
+    return results

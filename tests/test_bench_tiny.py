@@ -1,0 +1,108 @@
+"""The tiny suite end to end on real data (real EfficientNet-Lite0 weights, real MNIST/Fashion-MNIST/digits)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from taskvec.bench.run import prepare, run_suite
+from taskvec.bench.suites import get_suite
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    cache = tmp_path_factory.mktemp("cache")
+    out = tmp_path_factory.mktemp("runs")
+    results = run_suite("tiny", ["task_arithmetic", "ties"], out_dir=out, cache=cache, progress=False)
+    return cache, out, results
+
+
+def test_coefficient_zero_and_one_give_back_pretrained_and_finetuned_exactly(tiny) -> None:  # type: ignore[no-untyped-def]
+    cache, _, results = tiny
+    prep = prepare(get_suite("tiny"), cache, progress=False)  # from the cache written by the run
+    assert prep.finetune_seconds == {}  # nothing was trained again
+    for task in prep.tasks:
+        tv = prep.task_vector(task)
+        zero = prep.evaluate(tv.apply_to(prep.pretrained, 0.0), "test", [task])[task]
+        one = prep.evaluate(tv.apply_to(prep.pretrained, 1.0), "test", [task])[task]
+        assert zero == results["pretrained"][task]
+        assert one == results["finetuned"][task]
+        merged_one = tv.apply_to(prep.pretrained, 1.0)
+        assert all(torch.equal(merged_one[k], prep.finetuned[task][k]) for k in merged_one)
+
+
+def test_batchnorm_statistics_stay_frozen(tiny) -> None:  # type: ignore[no-untyped-def]
+    cache, _, _ = tiny
+    prep = prepare(get_suite("tiny"), cache, progress=False)
+    stats = [k for k in prep.pretrained if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    for task in prep.tasks:
+        assert all(torch.equal(prep.finetuned[task][k], prep.pretrained[k]) for k in stats)
+        tv = prep.task_vector(task)
+        assert all(float(tv[k].abs().max()) == 0.0 for k in stats)
+
+
+def test_reports_are_written_and_consistent(tiny) -> None:  # type: ignore[no-untyped-def]
+    _, out, results = tiny
+    folder = out / "tiny"
+    saved = json.loads((folder / "results.json").read_text())
+    assert saved["methods"]["ties"]["test"] == results["methods"]["ties"]["test"]
+    assert (folder / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    md = (folder / "results.md").read_text()
+    assert "| task_arithmetic" in md and "avg normalized" in md
+    for m in ("task_arithmetic", "ties"):
+        r = results["methods"][m]
+        assert str(r["lambda"]) in r["val"]  # lambda chosen among the validation scores
+        best = max(sum(v.values()) for v in r["val"].values())
+        assert sum(r["val"][str(r["lambda"])].values()) == best
+    # fine-tuning helps on average (the full suites' per-task bars are in docs/results.md)
+    tasks = list(results["finetuned"])
+    assert sum(results["finetuned"][t] for t in tasks) > sum(results["pretrained"][t] for t in tasks)
+    # negation lowers the target while the controls keep >= 95% of their pretrained accuracy on validation
+    for t, n in results["negation"].items():
+        assert n["target"] <= results["pretrained"][t] + 1e-9
+
+
+def test_rerun_after_interrupted_finetuning_resumes(tmp_path: Path) -> None:
+    """A state file left by an interrupted run is picked up, and the result is the cached checkpoint."""
+    from taskvec.bench.finetune import finetune
+    from taskvec.bench.models import features, fit_head, load_backbone
+    from taskvec.bench.suites import FinetuneSpec, load_task
+
+    suite = get_suite("tiny")
+    backbone, _ = load_backbone(suite)
+    pre = {k: v.clone() for k, v in backbone.state_dict().items()}
+    data = load_task(suite, suite.tasks[2])
+    head = fit_head(features(backbone, data.train), data.train.y, 10)
+    spec = FinetuneSpec(epochs=1, batch_size=64, lr=1e-4)
+    torch.manual_seed(0)
+    full = finetune(backbone, head, data.train, spec, seed=0, state_path=tmp_path / "a.pt", progress=False, save_every=100)
+    # interrupted after 2 of 4 steps: a state file at step 2 exists; rerunning finishes the same run
+    backbone.load_state_dict(pre)
+
+    class Stop(Exception):
+        pass
+
+    calls = {"n": 0}
+    orig = torch.optim.AdamW.step
+
+    def step(self, *a, **k):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Stop
+        return orig(self, *a, **k)
+
+    torch.optim.AdamW.step = step  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Stop):
+            finetune(backbone, head, data.train, spec, seed=0, state_path=tmp_path / "b.pt", progress=False, save_every=2)
+    finally:
+        torch.optim.AdamW.step = orig  # type: ignore[method-assign]
+    assert (tmp_path / "b.pt").exists()
+    backbone.load_state_dict(pre)
+    resumed = finetune(backbone, head, data.train, spec, seed=0, state_path=tmp_path / "b.pt", progress=False, save_every=2)
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=1e-5, atol=1e-6)
