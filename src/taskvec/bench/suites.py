@@ -78,9 +78,9 @@ VISION_TASKS = [
     TaskSpec(name="elpv", dataset="elpv", n_train=1600, n_val=324, n_test=700),
 ]
 TEXT_TASKS = [
-    TaskSpec(name="bbc", dataset="bbc_news", n_train=1300, n_val=300, n_test=527),
-    TaskSpec(name="fortunes_a", dataset="fortunes_a", n_train=2000, n_val=400, n_test=1000),
-    TaskSpec(name="fortunes_b", dataset="fortunes_b", n_train=2000, n_val=400, n_test=1000),
+    TaskSpec(name="bbc", dataset="bbc_news", n_train=1000, n_val=200, n_test=600),
+    TaskSpec(name="fortunes_a", dataset="fortunes_a", n_train=1500, n_val=200, n_test=600),
+    TaskSpec(name="fortunes_b", dataset="fortunes_b", n_train=1500, n_val=200, n_test=600),
 ]
 
 SUITES: dict[str, SuiteSpec] = {

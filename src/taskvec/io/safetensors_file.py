@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,7 @@ class SafetensorsFile:
         self.path = Path(path)
         self._entries, self.metadata, self._data_start = read_header(self.path)
         self._fd: int | None = None
+        self._lock = threading.Lock()
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -104,9 +106,10 @@ class SafetensorsFile:
         return TensorSpec(tuple(e["shape"]), ST_DTYPES[e["dtype"]])
 
     def _fileno(self) -> int:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        return self._fd
+        with self._lock:  # slices may be read from several threads
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            return self._fd
 
     def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Elements [start, stop) of the flattened tensor, as a new 1-D tensor."""

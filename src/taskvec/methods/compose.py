@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -30,6 +31,7 @@ class ComposedSource:
         self.tvs, self.method, self.params, self.weights = list(tvs), method, params, list(weights)
         self.name = f"{method.name}({', '.join(tv.name for tv in tvs)})" if len(tvs) < 4 else f"{method.name} of {len(tvs)}"
         self._thresholds: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
 
     def keys(self) -> list[str]:
         return self.tvs[0].keys()
@@ -40,11 +42,17 @@ class ComposedSource:
 
     def thresholds(self, key: str) -> torch.Tensor:
         """Per-task k-th largest |tau| of the whole tensor; one task's tensor in memory at a time."""
+        with self._lock:  # one computation per tensor even when its slices are merged in parallel
+            return self._thresholds_locked(key)
+
+    def _thresholds_locked(self, key: str) -> torch.Tensor:
         if key not in self._thresholds:
             assert self.method.magnitude_density is not None
             density = self.method.magnitude_density(self.params)
             vals = [magnitude_threshold(tv.source.read_flat(key), density) for tv in self.tvs]
-            self._thresholds = {key: torch.tensor(vals, dtype=torch.float64)}  # keep only the current tensor's
+            if len(self._thresholds) >= 8:  # a few tensors' worth: slices of neighbouring tensors run in parallel
+                self._thresholds.pop(next(iter(self._thresholds)))
+            self._thresholds[key] = torch.tensor(vals, dtype=torch.float64)
         return self._thresholds[key]
 
     def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:

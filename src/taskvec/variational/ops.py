@@ -1,0 +1,302 @@
+"""Layer operations with per-sample composed weights, computed without per-sample weight loops.
+
+Every function takes the base tensors (theta0), the stacked task vectors `t*` of shape (T, *shape)
+and per-sample coefficients `c*` of shape (N, T) (None: that tensor is not composed), and returns
+exactly f(x_n; theta0 + sum_k c_nk tau_k) for every sample n. Two strategies:
+
+* "linear":  f is linear in its weight, so y = f(x; W0) + sum_k c_nk f(x; tau_k): one wide op on
+  the weights stacked along the output axis, then a per-sample contraction. Costs (T+1) times the
+  base op; best when each sample has few positions (pooled features, late 2x2 conv maps).
+* "batched": build W_n = W0 + c_n @ tau for a chunk of samples (one GEMM of depth T) and run one
+  batched op (bmm, or a grouped convolution with N*groups groups). Costs the base op plus
+  N*T*|W| multiply-adds; best when each sample has many positions (tokens, pixels).
+
+Norm layers are exact and cheap either way: normalise with no affine, then apply the per-sample
+(N, C) scale and shift.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from taskvec.errors import TaskVecError
+
+Strategy = Literal["auto", "linear", "batched"]
+
+CHUNK_ELEMS = 1 << 24
+"""Per-sample weights are built for chunks of samples holding at most this many elements (64 MB f32)."""
+CHECKPOINT_ELEMS = 1 << 26
+"""With gradients on, batched weights larger than this (for the whole batch) are recomputed in backward."""
+AUTO_POSITIONS = 2.0
+"""'auto' picks 'batched' when positions per sample >= AUTO_POSITIONS * T (else 'linear')."""
+
+
+def delta(c: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """sum_k c_nk tau_k for every sample: (N, T) x (T, *shape) -> (N, *shape), one GEMM."""
+    return (c @ tau.reshape(tau.shape[0], -1)).reshape(c.shape[0], *tau.shape[1:])
+
+
+def composed(base: torch.Tensor, c: torch.Tensor | None, tau: torch.Tensor | None, n: int) -> torch.Tensor:
+    """theta0 + sum_k c_nk tau_k as (N, *shape); the base broadcast as (1, *shape) when not composed."""
+    if c is None or tau is None:
+        return base.unsqueeze(0)
+    return torch.addmm(base.reshape(1, -1), c, tau.reshape(tau.shape[0], -1)).reshape(n, *base.shape)
+
+
+def batch_first(x: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    """x with leading dimension n: a leading 1 is broadcast (shared inputs such as position ids)."""
+    if x.shape[0] == n:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(n, *x.shape[1:])
+    raise TaskVecError(
+        f"per-sample composition of {what}: its input has leading dimension {x.shape[0]} but there are "
+        f"{n} coefficient rows; the model must be batch-first (batch on dimension 0 of every layer input)"
+    )
+
+
+def pick(strategy: Strategy, positions: int, t: int) -> Literal["linear", "batched"]:
+    if strategy != "auto":
+        return strategy
+    return "batched" if positions >= AUTO_POSITIONS * t else "linear"
+
+
+def _chunked(
+    fn: Callable[..., torch.Tensor], x: torch.Tensor, c: torch.Tensor, weight_numel: int, *rest: torch.Tensor
+) -> torch.Tensor:
+    """fn(x_chunk, c_chunk, *rest) over chunks of samples, concatenated; checkpointed when big."""
+    n = x.shape[0]
+    size = max(1, CHUNK_ELEMS // max(weight_numel, 1))
+    grad = torch.is_grad_enabled() and (c.requires_grad or x.requires_grad)
+    ckpt = grad and n * weight_numel > CHECKPOINT_ELEMS
+    outs = []
+    for s in range(0, n, size):
+        xs, cs = x[s : s + size], c[s : s + size]
+        outs.append(checkpoint(_plain, fn, xs, cs, *rest, use_reentrant=False) if ckpt else fn(xs, cs, *rest))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _plain(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+    # checkpoint recomputes this in backward, possibly while a composition mode is active: keep it out
+    with torch._C.DisableTorchFunction():
+        return fn(*args)
+
+
+def _combine(z: torch.Tensor, c1: torch.Tensor) -> torch.Tensor:
+    """z (N, M, T+1, P) contracted with c1 (N, T+1) over the T+1 axis -> (N, M, P)."""
+    return torch.einsum("nmtp,nt->nmp", z, c1)
+
+
+def _with_one(c: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.ones_like(c[:, :1]), c], dim=1)
+
+
+# --------------------------------------------------------------------------- linear
+
+
+def _linear_batched(x: torch.Tensor, c: torch.Tensor, w0: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    w = composed(w0, c, tau, c.shape[0])  # (n, out, in)
+    return torch.bmm(x, w.transpose(1, 2))
+
+
+def linear(
+    x: torch.Tensor,
+    w0: torch.Tensor,
+    b0: torch.Tensor | None,
+    cw: torch.Tensor | None,
+    tw: torch.Tensor | None,
+    cb: torch.Tensor | None,
+    tb: torch.Tensor | None,
+    n: int,
+    strategy: Strategy = "auto",
+    stacked: Callable[[], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """F.linear(x_n, W_n, b_n) for every sample; x is (N, ..., in). `stacked()` gives the cached
+    ((out*(T+1)), in) weight [W0; tau_1..T] interleaved per output row, for the 'linear' strategy."""
+    x = batch_first(x, n, "a linear layer")
+    lead = x.shape[:-1]
+    if cw is None or tw is None:
+        y = F.linear(x, w0)
+    else:
+        xf = x.reshape(n, -1, x.shape[-1])
+        p, t, out = xf.shape[1], tw.shape[0], w0.shape[0]
+        if pick(strategy, p, t) == "batched":
+            y = _chunked(_linear_batched, xf, cw, w0.numel(), w0, tw)
+        else:
+            wcat = stacked() if stacked is not None else torch.cat([w0.unsqueeze(1), tw.transpose(0, 1)], 1).reshape(-1, w0.shape[1])
+            z = F.linear(xf, wcat).reshape(n, p, out, t + 1)  # (n, p, out, T+1)
+            y = (z @ _with_one(cw).reshape(n, 1, t + 1, 1)).reshape(n, p, out)
+        y = y.reshape(*lead, out)
+    if b0 is not None:
+        b = composed(b0, cb, tb, n)  # (n|1, out)
+        y = y + b.reshape(b.shape[0], *([1] * (y.dim() - 2)), -1)
+    return y
+
+
+# --------------------------------------------------------------------------- conv2d
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _is_pointwise(w0: torch.Tensor, padding: object, dilation: object, groups: int) -> bool:
+    if groups != 1 or w0.shape[-2:] != (1, 1):
+        return False
+    return padding in ("valid", "same") or _pair(padding) == (0, 0)  # type: ignore[arg-type]
+
+
+def _conv_batched(
+    x: torch.Tensor, c: torch.Tensor, w0: torch.Tensor, tau: torch.Tensor, stride: tuple[int, int],
+    padding: object, dilation: tuple[int, int], groups: int,
+) -> torch.Tensor:
+    n = x.shape[0]
+    w = composed(w0, c, tau, n)  # (n, out, in/g, kh, kw)
+    if _is_pointwise(w0, padding, dilation, groups):  # 1x1: a batched matmul per sample
+        if stride != (1, 1):
+            x = x[:, :, :: stride[0], :: stride[1]]
+        h, wd = x.shape[-2:]
+        y = torch.bmm(w.reshape(n, w0.shape[0], w0.shape[1]), x.reshape(n, x.shape[1], h * wd))
+        return y.reshape(n, w0.shape[0], h, wd)
+    y = F.conv2d(x.reshape(1, -1, *x.shape[-2:]), w.reshape(-1, *w0.shape[1:]), None, stride, padding, dilation, groups * n)
+    return y.reshape(n, w0.shape[0], *y.shape[-2:])
+
+
+def conv2d(
+    x: torch.Tensor,
+    w0: torch.Tensor,
+    b0: torch.Tensor | None,
+    cw: torch.Tensor | None,
+    tw: torch.Tensor | None,
+    cb: torch.Tensor | None,
+    tb: torch.Tensor | None,
+    n: int,
+    stride: object = 1,
+    padding: object = 0,
+    dilation: object = 1,
+    groups: int = 1,
+    strategy: Strategy = "auto",
+    stacked: Callable[[], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """F.conv2d with per-sample weights (any groups, incl. depthwise); x is (N, C, H, W).
+    `stacked()` gives the cached ((out*(T+1)), in/g, kh, kw) weight for the 'linear' strategy."""
+    x = batch_first(x, n, "a conv2d layer")
+    if x.dim() != 4:
+        raise TaskVecError(f"per-sample conv2d needs (N, C, H, W) inputs, got shape {tuple(x.shape)}")
+    st, dl = _pair(stride), _pair(dilation)  # type: ignore[arg-type]
+    pad = padding if isinstance(padding, str) else _pair(padding)  # type: ignore[arg-type]
+    if cw is None or tw is None:
+        y = F.conv2d(x, w0, None, st, pad, dl, groups)
+    else:
+        t, out = tw.shape[0], w0.shape[0]
+        depthwise = groups > 1 and w0.shape[1] == 1
+        # positions per sample of the output map (same-size estimate for string padding)
+        hs = [math.ceil(x.shape[i + 2] / st[i]) for i in range(2)]
+        positions = hs[0] * hs[1]
+        mode = "batched" if (strategy == "auto" and depthwise) else pick(strategy, positions, t)
+        if mode == "batched":
+            y = _chunked(
+                lambda xs, cs, w, tau: _conv_batched(xs, cs, w, tau, st, pad, dl, groups), x, cw, w0.numel(), w0, tw
+            )
+        else:
+            wcat = stacked() if stacked is not None else stack_conv(w0, tw)
+            z = F.conv2d(x, wcat, None, st, pad, dl, groups)  # (n, out*(T+1), h, w)
+            h, wd = z.shape[-2:]
+            y = _combine(z.reshape(n, out, t + 1, h * wd), _with_one(cw)).reshape(n, out, h, wd)
+    if b0 is not None:
+        b = composed(b0, cb, tb, n)
+        y = y + b.reshape(b.shape[0], -1, 1, 1)
+    return y
+
+
+def stack_conv(w0: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """[W0; tau_1..T] interleaved per output channel: row o*(T+1)+k. Keeps each group's rows together."""
+    return torch.cat([w0.unsqueeze(1), tau.transpose(0, 1)], 1).reshape(-1, *w0.shape[1:])
+
+
+def stack_linear(w0: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    return torch.cat([w0.unsqueeze(1), tau.transpose(0, 1)], 1).reshape(-1, w0.shape[1])
+
+
+# --------------------------------------------------------------------------- embedding
+
+
+def embedding(
+    idx: torch.Tensor,
+    w0: torch.Tensor,
+    cw: torch.Tensor,
+    tw_rows: torch.Tensor,
+    n: int,
+    padding_idx: int | None = None,
+) -> torch.Tensor:
+    """F.embedding(idx_n, W_n): base rows plus the T task-vector rows gathered at once and mixed per
+    sample. `tw_rows` is tau laid out (V, T*D). Rows at `padding_idx` pass no gradient to the
+    coefficients, as F.embedding passes none to that weight row."""
+    idx = batch_first(idx, n, "an embedding")
+    t, d = cw.shape[1], w0.shape[1]
+    base = F.embedding(idx, w0, padding_idx)
+    g = F.embedding(idx, tw_rows).reshape(n, -1, t, d)  # (n, L, T, D)
+    mix = (cw.reshape(n, 1, 1, t) @ g).reshape(base.shape)
+    if padding_idx is not None and mix.requires_grad:
+        pad = (idx == (padding_idx % w0.shape[0])).unsqueeze(-1)
+        mix = torch.where(pad, mix.detach(), mix)
+    return base + mix
+
+
+# --------------------------------------------------------------------------- norms
+
+
+def _affine(y: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, channel_dims: int) -> torch.Tensor:
+    """y * w + b with w, b of shape (N|1, *channel shape) placed right after the batch axis
+    (channel_dims=1 for BatchNorm/GroupNorm) or at the end (channel_dims=0, LayerNorm)."""
+    def shape(v: torch.Tensor) -> torch.Tensor:
+        if channel_dims:
+            return v.reshape(v.shape[0], -1, *([1] * (y.dim() - 2)))
+        return v.reshape(v.shape[0], *([1] * (y.dim() - v.dim())), *v.shape[1:])
+    if w is not None:
+        y = y * shape(w)
+    if b is not None:
+        y = y + shape(b)
+    return y
+
+
+def layer_norm(
+    x: torch.Tensor, shape: list[int], w: torch.Tensor | None, b: torch.Tensor | None, eps: float, n: int
+) -> torch.Tensor:
+    """Per-sample LayerNorm: normalise, then per-sample weight (N, *shape) and bias."""
+    x = batch_first(x, n, "a layer norm")
+    return _affine(F.layer_norm(x, shape, None, None, eps), w, b, 0)
+
+
+def group_norm(
+    x: torch.Tensor, groups: int, w: torch.Tensor | None, b: torch.Tensor | None, eps: float, n: int
+) -> torch.Tensor:
+    x = batch_first(x, n, "a group norm")
+    return _affine(F.group_norm(x, groups, None, None, eps), w, b, 1)
+
+
+def batch_norm_eval(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    w: torch.Tensor | None,
+    b: torch.Tensor | None,
+    eps: float,
+    n: int,
+) -> torch.Tensor:
+    """Per-sample BatchNorm in eval mode: running statistics and affine all (N|1, C).
+    y = x * s + (b - mean * s) with s = w / sqrt(var + eps): one scale and one shift per channel."""
+    x = batch_first(x, n, "a batch norm")
+    s = torch.rsqrt(var + eps)
+    if w is not None:
+        s = s * w
+    shift = -mean * s
+    if b is not None:
+        shift = shift + b
+    return _affine(x, s, shift, 1)
