@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -89,12 +90,15 @@ def trim_by_threshold(deltas: torch.Tensor, thresholds: torch.Tensor) -> torch.T
 
 
 def magnitude_threshold(x: torch.Tensor, density: float) -> float:
-    """The k-th largest |x| with k = int(density * numel): keeping |x| >= it keeps the top k."""
+    """The k-th largest |x| with k = int(density * numel): keeping |x| >= it keeps the top k.
+
+    numpy's introselect (`np.partition`) is several times faster than `torch.kthvalue` here.
+    """
     n = x.numel()
     k = int(density * n)
     if density >= 1 or k >= n:
         return 0.0
     if k <= 0:
         return float("inf")
-    a = x.reshape(-1).abs()
-    return float(torch.kthvalue(a, n - k + 1).values)
+    a = x.detach().reshape(-1).abs().numpy()
+    return float(np.partition(a, n - k)[n - k])
