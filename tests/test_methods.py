@@ -126,6 +126,32 @@ def test_sliced_reads_equal_whole_tensor(method: str) -> None:
     assert torch.equal(whole, parts)
 
 
+@pytest.mark.parametrize("method", ["ties", "magnitude"])
+def test_ties_at_threshold_keep_exactly_k(method: str) -> None:
+    """Quantized deltas (as from fp16 weights) tie at the threshold: still exactly k entries are kept,
+    the first ones by position, whatever the slicing."""
+    g = torch.Generator().manual_seed(0)
+    raw = [torch.randint(-3, 4, (50, 20), generator=g).double() for _ in range(3)]
+    tvs = [TaskVector.from_tensors({"w": r}) for r in raw]
+    src = compose(tvs, method, density=0.3).source
+    assert isinstance(src, ComposedSource)
+    n, k = 1000, 300
+    for t, r in enumerate(raw):
+        thr, cut = src.thresholds("w")[t].tolist()
+        a = r.abs().reshape(-1)
+        keep = (a > thr) | ((a == thr) & (torch.arange(n) <= cut))
+        assert int(keep.sum()) == k
+        # the kept set is the top k by |x|, ties broken by position (a stable sort)
+        order = sorted(range(n), key=lambda i: (-float(a[i]), i))[:k]
+        assert set(torch.nonzero(keep).reshape(-1).tolist()) == set(order)
+    whole = src.read_flat("w")
+    parts = torch.cat([src.read_flat("w", s, min(s + 77, n)) for s in range(0, n, 77)])
+    assert torch.equal(whole, parts)
+    if method == "magnitude":
+        ref = sum(r.reshape(-1) * ((r.abs().reshape(-1) > src.thresholds("w")[i, 0]) | ((r.abs().reshape(-1) == src.thresholds("w")[i, 0]) & (torch.arange(n) <= src.thresholds("w")[i, 1]))) for i, r in enumerate(raw))
+        assert torch.equal(whole, ref)
+
+
 def test_per_layer_weights() -> None:
     tvs, raw = task_vectors(2)
     merged = compose(tvs, "task_arithmetic", [{"w": 2.0, "*": 0.0}, 1.0])

@@ -41,7 +41,7 @@ class ComposedSource:
         return TensorSpec(specs[0].shape, _compute_dtype(*(s.dtype for s in specs)))
 
     def thresholds(self, key: str) -> torch.Tensor:
-        """Per-task k-th largest |tau| of the whole tensor; one task's tensor in memory at a time."""
+        """Per-task (threshold, cut) of the whole tensor (see `magnitude_threshold`); one task's tensor in memory at a time."""
         with self._lock:  # one computation per tensor even when its slices are merged in parallel
             return self._thresholds_locked(key)
 

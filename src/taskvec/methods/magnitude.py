@@ -14,7 +14,7 @@ class MagnitudeParams(MethodParams):
 
 def merge(deltas: torch.Tensor, weights: torch.Tensor, params: MethodParams, ctx: SliceContext) -> torch.Tensor:
     assert ctx.thresholds is not None
-    return weighted_sum(trim_by_threshold(deltas, ctx.thresholds), weights)
+    return weighted_sum(trim_by_threshold(deltas, ctx.thresholds, ctx.start), weights)
 
 
 METHOD = register(

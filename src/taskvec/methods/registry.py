@@ -32,7 +32,8 @@ class SliceContext:
     key: str
     start: int
     stop: int
-    thresholds: torch.Tensor | None  # (T,) k-th largest |tau_t| over the whole tensor, if asked for
+    thresholds: torch.Tensor | None  # (T, 2): per task, the k-th largest |tau_t| over the whole tensor and the
+    # flat index of the last entry equal to it that is kept (ties broken by position), if asked for
     generator: torch.Generator | None  # seeded from (seed, key, start), if the method is random
 
 
@@ -84,21 +85,35 @@ def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.einsum("t,tn->n", weights.to(deltas.dtype), deltas) if deltas.shape[0] else deltas.sum(0)
 
 
-def trim_by_threshold(deltas: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """Zero every entry of task t with |delta| below its threshold (keeps the top-k by magnitude)."""
-    return deltas * (deltas.abs() >= thresholds.to(deltas.dtype)[:, None])
+def trim_by_threshold(deltas: torch.Tensor, thresholds: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Keep exactly the top-k entries of each task by |delta| (see `magnitude_threshold`) in the
+    slice of flat positions [start, start + n): entries above the threshold, and entries equal to
+    it up to the task's cut-off position."""
+    thr = thresholds[:, 0].to(deltas.dtype)[:, None]
+    cut = thresholds[:, 1][:, None]
+    a = deltas.abs()
+    pos = torch.arange(start, start + deltas.shape[1], dtype=torch.float64)[None, :]
+    keep = (a > thr) | ((a == thr) & (pos <= cut))
+    return deltas * keep
 
 
-def magnitude_threshold(x: torch.Tensor, density: float) -> float:
-    """The k-th largest |x| with k = int(density * numel): keeping |x| >= it keeps the top k.
+def magnitude_threshold(x: torch.Tensor, density: float) -> tuple[float, float]:
+    """(threshold, cut): keeping |x| > threshold, and |x| == threshold at flat positions <= cut,
+    keeps exactly k = int(density * numel) entries, as TIES and PEFT's top-k do.
 
-    numpy's introselect (`np.partition`) is several times faster than `torch.kthvalue` here.
+    Ties at the threshold are common in task vectors of fp16/bf16 weights (their deltas are
+    quantized); they are broken by position, so the result does not depend on how the tensor is
+    sliced. numpy's introselect (`np.partition`) finds the threshold several times faster than
+    `torch.kthvalue`.
     """
     n = x.numel()
     k = int(density * n)
     if density >= 1 or k >= n:
-        return 0.0
+        return 0.0, float(n)
     if k <= 0:
-        return float("inf")
+        return float("inf"), -1.0
     a = x.detach().reshape(-1).abs().numpy()
-    return float(np.partition(a, n - k)[n - k])
+    thr = np.partition(a, n - k)[n - k]
+    need = k - int(np.count_nonzero(a > thr))  # how many entries equal to the threshold are kept
+    ties = np.flatnonzero(a == thr)
+    return float(thr), float(ties[need - 1])

@@ -29,7 +29,7 @@ def elect_and_merge(trimmed: torch.Tensor, weights: torch.Tensor, majority: str)
 
 def merge(deltas: torch.Tensor, weights: torch.Tensor, params: MethodParams, ctx: SliceContext) -> torch.Tensor:
     assert ctx.thresholds is not None and isinstance(params, TiesParams)
-    return elect_and_merge(trim_by_threshold(deltas, ctx.thresholds), weights, params.majority)
+    return elect_and_merge(trim_by_threshold(deltas, ctx.thresholds, ctx.start), weights, params.majority)
 
 
 METHOD = register(
