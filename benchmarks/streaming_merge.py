@@ -29,7 +29,7 @@ Measurement
   ``posix_fadvise(POSIX_FADV_DONTNEED)`` instead, and the report says so.
 * Each merge runs as a child process under ``/usr/bin/time -v`` (kernel high-water RSS of
   the largest process in the tree) while a thread polls ``/proc/<pid>/status`` of the whole
-  process tree every 20 ms (sum of VmRSS, split into anonymous and file-backed pages).
+  process tree every 50 ms (sum of VmRSS, split into anonymous and file-backed pages).
   "peak RSS" in the table is the larger of the two.  File-backed RSS (mmap'd safetensors
   pages) is reclaimable page cache but it *is* counted in RSS, so it is shown separately.
 """
@@ -368,7 +368,7 @@ class RunResult:
 
 
 def run_measured(cmd: list[str], log_path: Path, env: dict | None = None,
-                 poll_s: float = 0.02) -> RunResult:
+                 poll_s: float = 0.05) -> RunResult:
     """Run ``cmd`` under /usr/bin/time -v while polling RSS of its whole process tree."""
     import psutil
 
@@ -385,12 +385,19 @@ def run_measured(cmd: list[str], log_path: Path, env: dict | None = None,
                                 start_new_session=True)
 
         def poll() -> None:
+            # Cheap on purpose (the machine has 2 cores): the process tree is re-listed once
+            # a second, RSS is read from /proc/<pid>/status every poll_s.
             root = psutil.Process(proc.pid)
+            pids: list[int] = [proc.pid]
+            listed = 0.0
             while not stop.is_set():
-                try:
-                    pids = [proc.pid] + [c.pid for c in root.children(recursive=True)]
-                except psutil.Error:
-                    pids = [proc.pid]
+                now = time.monotonic()
+                if now - listed >= 1.0:
+                    try:
+                        pids = [proc.pid] + [c.pid for c in root.children(recursive=True)]
+                    except psutil.Error:
+                        pids = [proc.pid]
+                    listed = now
                 tot = [0, 0, 0]
                 for pid in pids:
                     s = _status_kib(pid)
@@ -556,12 +563,67 @@ def compare_outputs(ours: Path, theirs: Path, cfg: dict) -> dict:
     return out
 
 
+def ties_reference_check(base: Path, fts: list[Path], ours: Path | None, theirs: Path | None,
+                         cfg: dict, density: float) -> dict:
+    """Recompute TIES from the inputs for a few small tensors under both trimming rules.
+
+    * "threshold": keep every entry with |delta| >= the k-th largest |delta| (k = int(density*n));
+      with quantized (fp16) deltas many entries equal the threshold, so more than k are kept.
+    * "exact-k": keep exactly k entries, ties broken by ``torch.argsort(descending=True)``
+      (mergekit's ``sparsify.magnitude``).
+    * "exact-k-position": keep exactly k entries, ties at the threshold broken by flat position
+      (first ones kept): slice-invariant, what a streaming implementation can do.
+    Then TIES-paper sign election (sum of trimmed deltas) and disjoint mean, weights 1.0.
+    Reports which rule each output reproduces and how many entries each rule keeps.
+    """
+    import torch
+
+    _, rbase = _open_folder(base)
+    readers = [_open_folder(f)[1] for f in fts]
+    outs = {name: _open_folder(p)[1] for name, p in (("taskvec", ours), ("mergekit", theirs)) if p}
+    L = cfg["num_hidden_layers"]
+    keys = ["model.norm.weight", f"model.layers.{L - 1}.input_layernorm.weight",
+            "model.layers.0.self_attn.k_proj.weight"]
+    res = {}
+    for key in keys:
+        b = rbase(key).float().reshape(-1)
+        d = torch.stack([r(key).float().reshape(-1) - b for r in readers])
+        n = d.shape[1]
+        k = int(density * n)
+        masks = {"threshold": [], "exact-k": [], "exact-k-position": []}
+        for t in range(d.shape[0]):
+            a = d[t].abs()
+            th = torch.kthvalue(a, n - k + 1).values
+            masks["threshold"].append(a >= th)
+            m = torch.zeros(n, dtype=torch.bool)
+            m[torch.argsort(a, descending=True)[:k]] = True
+            masks["exact-k"].append(m)
+            need = k - int((a > th).sum())
+            m = a > th
+            m[torch.nonzero(a == th).reshape(-1)[:need]] = True
+            masks["exact-k-position"].append(m)
+        ent = {"n": n, "k": k}
+        refs = {}
+        for rule, ms in masks.items():
+            tr = d * torch.stack(ms)
+            sign = tr.sign()
+            elected = torch.where(tr.sum(0) >= 0, 1.0, -1.0)
+            agree = sign == elected
+            refs[rule] = (b + (tr * agree).sum(0) / agree.sum(0).clamp(min=1)).half()
+            ent[f"kept_{rule}"] = [int(m.sum()) for m in ms]
+        for tool, read in outs.items():
+            o = read(key).reshape(-1)
+            ent[tool] = {rule: float((o.float() - r.float()).abs().max()) for rule, r in refs.items()}
+        res[key] = ent
+    return res
+
+
 # --------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------
 
 
-def fmt_report(ctx: dict, results: dict, seq: dict, checks: dict) -> str:
+def fmt_report(ctx: dict, results: dict, seq: dict, checks: dict, ties_ref: dict | None = None) -> str:
     lines = ["# Streaming merge benchmark", ""]
     lines.append(f"- date: {ctx['date']}; host: {ctx['host']}; CPU cores: {ctx['cpus']}; "
                  f"RAM: {ctx['ram_gib']:.1f} GiB")
@@ -572,7 +634,8 @@ def fmt_report(ctx: dict, results: dict, seq: dict, checks: dict) -> str:
     lines.append(f"- mergekit {ctx.get('mergekit_version', 'n/a')} (own venv), compute dtype "
                  f"{ctx['mergekit_dtype']}, options: `{ctx.get('mergekit_opts', '')}`")
     lines.append(f"- taskvec: `{ctx.get('taskvec_cmd', 'n/a')}`")
-    lines.append(f"- page cache before each run: {ctx['cache_mode']}")
+    lines.append(f"- page cache before each run: {ctx['cache_mode']}, then the tool's modules are "
+                 "re-imported once (untimed) so that startup does not re-read torch from disk")
     lines.append("")
     if seq:
         lines.append(f"**Sequential read of the same {seq['gb']:.2f} GB of input files "
@@ -600,7 +663,7 @@ def fmt_report(ctx: dict, results: dict, seq: dict, checks: dict) -> str:
                 f"| {ratio} | {r.peak_tree_anon / GiB:.2f} | {r.peak_tree_file / GiB:.2f} "
                 f"| {r.user_s + r.sys_s:.0f} | {status} |")
     lines.append("")
-    lines.append("peak RSS = max(polled sum of VmRSS over the process tree every 20 ms, "
+    lines.append("peak RSS = max(polled sum of VmRSS over the process tree every 50 ms, "
                  "kernel high-water RSS of the largest process from `/usr/bin/time -v`). "
                  "File-backed = mmap'd input pages counted in RSS (reclaimable page cache).")
     if checks:
@@ -627,6 +690,26 @@ def fmt_report(ctx: dict, results: dict, seq: dict, checks: dict) -> str:
                      "top-k magnitude selection breaks ties between equal |delta| values "
                      "(deltas of fp16 weights are quantized, so equal values are common) in "
                      "implementation-defined order, so a few elements may legitimately differ.")
+    if ties_ref:
+        lines.append("")
+        lines.append("## TIES trimming rule, recomputed from the inputs")
+        lines.append("")
+        lines.append("max abs diff of each tool's output against TIES recomputed with each trimming "
+                     "rule: *thr* keeps every |delta| >= the k-th largest (ties at the threshold "
+                     "all kept), *k-argsort* keeps exactly k in `torch.argsort` order (mergekit), "
+                     "*k-pos* keeps exactly k, ties at the threshold broken by flat position.")
+        lines.append("")
+        rules = ("threshold", "exact-k", "exact-k-position")
+        short = {"threshold": "thr", "exact-k": "k-argsort", "exact-k-position": "k-pos"}
+        head = " | ".join(f"{tool} vs {short[r]}" for tool in ("taskvec", "mergekit") for r in rules)
+        lines.append(f"| tensor | n | k | kept per model by *thr* (min..max) | {head} |")
+        lines.append("|---|---:|---:|---|" + "---:|" * (2 * len(rules)))
+        for key, e in ties_ref.items():
+            kt = e["kept_threshold"]
+            cells = " | ".join(f"{e[tool][r]:.3g}" if tool in e and r in e[tool] else "n/a"
+                               for tool in ("taskvec", "mergekit") for r in rules)
+            lines.append(f"| `{key}` | {e['n']} | {e['k']} | {min(kt)}..{max(kt)} "
+                         f"({max(kt) / max(e['k'], 1):.2f}x k) | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -655,6 +738,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mergekit-threads", type=int, default=None)
     ap.add_argument("--read-reps", type=int, default=1, help="sequential-read repetitions (best kept)")
     ap.add_argument("--no-drop-caches", action="store_true")
+    ap.add_argument("--generate-only", action="store_true", help="only write the synthetic checkpoints")
+    ap.add_argument("--report-only", action="store_true",
+                    help="re-run the correctness checks on the outputs kept by a --keep-outputs run "
+                         "and rewrite the report from its JSON (no timing)")
     ap.add_argument("--keep-outputs", action="store_true",
                     help="keep merged outputs (default: deleted after the correctness check)")
     ap.add_argument("--results", type=Path,
@@ -680,14 +767,68 @@ def main(argv: list[str] | None = None) -> int:
 
     base, fts, cfg = generate_all(work, args.n_models, args.params, int(args.shard_bytes),
                                   args.delta_std)
+    if args.generate_only:
+        return 0
     inputs = [f for d in [base] + fts for f in model_files(d)]
     in_bytes = sum(f.stat().st_size for f in inputs)
     n_params = sum(math.prod(s) for _, s in llama_tensor_specs(cfg))
     ctx.update(n_params=n_params, model_gib=n_params * 2 / GiB, n_shards=len(model_files(base)),
                input_gib=in_bytes / GiB, input_gb=in_bytes / GB)
 
-    def evict() -> str:
-        return "not dropped (--no-drop-caches)" if args.no_drop_caches else drop_caches(inputs)
+    def evict(warm: list[str] | None = None) -> str:
+        """Drop the page cache, then (untimed) re-import the tool about to run, so that its
+        timing counts reading the checkpoints, not re-reading torch's libraries from disk."""
+        mode = "not dropped (--no-drop-caches)" if args.no_drop_caches else drop_caches(inputs)
+        if warm:
+            subprocess.run(warm, capture_output=True, check=False)
+        return mode
+
+    def finish(ctx: dict, results: dict, seq: dict, methods: list[str]) -> int:
+        """Correctness checks on the outputs, then the report (Markdown + JSON)."""
+        checks = {}
+        for method in methods:
+            a, b = results.get(("taskvec", method)), results.get(("mergekit", method))
+            if a and b and a.rc == 0 and b.rc == 0:
+                try:
+                    checks[method] = compare_outputs(outdir / f"taskvec-{method}",
+                                                     outdir / f"mergekit-{method}", cfg)
+                except Exception as e:  # report, do not lose the timings
+                    checks[method] = {"ok": False, "tensors": {"*": {"error": repr(e)}}}
+        ties_ref = None
+        if "ties" in methods and (("taskvec", "ties") in results or ("mergekit", "ties") in results):
+            ok = lambda t: results.get((t, "ties")) is not None and results[(t, "ties")].rc == 0
+            try:
+                ties_ref = ties_reference_check(
+                    base, fts, outdir / "taskvec-ties" if ok("taskvec") else None,
+                    outdir / "mergekit-ties" if ok("mergekit") else None, cfg, args.density)
+            except Exception as e:
+                log(f"ties reference check failed: {e!r}")
+        if not args.keep_outputs:
+            for method in methods:
+                for tool in ("taskvec", "mergekit"):
+                    shutil.rmtree(outdir / f"{tool}-{method}", ignore_errors=True)
+
+        report = fmt_report(ctx, results, seq, checks, ties_ref)
+        print(report)
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(report)
+        raw = {"context": ctx, "sequential_read": seq,
+               "runs": {f"{t}/{m}": vars(r) for (t, m), r in results.items()},
+               "checks": checks, "ties_reference": ties_ref}
+        args.results.with_suffix(".json").write_text(json.dumps(raw, indent=2, default=str) + "\n")
+        log(f"wrote {args.results}")
+        failed = [k for k, r in results.items() if r.rc != 0]
+        ta = checks.get("task_arithmetic")
+        return 1 if failed or (ta is not None and not ta["ok"]) else 0
+
+
+    outdir = work / "out"
+    if args.report_only:  # rebuild the report from the last run's JSON and kept outputs
+        raw = json.loads(args.results.with_suffix(".json").read_text())
+        results = {tuple(k.split("/", 1)): RunResult(**r) for k, r in raw["runs"].items()}
+        methods = [m for m in METHODS if any(k[1] == m for k in results)]
+        args.keep_outputs = True
+        return finish(raw["context"], results, raw["sequential_read"], methods)
 
     # sequential read speed of the same files (the limit)
     best = None
@@ -723,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
             cp.write_text(taskvec_config(method, base, fts, args.density))
             out = outdir / f"taskvec-{method}"
             shutil.rmtree(out, ignore_errors=True)
-            cache = evict()
+            cache = evict([sys.executable, "-c", "import taskvec.merge, taskvec.cli"])
             log(f"taskvec {method} ...")
             r = run_measured(tv_cmd + ["merge", str(cp), "-o", str(out)],
                              logdir / f"taskvec-{method}.log")
@@ -740,7 +881,8 @@ def main(argv: list[str] | None = None) -> int:
             ctx["mergekit_opts"] = " ".join(cmd[3:])
             env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                        CUDA_VISIBLE_DEVICES="")
-            cache = evict()
+            cache = evict([str(args.mergekit_venv / "bin" / "python"), "-c",
+                           "import mergekit.merge, mergekit.scripts.run_yaml"])
             log(f"mergekit {method} ...")
             r = run_measured(cmd, logdir / f"mergekit-{method}.log", env=env)
             r.cache = cache
@@ -750,33 +892,7 @@ def main(argv: list[str] | None = None) -> int:
             if r.rc != 0:
                 log("mergekit log tail:\n" + "".join(Path(r.log).read_text().splitlines(True)[-20:]))
 
-    checks = {}
-    for method in methods:
-        a, b = results.get(("taskvec", method)), results.get(("mergekit", method))
-        if a and b and a.rc == 0 and b.rc == 0:
-            try:
-                checks[method] = compare_outputs(outdir / f"taskvec-{method}",
-                                                 outdir / f"mergekit-{method}", cfg)
-            except Exception as e:  # report, do not lose the timings
-                checks[method] = {"ok": False, "tensors": {"*": {"error": repr(e)}}}
-    if not args.keep_outputs:
-        for method in methods:
-            for tool in ("taskvec", "mergekit"):
-                shutil.rmtree(outdir / f"{tool}-{method}", ignore_errors=True)
-
-    report = fmt_report(ctx, results, seq, checks)
-    print(report)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(report)
-    raw = {"context": ctx, "sequential_read": seq,
-           "runs": {f"{t}/{m}": vars(r) for (t, m), r in results.items()},
-           "checks": checks}
-    args.results.with_suffix(".json").write_text(json.dumps(raw, indent=2, default=str) + "\n")
-    log(f"wrote {args.results}")
-    failed = [k for k, r in results.items() if r.rc != 0]
-    ta = checks.get("task_arithmetic")
-    return 1 if failed or (ta is not None and not ta["ok"]) else 0
-
+    return finish(ctx, results, seq, methods)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,61 @@
-"""Variational task vector composition (Zhang et al., 2025): sample-specific coefficients with a
-Spike-and-Slab prior and gated sampling, plus the efficient per-sample composed forward."""
+"""Variational task vector composition (Zhang, Du, Zhen, Shao 2025, arXiv 2509.18208).
+
+Sample-specific coefficients alpha(x) in R^{T x B} from frozen features f0(x), with a
+Spike-and-Slab prior and gated sampling; the learned-coefficient baselines (taskvec.coefficients)
+share the same composed forward, loop and I/O. See docs/variational.md.
+"""
 
 from taskvec.variational.blocks import BlockRule, BlockSpec, make_blocks
+from taskvec.variational.checkpoint import load_composer, save_composer
+from taskvec.variational.config import (
+    PRESETS,
+    ComposerConfig,
+    ComposeTrainConfig,
+    GateConfig,
+    PosteriorConfig,
+    PriorConfig,
+    TrainConfig,
+    preset,
+)
+from taskvec.variational.data import ComposeData, compute_features
 from taskvec.variational.engine import ComposedModel, default_forward
+from taskvec.variational.posterior import (
+    DeterministicCoefficients,
+    VariationalCoefficients,
+)
+from taskvec.variational.train import (
+    Composer,
+    EvalResult,
+    build_composer,
+    evaluate_composer,
+    fit,
+    train_composer,
+)
 
-__all__ = ["BlockRule", "BlockSpec", "ComposedModel", "default_forward", "make_blocks"]
+__all__ = [
+    "PRESETS",
+    "BlockRule",
+    "BlockSpec",
+    "ComposeData",
+    "ComposeTrainConfig",
+    "ComposedModel",
+    "Composer",
+    "ComposerConfig",
+    "DeterministicCoefficients",
+    "EvalResult",
+    "GateConfig",
+    "PosteriorConfig",
+    "PriorConfig",
+    "TrainConfig",
+    "VariationalCoefficients",
+    "build_composer",
+    "compute_features",
+    "default_forward",
+    "evaluate_composer",
+    "fit",
+    "load_composer",
+    "make_blocks",
+    "preset",
+    "save_composer",
+    "train_composer",
+]

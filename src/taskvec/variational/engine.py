@@ -141,7 +141,9 @@ class ComposedModel(nn.Module):
                 if tuple(t.shape) != tuple(ref.shape):
                     raise ShapeMismatchError(f"tensor {k!r}: task vector shape {list(t.shape)}, backbone {list(ref.shape)}")
                 taus.append(t.to(device=ref.device, dtype=ref.dtype))
-            self.register_buffer(f"tau_{i}", torch.stack(taus), persistent=False)
+            # stored as [theta0; tau_1..T] (T+1, *shape): the batched per-sample forward builds
+            # W_n = [1, c_n] @ stack in one GEMM; tau(k) is a view of rows 1..T
+            self.register_buffer(f"stack_{i}", torch.stack([ref.detach().clone(), *taus]), persistent=False)
             self._slot[k] = i
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
 
@@ -152,7 +154,15 @@ class ComposedModel(nn.Module):
 
     def tau(self, key: str) -> torch.Tensor:
         """Stacked task vectors of tensor `key`: (T, *shape)."""
-        return getattr(self, f"tau_{self._slot[key]}")
+        return getattr(self, f"stack_{self._slot[key]}")[1:]
+
+    def stack(self, key: str) -> torch.Tensor:
+        """[theta0; tau_1..T] of tensor `key`: (T+1, *shape) (theta0 copied when the model was built)."""
+        return getattr(self, f"stack_{self._slot[key]}")
+
+    def clear_cache(self) -> None:
+        """Forget derived weight layouts (call after changing the backbone's weights in place)."""
+        self._cache.clear()
 
     def named_base(self) -> dict[str, torch.Tensor]:
         own = dict(self.backbone.named_parameters(remove_duplicate=False))
@@ -184,8 +194,8 @@ class ComposedModel(nn.Module):
     def merged(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
         """theta0 + sum_kb alpha_kb tau_kb for shared coefficients alpha (T, B), composed tensors only."""
         self._check(alpha, shared=True)
-        base = self.named_base()
-        return {k: base[k] + ops.delta(alpha[:, self.blocks.index[k]].unsqueeze(0), self.tau(k))[0] for k in self.keys}
+        c1 = torch.cat([alpha.new_ones(1, alpha.shape[1]), alpha]).T  # (B, T+1): [1, alpha_b]
+        return {k: ops.build(c1[self.blocks.index[k]].unsqueeze(0), self.stack(k))[0] for k in self.keys}
 
     def forward(self, inputs: Any, alpha: torch.Tensor) -> torch.Tensor:
         """Backbone output under coefficients alpha: (T, B) shared by all samples or (N, T, B) per sample."""
@@ -248,7 +258,7 @@ class _EvalBatchNorm(TorchFunctionMode):
             training = _get(args, kwargs, 5, "training", False)
             if not training and rm is not None and rv is not None and (rm.requires_grad or rv.requires_grad):
                 x, w, b = _get(args, kwargs, 0, "input"), _get(args, kwargs, 3, "weight"), _get(args, kwargs, 4, "bias")
-                f = lambda t: None if t is None else t.unsqueeze(0)  # noqa: E731
+                f = lambda t: None if t is None else t.unsqueeze(0)
                 return ops.batch_norm_eval(x, f(rm), f(rv), f(w), f(b), _get(args, kwargs, 7, "eps", 1e-5), x.shape[0])
         return func(*args, **kwargs)
 
@@ -306,6 +316,12 @@ class _PerSampleMode(TorchFunctionMode):
                         )
         return out
 
+    def _stacked(self, key: str | None, w: torch.Tensor, tau: torch.Tensor | None) -> Callable[[str], torch.Tensor] | None:
+        if key is None or tau is None:
+            return None
+        return lambda layout: self.model.stack(key) if layout == "stack" else \
+            self.model.cached(layout, key, lambda: ops.stack_weights(w, tau, layout))
+
     # ----- handlers: return NotImplemented when no argument is composed
     def linear(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         x, w, b = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "weight"), _get(args, kwargs, 2, "bias")
@@ -313,7 +329,7 @@ class _PerSampleMode(TorchFunctionMode):
         cb, tb, _ = self._ct(b)
         if kw is None and cb is None:
             return NotImplemented
-        stacked = (lambda: self.model.cached("linear", kw, lambda: ops.stack_linear(w, tw))) if kw else None
+        stacked = self._stacked(kw, w, tw)
         return ops.linear(x, w, b, cw, tw, cb, tb, self.n, self.model.strategy_for(kw or ""), stacked)
 
     def conv2d(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
@@ -324,7 +340,7 @@ class _PerSampleMode(TorchFunctionMode):
             return NotImplemented
         stride, padding = _get(args, kwargs, 3, "stride", 1), _get(args, kwargs, 4, "padding", 0)
         dilation, groups = _get(args, kwargs, 5, "dilation", 1), _get(args, kwargs, 6, "groups", 1)
-        stacked = (lambda: self.model.cached("conv", kw, lambda: ops.stack_conv(w, tw))) if kw else None
+        stacked = self._stacked(kw, w, tw)
         return ops.conv2d(x, w, b, cw, tw, cb, tb, self.n, stride, padding, dilation, groups,
                           self.model.strategy_for(kw or ""), stacked)
 

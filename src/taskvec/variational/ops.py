@@ -19,22 +19,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from taskvec.errors import TaskVecError
 
 Strategy = Literal["auto", "linear", "batched"]
 
-CHUNK_ELEMS = 1 << 24
-"""Per-sample weights are built for chunks of samples holding at most this many elements (64 MB f32)."""
+CHUNK_ELEMS = 1 << 22
+"""Per-sample weights are built for chunks of samples holding at most this many elements (16 MB f32)."""
 CHECKPOINT_ELEMS = 1 << 26
 """With gradients on, batched weights larger than this (for the whole batch) are recomputed in backward."""
 AUTO_POSITIONS = 2.0
-"""'auto' picks 'batched' when positions per sample >= AUTO_POSITIONS * T (else 'linear')."""
+AUTO_ROWS = 64
+"""'auto' picks 'batched' when positions per sample >= AUTO_POSITIONS * T or the batch has fewer
+than AUTO_ROWS positions in all, else 'linear' (tuned on CPU with benchmarks/composed_forward.py)."""
 
 
 def delta(c: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -61,25 +64,110 @@ def batch_first(x: torch.Tensor, n: int, what: str) -> torch.Tensor:
     )
 
 
-def pick(strategy: Strategy, positions: int, t: int) -> Literal["linear", "batched"]:
+def pick(strategy: Strategy, positions: int, t: int, n: int) -> Literal["linear", "batched"]:
+    """'auto': batched when each sample has many positions (the T+1 wide op would cost more than
+    building weights) or when the whole batch has few rows (small GEMMs are slow anyway)."""
     if strategy != "auto":
         return strategy
-    return "batched" if positions >= AUTO_POSITIONS * t else "linear"
+    return "batched" if positions >= AUTO_POSITIONS * t or n * positions < AUTO_ROWS else "linear"
 
 
-def _chunked(
-    fn: Callable[..., torch.Tensor], x: torch.Tensor, c: torch.Tensor, weight_numel: int, *rest: torch.Tensor
-) -> torch.Tensor:
-    """fn(x_chunk, c_chunk, *rest) over chunks of samples, concatenated; checkpointed when big."""
-    n = x.shape[0]
-    size = max(1, CHUNK_ELEMS // max(weight_numel, 1))
-    grad = torch.is_grad_enabled() and (c.requires_grad or x.requires_grad)
-    ckpt = grad and n * weight_numel > CHECKPOINT_ELEMS
+def build(c1: torch.Tensor, stack: torch.Tensor, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample weights [1, c_n] @ [W0; tau_1..T]: (n, T+1) x (T+1, *shape) -> (n, *shape).
+    One GEMM of depth T+1 with no bias term (an addmm would first copy W0 into every row)."""
+    flat = stack.reshape(stack.shape[0], -1)
+    w = c1 @ flat if buf is None else torch.mm(c1, flat, out=buf[: c1.shape[0]])
+    return w.reshape(c1.shape[0], *stack.shape[1:])
+
+
+_WORKSPACE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable scratch buffer for per-sample weights without gradients. Allocating a fresh
+    multi-megabyte tensor per layer costs page faults that take longer than the GEMM filling it."""
+    buf = _WORKSPACE.get((device, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = _WORKSPACE[(device, dtype)] = torch.empty(max(numel, CHUNK_ELEMS), dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def release_workspace() -> None:
+    _WORKSPACE.clear()
+
+
+def _chunked(apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, c1: torch.Tensor,
+             stack: torch.Tensor) -> torch.Tensor:
+    """apply(x_chunk, W_chunk) over chunks of samples with W built per chunk, concatenated.
+
+    Without gradients the weights go to a reused workspace; with gradients, batches whose
+    per-sample weights exceed CHECKPOINT_ELEMS are checkpointed (weights rebuilt in backward)."""
+    n, numel = x.shape[0], stack[0].numel()
+    size = max(1, CHUNK_ELEMS // max(numel, 1))
+    grad = torch.is_grad_enabled() and (c1.requires_grad or x.requires_grad)
     outs = []
-    for s in range(0, n, size):
-        xs, cs = x[s : s + size], c[s : s + size]
-        outs.append(checkpoint(_plain, fn, xs, cs, *rest, use_reentrant=False) if ckpt else fn(xs, cs, *rest))
+    if not grad:
+        buf = workspace(min(size, n) * numel, stack.dtype, stack.device).view(-1, numel)
+        for s in range(0, n, size):
+            outs.append(apply(x[s : s + size], build(c1[s : s + size], stack, buf)))
+    else:
+        ckpt = n * numel > CHECKPOINT_ELEMS
+        fn = lambda xs, cs, st: apply(xs, build(cs, st))
+        for s in range(0, n, size):
+            xs, cs = x[s : s + size], c1[s : s + size]
+            outs.append(checkpoint(_plain, fn, xs, cs, stack, use_reentrant=False) if ckpt else fn(xs, cs, stack))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+class BatchedLinear(torch.autograd.Function):
+    """y_n = x_n @ W_n^T with W_n = [1, c_n] @ stack, for x (N, P, in), c1 (N, T+1), stack (T+1, out, in).
+
+    Per-sample weights live only in a reused workspace, chunk by chunk, in forward and backward
+    alike (nothing of size N*|W| is kept for backward). Backward rebuilds W_n per chunk:
+      dx_n = dy_n @ W_n,     dc1_n = <dy_n^T x_n, stack_k>_k  (one bmm, then one GEMM against the stack)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, c1: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, c1, stack)
+        n, numel = x.shape[0], stack[0].numel()
+        size = max(1, CHUNK_ELEMS // max(numel, 1))
+        buf = workspace(min(size, n) * numel, stack.dtype, stack.device).view(-1, numel)
+        out = x.new_empty(n, x.shape[1], stack.shape[1])
+        for s in range(0, n, size):
+            w = build(c1[s : s + size], stack, buf)
+            torch.bmm(x[s : s + size], w.transpose(1, 2), out=out[s : s + size])
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, c1, stack = ctx.saved_tensors
+        n, numel = x.shape[0], stack[0].numel()
+        size = max(1, CHUNK_ELEMS // max(numel, 1))
+        need_x, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        buf = workspace(2 * min(size, n) * numel, stack.dtype, stack.device).view(2, -1, numel)
+        dx = torch.empty_like(x) if need_x else None
+        dc = torch.empty_like(c1) if need_c else None
+        flat = stack.reshape(stack.shape[0], -1)
+        dy = dy.contiguous()
+        for s in range(0, n, size):
+            e = min(n, s + size)
+            if need_x:
+                w = build(c1[s:e], stack, buf[0])
+                torch.bmm(dy[s:e], w, out=dx[s:e])  # type: ignore[index]
+            if need_c:
+                g = buf[1][: e - s].view(e - s, *stack.shape[1:])
+                torch.bmm(dy[s:e].transpose(1, 2), x[s:e], out=g)  # (chunk, out, in)
+                torch.mm(g.reshape(e - s, -1), flat.T, out=dc[s:e])  # type: ignore[index]
+        return dx, dc, None
+
+
+def _batched_matmul(x: torch.Tensor, c1: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
+    """x (N, P, in) -> (N, P, out) with per-sample weights; the custom autograd path when it is needed."""
+    if torch.is_grad_enabled() and (x.requires_grad or c1.requires_grad):
+        with torch._C.DisableTorchFunction():
+            return BatchedLinear.apply(x.contiguous(), c1, stack)
+    return _chunked(lambda xs, w: torch.bmm(xs, w.transpose(1, 2)), x, c1, stack)
 
 
 def _plain(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
@@ -100,11 +188,6 @@ def _with_one(c: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- linear
 
 
-def _linear_batched(x: torch.Tensor, c: torch.Tensor, w0: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    w = composed(w0, c, tau, c.shape[0])  # (n, out, in)
-    return torch.bmm(x, w.transpose(1, 2))
-
-
 def linear(
     x: torch.Tensor,
     w0: torch.Tensor,
@@ -115,10 +198,10 @@ def linear(
     tb: torch.Tensor | None,
     n: int,
     strategy: Strategy = "auto",
-    stacked: Callable[[], torch.Tensor] | None = None,
+    stacked: Callable[[str], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """F.linear(x_n, W_n, b_n) for every sample; x is (N, ..., in). `stacked()` gives the cached
-    ((out*(T+1)), in) weight [W0; tau_1..T] interleaved per output row, for the 'linear' strategy."""
+    """F.linear(x_n, W_n, b_n) for every sample; x is (N, ..., in). `stacked(layout)` gives cached
+    weights: 'stack' (T+1, out, in) = [W0; tau], 'interleaved' ((out*(T+1)), in), row o*(T+1)+k."""
     x = batch_first(x, n, "a linear layer")
     lead = x.shape[:-1]
     if cw is None or tw is None:
@@ -126,10 +209,11 @@ def linear(
     else:
         xf = x.reshape(n, -1, x.shape[-1])
         p, t, out = xf.shape[1], tw.shape[0], w0.shape[0]
-        if pick(strategy, p, t) == "batched":
-            y = _chunked(_linear_batched, xf, cw, w0.numel(), w0, tw)
+        get = stacked or (lambda layout: stack_weights(w0, tw, layout))
+        if pick(strategy, p, t, n) == "batched":
+            y = _batched_matmul(xf, _with_one(cw), get("stack"))
         else:
-            wcat = stacked() if stacked is not None else torch.cat([w0.unsqueeze(1), tw.transpose(0, 1)], 1).reshape(-1, w0.shape[1])
+            wcat = get("interleaved").reshape(-1, w0.shape[1])
             z = F.linear(xf, wcat).reshape(n, p, out, t + 1)  # (n, p, out, T+1)
             y = (z @ _with_one(cw).reshape(n, 1, t + 1, 1)).reshape(n, p, out)
         y = y.reshape(*lead, out)
@@ -153,11 +237,10 @@ def _is_pointwise(w0: torch.Tensor, padding: object, dilation: object, groups: i
 
 
 def _conv_batched(
-    x: torch.Tensor, c: torch.Tensor, w0: torch.Tensor, tau: torch.Tensor, stride: tuple[int, int],
+    x: torch.Tensor, w: torch.Tensor, w0: torch.Tensor, stride: tuple[int, int],
     padding: object, dilation: tuple[int, int], groups: int,
 ) -> torch.Tensor:
-    n = x.shape[0]
-    w = composed(w0, c, tau, n)  # (n, out, in/g, kh, kw)
+    n = x.shape[0]  # w: (n, out, in/g, kh, kw)
     if _is_pointwise(w0, padding, dilation, groups):  # 1x1: a batched matmul per sample
         if stride != (1, 1):
             x = x[:, :, :: stride[0], :: stride[1]]
@@ -182,10 +265,10 @@ def conv2d(
     dilation: object = 1,
     groups: int = 1,
     strategy: Strategy = "auto",
-    stacked: Callable[[], torch.Tensor] | None = None,
+    stacked: Callable[[str], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """F.conv2d with per-sample weights (any groups, incl. depthwise); x is (N, C, H, W).
-    `stacked()` gives the cached ((out*(T+1)), in/g, kh, kw) weight for the 'linear' strategy."""
+    `stacked(layout)` as for `linear` ('interleaved' keeps each group's output channels together)."""
     x = batch_first(x, n, "a conv2d layer")
     if x.dim() != 4:
         raise TaskVecError(f"per-sample conv2d needs (N, C, H, W) inputs, got shape {tuple(x.shape)}")
@@ -199,13 +282,25 @@ def conv2d(
         # positions per sample of the output map (same-size estimate for string padding)
         hs = [math.ceil(x.shape[i + 2] / st[i]) for i in range(2)]
         positions = hs[0] * hs[1]
-        mode = "batched" if (strategy == "auto" and depthwise) else pick(strategy, positions, t)
-        if mode == "batched":
-            y = _chunked(
-                lambda xs, cs, w, tau: _conv_batched(xs, cs, w, tau, st, pad, dl, groups), x, cw, w0.numel(), w0, tw
-            )
+        mode = "batched" if (strategy == "auto" and depthwise) else pick(strategy, positions, t, n)
+        get = stacked or (lambda layout: stack_weights(w0, tw, layout))
+        grad = torch.is_grad_enabled() and (x.requires_grad or cw.requires_grad)
+        if mode == "batched" and grad and _is_pointwise(w0, pad, dl, groups):  # custom backward, channels last
+            xs = x[:, :, :: st[0], :: st[1]] if st != (1, 1) else x
+            h, wd = xs.shape[-2:]
+            stack = get("stack").reshape(t + 1, out, w0.shape[1])
+            y = _batched_matmul(xs.reshape(n, xs.shape[1], h * wd).transpose(1, 2), _with_one(cw), stack)
+            y = y.transpose(1, 2).reshape(n, out, h, wd)
+        elif mode == "batched":
+            y = _chunked(lambda xs, w: _conv_batched(xs, w, w0, st, pad, dl, groups), x, _with_one(cw), get("stack"))
+        elif _is_pointwise(w0, pad, dl, groups):  # 1x1: one GEMM over all positions, channels last
+            xs = x[:, :, :: st[0], :: st[1]] if st != (1, 1) else x
+            h, wd = xs.shape[-2:]
+            z = F.linear(xs.permute(0, 2, 3, 1), get("interleaved").reshape(-1, w0.shape[1]))
+            z = z.reshape(n, h * wd, out, t + 1) @ _with_one(cw).reshape(n, 1, t + 1, 1)
+            y = z.reshape(n, h, wd, out).permute(0, 3, 1, 2)
         else:
-            wcat = stacked() if stacked is not None else stack_conv(w0, tw)
+            wcat = get("interleaved")
             z = F.conv2d(x, wcat, None, st, pad, dl, groups)  # (n, out*(T+1), h, w)
             h, wd = z.shape[-2:]
             y = _combine(z.reshape(n, out, t + 1, h * wd), _with_one(cw)).reshape(n, out, h, wd)
@@ -215,13 +310,12 @@ def conv2d(
     return y
 
 
-def stack_conv(w0: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """[W0; tau_1..T] interleaved per output channel: row o*(T+1)+k. Keeps each group's rows together."""
+def stack_weights(w0: torch.Tensor, tau: torch.Tensor, layout: str) -> torch.Tensor:
+    """[W0; tau_1..T] as 'stack' (T+1, out, ...) or 'interleaved' (out*(T+1), ...), row o*(T+1)+k:
+    the interleaved layout keeps each conv group's output channels together."""
+    if layout == "stack":
+        return torch.cat([w0.unsqueeze(0), tau])
     return torch.cat([w0.unsqueeze(1), tau.transpose(0, 1)], 1).reshape(-1, *w0.shape[1:])
-
-
-def stack_linear(w0: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    return torch.cat([w0.unsqueeze(1), tau.transpose(0, 1)], 1).reshape(-1, w0.shape[1])
 
 
 # --------------------------------------------------------------------------- embedding

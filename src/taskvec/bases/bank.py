@@ -1,0 +1,553 @@
+"""A bank of task vector bases on disk: M safetensors files and one JSON manifest.
+
+Layout of a bank folder::
+
+    BANK/manifest.json            method, names, T, M, Gram matrix, decoder, mixing or assignments, bytes
+    BANK/basis-000.safetensors    basis 0: same tensor names and shapes as the task vectors
+    BANK/basis-001.safetensors    (a basis larger than `shard_size` is a shard folder basis-001/)
+
+One file per basis rather than one file of 'basis{m}/{tensor}' keys: every basis is an ordinary
+task-vector checkpoint (`TaskVector.load`, `taskvec apply` and `taskvec info` work on it), a
+reconstruction opens only the bases it needs, and a continual `add` rewrites one basis and the
+manifest instead of the whole bank. The manifest is the commit point: a build writes everything
+into a hidden temporary folder renamed into place; an `add` writes the new basis under a new
+name, then atomically replaces the manifest, then deletes the old file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, ValidationError, model_validator
+
+from taskvec.bases.analysis import auto_chunk, gram
+from taskvec.bases.fit import (
+    FIT_OPTIONS,
+    BasisFit,
+    check_m,
+    check_merge,
+    check_method,
+    check_names,
+    fit_structure,
+    lsq,
+    relative_errors,
+    set_cluster_stats,
+)
+from taskvec.bases.passes import cluster_pass, linear_pass, merged_basis, tapped
+from taskvec.config import DTYPES, DtypeName, Strict
+from taskvec.core.taskvector import FloatSource, TaskVector, check_same_tensors
+from taskvec.errors import CheckpointError, ConfigError
+from taskvec.io import SafetensorsSource, ShardedSource
+from taskvec.io.safetensors_file import dtype_size
+from taskvec.io.writer import DEFAULT_SHARD_BYTES
+
+BANK_FORMAT = "taskvec/bases-bank"
+MANIFEST = "manifest.json"
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+Matrix = list[list[float | None]]
+
+
+# ---------------------------------------------------------------- manifest
+class BasisEntry(Strict):
+    file: str
+    bytes: int = Field(ge=0, description="size on disk: the file, or every file of a shard folder")
+    members: list[str] | None = None
+
+
+class Manifest(Strict):
+    """The bank's JSON manifest. Matrices are row lists; null marks an unknown inner product."""
+
+    format: Literal["taskvec/bases-bank"]
+    version: Literal[1]
+    method: Literal["cluster", "learned", "pca"]
+    dtype: DtypeName
+    shard_size: int = Field(gt=0)
+    T: int = Field(ge=1, description="number of tasks")
+    M: int = Field(ge=1, description="number of bases")
+    n_tensors: int = Field(ge=0)
+    numel: int = Field(ge=0)
+    names: list[str]
+    sources: list[str | None]
+    task_bytes: list[int]
+    bases: list[BasisEntry] = Field(min_length=1)
+    gram: Matrix
+    cross: Matrix
+    basis_gram: Matrix
+    decoder: list[list[float]]
+    mixing: list[list[float]] | None = None
+    assignments: list[int] | None = None
+    merge: str | None = None
+    merge_params: dict[str, Any] = Field(default_factory=dict)
+    info: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        t, m = len(self.names), len(self.bases)
+        if (self.T, self.M) != (t, m):
+            raise ValueError(f"T={self.T}, M={self.M} but the manifest lists {t} names and {m} bases")
+
+        def shape(field: str, rows: int, cols: int) -> None:
+            mat = getattr(self, field)
+            if len(mat) != rows or any(len(r) != cols for r in mat):
+                raise ValueError(f"{field} must be {rows} x {cols} (T={t} tasks, M={m} bases)")
+
+        if len(set(self.names)) != t:
+            raise ValueError("names must be unique")
+        for f in ("sources", "task_bytes"):
+            if len(getattr(self, f)) != t:
+                raise ValueError(f"{f} must have one entry per task (T={t})")
+        shape("gram", t, t)
+        shape("cross", m, t)
+        shape("basis_gram", m, m)
+        shape("decoder", m, t)
+        if self.method == "cluster":
+            if self.assignments is None or len(self.assignments) != t or any(not 0 <= a < m for a in self.assignments):
+                raise ValueError(f"assignments must give each of the T={t} tasks a basis in 0..{m - 1}")
+        elif self.mixing is None or any(len(r) != m for r in self.mixing) or len(self.mixing) > t:
+            raise ValueError(f"mixing must be a (tasks at build) x M={m} matrix")
+        return self
+
+
+def _mat(x: torch.Tensor) -> Matrix:
+    return [[None if math.isnan(v) else v for v in row] for row in x.tolist()]
+
+
+def _tensor(rows: Sequence[Sequence[float | None]], cols: int | None = None) -> torch.Tensor:
+    if not rows:
+        return torch.zeros(0, cols or 0, dtype=torch.float64)
+    return torch.tensor([[float("nan") if v is None else float(v) for v in r] for r in rows], dtype=torch.float64)
+
+
+def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
+    """Top-level keys one per line (readable), values compact; temp file + fsync + rename."""
+    text = "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v, allow_nan=False)}" for k, v in obj.items()) + "\n}\n"
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ---------------------------------------------------------------- sizes and sources
+def storage_dtype(tv: TaskVector, key: str) -> torch.dtype:
+    """The dtype a task vector's tensor is stored in (fp16 on disk, though computed in float32)."""
+    src = tv.source
+    if isinstance(src, FloatSource):
+        return src.source.spec(key).dtype
+    return tv.spec(key).dtype
+
+
+def task_bytes(tv: TaskVector) -> int:
+    """Bytes of the full task vector's tensor data at its storage dtype."""
+    return sum(tv.spec(k).numel * dtype_size(storage_dtype(tv, k)) for k in tv.keys())
+
+
+def source_path(tv: TaskVector) -> str | None:
+    """The file or folder a task vector was loaded from (whole, unfiltered), else None."""
+    src = tv.source
+    whole_file = isinstance(src, FloatSource) and isinstance(src.source, (SafetensorsSource, ShardedSource))
+    if whole_file and set(src.keys()) == set(src.source.keys()):
+        return str(Path(src.source.name).resolve())
+    return None
+
+
+def disk_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Exact byte accounting: T full task vectors vs the bank on disk."""
+
+    task_vectors: int  # tensor data of the T task vectors at their storage dtype
+    bases_data: int  # tensor data of the M bases: M * numel * itemsize
+    bases_files: int  # the basis files on disk (data + safetensors headers)
+    manifest: int  # manifest.json on disk
+
+    @property
+    def bank(self) -> int:
+        return self.bases_files + self.manifest
+
+    @property
+    def ratio(self) -> float:
+        return self.task_vectors / max(self.bank, 1)
+
+
+# ---------------------------------------------------------------- the bank
+class Bank:
+    """A bases bank opened from disk. Bases are read lazily; reconstructions are lazy task vectors."""
+
+    def __init__(self, path: Path, manifest: Manifest):
+        self.path, self.manifest = path, manifest
+        self.decoder = _tensor(manifest.decoder, len(manifest.names))
+        self.cross = _tensor(manifest.cross, len(manifest.names))
+        self.basis_gram = _tensor(manifest.basis_gram)
+        self.gram = _tensor(manifest.gram)
+        self.mixing = _tensor(manifest.mixing) if manifest.mixing is not None else None
+
+    # ----- opening
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Bank:
+        """Open a bank folder, checking the manifest and that every basis file is there and whole."""
+        path = Path(path)
+        mpath = path / MANIFEST
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: no such bank folder")
+        if not mpath.exists():
+            raise CheckpointError(f"{path}: not a bases bank (no {MANIFEST})")
+        try:
+            data = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{mpath}: corrupt manifest, not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{mpath}: corrupt manifest, expected a JSON object")
+        try:
+            manifest = Manifest(**data)
+        except ValidationError as e:
+            msgs = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors())
+            raise CheckpointError(f"{mpath}: corrupt manifest: {msgs}") from None
+        bank = cls(path, manifest)
+        for k, entry in enumerate(manifest.bases):
+            f = path / entry.file
+            if not f.exists():
+                raise CheckpointError(f"{mpath}: basis {k} file {entry.file!r} is missing from the bank")
+            src = bank.basis(k).source
+            numel = sum(src.spec(key).numel for key in src.keys())
+            if numel != manifest.numel or len(src.keys()) != manifest.n_tensors:
+                raise CheckpointError(f"{f}: holds {len(src.keys())} tensors of {numel:,} parameters, the manifest says "
+                                      f"{manifest.n_tensors} of {manifest.numel:,}")
+        return bank
+
+    # ----- facts
+    @property
+    def names(self) -> list[str]:
+        return list(self.manifest.names)
+
+    @property
+    def method(self) -> str:
+        return self.manifest.method
+
+    @property
+    def t(self) -> int:
+        return len(self.manifest.names)
+
+    @property
+    def m(self) -> int:
+        return len(self.manifest.bases)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.manifest.dtype]
+
+    def __repr__(self) -> str:
+        return f"Bank({str(self.path)!r}, {self.method}, T={self.t}, M={self.m}, {self.manifest.dtype})"
+
+    def index(self, name: str) -> int:
+        try:
+            return self.manifest.names.index(name)
+        except ValueError:
+            known = ", ".join(self.manifest.names[:10]) + (" ..." if self.t > 10 else "")
+            raise ConfigError(f"task {name!r} is not in the bank {self.path} (tasks: {known})") from None
+
+    def basis(self, k: int) -> TaskVector:
+        tv = TaskVector.load(self.path / self.manifest.bases[k].file)
+        tv.name = f"basis {k}"
+        return tv
+
+    def relative_errors(self) -> dict[str, float]:
+        """||tau_i - reconstruct(i)|| / ||tau_i|| of every task, exact from the stored statistics."""
+        errs = relative_errors(self.gram.diagonal(), self.cross, self.basis_gram, self.decoder)
+        return dict(zip(self.names, errs.tolist()))
+
+    def memory(self) -> Memory:
+        mf = self.manifest
+        return Memory(
+            task_vectors=sum(mf.task_bytes),
+            bases_data=self.m * mf.numel * dtype_size(self.dtype),
+            bases_files=sum(b.bytes for b in mf.bases),
+            manifest=(self.path / MANIFEST).stat().st_size,
+        )
+
+    # ----- reconstruction and arithmetic
+    def _combination(self, coefs: torch.Tensor, name: str) -> TaskVector:
+        ks = [k for k in range(self.m) if float(coefs[k]) != 0.0]
+        if not ks:
+            raise ConfigError(f"{name}: all its coefficients on the bases are zero")
+        tv = TaskVector.sum([self.basis(k) for k in ks], [float(coefs[k]) for k in ks])
+        tv.name = name
+        return tv
+
+    def reconstruct(self, name: str) -> TaskVector:
+        """Task `name` as sum_m decoder[m, i] * basis_m: a lazy task vector reading only its bases."""
+        i = self.index(name)
+        return self._combination(self.decoder[:, i], f"{name} (from {self.method} bases)")
+
+    def combine(self, add: Sequence[str] = (), negate: Sequence[str] = ()) -> TaskVector:
+        """sum of the reconstructions of `add` minus those of `negate`, as one lazy task vector
+        (each basis slice is read once, whatever the number of tasks). Apply with `.apply_to(base, coef)`."""
+        add, negate = list(add), list(negate)
+        if not add and not negate:
+            raise ConfigError("combine: give at least one task to --add or --negate")
+        both = set(add) & set(negate)
+        if both:
+            raise ConfigError(f"combine: {', '.join(sorted(both))} both added and negated")
+        c = torch.zeros(self.m, dtype=torch.float64)
+        for n in add:
+            c += self.decoder[:, self.index(n)]
+        for n in negate:
+            c -= self.decoder[:, self.index(n)]
+        label = " ".join([f"+{n}" for n in add] + [f"-{n}" for n in negate])
+        return self._combination(c, f"bank {label}")
+
+    def addition(self, names: Sequence[str]) -> TaskVector:
+        """Task addition of `names` through their reconstructions."""
+        return self.combine(add=names)
+
+    def negation(self, name: str) -> TaskVector:
+        """Negation (forgetting) of one task through its reconstruction."""
+        return self.combine(negate=[name])
+
+    # ----- continual
+    def _new_file(self, k: int) -> str:
+        big = self.manifest.numel * dtype_size(self.dtype) > self.manifest.shard_size
+        for r in range(1, 1 << 20):
+            f = basis_file(k, big, r if k < self.m else 0)
+            if not (self.path / f).exists():
+                return f
+        raise RuntimeError("no free basis file name")  # pragma: no cover
+
+    def add(
+        self,
+        task_vector: TaskVector,
+        name: str,
+        *,
+        members: Mapping[str, TaskVector] | None = None,
+        new_basis_below: float | None = None,
+        chunk_elems: int | None = None,
+        progress: bool = False,
+    ) -> int | None:
+        """Add one task vector to the bank; returns the basis it went to ('cluster'), else None.
+
+        'cluster': it joins the basis of highest cosine similarity (or a new basis of its own if
+        that is below `new_basis_below`), and that basis is re-merged from its members and the new
+        task. The members' task vectors come from `members` (name -> TaskVector) or from the files
+        recorded at build time. 'learned'/'pca': the bases stay, the new task gets least-squares
+        coefficients on them. Everything it needs of the old tasks is streamed, then the manifest is
+        replaced atomically.
+        """
+        mf = self.manifest
+        check_names([*mf.names, name], [task_vector] * (self.t + 1))
+        check_same_tensors(self.basis(0).source, task_vector.source)
+        if new_basis_below is not None and self.method != "cluster":
+            raise ConfigError("new_basis_below: only the 'cluster' method can open a new basis")
+        g1 = gram([task_vector] + [self.basis(k) for k in range(self.m)], chunk_elems=chunk_elems, progress=progress)
+        vv, cnew = float(g1[0, 0]), g1[1:, 0]
+        if vv <= 0:
+            raise ConfigError(f"task vector {name!r} is zero")
+        t, m = self.t, self.m
+        gram_ = _pad(self.gram, t + 1, t + 1)
+        gram_[t, t] = vv
+        cross = _pad(self.cross, m, t + 1)
+        cross[:, t] = cnew
+        decoder = _pad(self.decoder, m, t + 1, fill=0.0)
+        hgram = self.basis_gram.clone()
+        bases = [b.model_copy() for b in mf.bases]
+        assignments = list(mf.assignments) if mf.assignments is not None else None
+        old_file: str | None = None
+        if self.method == "cluster":
+            assert assignments is not None
+            cos = cnew / (hgram.diagonal() * vv).sqrt()
+            k = int(torch.argmax(cos))
+            if new_basis_below is not None and float(cos[k]) < new_basis_below:
+                k = m
+            idx = [i for i, a in enumerate(assignments) if a == k]
+            tvs = [self._member(i, members) for i in idx] + [task_vector]
+            cluster = [tapped(tv) for tv in tvs]
+            basis = merged_basis(cluster, mf.merge or "mean", mf.merge_params)
+            f = self._new_file(k)
+            chunk = chunk_elems or auto_chunk(len(cluster) + 1)
+            h, c, lg = cluster_pass(basis, cluster, self.dtype, chunk_elems=chunk, out=self.path / f,
+                                    shard_size=mf.shard_size, progress=progress, description=f"re-merging basis {k}")
+            idx.append(t)
+            assignments.append(k)
+            gram_[t, idx[:-1]] = lg[-1, :-1]
+            gram_[idx[:-1], t] = lg[-1, :-1]
+            if k == m:
+                cross, hgram, decoder = _pad(cross, m + 1, t + 1), _pad(hgram, m + 1, m + 1), _pad(decoder, m + 1, t + 1, fill=0.0)
+                bases.append(BasisEntry(file=f, bytes=0))
+            else:
+                old_file = bases[k].file
+            cross[k, :] = float("nan")
+            hgram[k, :] = float("nan")
+            hgram[:, k] = float("nan")
+            cross[k, idx] = c
+            hgram[k, k] = h
+            decoder[:, idx] = 0.0
+            decoder[k, idx] = c / h
+            bases[k] = BasisEntry(file=f, bytes=disk_bytes(self.path / f), members=[*(mf.names[i] for i in idx[:-1]), name])
+        else:
+            k = None
+            decoder[:, t] = lsq(hgram, cnew[:, None])[:, 0]
+        info = dict(mf.info)
+        info["added"] = [*info.get("added", []), name]
+        new = mf.model_copy(update={
+            "T": t + 1, "M": len(bases), "names": [*mf.names, name], "sources": [*mf.sources, source_path(task_vector)],
+            "task_bytes": [*mf.task_bytes, task_bytes(task_vector)], "bases": bases, "gram": _mat(gram_),
+            "cross": _mat(cross), "basis_gram": _mat(hgram), "decoder": decoder.tolist(),
+            "assignments": assignments, "info": info,
+        })
+        Manifest(**new.model_dump())  # validate before committing
+        write_json_atomic(self.path / MANIFEST, new.model_dump())
+        if old_file is not None:
+            p = self.path / old_file
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        loaded = Bank.load(self.path)
+        self.__dict__.update(loaded.__dict__)
+        return k
+
+    def _member(self, i: int, members: Mapping[str, TaskVector] | None) -> TaskVector:
+        name = self.manifest.names[i]
+        if members is not None and name in members:
+            return members[name]
+        src = self.manifest.sources[i]
+        if src is None:
+            raise ConfigError(f"add: re-merging needs the task vector of member {name!r}, which has no recorded source "
+                              f"file; pass members={{{name!r}: task_vector}}")
+        if not Path(src).exists():
+            raise CheckpointError(f"add: the task vector of member {name!r} recorded at {src} is gone; "
+                                  f"pass members={{{name!r}: task_vector}}")
+        return TaskVector.load(src)
+
+
+def _pad(x: torch.Tensor, rows: int, cols: int, fill: float = float("nan")) -> torch.Tensor:
+    out = torch.full((rows, cols), fill, dtype=torch.float64)
+    out[: x.shape[0], : x.shape[1]] = x
+    return out
+
+
+def basis_file(k: int, sharded: bool, revision: int = 0) -> str:
+    stem = f"basis-{k:03d}" + (f".r{revision}" if revision else "")
+    return stem if sharded else f"{stem}.safetensors"
+
+
+# ---------------------------------------------------------------- building
+def build_bank(
+    task_vectors: Sequence[TaskVector],
+    names: Sequence[str] | None = None,
+    method: str = "cluster",
+    m: int | None = None,
+    *,
+    out: str | os.PathLike[str],
+    gram_matrix: torch.Tensor | None = None,
+    dtype: torch.dtype | str | None = None,
+    shard_size: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+    chunk_elems: int | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> Bank:
+    """Fit M bases to the task vectors and write them as a bank folder `out`; returns it opened.
+
+    `method`: 'cluster' (spectral clustering on cosine similarity, each cluster merged with
+    `merge` = 'mean', 'task_arithmetic', 'ties', ... and `merge_params`), 'learned' (convex bases
+    trained on the Gram matrix: `temperature`, `steps`, `lr`, `seed`, `normalize`) or 'pca'.
+    `m=None` takes M from the eigengap of the normalized Laplacian (`affinity`, `max_m`).
+    `dtype`: the bases' storage dtype (default: the task vectors' storage dtype). Two streamed
+    reads of the task vectors: one for the Gram matrix (skipped if `gram_matrix` is given), one
+    that computes and writes all bases.
+    """
+    check_method(method)
+    tvs = list(task_vectors)
+    names_ = check_names(names, tvs)
+    check_m(m, len(tvs))
+    unknown = set(options) - FIT_OPTIONS
+    if unknown:
+        raise ConfigError(f"build_bank: unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(FIT_OPTIONS))}")
+    if method == "cluster":
+        check_merge(options.get("merge", "mean"), dict(options.get("merge_params") or {}))
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out}: already exists (pass overwrite/--force to replace it)")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype: unknown {dtype!r}; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    for tv in tvs[1:]:
+        check_same_tensors(tvs[0].source, tv.source)
+    keys = tvs[0].keys()
+    if dtype is None:
+        dtype = torch.float16
+        for d in {storage_dtype(tv, k) for tv in tvs for k in keys}:
+            dtype = torch.promote_types(dtype, d)
+    if dtype not in DTYPE_NAMES:
+        raise ConfigError(f"dtype: bases cannot be stored as {dtype}; choose one of {', '.join(DTYPES)}")
+    g = gram_matrix.to(torch.float64) if gram_matrix is not None else gram(tvs, chunk_elems=chunk_elems, progress=progress)
+    if g.shape != (len(tvs), len(tvs)):
+        raise ConfigError(f"gram_matrix: shape {list(g.shape)} does not match {len(tvs)} task vectors")
+    fit = fit_structure(g, names_, method, m, **options)
+    numel = sum(tvs[0].spec(k).numel for k in keys)
+    sharded = numel * dtype_size(dtype) > shard_size
+    files = [basis_file(k, sharded) for k in range(fit.m)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _write_bases(fit, tvs, tmp, files, dtype, shard_size, chunk_elems, progress)
+        manifest = Manifest(
+            format=BANK_FORMAT, version=1, method=method, dtype=DTYPE_NAMES[dtype], shard_size=shard_size,  # type: ignore[arg-type]
+            T=len(tvs), M=fit.m,
+            n_tensors=len(keys), numel=numel, names=names_, sources=[source_path(tv) for tv in tvs],
+            task_bytes=[task_bytes(tv) for tv in tvs],
+            bases=[BasisEntry(file=f, bytes=disk_bytes(tmp / f), members=[names_[i] for i in fit.members(k)] if fit.assignments else None)
+                   for k, f in enumerate(files)],
+            gram=_mat(g), cross=_mat(fit.cross), basis_gram=_mat(fit.basis_gram), decoder=fit.decoder.tolist(),
+            mixing=fit.mixing.tolist() if fit.mixing is not None else None, assignments=fit.assignments,
+            merge=fit.merge, merge_params=fit.merge_params, info=fit.info,
+        )
+        write_json_atomic(tmp / MANIFEST, manifest.model_dump())
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return Bank.load(out)
+
+
+def _write_bases(fit: BasisFit, tvs: list[TaskVector], folder: Path, files: list[str], dtype: torch.dtype,
+                 shard_size: int, chunk_elems: int | None, progress: bool) -> None:
+    """Compute, write and measure the bases; fills the fit's decoder and statistics."""
+    if fit.mixing is None:  # cluster: one basis at a time; the clusters partition the tasks, so each is read once
+        for k, f in enumerate(files):
+            cluster = [tapped(tvs[i]) for i in fit.members(k)]
+            basis = merged_basis(cluster, fit.merge or "mean", fit.merge_params)
+            h, c, _ = cluster_pass(basis, cluster, dtype, chunk_elems=chunk_elems or auto_chunk(len(cluster) + 1),
+                                   out=folder / f, shard_size=shard_size, progress=progress,
+                                   description=f"basis {k} ({len(cluster)} tasks)")
+            set_cluster_stats(fit, k, h, c)
+    else:  # linear: every basis mixes all tasks, so all M are written together in one read of the T task vectors
+        cross, hgram = linear_pass(tvs, fit.mixing, dtype, chunk_elems=chunk_elems or auto_chunk(len(tvs) + fit.m),
+                                   outs=[folder / f for f in files], shard_size=shard_size, progress=progress)
+        fit.cross, fit.basis_gram = cross, (hgram + hgram.T) / 2
+        fit.decoder = lsq(fit.basis_gram, cross)
+

@@ -1,0 +1,112 @@
+"""`taskvec bases build` YAML config: which task vectors, and how to build their bases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from taskvec.config import DtypeName, Strict, load_yaml_config
+from taskvec.core.taskvector import TaskVector
+from taskvec.io.writer import parse_size
+
+
+class TaskEntry(Strict):
+    """One task: a saved task vector, or a fine-tuned checkpoint (tau = finetuned - base)."""
+
+    name: str | None = None
+    task_vector: str | None = None
+    finetuned: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskEntry:
+        if (self.finetuned is None) == (self.task_vector is None):
+            raise ValueError("give exactly one of 'finetuned' or 'task_vector'")
+        return self
+
+
+class BasesConfig(Strict):
+    """Example::
+
+        method: cluster          # cluster | learned | pca
+        m: null                  # null: from the eigengap
+        merge: ties              # cluster only: mean | task_arithmetic | ties | ...
+        merge_params: {density: 0.2}
+        dtype: float16
+        tasks:
+          - {name: mnist, task_vector: tvs/mnist.safetensors}
+          - {name: svhn, finetuned: ft/svhn}        # needs `base`
+    """
+
+    method: Literal["cluster", "learned", "pca"] = "cluster"
+    m: int | None = Field(None, ge=1)
+    tasks: list[TaskEntry] = Field(min_length=1)
+    base: str | None = None
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    merge: str = "mean"
+    merge_params: dict[str, Any] = Field(default_factory=dict)
+    affinity: Literal["clip", "shift"] = "clip"
+    max_m: int | None = Field(None, ge=1)
+    seed: int = 0
+    temperature: float = Field(1.0, gt=0)
+    steps: int = Field(1000, ge=0)
+    lr: float = Field(0.05, gt=0)
+    normalize: bool = False
+    dtype: DtypeName | None = None
+    shard_size: str | int = "2GB"
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, v: str | int) -> str | int:
+        if parse_size(v) <= 0:
+            raise ValueError("must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _base(self) -> BasesConfig:
+        if any(t.finetuned for t in self.tasks) and self.base is None:
+            raise ValueError("tasks given as 'finetuned' checkpoints need 'base'")
+        return self
+
+    def resolve_paths(self, root: Path) -> BasesConfig:
+        """Paths are relative to the config file's folder."""
+
+        def fix(p: str | None) -> str | None:
+            return None if p is None else str(root / p if not Path(p).is_absolute() else Path(p))
+
+        tasks = [t.model_copy(update={"task_vector": fix(t.task_vector), "finetuned": fix(t.finetuned)}) for t in self.tasks]
+        return self.model_copy(update={"tasks": tasks, "base": fix(self.base)})
+
+    def options(self) -> dict[str, Any]:
+        """Keyword options of `build_bank` for this method."""
+        opts: dict[str, Any] = {"affinity": self.affinity, "max_m": self.max_m, "seed": self.seed}
+        if self.method == "cluster":
+            opts.update(merge=self.merge, merge_params=self.merge_params)
+        if self.method == "learned":
+            opts.update(temperature=self.temperature, steps=self.steps, lr=self.lr, normalize=self.normalize)
+        return opts
+
+
+def load_bases_config(path: str | Path) -> BasesConfig:
+    return load_yaml_config(path, BasesConfig)
+
+
+def task_vectors_of(cfg: BasesConfig) -> tuple[list[TaskVector], list[str]]:
+    """Open every task of the config lazily; a task without a name is named after its file."""
+    tvs, names = [], []
+    for t in cfg.tasks:
+        if t.finetuned is not None:
+            assert cfg.base is not None
+            tv = TaskVector.from_checkpoints(cfg.base, t.finetuned, include=cfg.include, exclude=cfg.exclude)
+            path = t.finetuned
+        else:
+            assert t.task_vector is not None
+            tv = TaskVector.load(t.task_vector)
+            if cfg.include or cfg.exclude:
+                tv = tv.filter(cfg.include, cfg.exclude)
+            path = t.task_vector
+        tvs.append(tv)
+        names.append(t.name or Path(path).name.removesuffix(".safetensors"))
+    return tvs, names

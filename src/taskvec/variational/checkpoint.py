@@ -1,0 +1,109 @@
+"""Save and reload a trained composer: a folder with config.json and coefficients.safetensors.
+
+Only the learned coefficient model is stored; the backbone, task vectors and heads are given
+again at load time and checked against what was recorded (tensor names, shapes, task vector
+norms), so a composer is never silently reloaded onto different task vectors. Writes are atomic:
+everything goes to a hidden temporary folder renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from taskvec.errors import ConfigError, KeyMismatchError
+from taskvec.variational.blocks import BlockSpec
+from taskvec.variational.config import ComposerConfig
+from taskvec.variational.engine import ForwardFn, TaskVectorLike, default_forward
+from taskvec.variational.train import Composer, build_composer
+
+FORMAT = "taskvec/composer"
+VERSION = 1
+
+
+def _norms(composer: Composer) -> list[float]:
+    m = composer.model
+    return [math.sqrt(sum(float(m.tau(k)[i].double().square().sum()) for k in m.keys)) for i in range(m.num_tasks)]
+
+
+def save_composer(composer: Composer, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write `path/` = config.json + coefficients.safetensors, atomically."""
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out}: already exists (pass overwrite/--force to replace it)")
+    m = composer.model
+    base = m.named_base()
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "composer": composer.config.model_dump(mode="json"),
+        "feature_dim": composer.feature_dim,
+        "task_names": m.task_names,
+        "num_heads": len(composer.heads),
+        "blocks": m.blocks.to_json(),
+        "tensors": {k: list(base[k].shape) for k in m.keys},
+        "task_vector_norms": _norms(composer),
+        "history": composer.history,
+    }
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in composer.coef.state_dict().items()}
+        save_file(state, str(tmp / "coefficients.safetensors"), metadata={"format": FORMAT})
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def load_composer(
+    path: str | os.PathLike[str],
+    backbone: nn.Module,
+    task_vectors: Sequence[TaskVectorLike],
+    heads: Sequence[nn.Module],
+    *,
+    forward_fn: ForwardFn = default_forward,
+    rtol: float = 1e-4,
+) -> Composer:
+    """A composer saved by `save_composer`, rebuilt on the given backbone, task vectors and heads."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not a saved composer (no config.json)") from None
+    if meta.get("format") != FORMAT:
+        raise ConfigError(f"{path}: config.json is not a taskvec composer")
+    config = ComposerConfig(**meta["composer"])
+    composer = build_composer(backbone, task_vectors, heads, meta["feature_dim"], config, forward_fn=forward_fn,
+                              task_names=meta["task_names"], blocks=BlockSpec.from_json(meta["blocks"]))
+    m = composer.model
+    base = m.named_base()
+    saved = meta["tensors"]
+    if set(saved) != set(m.keys) or any(list(base[k].shape) != saved[k] for k in m.keys):
+        raise KeyMismatchError(f"{path}: the backbone/task vectors do not hold the tensors this composer was trained on")
+    if len(heads) != meta["num_heads"]:
+        raise KeyMismatchError(f"{path}: trained with {meta['num_heads']} heads, got {len(heads)}")
+    for i, (a, b) in enumerate(zip(_norms(composer), meta["task_vector_norms"])):
+        if not math.isclose(a, b, rel_tol=rtol, abs_tol=1e-12):
+            raise KeyMismatchError(f"{path}: task vector {i} has norm {a:.6g}, the composer was trained with {b:.6g}")
+    state = load_file(str(path / "coefficients.safetensors"))
+    ref = next(iter(composer.coef.parameters()))
+    composer.coef.load_state_dict({k: v.to(device=ref.device, dtype=ref.dtype) for k, v in state.items()})
+    composer.history = list(meta.get("history", []))
+    return composer

@@ -1,0 +1,106 @@
+"""In-memory training data of a composer and the per-sample noise of the ELBO."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from taskvec.variational.engine import batch_size as count
+from taskvec.variational.engine import take, to_device
+
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, epoch, index) over 64 bits
+
+
+@dataclass
+class ComposeData:
+    """Inputs of the backbone (a tensor, or a dict of tensors such as tokenized text; batch first),
+    frozen pretrained features f0(x) (N, D), the task (= head) index of each sample (N,) and the
+    labels (N,) (None for unlabeled data, e.g. AdaMerging's test inputs)."""
+
+    inputs: torch.Tensor | Mapping[str, torch.Tensor]
+    features: torch.Tensor
+    tasks: torch.Tensor
+    labels: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = count(self.inputs)
+        for name, t in (("features", self.features), ("tasks", self.tasks), ("labels", self.labels)):
+            if t is not None and len(t) != n:
+                raise ValueError(f"ComposeData: {n} inputs but {len(t)} {name}")
+        if self.features.dim() != 2:
+            raise ValueError(f"ComposeData: features must be (N, D), got shape {tuple(self.features.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def batch(self, index: torch.Tensor, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> ComposeData:
+        """Rows `index`, moved to `device` (floating inputs and features cast to `dtype`), with
+        all-padding columns of tokenized text dropped."""
+        inputs = trim_padding(take(self.inputs, index))
+        inputs = to_device(inputs, device)
+        if dtype is not None:
+            inputs = _cast(inputs, dtype)
+        feats = self.features[index].to(device=device, dtype=dtype or self.features.dtype)
+        labels = None if self.labels is None else self.labels[index].to(device)
+        return ComposeData(inputs, feats, self.tasks[index].to(device), labels)
+
+
+def _cast(x: Any, dtype: torch.dtype) -> Any:
+    if isinstance(x, Mapping):
+        return {k: _cast(v, dtype) for k, v in x.items()}
+    return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def trim_padding(inputs: Any) -> Any:
+    """Drop trailing sequence columns where the attention mask is 0 for every row of the batch
+    (exact for attention-masked encoders; saves the cost of padding to the data set's longest text)."""
+    if not isinstance(inputs, Mapping) or "attention_mask" not in inputs:
+        return inputs
+    mask = inputs["attention_mask"]
+    used = mask.any(0).nonzero()
+    length = int(used.max()) + 1 if len(used) else 1
+    if length == mask.shape[1]:
+        return inputs
+    return {k: v[:, :length] if v.dim() >= 2 and v.shape[1] == mask.shape[1] else v for k, v in inputs.items()}
+
+
+def sample_noise(
+    index: torch.Tensor, epoch: int, seed: int, samples: int, channels: int, shape: tuple[int, ...],
+    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+) -> torch.Tensor | None:
+    """(samples, channels, len(index), *shape) noise: channel 0 standard normal, channel 1 uniform.
+
+    Each sample's noise depends only on (seed, epoch, data index), so a run gives the same training
+    trajectory on one process or on several DDP ranks that split the same global batches."""
+    if channels == 0:
+        return None
+    out = torch.empty(len(index), samples, channels, *shape, dtype=torch.float64)
+    for row, i in enumerate(index.tolist()):
+        g = torch.Generator().manual_seed(((seed * _MIX + epoch) * _MIX + i) % (1 << 63))
+        out[row, :, 0].normal_(generator=g)
+        if channels > 1:
+            out[row, :, 1].uniform_(generator=g)
+    return out.permute(1, 2, 0, *range(3, out.dim())).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def compute_features(
+    backbone: torch.nn.Module, inputs: Any, *, forward_fn: Any = None, batch_size: int = 256,
+) -> torch.Tensor:
+    """f0(x): the frozen pretrained backbone's output for every input, in batches (eval mode, no
+    gradients, padding trimmed per batch), on the backbone's device; returned on CPU."""
+    from taskvec.variational.engine import default_forward
+
+    fn = forward_fn or default_forward
+    was_training = backbone.training
+    backbone.eval()
+    device = next(iter(backbone.parameters())).device
+    outs = []
+    for index in torch.arange(count(inputs)).split(batch_size):
+        outs.append(fn(backbone, to_device(trim_padding(take(inputs, index)), device)).cpu())
+    backbone.train(was_training)
+    return torch.cat(outs)
+

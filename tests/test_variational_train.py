@@ -1,0 +1,145 @@
+"""Training loop, evaluation, save/reload and YAML configs of composers."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from taskvec.config import load_yaml_config
+from taskvec.errors import ConfigError, KeyMismatchError
+from taskvec.variational import (
+    ComposeData,
+    ComposeTrainConfig,
+    TrainConfig,
+    build_composer,
+    evaluate_composer,
+    load_composer,
+    preset,
+    save_composer,
+    train_composer,
+)
+from taskvec.variational.data import trim_padding
+from taskvec.variational.toy import toy_problem
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops on shared, loaded CPUs run far faster on one thread than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+@pytest.fixture(scope="module")
+def toy(_one_thread):
+    return toy_problem(n=256)
+
+
+def _train(toy, name: str, epochs: int = 8, **train: object):
+    cfg = ComposeTrainConfig(composer=preset(name),
+                             train=TrainConfig(epochs=epochs, batch_size=32, lr=1e-2, progress=False, dtype="float64", **train))
+    return train_composer(copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, toy.train, cfg)
+
+
+def test_variational_training_improves_on_task_arithmetic(toy) -> None:
+    untrained = build_composer(copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, toy.train.features.shape[1],
+                               preset("variational"))
+    before = evaluate_composer(untrained, toy.test).mean_accuracy
+    c = _train(toy, "variational")
+    after = evaluate_composer(c, toy.test)
+    assert after.mean_accuracy > before
+    assert evaluate_composer(c, toy.train).mean_accuracy > 0.9
+    assert len(c.history) == 8 and c.history[-1]["loss"] < c.history[0]["loss"]
+    assert after.coef_mean.shape == (2, 2, c.model.num_blocks)
+    assert 0.0 < after.active[0] <= 1.0
+    mc = evaluate_composer(c, toy.test, mode="mc", samples=4)
+    assert mc.mean_accuracy > before - 0.02
+
+
+@pytest.mark.parametrize("name", ["variational_no_gate", "variational_gate_uncertainty", "sample_specific",
+                                  "variational_no_prior"])
+def test_ablations_train(toy, name: str) -> None:
+    c = _train(toy, name, epochs=3)
+    assert evaluate_composer(c, toy.test).mean_accuracy > 0.6
+
+
+def test_save_reload_same_predictions(toy, tmp_path: Path) -> None:
+    c = _train(toy, "variational", epochs=2)
+    out = save_composer(c, tmp_path / "composer")
+    assert sorted(p.name for p in out.iterdir()) == ["coefficients.safetensors", "config.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["composer"]["method"] == "variational" and len(meta["history"]) == 2
+    back = load_composer(out, copy.deepcopy(toy.backbone).double(), toy.task_vectors, toy.heads)
+    a, b = evaluate_composer(c, toy.test), evaluate_composer(back, toy.test)
+    assert torch.equal(a.predictions, b.predictions)
+    torch.testing.assert_close(a.coef_mean, b.coef_mean, atol=0, rtol=0)
+    with pytest.raises(ConfigError, match="already exists"):
+        save_composer(c, out)
+    save_composer(c, out, overwrite=True)
+    other = [{k: 2 * v for k, v in tv.items()} for tv in toy.task_vectors]
+    with pytest.raises(KeyMismatchError, match="norm"):
+        load_composer(out, copy.deepcopy(toy.backbone).double(), other, toy.heads)
+
+
+def test_yaml_config(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("composer:\n  method: variational\n  gate: {kind: importance, min_rho: 0.6}\n"
+                 "  blocks: ['*.weight', '*']\ntrain: {epochs: 3, lr: 0.01}\n")
+    cfg = load_yaml_config(p, ComposeTrainConfig)
+    assert cfg.composer.gate.min_rho == 0.6 and cfg.train.epochs == 3 and cfg.composer.blocks == ["*.weight", "*"]
+    p.write_text("composer:\n  gate: {kind: importance, min_rhoo: 0.6}\n")
+    with pytest.raises(ConfigError, match="min_rhoo"):
+        load_yaml_config(p, ComposeTrainConfig)
+    p.write_text("composer:\n  method: variational\n  objective: entropy\n")
+    with pytest.raises(ConfigError, match="supervised"):
+        load_yaml_config(p, ComposeTrainConfig)
+    with pytest.raises(KeyError):
+        preset("nope")
+
+
+def test_trim_padding_and_data_checks() -> None:
+    ids = torch.tensor([[5, 6, 0, 0], [7, 0, 0, 0]])
+    out = trim_padding({"input_ids": ids, "attention_mask": (ids != 0).long()})
+    assert out["input_ids"].tolist() == [[5, 6], [7, 0]]
+    with pytest.raises(ValueError, match="labels"):
+        ComposeData(torch.zeros(3, 2), torch.zeros(3, 4), torch.zeros(3, dtype=torch.long), torch.zeros(2))
+
+
+def test_text_backbone_end_to_end() -> None:
+    """A tiny BertModel with dict inputs, mean-pooled features and padding trimmed per batch."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=16, max_position_embeddings=12, pad_token_id=0)
+    bert = transformers.BertModel(cfg).double().eval()
+    sd = {k: v for k, v in bert.state_dict().items() if v.is_floating_point()}
+    tvs = [{k: 0.05 * torch.randn_like(v) for k, v in sd.items()} for _ in range(2)]
+    ids = torch.randint(1, 30, (16, 10))
+    ids[::2, 6:] = 0
+    inputs = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    heads = [torch.nn.Linear(8, 3).double(), torch.nn.Linear(8, 2).double()]
+    tasks = torch.arange(16) % 2
+    labels = torch.where(tasks == 0, torch.arange(16) % 3, torch.arange(16) % 2)
+    data = ComposeData(inputs, torch.randn(16, 5, dtype=torch.float64), tasks, labels)
+    conf = ComposeTrainConfig(composer=preset("variational", blocks="module"),
+                              train=TrainConfig(epochs=1, batch_size=8, progress=False, dtype="float64"))
+    c = train_composer(bert, tvs, heads, data, conf)
+    r = evaluate_composer(c, data, batch_size=5)
+    assert set(r.accuracy) == {0, 1} and r.predictions.shape == (16,)
+    # per-batch padding trimming does not change predictions
+    r1 = evaluate_composer(c, data, batch_size=16)
+    assert torch.equal(r.predictions, r1.predictions)
+
+
+def test_compute_features_matches_backbone(toy) -> None:
+    from taskvec.variational import compute_features
+
+    f0 = compute_features(toy.backbone, toy.test.inputs, batch_size=100)
+    torch.testing.assert_close(f0, toy.test.features)
