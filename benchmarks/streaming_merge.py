@@ -631,7 +631,12 @@ def fmt_report(ctx: dict, results: dict, seq: dict, checks: dict, ties_ref: dict
                  f"({ctx['model_gib']:.2f} GiB fp16, {ctx['n_shards']} shards/model); "
                  f"N = {ctx['n_models']} fine-tuned + base = {ctx['input_gib']:.2f} GiB "
                  f"({ctx['input_gb']:.2f} GB) of inputs")
-    lines.append(f"- mergekit {ctx.get('mergekit_version', 'n/a')} (own venv), compute dtype "
+    mkv = ctx.get("mergekit_version", "n/a").split()
+    mkv = f"{mkv[0]} (torch {mkv[1]})" if len(mkv) == 2 else " ".join(mkv)
+    if "loadavg" in ctx:
+        lines.append(f"- load average (1/5/15 min) at start: {ctx['loadavg']} "
+                     "(other jobs share the 2 cores: wall times vary with it, CPU s much less)")
+    lines.append(f"- mergekit {mkv} (own venv), compute dtype "
                  f"{ctx['mergekit_dtype']}, options: `{ctx.get('mergekit_opts', '')}`")
     lines.append(f"- taskvec: `{ctx.get('taskvec_cmd', 'n/a')}`")
     lines.append(f"- page cache before each run: {ctx['cache_mode']}, then the tool's modules are "
@@ -663,6 +668,9 @@ def fmt_report(ctx: dict, results: dict, seq: dict, checks: dict, ties_ref: dict
                 f"| {ratio} | {r.peak_tree_anon / GiB:.2f} | {r.peak_tree_file / GiB:.2f} "
                 f"| {r.user_s + r.sys_s:.0f} | {status} |")
     lines.append("")
+    lines.append("CPU s (user+sys, from `/usr/bin/time -v`) is the comparison least affected by "
+                 "other load on the machine; wall s and GB/s are what a user waits for.")
+    lines.append("")
     lines.append("peak RSS = max(polled sum of VmRSS over the process tree every 50 ms, "
                  "kernel high-water RSS of the largest process from `/usr/bin/time -v`). "
                  "File-backed = mmap'd input pages counted in RSS (reclaimable page cache).")
@@ -677,9 +685,10 @@ def fmt_report(ctx: dict, results: dict, seq: dict, checks: dict, ties_ref: dict
                 if "error" in e:
                     lines.append(f"| {method} | {k} | {e['error']} | | | no |")
                 else:
+                    verdict = ("yes" if e["ok"] else "no") if method == "task_arithmetic" \
+                        else "informational (see below)"
                     lines.append(f"| {method} | `{k}` | {e['max_abs_diff']:.3g} | "
-                                 f"{e['frac_differing']:.2e} | {e['tol']:.3g} | "
-                                 f"{'yes' if e['ok'] else 'no'} |")
+                                 f"{e['frac_differing']:.2e} | {e['tol']:.3g} | {verdict} |")
         if any(c.get("missing") for c in checks.values()):
             for method, c in checks.items():
                 if c.get("missing"):
@@ -757,7 +766,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(),
                  "cpus": os.cpu_count(), "ram_gib": psutil.virtual_memory().total / GiB,
-                 "n_models": args.n_models, "mergekit_dtype": args.mergekit_dtype}
+                 "n_models": args.n_models, "mergekit_dtype": args.mergekit_dtype,
+                 "loadavg": " / ".join(f"{x:.1f}" for x in os.getloadavg())}
 
     mk_version = None
     if not args.skip_mergekit:

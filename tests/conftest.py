@@ -45,3 +45,12 @@ def files(tmp_path: Path, base64: dict[str, torch.Tensor], finetuned64: list[dic
         paths[f"ft{i}"] = tmp_path / f"ft{i}.safetensors"
         save_file({k: v.float() if v.is_floating_point() else v for k, v in ft.items()}, paths[f"ft{i}"])
     return paths
+
+
+@pytest.fixture(scope="module")
+def one_thread():  # type: ignore[no-untyped-def]
+    """Tiny ops on shared, loaded CPUs run far faster on one thread than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

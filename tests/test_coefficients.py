@@ -21,13 +21,7 @@ from taskvec.variational.toy import toy_problem
 
 TRAIN = TrainConfig(epochs=6, batch_size=32, lr=2e-2, progress=False, dtype="float64")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on shared, loaded CPUs run far faster on one thread than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

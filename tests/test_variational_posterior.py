@@ -26,13 +26,7 @@ from taskvec.variational.posterior import (
 
 D64 = torch.float64
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on shared, loaded CPUs run far faster on one thread than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

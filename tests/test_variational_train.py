@@ -25,19 +25,12 @@ from taskvec.variational import (
 from taskvec.variational.data import trim_padding
 from taskvec.variational.toy import toy_problem
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on shared, loaded CPUs run far faster on one thread than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
 @pytest.fixture(scope="module")
-def toy(_one_thread):
+def toy(one_thread):
     return toy_problem(n=256)
 
 

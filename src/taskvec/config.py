@@ -25,19 +25,24 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelEntry(Strict):
+class TaskSource(Strict):
     """One task: a fine-tuned checkpoint (tau = finetuned - base) or a saved task vector."""
 
     finetuned: str | None = None
     task_vector: str | None = None
-    weight: float | dict[str, float] = Field(1.0, description="coefficient, or a {glob: coefficient} per-layer map")
     name: str | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> ModelEntry:
+    def _one_source(self) -> TaskSource:
         if (self.finetuned is None) == (self.task_vector is None):
             raise ValueError("give exactly one of 'finetuned' or 'task_vector'")
         return self
+
+
+class ModelEntry(TaskSource):
+    """A task of a merge, with its coefficient."""
+
+    weight: float | dict[str, float] = Field(1.0, description="coefficient, or a {glob: coefficient} per-layer map")
 
 
 class MergeConfig(Strict):

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, ValidationError, model_validator
 
+from taskvec.io.atomic import replace_path
 from taskvec.bases.analysis import auto_chunk, gram
 from taskvec.bases.fit import (
     FIT_OPTIONS,
@@ -522,12 +523,7 @@ def build_bank(
             merge=fit.merge, merge_params=fit.merge_params, info=fit.info,
         )
         write_json_atomic(tmp / MANIFEST, manifest.model_dump())
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old.exists():
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        replace_path(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -7,23 +7,12 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from taskvec.config import DtypeName, Strict, load_yaml_config
+from taskvec.config import DtypeName, Strict, TaskSource, load_yaml_config
 from taskvec.core.taskvector import TaskVector
 from taskvec.io.writer import parse_size
 
 
-class TaskEntry(Strict):
-    """One task: a saved task vector, or a fine-tuned checkpoint (tau = finetuned - base)."""
-
-    name: str | None = None
-    task_vector: str | None = None
-    finetuned: str | None = None
-
-    @model_validator(mode="after")
-    def _one_source(self) -> TaskEntry:
-        if (self.finetuned is None) == (self.task_vector is None):
-            raise ValueError("give exactly one of 'finetuned' or 'task_vector'")
-        return self
+TaskEntry = TaskSource  # one task of a bank: a saved task vector, or a fine-tuned checkpoint
 
 
 class BasesConfig(Strict):

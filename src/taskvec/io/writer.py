@@ -17,6 +17,7 @@ from types import TracebackType
 import torch
 
 from taskvec.errors import ConfigError, ShapeMismatchError
+from taskvec.io.atomic import replace_path
 from taskvec.io.safetensors_file import TensorSpec, encode_header
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -155,12 +156,7 @@ class CheckpointWriter:
                 "weight_map": {k: self.names[self._shard_of[k]] for k in self._order},
             }
             (self.tmp / self.index_name).write_text(json.dumps(index, indent=2))
-        old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-        if self.out.exists():
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old.exists():
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        replace_path(self.tmp, self.out)
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         try:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from taskvec.errors import ConfigError, KeyMismatchError
+from taskvec.io.atomic import replace_path
 from taskvec.variational.blocks import BlockSpec
 from taskvec.variational.config import ComposerConfig
 from taskvec.variational.engine import ForwardFn, TaskVectorLike, default_forward
@@ -60,12 +61,7 @@ def save_composer(composer: Composer, path: str | os.PathLike[str], *, overwrite
         state = {k: v.detach().cpu().contiguous() for k, v in composer.coef.state_dict().items()}
         save_file(state, str(tmp / "coefficients.safetensors"), metadata={"format": FORMAT})
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old.exists():
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        replace_path(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
