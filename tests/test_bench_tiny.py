@@ -106,3 +106,18 @@ def test_rerun_after_interrupted_finetuning_resumes(tmp_path: Path) -> None:
     resumed = finetune(backbone, head, data.train, spec, seed=0, state_path=tmp_path / "b.pt", progress=False, save_every=2)
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=1e-5, atol=1e-6)
+
+
+def test_variational_composer_on_tiny_saves_and_reloads(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`taskvec compose train/eval` path on real data: train one epoch on the validation splits,
+    save, reload on a fresh backbone and get the same test predictions."""
+    from taskvec.bench.compose import ComposeRunConfig, evaluate_on_suite, load_on_suite, train_on_suite
+
+    cache, _, _ = tiny
+    cfg = ComposeRunConfig(suite="tiny", preset="variational", train={"epochs": 1, "batch_size": 64, "progress": False}, cache=str(cache))
+    _, result, _ = train_on_suite(cfg, tmp_path / "composer")
+    assert set(result.accuracy) == {0, 1, 2} and all(0.0 <= a <= 1.0 for a in result.accuracy.values())
+    assert all(0.0 <= v <= 1.0 for v in result.active.values())
+    composer, prep = load_on_suite(tmp_path / "composer", "tiny", cache)
+    again = evaluate_on_suite(composer, prep)
+    assert torch.equal(again.predictions, result.predictions)

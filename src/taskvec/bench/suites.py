@@ -73,7 +73,7 @@ def _hash(obj: object) -> str:
 
 VISION_TASKS = [
     TaskSpec(name="mnist", dataset="mnist", n_train=3000, n_val=500, n_test=1500),
-    TaskSpec(name="fashion", dataset="fashion_mnist", n_train=3000, n_val=500, n_test=1500),
+    TaskSpec(name="fashion", dataset="fashion_mnist", n_train=8000, n_val=500, n_test=1500),
     TaskSpec(name="digits", dataset="sklearn_digits", n_train=1000, n_val=297, n_test=500),
     TaskSpec(name="elpv", dataset="elpv", n_train=1600, n_val=324, n_test=700),
 ]
@@ -86,7 +86,7 @@ TEXT_TASKS = [
 SUITES: dict[str, SuiteSpec] = {
     "vision-4": SuiteSpec(
         name="vision-4", backbone="efficientnet-lite0", tasks=VISION_TASKS, image_size=64,
-        finetune=FinetuneSpec(epochs=2, batch_size=32, lr=1e-4, weight_decay=0.0),
+        finetune=FinetuneSpec(epochs=3, batch_size=32, lr=5e-4, weight_decay=0.0),
     ),
     "text-3": SuiteSpec(
         name="text-3", backbone="minilm-l6", tasks=TEXT_TASKS, max_length=64,

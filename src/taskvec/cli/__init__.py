@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import typer
 
-from taskvec.cli import bases, bench, main
+from taskvec.cli import bases, bench, compose, main
 
 app = typer.Typer(help="Task vector composition: extract, merge, inspect and compare task vectors.", no_args_is_help=True)
 app.registered_commands += main.app.registered_commands
 # command groups: `app.add_typer(<module>.app, name="<group>")`, one line per file in this folder
 app.add_typer(bases.app, name="bases")
 app.add_typer(bench.app, name="bench")
+app.add_typer(compose.app, name="compose")
 
 __all__ = ["app"]
