@@ -18,6 +18,7 @@ from taskvec.variational import (
     ComposeData,
     ComposeTrainConfig,
     Composer,
+    ComposerConfig,
     EvalResult,
     TrainConfig,
     compute_features,
@@ -27,6 +28,17 @@ from taskvec.variational import (
     save_composer,
     train_composer,
 )
+
+
+BN_STATS = ["*running_mean", "*running_var"]
+"""Not composed on the suites: BatchNorm statistics stay at the pretrained values during fine-tuning,
+so every task vector is zero there and a coefficient on them would learn nothing."""
+
+
+def suite_composer(name: str, **overrides: Any) -> ComposerConfig:
+    """Preset `name` with overrides; BatchNorm statistics excluded unless `exclude` is given."""
+    overrides.setdefault("exclude", BN_STATS)
+    return preset(name, **overrides)
 
 
 class ComposeRunConfig(Strict):
@@ -45,7 +57,7 @@ class ComposeRunConfig(Strict):
     cache: str | None = None
 
     def train_config(self) -> ComposeTrainConfig:
-        return ComposeTrainConfig(composer=preset(self.preset, **self.composer), train=self.train)
+        return ComposeTrainConfig(composer=suite_composer(self.preset, **self.composer), train=self.train)
 
 
 def suite_data(prep: Prepared, split: str, labels: bool = True) -> ComposeData:

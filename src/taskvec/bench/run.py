@@ -23,8 +23,8 @@ from taskvec.methods import compose
 
 DEFAULT_METHODS = ("task_arithmetic", "ties", "dare", "magnitude")
 DEFAULT_PARAMS: dict[str, dict[str, object]] = {"ties": {"density": 0.2}, "dare": {"density": 0.5, "seed": 0}, "magnitude": {"density": 0.2}}
-LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5)
-NEG_LAMBDAS = (0.5, 1.0, 1.5, 2.0)
+LAMBDAS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5)
+NEG_LAMBDAS = (0.1, 0.2, 0.3, 0.5, 1.0, 1.5, 2.0)
 CONTROL_KEEP = 0.95
 
 

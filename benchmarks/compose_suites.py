@@ -1,0 +1,267 @@
+#!/usr/bin/env python3
+"""Learned composition on a real suite: the variational composer against its baselines, over seeds.
+
+Requirement measured (issue 4)
+------------------------------
+On vision-4 and text-3, for several seeds: task-level and block-level learned coefficients
+(aTLAS style, supervised on the validation splits), optionally AdaMerging (entropy on unlabeled
+test inputs) and the sample-specific network without prior or gate, and the variational
+composer; test accuracy per task, mean, normalized accuracy (merged / fine-tuned), mean and
+spread over seeds; the share of gated-out coefficients; a heatmap of the mean test-time alpha per
+(task vector, block) for each test task. Task arithmetic and TIES come from the same suite's
+`taskvec bench run` results.json (deterministic given the cached task vectors: no seed spread).
+
+With `--bank M` the composer's task vectors are the M bases of a cluster bank built from the
+suite's task vectors (issue 5: "the variational composer can take a bank as its task vectors").
+
+Seeds vary the composer's initialization, batch order and noise; every coefficient starts at task arithmetic's
+validated λ (read from --static; aTLAS and AdaMerging also start from a task arithmetic
+coefficient), so each learned method starts where task arithmetic ends. The fine-tuned task vectors are
+the suite's cached ones (one fine-tuning seed). Each finished run is saved at once
+(benchmarks/results/compose_<suite>/runs/<preset>-s<seed>.json, atomic), so an interrupted
+benchmark resumes where it stopped.
+
+Usage
+-----
+    python3 benchmarks/compose_suites.py vision-4 --static /tmp/tvruns/vision-4/results.json
+    python3 benchmarks/compose_suites.py text-3 --seeds 0 1 2 --presets atlas_task atlas_block variational
+    python3 benchmarks/compose_suites.py vision-4 --bank 2 --presets variational --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from taskvec.bench.compose import suite_composer, suite_data  # noqa: E402
+from taskvec.bench.models import forward_features  # noqa: E402
+from taskvec.bench.run import prepare  # noqa: E402
+from taskvec.bench.suites import get_suite  # noqa: E402
+from taskvec.variational import ComposeData, ComposeTrainConfig, TrainConfig, evaluate_composer, train_composer  # noqa: E402
+
+DEFAULT_PRESETS = ("atlas_task", "atlas_block", "variational")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def task_vectors(prep: Any, bank_m: int | None, bank_dir: Path) -> tuple[list[Any], list[str], dict[str, Any]]:
+    """The suite's task vectors, or the M bases of a cluster bank built from them."""
+    names = list(prep.tasks)
+    tvs = [prep.task_vector(t) for t in names]
+    if bank_m is None:
+        return tvs, names, {}
+    from taskvec.bases import Bank, build_bank
+
+    path = bank_dir / f"bank-m{bank_m}"
+    bank = Bank.load(path) if path.exists() else build_bank(tvs, names, "cluster", bank_m, out=path, merge="mean",
+                                                          dtype=torch.float32)
+    mem = bank.memory()
+    info = {"m": bank.m, "t": bank.t, "assignments": bank.manifest.assignments,
+            "bank_bytes": mem.bank, "task_vector_bytes": mem.task_vectors, "relative_errors": bank.relative_errors()}
+    return [bank.basis(k) for k in range(bank.m)], [f"basis{k}" for k in range(bank.m)], info
+
+
+def run_one(prep: Any, tvs: list[Any], tv_names: list[str], val: Any, test: Any, name: str, seed: int,
+            args: argparse.Namespace) -> dict[str, Any]:
+    over: dict[str, Any] = {"kl_weight": args.kl_weight} if name.startswith("variational") else {}
+    if args.init_coef is not None:
+        over["init_coef"] = args.init_coef
+        if name.startswith("variational") and abs(args.init_coef) < 0.3:
+            # keep the preset's initial relative uncertainty sigma/|mu| = 0.05/0.3 for small starts
+            over["posterior"] = {"init_sigma": abs(args.init_coef) / 6}
+    cfg = ComposeTrainConfig(
+        composer=suite_composer(name, **over),
+        train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed),
+    )
+    entropy = cfg.composer.objective == "entropy"
+    train_data = ComposeData(test.inputs, test.features, test.tasks) if entropy else val
+    prep.backbone.load_state_dict(prep.pretrained)
+    t0 = time.perf_counter()
+    comp = train_composer(prep.backbone, tvs, [prep.heads[t] for t in prep.tasks], train_data, cfg,
+                          forward_fn=forward_features, task_names=tv_names)
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = evaluate_composer(comp, test)
+    eval_s = time.perf_counter() - t0
+    names = list(prep.tasks)
+    out: dict[str, Any] = {
+        "preset": name, "seed": seed, "train_seconds": train_s, "eval_seconds": eval_s,
+        "test": {names[i]: a for i, a in res.accuracy.items()},
+        "kept": {names[i]: a for i, a in res.active.items()},
+        "coef_mean": res.coef_mean.tolist(), "blocks": list(comp.model.blocks.names),
+        "history": comp.history, "config": cfg.model_dump(),
+    }
+    if args.mc and cfg.composer.method == "variational":
+        out["test_mc"] = {names[i]: a for i, a in evaluate_composer(comp, test, mode="mc", samples=args.mc).accuracy.items()}
+    return out
+
+
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(suite: str, names: list[str], ft: dict[str, float], runs: dict[str, list[dict[str, Any]]],
+              static: dict[str, Any] | None, bank: dict[str, Any]) -> str:
+    head = "| method | seeds | " + " | ".join(names) + " | avg | avg normalized |"
+    lines = [f"### {suite}: learned composition, test accuracy (%), mean ± sd over seeds", "",
+             head, "|" + "---|" * (len(names) + 4)]
+
+    def norm(acc: dict[str, float]) -> float:
+        return 100 * statistics.fmean(acc[t] / ft[t] for t in names)
+
+    lines.append("| fine-tuned (one model per task) | – | " + " | ".join(f"{100 * ft[t]:.1f}" for t in names)
+                 + f" | {100 * statistics.fmean(ft.values()):.1f} | 100.0 |")
+    if static:
+        for m, r in static.get("methods", {}).items():
+            lines.append(f"| {m} (λ={r['lambda']}) | – | " + " | ".join(f"{100 * r['test'][t]:.1f}" for t in names)
+                         + f" | {100 * statistics.fmean(r['test'].values()):.1f} | {norm(r['test']):.1f} |")
+    for p, rs in runs.items():
+        for key, label in (("test", p), ("test_mc", f"{p} (Monte-Carlo average)")):
+            rs_k = [r for r in rs if key in r]
+            if not rs_k:
+                continue
+            cells = []
+            for t in names:
+                m, s = mean_sd([100 * r[key][t] for r in rs_k])
+                cells.append(f"{m:.1f} ± {s:.1f}")
+            m, s = mean_sd([100 * statistics.fmean(r[key].values()) for r in rs_k])
+            nm, ns = mean_sd([norm(r[key]) for r in rs_k])
+            lines.append(f"| {label} | {len(rs_k)} | " + " | ".join(cells) + f" | {m:.1f} ± {s:.1f} | {nm:.1f} ± {ns:.1f} |")
+    lines += ["", "Coefficients kept at test time (%, mean over seeds; the rest are gated out):", "",
+              "| method | " + " | ".join(names) + " | train s (mean) |", "|" + "---|" * (len(names) + 2)]
+    for p, rs in runs.items():
+        cells = [f"{100 * statistics.fmean(r['kept'].get(t, 1.0) for r in rs):.1f}" for t in names]
+        lines.append(f"| {p} | " + " | ".join(cells) + f" | {statistics.fmean(r['train_seconds'] for r in rs):.0f} |")
+    if bank:
+        lines += ["", f"Task vectors: the M = {bank['m']} bases of a cluster bank of the T = {bank['t']} task vectors "
+                  f"(assignments {bank['assignments']}; bank {bank['bank_bytes'] / 2**20:.1f} MiB vs "
+                  f"{bank['task_vector_bytes'] / 2**20:.1f} MiB of task vectors)."]
+    return "\n".join(lines) + "\n"
+
+
+def plots(folder: Path, names: list[str], runs: dict[str, list[dict[str, Any]]]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    made = []
+    for p, rs in runs.items():
+        if not p.startswith("variational") and p != "sample_specific":
+            continue
+        coef = np.mean([np.array(r["coef_mean"]) for r in rs], axis=0)  # (test task, T, B)
+        fig, axes = plt.subplots(len(names), 1, figsize=(12, 1.2 + 1.3 * len(names) * max(1, coef.shape[1] / 3)),
+                                 squeeze=False, layout="constrained")
+        lim = float(np.abs(coef).max()) or 1.0
+        for i, ax in enumerate(axes[:, 0]):
+            im = ax.imshow(coef[i], aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+            ax.set_title(f"test task {names[i]}: mean α per (task vector, block)", fontsize=9)
+            ax.set_yticks(range(coef.shape[1]))
+            ax.set_yticklabels(rs[0].get("task_vectors", names)[: coef.shape[1]], fontsize=7)
+        axes[-1, 0].set_xlabel("block (parameter tensor, in model order)", fontsize=8)
+        fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.8, label="mean test-time α")
+        path = folder / f"alpha_heatmap_{p}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+    gated = {p: rs for p, rs in runs.items() if any(v < 1.0 for r in rs for v in r["kept"].values())}
+    if gated:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        w = 0.8 / len(gated)
+        for j, (p, rs) in enumerate(gated.items()):
+            vals = np.array([[100 * (1 - r["kept"].get(t, 1.0)) for t in names] for r in rs])
+            ax.bar(np.arange(len(names)) + j * w, vals.mean(0), w, yerr=vals.std(0) if len(rs) > 1 else None, label=p)
+        ax.set_xticks(np.arange(len(names)) + w * (len(gated) - 1) / 2, names)
+        ax.set_ylabel("gated-out coefficients (%)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = folder / "gated_out.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+    return made
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("suite")
+    ap.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--init-coef", type=float, default=None,
+                    help="initial coefficient of every (task, block); default: task arithmetic's validated λ from "
+                         "--static, else the preset's 0.3")
+    ap.add_argument("--kl-weight", type=float, default=1e-3)
+    ap.add_argument("--mc", type=int, default=0, help="also score variational runs with this many posterior samples")
+    ap.add_argument("--bank", type=int, default=None, help="use the M bases of a cluster bank as task vectors")
+    ap.add_argument("--static", type=Path, default=None, help="results.json of `taskvec bench run SUITE` (TA, TIES rows)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--summarize-only", action="store_true", help="no training: tables and plots of every saved run")
+    ap.add_argument("-o", "--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    static_r = json.loads(args.static.read_text()) if args.static else None
+    if args.init_coef is None and static_r is not None:
+        args.init_coef = float(static_r["methods"]["task_arithmetic"]["lambda"])
+        print(f"initial coefficients: task arithmetic's validated λ = {args.init_coef}")
+    tag = f"compose_{args.suite}" + (f"_bank{args.bank}" if args.bank else "")
+    folder = args.out / tag
+    prep = prepare(get_suite(args.suite))
+    names = list(prep.tasks)
+    ft = {t: prep.evaluate(prep.finetuned[t], "test", [t])[t] for t in names}
+    tvs, tv_names, bank = task_vectors(prep, args.bank, folder)
+    val, test = (None, None) if args.summarize_only else (suite_data(prep, "val"), suite_data(prep, "test"))
+    runs: dict[str, list[dict[str, Any]]] = {}
+    plan = [(p, seed) for p in args.presets for seed in args.seeds]
+    if args.summarize_only:  # every saved run, in preset order (PRESETS), then seed order
+        from taskvec.variational.config import PRESETS
+
+        saved = [json.loads(f.read_text()) for f in (folder / "runs").glob("*.json")]
+        order = list(PRESETS)
+        plan = sorted({(r["preset"], r["seed"]) for r in saved}, key=lambda ps: (order.index(ps[0]), ps[1]))
+    for p, seed in plan:
+        path = folder / "runs" / f"{p}-s{seed}.json"
+        if path.exists():
+            r = json.loads(path.read_text())
+        else:
+            print(f"[{time.strftime('%H:%M:%S')}] {args.suite}: {p} seed {seed}", flush=True)
+            r = run_one(prep, tvs, tv_names, val, test, p, seed, args)
+            r["task_vectors"] = tv_names
+            write_json(path, r)
+        runs.setdefault(p, []).append(r)
+        print(f"  {p} s{seed}: mean {100 * statistics.fmean(r['test'].values()):.2f} "
+              f"({r['train_seconds']:.0f} s train)", flush=True)
+    static = static_r if not args.bank else None
+    md = summarize(args.suite, names, ft, runs, static, bank)
+    (folder / "results.md").write_text(md)
+    write_json(folder / "results.json", {"suite": args.suite, "finetuned": ft, "bank": bank,
+                                         "runs": {p: [{k: v for k, v in r.items() if k != "coef_mean"} for r in rs]
+                                                  for p, rs in runs.items()}})
+    for p in plots(folder, names, runs):
+        print(f"wrote {p}")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
