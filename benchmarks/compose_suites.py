@@ -73,7 +73,8 @@ def task_vectors(prep: Any, bank_m: int | None, bank_dir: Path) -> tuple[list[An
                                                           dtype=torch.float32)
     mem = bank.memory()
     info = {"m": bank.m, "t": bank.t, "assignments": bank.manifest.assignments,
-            "bank_bytes": mem.bank, "task_vector_bytes": mem.task_vectors, "relative_errors": bank.relative_errors()}
+            "bank_bytes": mem.bank, "task_vector_bytes": len(tvs) * tvs[0].numel() * 4,  # float32, like the checkpoints
+            "relative_errors": bank.relative_errors()}
     return [bank.basis(k) for k in range(bank.m)], [f"basis{k}" for k in range(bank.m)], info
 
 
@@ -151,7 +152,7 @@ def summarize(suite: str, names: list[str], ft: dict[str, float], runs: dict[str
     if bank:
         lines += ["", f"Task vectors: the M = {bank['m']} bases of a cluster bank of the T = {bank['t']} task vectors "
                   f"(assignments {bank['assignments']}; bank {bank['bank_bytes'] / 2**20:.1f} MiB vs "
-                  f"{bank['task_vector_bytes'] / 2**20:.1f} MiB of task vectors)."]
+                  f"{bank['task_vector_bytes'] / 2**20:.1f} MiB of float32 task vectors)."]
     return "\n".join(lines) + "\n"
 
 
