@@ -95,8 +95,11 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{add['lambda']} | {avg:.1f} | {normd:.1f} | {tgt:.1f} | {kept:.1f}% | {err:.3f} |")
     lines += ["", f"Pretrained accuracy (avg over tasks, = the negation targets' accuracy before negation) "
               f"{100 * statistics.fmean(pre.values()):.1f}; fine-tuned avg {100 * statistics.fmean(ft.values()):.1f}. "
-              "Memory: bank files on disk (bases + manifest) vs T float32 task vectors. With M = 1 cluster basis "
-              "(the mean), addition from the bank equals task arithmetic exactly: sum_i d_i = <s, sum_i tau_i>/|s|^2 = T."]
+              "Memory: bank files on disk (bases + manifest) vs T float32 task vectors. Adding all T tasks from a "
+              "bank of cluster means equals task arithmetic exactly for every M: within cluster k, "
+              "sum_i d_i s_k = <s_k, sum_i tau_i>/|s_k|^2 s_k = n_k s_k = sum_i tau_i. The bases matter for "
+              "operations on single tasks (negation) and for memory; max recon. error = the worst task's "
+              "|tau - recon(tau)| / |tau|."]
     return "\n".join(lines) + "\n"
 
 
