@@ -13,9 +13,14 @@ under a new heading. Written atomically.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from taskvec.io.atomic import write_text_atomic  # noqa: E402
+
 RES = REPO / "benchmarks" / "results"
 DOCS = REPO / "docs"
 
@@ -159,9 +164,7 @@ def main() -> None:
         parts += [f"## {title}", ""]
         parts += section_of(None if md is None else md.split("\n", 1)[1].lstrip("\n"), cmd, cmd)
     text = "\n".join(parts)
-    tmp = DOCS / f".results.md.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, DOCS / "results.md")
+    write_text_atomic(DOCS / "results.md", text)
     print(f"wrote {DOCS / 'results.md'} ({len(text):,} characters)")
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -37,44 +36,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from taskvec.bases import Bank, build_bank  # noqa: E402
-from taskvec.bench.run import CONTROL_KEEP, prepare  # noqa: E402
+from taskvec.bench.run import choose_lambda, negate, prepare  # noqa: E402
 from taskvec.bench.suites import get_suite  # noqa: E402
 from taskvec.core import TaskVector  # noqa: E402
+from taskvec.io.atomic import write_text_atomic  # noqa: E402
 
 ADD_LAMBDAS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 1.5)
 NEG_LAMBDAS = (0.1, 0.2, 0.3, 0.5, 1.0, 2.0)
-GRID = {"addition": ADD_LAMBDAS, "negation": NEG_LAMBDAS}  # set from the command line
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def addition(prep: Any, tv: TaskVector) -> dict[str, Any]:
-    delta = TaskVector.from_tensors(tv.to_state_dict())
-    val = {lam: prep.evaluate(delta.apply_to(prep.pretrained, lam), "val") for lam in GRID["addition"]}
-    best = max(val, key=lambda lam: (statistics.fmean(val[lam].values()), -lam))
-    return {"lambda": best, "test": prep.evaluate(delta.apply_to(prep.pretrained, best), "test")}
-
-
-def negation(prep: Any, target: str, tv: TaskVector, pre_val: dict[str, float]) -> dict[str, Any]:
-    """tv is the task vector to subtract (a positive tau or its reconstruction)."""
-    controls = [t for t in prep.tasks if t != target]
-    delta = TaskVector.from_tensors(tv.to_state_dict())
-    best, best_acc = 0.0, pre_val[target]
-    for lam in GRID["negation"]:
-        v = prep.evaluate(delta.apply_to(prep.pretrained, -lam), "val")
-        if all(v[c] >= CONTROL_KEEP * pre_val[c] for c in controls) and v[target] < best_acc:
-            best, best_acc = lam, v[target]
-    test = prep.evaluate(delta.apply_to(prep.pretrained, -best), "test")
-    return {"lambda": best, "target": test[target], "controls": {c: test[c] for c in controls}}
-
-
-def score(prep: Any, add_tv: TaskVector, neg_tvs: dict[str, TaskVector], pre_val: dict[str, float]) -> dict[str, Any]:
-    return {"addition": addition(prep, add_tv),
-            "negation": {t: negation(prep, t, tv, pre_val) for t, tv in neg_tvs.items()}}
+def score(prep: Any, add_tv: TaskVector, neg_tvs: dict[str, TaskVector], pre_val: dict[str, float],
+          grids: dict[str, tuple[float, ...]]) -> dict[str, Any]:
+    """Addition of add_tv and negation of each target with its stand-in (a tau or its reconstruction)."""
+    return {"addition": choose_lambda(prep, add_tv, grids["addition"]),
+            "negation": {t: negate(prep, t, tv, pre_val, grids["negation"]) for t, tv in neg_tvs.items()}}
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -156,7 +131,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    GRID.update(addition=tuple(args.add_lambdas or ADD_LAMBDAS), negation=tuple(args.neg_lambdas or NEG_LAMBDAS))
+    grids = {"addition": tuple(args.add_lambdas or ADD_LAMBDAS), "negation": tuple(args.neg_lambdas or NEG_LAMBDAS)}
     tag = f"bases_{args.suite}" + ("" if args.method == "cluster" else f"_{args.method}")
     work = args.out / tag
     work.mkdir(parents=True, exist_ok=True)
@@ -165,14 +140,14 @@ def main() -> None:
     tvs = [prep.task_vector(t) for t in names]
     numel = tvs[0].numel()
     pre_val, pre_test = prep.evaluate(prep.pretrained, "val"), prep.evaluate(prep.pretrained, "test")
-    ft = {t: prep.evaluate(prep.finetuned[t], "test", [t])[t] for t in names}
+    ft = prep.finetuned_accuracy()
     r: dict[str, Any] = {"suite": args.suite, "method": args.method, "tasks": names, "numel": numel,
                          "full_bytes": len(tvs) * numel * 4, "pretrained": pre_test, "finetuned": ft, "rows": []}
     t0 = time.perf_counter()
-    r["grids"] = dict(GRID)
+    r["grids"] = grids
     if not args.no_full:
         print(f"[{time.strftime('%H:%M:%S')}] full task vectors", flush=True)
-        full = score(prep, TaskVector.sum(tvs), dict(zip(names, tvs, strict=True)), pre_val)
+        full = score(prep, TaskVector.sum(tvs), dict(zip(names, tvs, strict=True)), pre_val, grids)
         r["rows"].append({"label": f"full (T = {len(tvs)})", "m": None, "bytes": r["full_bytes"], **full})
     for m in range(1, len(tvs) + 1):
         print(f"[{time.strftime('%H:%M:%S')}] M = {m}", flush=True)
@@ -180,14 +155,14 @@ def main() -> None:
         opts: dict[str, Any] = {"merge": "mean"} if args.method == "cluster" else {}
         bank = Bank.load(path) if path.exists() else build_bank(tvs, names, args.method, m, out=path,
                                                               dtype=torch.float32, **opts)
-        res = score(prep, bank.addition(names), {t: bank.reconstruct(t) for t in names}, pre_val)
+        res = score(prep, bank.addition(names), {t: bank.reconstruct(t) for t in names}, pre_val, grids)
         row = {"label": f"bank M = {m}", "m": m, "bytes": bank.memory().bank, "errors": bank.relative_errors(),
                "assignments": bank.manifest.assignments, **res}
         r["rows"].append(row)
     r["seconds"] = time.perf_counter() - t0
-    write_atomic(args.out / f"{tag}.json", json.dumps(r, indent=1))
+    write_text_atomic(args.out / f"{tag}.json", json.dumps(r, indent=1))
     md = markdown(r)
-    write_atomic(args.out / f"{tag}.md", md)
+    write_text_atomic(args.out / f"{tag}.md", md)
     plot(r, args.out / f"{tag}.png")
     print(md)
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -48,16 +47,20 @@ from taskvec.bench.compose import suite_composer, suite_data  # noqa: E402
 from taskvec.bench.models import forward_features  # noqa: E402
 from taskvec.bench.run import prepare  # noqa: E402
 from taskvec.bench.suites import get_suite  # noqa: E402
-from taskvec.variational import ComposeData, ComposeTrainConfig, TrainConfig, evaluate_composer, train_composer  # noqa: E402
+from taskvec.io.atomic import write_text_atomic  # noqa: E402
+from taskvec.variational import (  # noqa: E402
+    ComposeData,
+    ComposeTrainConfig,
+    TrainConfig,
+    evaluate_composer,
+    train_composer,
+)
 
 DEFAULT_PRESETS = ("atlas_task", "atlas_block", "variational")
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def task_vectors(prep: Any, bank_m: int | None, bank_dir: Path) -> tuple[list[Any], list[str], dict[str, Any]]:
@@ -230,7 +233,7 @@ def main() -> None:
     folder = args.out / tag
     prep = prepare(get_suite(args.suite))
     names = list(prep.tasks)
-    ft = {t: prep.evaluate(prep.finetuned[t], "test", [t])[t] for t in names}
+    ft = prep.finetuned_accuracy()
     tvs, tv_names, bank = task_vectors(prep, args.bank, folder)
     val, test = (None, None) if args.summarize_only else (suite_data(prep, "val"), suite_data(prep, "test"))
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -255,7 +258,7 @@ def main() -> None:
               f"({r['train_seconds']:.0f} s train)", flush=True)
     static = static_r if not args.bank else None
     md = summarize(args.suite, names, ft, runs, static, bank)
-    (folder / "results.md").write_text(md)
+    write_text_atomic(folder / "results.md", md)
     write_json(folder / "results.json", {"suite": args.suite, "finetuned": ft, "bank": bank,
                                          "runs": {p: [{k: v for k, v in r.items() if k != "coef_mean"} for r in rs]
                                                   for p, rs in runs.items()}})

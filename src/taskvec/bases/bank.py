@@ -28,7 +28,6 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, ValidationError, model_validator
 
-from taskvec.io.atomic import replace_path
 from taskvec.bases.analysis import auto_chunk, gram
 from taskvec.bases.fit import (
     FIT_OPTIONS,
@@ -47,6 +46,7 @@ from taskvec.config import DTYPES, DtypeName, Strict
 from taskvec.core.taskvector import FloatSource, TaskVector, check_same_tensors
 from taskvec.errors import CheckpointError, ConfigError
 from taskvec.io import SafetensorsSource, ShardedSource
+from taskvec.io.atomic import replace_path, write_text_atomic
 from taskvec.io.safetensors_file import dtype_size
 from taskvec.io.writer import DEFAULT_SHARD_BYTES
 
@@ -130,16 +130,7 @@ def _tensor(rows: Sequence[Sequence[float | None]], cols: int | None = None) -> 
 def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
     """Top-level keys one per line (readable), values compact; temp file + fsync + rename."""
     text = "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v, allow_nan=False)}" for k, v in obj.items()) + "\n}\n"
-    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_text_atomic(path, text)
 
 
 # ---------------------------------------------------------------- sizes and sources

@@ -16,9 +16,9 @@ from taskvec.bench.suites import get_suite
 from taskvec.config import Strict, load_yaml_config
 from taskvec.variational import (
     ComposeData,
-    ComposeTrainConfig,
     Composer,
     ComposerConfig,
+    ComposeTrainConfig,
     EvalResult,
     TrainConfig,
     compute_features,
@@ -28,7 +28,6 @@ from taskvec.variational import (
     save_composer,
     train_composer,
 )
-
 
 BN_STATS = ["*running_mean", "*running_var"]
 """Not composed on the suites: BatchNorm statistics stay at the pretrained values during fine-tuning,

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from taskvec.io.atomic import write_text_atomic
 
 
 def accuracy_rows(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, list[float], float, float | None]]]:
@@ -98,8 +92,8 @@ def print_table(r: dict[str, Any], console: Console) -> None:
 def write_reports(r: dict[str, Any], folder: Path, console: Console | None = None) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"json": folder / "results.json", "md": folder / "results.md", "png": folder / "accuracy.png"}
-    _write_text(paths["json"], json.dumps(r, indent=2, default=str))
-    _write_text(paths["md"], markdown(r))
+    write_text_atomic(paths["json"], json.dumps(r, indent=2, default=str))
+    write_text_atomic(paths["md"], markdown(r))
     bar_chart(r, paths["png"])
     if console is not None:
         print_table(r, console)

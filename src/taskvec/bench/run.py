@@ -60,6 +60,10 @@ class Prepared:
         self.backbone.load_state_dict(state)
         return {t: accuracy(self.backbone, self.heads[t], getattr(self.tasks[t], split)) for t in (tasks or self.tasks)}
 
+    def finetuned_accuracy(self, split: str = "test") -> dict[str, float]:
+        """Each task's own fine-tuned model on that task's `split`."""
+        return {t: self.evaluate(self.finetuned[t], split, [t])[t] for t in self.tasks}
+
 
 def prepare(suite: SuiteSpec, cache: Path | None = None, *, progress: bool = True, console: Console | None = None) -> Prepared:
     """Load data, fit heads on frozen pretrained features and fine-tune each task, reusing the cache."""
@@ -105,34 +109,43 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def run_method(prep: Prepared, method: str, params: dict[str, object], lambdas: Sequence[float] = LAMBDAS) -> dict[str, object]:
-    """Compose all task vectors once, pick lambda on validation (mean accuracy), report test."""
-    t0 = time.perf_counter()
-    names = list(prep.tasks)
-    merged = compose([prep.task_vector(t) for t in names], method, **params)
-    delta = TaskVector.from_tensors(merged.to_state_dict())  # materialise once, reuse for every lambda
+def choose_lambda(prep: Prepared, tv: TaskVector, lambdas: Sequence[float] = LAMBDAS) -> dict[str, object]:
+    """theta0 + lambda * tv, lambda chosen on validation (mean accuracy over tasks; ties to the
+    smaller lambda), then scored once on test."""
+    delta = TaskVector.from_tensors(tv.to_state_dict())  # materialise once, reuse for every lambda
     val = {lam: prep.evaluate(delta.apply_to(prep.pretrained, lam), "val") for lam in lambdas}
     best = max(lambdas, key=lambda lam: (_mean(list(val[lam].values())), -lam))
     test = prep.evaluate(delta.apply_to(prep.pretrained, best), "test")
-    return {"lambda": best, "params": params, "val": {str(k): v for k, v in val.items()}, "test": test, "seconds": time.perf_counter() - t0}
+    return {"lambda": best, "val": {str(k): v for k, v in val.items()}, "test": test}
+
+
+def negate(prep: Prepared, target: str, tv: TaskVector, pre_val: dict[str, float],
+           lambdas: Sequence[float] = NEG_LAMBDAS) -> dict[str, object]:
+    """theta0 - lambda * tv (tv: the target's task vector or a stand-in for it), lambda chosen on
+    validation as the largest drop of the target while every other (control) task keeps >= 95% of
+    its pretrained accuracy; 0 if none does."""
+    controls = [t for t in prep.tasks if t != target]
+    delta = TaskVector.from_tensors(tv.to_state_dict())
+    best, best_acc = 0.0, pre_val[target]
+    for lam in lambdas:
+        v = prep.evaluate(delta.apply_to(prep.pretrained, -lam), "val")
+        if all(v[c] >= CONTROL_KEEP * pre_val[c] for c in controls) and v[target] < best_acc:
+            best, best_acc = lam, v[target]
+    test = prep.evaluate(delta.apply_to(prep.pretrained, -best), "test")
+    return {"lambda": best, "target": test[target], "controls": {c: test[c] for c in controls}}
+
+
+def run_method(prep: Prepared, method: str, params: dict[str, object], lambdas: Sequence[float] = LAMBDAS) -> dict[str, object]:
+    """Compose all task vectors once, pick lambda on validation (mean accuracy), report test."""
+    t0 = time.perf_counter()
+    merged = compose([prep.task_vector(t) for t in prep.tasks], method, **params)
+    r = choose_lambda(prep, merged, lambdas)
+    return {"lambda": r["lambda"], "params": params, "val": r["val"], "test": r["test"], "seconds": time.perf_counter() - t0}
 
 
 def run_negation(prep: Prepared, pre_val: dict[str, float], lambdas: Sequence[float] = NEG_LAMBDAS) -> dict[str, dict[str, object]]:
-    """For each target task: theta0 - lambda * tau_target, lambda chosen on validation as the largest
-    drop of the target while every other (control) task keeps >= 95% of its pretrained accuracy."""
-    out: dict[str, dict[str, object]] = {}
-    names = list(prep.tasks)
-    for target in names:
-        controls = [t for t in names if t != target]
-        tv = TaskVector.from_tensors(prep.task_vector(target).to_state_dict())
-        best, best_acc = 0.0, pre_val[target]
-        for lam in lambdas:
-            v = prep.evaluate(tv.apply_to(prep.pretrained, -lam), "val")
-            if all(v[c] >= CONTROL_KEEP * pre_val[c] for c in controls) and v[target] < best_acc:
-                best, best_acc = lam, v[target]
-        test = prep.evaluate(tv.apply_to(prep.pretrained, -best), "test")
-        out[target] = {"lambda": best, "target": test[target], "controls": {c: test[c] for c in controls}}
-    return out
+    """Task negation of every task with its own task vector (see `negate`)."""
+    return {t: negate(prep, t, prep.task_vector(t), pre_val, lambdas) for t in prep.tasks}
 
 
 def run_suite(
@@ -152,9 +165,8 @@ def run_suite(
     suite = get_suite(suite_name)
     t0 = time.perf_counter()
     prep = prepare(suite, cache, progress=progress, console=console)
-    names = list(prep.tasks)
     pre_test, pre_val = prep.evaluate(prep.pretrained, "test"), prep.evaluate(prep.pretrained, "val")
-    ft_test = {t: prep.evaluate(prep.finetuned[t], "test", [t])[t] for t in names}
+    ft_test = prep.finetuned_accuracy()
     results: dict[str, object] = {
         "suite": suite.model_dump(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(), "device": "cpu"},

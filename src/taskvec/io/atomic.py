@@ -15,3 +15,18 @@ def replace_path(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
     if old.exists():
         shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path` (fsynced), then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
