@@ -26,6 +26,14 @@ Usage
     python3 benchmarks/compose_suites.py vision-4 --static /tmp/tvruns/vision-4/results.json
     python3 benchmarks/compose_suites.py text-3 --seeds 0 1 2 --presets atlas_task atlas_block variational
     python3 benchmarks/compose_suites.py vision-4 --bank 2 --presets variational --seeds 0
+
+Choosing training settings without looking at test: `--holdout 0.3` trains on 70 % of each
+validation split and scores the other 30 % (results under compose_<suite>_tune); `--tuned` then
+takes, per preset, the lr / epochs / KL weight / --set options of its best held-out run:
+
+    python3 benchmarks/compose_suites.py vision-4 --holdout 0.3 --seeds 0 --presets variational \
+        --lr 1e-3 --kl-weight 1e-4 --tag kl1e-4-lr1e-3
+    python3 benchmarks/compose_suites.py vision-4 --static .../results.json --tuned --mc 4
 """
 
 from __future__ import annotations
@@ -81,17 +89,75 @@ def task_vectors(prep: Any, bank_m: int | None, bank_dir: Path) -> tuple[list[An
     return [bank.basis(k) for k in range(bank.m)], [f"basis{k}" for k in range(bank.m)], info
 
 
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """['prior.pi=0.9', 'kl_weight=1e-4'] -> {'prior': {'pi': 0.9}, 'kl_weight': 0.0001} (values as YAML)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. prior.pi=0.9")
+        *parents, leaf = key.split(".")
+        node = out
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def holdout_split(val: Any, frac: float) -> tuple[Any, Any]:
+    """The validation data cut in two, per task, with a fixed seed (0): (fit part, held-out part).
+    Hyperparameters are chosen on the held-out part; the test splits are never looked at."""
+    g = torch.Generator().manual_seed(0)
+    fit_idx, held_idx = [], []
+    for t in torch.unique(val.tasks).tolist():
+        idx = (val.tasks == t).nonzero().squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = max(1, round(frac * len(idx)))
+        held_idx.append(idx[:k])
+        fit_idx.append(idx[k:])
+    fit_i, held_i = torch.cat(fit_idx).sort().values, torch.cat(held_idx).sort().values
+    return val.batch(fit_i), val.batch(held_i)
+
+
+def tuned(folder: Path, preset: str) -> dict[str, Any]:
+    """lr, epochs and KL weight of `preset`'s best run (mean held-out accuracy) in a --holdout folder."""
+    runs = [json.loads(f.read_text()) for f in (folder / "runs").glob("*.json")]
+    runs = [r for r in runs if r["preset"] == preset]
+    if not runs:
+        raise SystemExit(f"--tuned: no tuning run of {preset!r} under {folder}; run with --holdout first")
+    best = max(runs, key=lambda r: statistics.fmean(r["test"].values()))
+    cfg = best["config"]
+    return {"lr": cfg["train"]["lr"], "epochs": cfg["train"]["epochs"], "kl_weight": cfg["composer"]["kl_weight"],
+            "set": best.get("set", []), "from": best.get("label", preset),
+            "heldout": statistics.fmean(best["test"].values())}
+
+
 def run_one(prep: Any, tvs: list[Any], tv_names: list[str], val: Any, test: Any, name: str, seed: int,
             args: argparse.Namespace) -> dict[str, Any]:
-    over: dict[str, Any] = {"kl_weight": args.kl_weight} if name.startswith("variational") else {}
+    hp = args.hp.get(name, {})
+    kl_weight = hp.get("kl_weight", args.kl_weight)
+    over: dict[str, Any] = {"kl_weight": kl_weight} if name.startswith("variational") and kl_weight is not None else {}
     if args.init_coef is not None:
         over["init_coef"] = args.init_coef
         if name.startswith("variational") and abs(args.init_coef) < 0.3:
             # keep the preset's initial relative uncertainty sigma/|mu| = 0.05/0.3 for small starts
             over["posterior"] = {"init_sigma": abs(args.init_coef) / 6}
+    from taskvec.variational.config import PRESETS
+
+    over = deep_merge(deep_merge(dict(PRESETS[name]), over), parse_sets(hp.get("set", []) + args.set))
     cfg = ComposeTrainConfig(
         composer=suite_composer(name, **over),
-        train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed),
+        train=TrainConfig(epochs=hp.get("epochs", args.epochs), batch_size=args.batch_size, lr=hp.get("lr", args.lr),
+                          seed=seed),
     )
     entropy = cfg.composer.objective == "entropy"
     train_data = ComposeData(test.inputs, test.features, test.tasks) if entropy else val
@@ -121,9 +187,11 @@ def mean_sd(xs: list[float]) -> tuple[float, float]:
 
 
 def summarize(suite: str, names: list[str], ft: dict[str, float], runs: dict[str, list[dict[str, Any]]],
-              static: dict[str, Any] | None, bank: dict[str, Any]) -> str:
+              static: dict[str, Any] | None, bank: dict[str, Any], holdout: float | None = None) -> str:
     head = "| method | seeds | " + " | ".join(names) + " | avg | avg normalized |"
-    lines = [f"### {suite}: learned composition, test accuracy (%), mean ± sd over seeds", "",
+    what = (f"held-out validation accuracy ({100 * holdout:.0f} % of each validation split; normalized by the "
+            "fine-tuned accuracy on the whole validation split)" if holdout else "test accuracy")
+    lines = [f"### {suite}: learned composition, {what} (%), mean ± sd over seeds", "",
              head, "|" + "---|" * (len(names) + 4)]
 
     def norm(acc: dict[str, float]) -> float:
@@ -147,11 +215,16 @@ def summarize(suite: str, names: list[str], ft: dict[str, float], runs: dict[str
             m, s = mean_sd([100 * statistics.fmean(r[key].values()) for r in rs_k])
             nm, ns = mean_sd([norm(r[key]) for r in rs_k])
             lines.append(f"| {label} | {len(rs_k)} | " + " | ".join(cells) + f" | {m:.1f} ± {s:.1f} | {nm:.1f} ± {ns:.1f} |")
-    lines += ["", "Coefficients kept at test time (%, mean over seeds; the rest are gated out):", "",
-              "| method | " + " | ".join(names) + " | train s (mean) |", "|" + "---|" * (len(names) + 2)]
+    lines += ["", "Coefficients kept at test time (%, mean over seeds; the rest are gated out), and the training "
+              "settings (KL weight: variational only):", "",
+              "| method | " + " | ".join(names) + " | lr | epochs | KL weight | train s (mean) |",
+              "|" + "---|" * (len(names) + 5)]
     for p, rs in runs.items():
         cells = [f"{100 * statistics.fmean(r['kept'].get(t, 1.0) for r in rs):.1f}" for t in names]
-        lines.append(f"| {p} | " + " | ".join(cells) + f" | {statistics.fmean(r['train_seconds'] for r in rs):.0f} |")
+        tr, co = rs[0]["config"]["train"], rs[0]["config"]["composer"]
+        kl = f"{co['kl_weight']:g}" if co["method"] == "variational" else "–"
+        lines.append(f"| {p} | " + " | ".join(cells) + f" | {tr['lr']:g} | {tr['epochs']} | {kl} | "
+                     f"{statistics.fmean(r['train_seconds'] for r in rs):.0f} |")
     if bank:
         lines += ["", f"Task vectors: the M = {bank['m']} bases of a cluster bank of the T = {bank['t']} task vectors "
                   f"(assignments {bank['assignments']}; bank {bank['bank_bytes'] / 2**20:.1f} MiB vs "
@@ -168,7 +241,7 @@ def plots(folder: Path, names: list[str], runs: dict[str, list[dict[str, Any]]])
 
     made = []
     for p, rs in runs.items():
-        if not p.startswith("variational") and p != "sample_specific":
+        if not p.startswith(("variational", "sample_specific")):
             continue
         coef = np.mean([np.array(r["coef_mean"]) for r in rs], axis=0)  # (test task, T, B)
         fig, axes = plt.subplots(len(names), 1, figsize=(12, 1.2 + 1.3 * len(names) * max(1, coef.shape[1] / 3)),
@@ -214,7 +287,15 @@ def main() -> None:
     ap.add_argument("--init-coef", type=float, default=None,
                     help="initial coefficient of every (task, block); default: task arithmetic's validated λ from "
                          "--static, else the preset's 0.3")
-    ap.add_argument("--kl-weight", type=float, default=1e-3)
+    ap.add_argument("--kl-weight", type=float, default=None, help="variational presets; default: the library's")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="composer option, dotted for nested ones (prior.pi=0.9, gate.kind=none); repeatable")
+    ap.add_argument("--tag", default="", help="names the runs of a --set variant: <preset>+<tag>")
+    ap.add_argument("--tuned", action="store_true",
+                    help="per preset, the lr, epochs and KL weight of its best run under compose_<suite>_tune")
+    ap.add_argument("--holdout", type=float, default=None,
+                    help="tuning: train on the rest of the validation data, score on this fraction of it "
+                         "(results under compose_<suite>_tune; test never used)")
     ap.add_argument("--mc", type=int, default=0, help="also score variational runs with this many posterior samples")
     ap.add_argument("--bank", type=int, default=None, help="use the M bases of a cluster bank as task vectors")
     ap.add_argument("--static", type=Path, default=None, help="results.json of `taskvec bench run SUITE` (TA, TIES rows)")
@@ -225,39 +306,63 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    args.hp = {}
+    if args.tuned:
+        tune_dir = args.out / (f"compose_{args.suite}" + (f"_bank{args.bank}" if args.bank else "") + "_tune")
+        if args.bank and not tune_dir.exists():
+            tune_dir = args.out / f"compose_{args.suite}_tune"  # the full task vectors' choice
+        args.hp = {p: tuned(tune_dir, p) for p in args.presets}
+        for p, h in args.hp.items():
+            print(f"{p}: lr {h['lr']}, epochs {h['epochs']}, KL weight {h['kl_weight']}, set {h['set']} "
+                  f"(best held-out run {h['from']}: {100 * h['heldout']:.2f} %)")
     static_r = json.loads(args.static.read_text()) if args.static else None
     if args.init_coef is None and static_r is not None:
         args.init_coef = float(static_r["methods"]["task_arithmetic"]["lambda"])
         print(f"initial coefficients: task arithmetic's validated λ = {args.init_coef}")
-    tag = f"compose_{args.suite}" + (f"_bank{args.bank}" if args.bank else "")
+    tag = f"compose_{args.suite}" + (f"_bank{args.bank}" if args.bank else "") + ("_tune" if args.holdout else "")
     folder = args.out / tag
     prep = prepare(get_suite(args.suite))
     names = list(prep.tasks)
-    ft = prep.finetuned_accuracy()
+    ft = prep.finetuned_accuracy("val" if args.holdout else "test")
     tvs, tv_names, bank = task_vectors(prep, args.bank, folder)
     val, test = (None, None) if args.summarize_only else (suite_data(prep, "val"), suite_data(prep, "test"))
+    if args.holdout and val is not None:
+        val, test = holdout_split(val, args.holdout)
+        print(f"tuning: fit on {len(val)} validation items, score on {len(test)} held-out validation items")
     runs: dict[str, list[dict[str, Any]]] = {}
+    label = {p: p + (f"+{args.tag}" if args.tag else "") for p in args.presets}
     plan = [(p, seed) for p in args.presets for seed in args.seeds]
     if args.summarize_only:  # every saved run, in preset order (PRESETS), then seed order
         from taskvec.variational.config import PRESETS
 
         saved = [json.loads(f.read_text()) for f in (folder / "runs").glob("*.json")]
         order = list(PRESETS)
-        plan = sorted({(r["preset"], r["seed"]) for r in saved}, key=lambda ps: (order.index(ps[0]), ps[1]))
-    for p, seed in plan:
-        path = folder / "runs" / f"{p}-s{seed}.json"
+        label = {r["preset"]: r.get("label", r["preset"]) for r in saved}
+        plan = sorted({(r["preset"], r["seed"], r.get("label", r["preset"])) for r in saved},
+                      key=lambda ps: (order.index(ps[0]), ps[2], ps[1]))
+        plan = [(p, s, lab) for p, s, lab in plan]
+    else:
+        plan = [(p, seed, label[p]) for p, seed in plan]
+    for p, seed, lab in plan:
+        path = folder / "runs" / f"{lab}-s{seed}.json"
         if path.exists():
             r = json.loads(path.read_text())
         else:
-            print(f"[{time.strftime('%H:%M:%S')}] {args.suite}: {p} seed {seed}", flush=True)
+            print(f"[{time.strftime('%H:%M:%S')}] {args.suite}: {lab} seed {seed}", flush=True)
             r = run_one(prep, tvs, tv_names, val, test, p, seed, args)
             r["task_vectors"] = tv_names
+            r["label"] = lab
+            r["set"] = args.hp.get(p, {}).get("set", []) + args.set
+            if p in args.hp:
+                r["tuned_from"] = args.hp[p]["from"]
+            if args.holdout:
+                r["holdout"] = args.holdout
             write_json(path, r)
-        runs.setdefault(p, []).append(r)
-        print(f"  {p} s{seed}: mean {100 * statistics.fmean(r['test'].values()):.2f} "
+        runs.setdefault(lab, []).append(r)
+        print(f"  {lab} s{seed}: mean {100 * statistics.fmean(r['test'].values()):.2f} "
               f"({r['train_seconds']:.0f} s train)", flush=True)
-    static = static_r if not args.bank else None
-    md = summarize(args.suite, names, ft, runs, static, bank)
+    static = static_r if not (args.bank or args.holdout) else None
+    md = summarize(args.suite, names, ft, runs, static, bank, args.holdout)
     write_text_atomic(folder / "results.md", md)
     write_json(folder / "results.json", {"suite": args.suite, "finetuned": ft, "bank": bank,
                                          "runs": {p: [{k: v for k, v in r.items() if k != "coef_mean"} for r in rs]

@@ -45,7 +45,7 @@ class ComposeRunConfig(Strict):
 
         suite: tiny
         preset: variational        # see taskvec.variational.PRESETS
-        composer: {kl_weight: 0.001}
+        composer: {kl_weight: 0.0001}
         train: {epochs: 5, batch_size: 64, lr: 0.001}
     """
 
