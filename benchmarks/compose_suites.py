@@ -64,6 +64,8 @@ from taskvec.variational import (  # noqa: E402
     train_composer,
 )
 
+from taskvec.variational.config import PRESETS  # noqa: E402
+
 DEFAULT_PRESETS = ("atlas_task", "atlas_block", "variational")
 
 
@@ -151,8 +153,6 @@ def run_one(prep: Any, tvs: list[Any], tv_names: list[str], val: Any, test: Any,
         if name.startswith("variational") and abs(args.init_coef) < 0.3:
             # keep the preset's initial relative uncertainty sigma/|mu| = 0.05/0.3 for small starts
             over["posterior"] = {"init_sigma": abs(args.init_coef) / 6}
-    from taskvec.variational.config import PRESETS
-
     over = deep_merge(deep_merge(dict(PRESETS[name]), over), parse_sets(hp.get("set", []) + args.set))
     cfg = ComposeTrainConfig(
         composer=suite_composer(name, **over),
@@ -306,9 +306,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    base = f"compose_{args.suite}" + (f"_bank{args.bank}" if args.bank else "")
     args.hp = {}
     if args.tuned:
-        tune_dir = args.out / (f"compose_{args.suite}" + (f"_bank{args.bank}" if args.bank else "") + "_tune")
+        tune_dir = args.out / f"{base}_tune"
         if args.bank and not tune_dir.exists():
             tune_dir = args.out / f"compose_{args.suite}_tune"  # the full task vectors' choice
         args.hp = {p: tuned(tune_dir, p) for p in args.presets}
@@ -319,8 +320,7 @@ def main() -> None:
     if args.init_coef is None and static_r is not None:
         args.init_coef = float(static_r["methods"]["task_arithmetic"]["lambda"])
         print(f"initial coefficients: task arithmetic's validated λ = {args.init_coef}")
-    tag = f"compose_{args.suite}" + (f"_bank{args.bank}" if args.bank else "") + ("_tune" if args.holdout else "")
-    folder = args.out / tag
+    folder = args.out / (base + ("_tune" if args.holdout else ""))
     prep = prepare(get_suite(args.suite))
     names = list(prep.tasks)
     ft = prep.finetuned_accuracy("val" if args.holdout else "test")
@@ -333,14 +333,10 @@ def main() -> None:
     label = {p: p + (f"+{args.tag}" if args.tag else "") for p in args.presets}
     plan = [(p, seed) for p in args.presets for seed in args.seeds]
     if args.summarize_only:  # every saved run, in preset order (PRESETS), then seed order
-        from taskvec.variational.config import PRESETS
-
         saved = [json.loads(f.read_text()) for f in (folder / "runs").glob("*.json")]
         order = list(PRESETS)
-        label = {r["preset"]: r.get("label", r["preset"]) for r in saved}
         plan = sorted({(r["preset"], r["seed"], r.get("label", r["preset"])) for r in saved},
                       key=lambda ps: (order.index(ps[0]), ps[2], ps[1]))
-        plan = [(p, s, lab) for p, s, lab in plan]
     else:
         plan = [(p, seed, label[p]) for p, seed in plan]
     for p, seed, lab in plan:
