@@ -153,11 +153,13 @@ def run_one(prep: Any, tvs: list[Any], tv_names: list[str], val: Any, test: Any,
         if name.startswith("variational") and abs(args.init_coef) < 0.3:
             # keep the preset's initial relative uncertainty sigma/|mu| = 0.05/0.3 for small starts
             over["posterior"] = {"init_sigma": abs(args.init_coef) / 6}
-    over = deep_merge(deep_merge(dict(PRESETS[name]), over), parse_sets(hp.get("set", []) + args.set))
+    sets = parse_sets(hp.get("set", []) + args.set)
+    train_over = sets.pop("train", {})
+    over = deep_merge(deep_merge(dict(PRESETS[name]), over), sets)
     cfg = ComposeTrainConfig(
         composer=suite_composer(name, **over),
-        train=TrainConfig(epochs=hp.get("epochs", args.epochs), batch_size=args.batch_size, lr=hp.get("lr", args.lr),
-                          seed=seed),
+        train=TrainConfig(**{"epochs": hp.get("epochs", args.epochs), "batch_size": args.batch_size,
+                             "lr": hp.get("lr", args.lr), "seed": seed, **train_over}),
     )
     entropy = cfg.composer.objective == "entropy"
     train_data = ComposeData(test.inputs, test.features, test.tasks) if entropy else val
@@ -289,7 +291,8 @@ def main() -> None:
                          "--static, else the preset's 0.3")
     ap.add_argument("--kl-weight", type=float, default=None, help="variational presets; default: the library's")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="composer option, dotted for nested ones (prior.pi=0.9, gate.kind=none); repeatable")
+                    help="composer option, dotted for nested ones (prior.pi=0.9, gate.kind=none), or train.KEY "
+                         "for a TrainConfig option (train.bias_lr=2e-2); repeatable")
     ap.add_argument("--tag", default="", help="names the runs of a --set variant: <preset>+<tag>")
     ap.add_argument("--tuned", action="store_true",
                     help="per preset, the lr, epochs and KL weight of its best run under compose_<suite>_tune")

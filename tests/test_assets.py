@@ -173,6 +173,14 @@ def test_fortunes_and_two_task_split() -> None:
     sub, sub_y, sub_names = A.select_classes(texts, y, names, four_a)
     assert sub_names == four_a and set(sub_y.tolist()) == {0, 1, 2, 3}
     assert len(sub) == len(sub_y) == sum(counts[n] for n in four_a)
+
+    # text-3's three tasks: the eight largest categories (>= 300 cookies) in two groups, then the next four
+    ranked = A.ranked_categories(y, names, min_items=300)
+    sizes = [counts[n] for n in ranked]
+    assert sizes == sorted(sizes, reverse=True) and min(sizes) >= 300 and len(ranked) >= 12
+    a, b = A.split_categories(y, names, min_items=300, per_group=4)
+    assert set(a) | set(b) == set(ranked[:8])
+    assert ranked[8:12] == ["science", "men-women", "zippy", "knghtbrd"]
     for t, label in zip(sub[:5], sub_y[:5].tolist()):
         assert names[y[texts.index(t)]] == four_a[label]
 

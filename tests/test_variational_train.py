@@ -62,6 +62,58 @@ def test_ablations_train(toy, name: str) -> None:
     assert evaluate_composer(c, toy.test).mean_accuracy > 0.6
 
 
+def _one_step(toy, name: str, **train: object):
+    """Composer before and after exactly one optimizer step on the toy data."""
+    cfg = ComposeTrainConfig(composer=preset(name),
+                             train=TrainConfig(epochs=1, batch_size=32, progress=False, dtype="float64", **train))
+    before = build_composer(copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, toy.train.features.shape[1],
+                            cfg.composer)
+    torch.manual_seed(cfg.train.seed)  # the same seed before each build: the same initial network
+    after = train_composer(copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, toy.train, cfg, max_steps=1)
+    return before.coef, after.coef
+
+
+def test_bias_lr_moves_shared_part_only(toy) -> None:
+    """bias_lr steps the output biases (input-independent coefficients) by ~bias_lr (Adam's first step is
+    lr * sign(g)); the input-dependent weights move by at most lr."""
+    torch.manual_seed(0)
+    before, after = _one_step(toy, "variational", lr=1e-9, bias_lr=1e-2)
+    db = (after.net.out.bias - before.net.out.bias).abs()
+    assert db.max().item() == pytest.approx(1e-2, rel=1e-3)
+    for name in ("out.weight", "hidden.weight", "hidden.bias"):
+        delta = (dict(after.net.named_parameters())[name] - dict(before.net.named_parameters())[name]).abs().max()
+        assert delta.item() <= 1e-9 * (1 + 1e-6)
+
+
+def test_weight_decay_only_on_weight_matrices(toy) -> None:
+    """AdamW's decoupled decay (p <- p - lr*wd*p) hits linear weights, never biases or shared coefficients."""
+    lr, wd = 1e-3, 100.0
+    torch.manual_seed(0)
+    before, after = _one_step(toy, "variational", lr=lr, weight_decay=wd)
+    w0, w1 = before.net.hidden.weight, after.net.hidden.weight
+    assert (w1 - (1 - lr * wd) * w0).abs().max().item() <= lr * (1 + 1e-6)
+    assert (w1 - w0).abs().max().item() > 5 * lr  # the decay (10 % of each weight) is visible
+    assert (after.net.out.bias - before.net.out.bias).abs().max().item() <= lr * (1 + 1e-6)
+    torch.manual_seed(0)
+    before, after = _one_step(toy, "atlas_block", lr=lr, weight_decay=wd)
+    assert (after.alpha - before.alpha).abs().max().item() <= lr * (1 + 1e-6)
+
+
+def test_dropout_trains_and_evaluates_deterministically(toy) -> None:
+    cfg = preset("variational", posterior={"dropout": 0.5})
+    c = _train(toy, "variational", epochs=2)
+    assert c.coef.net.drop.p == 0.0
+    cd = train_composer(copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, toy.train,
+                        ComposeTrainConfig(composer=cfg, train=TrainConfig(epochs=4, batch_size=32, lr=1e-2,
+                                                                           progress=False, dtype="float64")))
+    assert cd.coef.net.drop.p == 0.5
+    a, b = evaluate_composer(cd, toy.test), evaluate_composer(cd, toy.test)
+    assert torch.equal(a.predictions, b.predictions) and a.mean_accuracy > 0.6
+    cd.coef.train()
+    f0 = toy.test.features[:64]
+    assert not torch.equal(cd.coef.net(f0)[0], cd.coef.net(f0)[0])  # dropout is live in training mode
+
+
 def test_save_reload_same_predictions(toy, tmp_path: Path) -> None:
     c = _train(toy, "variational", epochs=2)
     out = save_composer(c, tmp_path / "composer")

@@ -55,6 +55,7 @@ __all__ = [
     "load_bbc_news",
     "load_fortunes",
     "split_categories",
+    "ranked_categories",
     "select_classes",
 ]
 
@@ -420,17 +421,22 @@ def split_categories(
     snake order (A B B A A B ...); ``per_group`` keeps only the largest
     ``2 * per_group``. Deterministic: ties break by name.
     """
-    counts = np.bincount(np.asarray(y), minlength=len(class_names))
-    ranked = sorted((i for i in range(len(class_names)) if counts[i] >= min_items),
-                    key=lambda i: (-counts[i], class_names[i]))
+    ranked = ranked_categories(y, class_names, min_items=min_items)
     if per_group is not None:
         ranked = ranked[: 2 * per_group]
     if len(ranked) < 2:
         raise ValueError(f"only {len(ranked)} classes have >= {min_items} items; cannot split in two")
     groups: tuple[list[str], list[str]] = ([], [])
-    for k, i in enumerate(ranked):
-        groups[0 if k % 4 in (0, 3) else 1].append(class_names[i])
+    for k, name in enumerate(ranked):
+        groups[0 if k % 4 in (0, 3) else 1].append(name)
     return groups
+
+
+def ranked_categories(y: np.ndarray, class_names: Sequence[str], *, min_items: int = 1) -> list[str]:
+    """Class names with at least ``min_items`` examples, largest first (ties by name)."""
+    counts = np.bincount(np.asarray(y), minlength=len(class_names))
+    keep = (i for i in range(len(class_names)) if counts[i] >= min_items)
+    return [class_names[i] for i in sorted(keep, key=lambda i: (-counts[i], class_names[i]))]
 
 
 _X = TypeVar("_X", np.ndarray, list)

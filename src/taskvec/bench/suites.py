@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from taskvec.bench import assets
 from taskvec.errors import ConfigError
 
-Dataset = Literal["mnist", "fashion_mnist", "sklearn_digits", "elpv", "bbc_news", "fortunes_a", "fortunes_b"]
+Dataset = Literal["mnist", "fashion_mnist", "sklearn_digits", "elpv", "bbc_news", "fortunes_a", "fortunes_b", "fortunes_c"]
 
 
 class TaskSpec(BaseModel):
@@ -78,10 +78,13 @@ VISION_TASKS = [
     TaskSpec(name="elpv", dataset="elpv", n_train=1600, n_val=324, n_test=700),
 ]
 TEXT_TASKS = [
-    TaskSpec(name="bbc", dataset="bbc_news", n_train=1000, n_val=200, n_test=600),
     TaskSpec(name="fortunes_a", dataset="fortunes_a", n_train=1500, n_val=200, n_test=600),
     TaskSpec(name="fortunes_b", dataset="fortunes_b", n_train=1500, n_val=200, n_test=600),
+    TaskSpec(name="fortunes_c", dataset="fortunes_c", n_train=1450, n_val=200, n_test=600),
 ]
+"""text-3. BBC News (``bbc_news``) was its first task until fine-tuning proved not to help it:
+frozen MiniLM features already reach 94.3 % (fine-tuned 95.7 %; headlines only 85.3 → 86.5 %),
+so it was replaced by a third group of fortune categories (docs/results.md §1)."""
 
 SUITES: dict[str, SuiteSpec] = {
     "vision-4": SuiteSpec(
@@ -154,9 +157,12 @@ def _raw(dataset: Dataset) -> tuple[np.ndarray | list[str], np.ndarray, list[str
         return assets.load_elpv(image_size=96)
     if dataset == "bbc_news":
         return assets.load_bbc_news()
+    # fortunes_a/b: the eight largest categories dealt into two groups of four; fortunes_c: the next four.
     texts, y, names = assets.load_fortunes()
     a, b = assets.split_categories(y, names, min_items=300, per_group=4)
-    return assets.select_classes(texts, y, names, a if dataset == "fortunes_a" else b)
+    c = assets.ranked_categories(y, names, min_items=300)[8:12]
+    keep = {"fortunes_a": a, "fortunes_b": b, "fortunes_c": c}[dataset]
+    return assets.select_classes(texts, y, names, keep)
 
 
 def split_indices(y: np.ndarray, n_train: int, n_val: int, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

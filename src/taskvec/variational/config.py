@@ -42,6 +42,8 @@ class PosteriorConfig(Strict):
     init_sigma: float = Field(0.05, gt=0.0)
     init_rho: float = Field(0.9, gt=0.0, lt=1.0)
     feature_norm: bool = True
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the hidden layer while training "
+                           "(regularizes the input dependence on small training sets)")
 
 
 class ComposerConfig(Strict):
@@ -79,7 +81,10 @@ class TrainConfig(Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    bias_lr: float | None = Field(None, gt=0.0, description="learning rate of the amortized network's output "
+                                  "biases, the input-independent part of every coefficient (None: lr)")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decay of the coefficient network's weight "
+                                "matrices only (its input dependence), never of biases or shared coefficients")
     grad_clip: float | None = Field(1.0, gt=0.0)
     seed: int = 0
     train_samples: int = Field(1, ge=1, description="Monte-Carlo samples of alpha per input in the ELBO")

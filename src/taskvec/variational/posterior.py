@@ -115,25 +115,29 @@ class Posterior:
 
 
 class CoefficientNet(nn.Module):
-    """f0(x) (N, D) -> `outputs` maps of shape (N, T, B): LayerNorm (no affine), Linear, GELU, Linear.
+    """f0(x) (N, D) -> `outputs` maps of shape (N, T, B): LayerNorm (no affine), Linear, GELU, Dropout, Linear.
 
     The last layer starts at zero weight with biases `init_bias`, so every sample starts from the
-    same coefficients (task arithmetic with `init_coef`); features shape the output after step 1."""
+    same coefficients (task arithmetic with `init_coef`); features shape the output after step 1.
+    The output biases are the input-independent part of the coefficients (a shared, block-level
+    solution) and its weights the input dependence: training can give them different step sizes
+    (TrainConfig.bias_lr) and decays only the weights."""
 
     def __init__(self, feature_dim: int, num_tasks: int, num_blocks: int, hidden: int, init_bias: list[float],
-                 feature_norm: bool = True):
+                 feature_norm: bool = True, dropout: float = 0.0):
         super().__init__()
         self.shape = (num_tasks, num_blocks)
         k = len(init_bias)
         self.norm = nn.LayerNorm(feature_dim, elementwise_affine=False) if feature_norm else nn.Identity()
         self.hidden = nn.Linear(feature_dim, hidden)
+        self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(hidden, k * num_tasks * num_blocks)
         nn.init.zeros_(self.out.weight)
         with torch.no_grad():
             self.out.bias.copy_(torch.tensor(init_bias).repeat_interleave(num_tasks * num_blocks))
 
     def forward(self, f0: torch.Tensor) -> list[torch.Tensor]:
-        h = F.gelu(self.hidden(self.norm(f0)))
+        h = self.drop(F.gelu(self.hidden(self.norm(f0))))
         out = self.out(h).reshape(f0.shape[0], -1, *self.shape)
         return list(out.unbind(1))
 
@@ -158,7 +162,7 @@ class VariationalCoefficients(nn.Module):
         self.net = CoefficientNet(
             feature_dim, num_tasks, num_blocks, posterior.hidden,
             [init_coef, 2 * math.log(posterior.init_sigma), math.log(rho / (1 - rho))],
-            posterior.feature_norm,
+            posterior.feature_norm, posterior.dropout,
         )
 
     @property
@@ -209,7 +213,7 @@ class DeterministicCoefficients(nn.Module):
     def __init__(self, feature_dim: int, num_tasks: int, num_blocks: int, posterior: PosteriorConfig, init_coef: float = 0.3):
         super().__init__()
         self.net = CoefficientNet(feature_dim, num_tasks, num_blocks, posterior.hidden, [init_coef],
-                                  posterior.feature_norm)
+                                  posterior.feature_norm, posterior.dropout)
 
     def forward(self, f0: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         mu = self.net(f0)[0]

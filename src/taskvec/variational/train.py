@@ -42,6 +42,7 @@ from taskvec.variational.engine import (
     default_forward,
 )
 from taskvec.variational.posterior import (
+    CoefficientNet,
     DeterministicCoefficients,
     VariationalCoefficients,
 )
@@ -186,6 +187,24 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
+def param_groups(coef: nn.Module, config: TrainConfig) -> list[dict[str, object]]:
+    """AdamW groups: output biases of coefficient networks (the shared part of every coefficient) at
+    `bias_lr`; weight matrices of linear layers (the input dependence) with `weight_decay`; the rest
+    (hidden biases, shared coefficients) at `lr` without decay."""
+    biases = {id(m.out.bias) for m in coef.modules() if isinstance(m, CoefficientNet)}
+    weights = {id(m.weight) for m in coef.modules() if isinstance(m, nn.Linear)}
+    groups: dict[str, dict[str, object]] = {
+        "bias": {"params": [], "lr": config.bias_lr or config.lr, "weight_decay": 0.0},
+        "weight": {"params": [], "lr": config.lr, "weight_decay": config.weight_decay},
+        "other": {"params": [], "lr": config.lr, "weight_decay": 0.0},
+    }
+    for p in coef.parameters():
+        if p.requires_grad:
+            key = "bias" if id(p) in biases else "weight" if id(p) in weights else "other"
+            groups[key]["params"].append(p)  # type: ignore[attr-defined]
+    return [g for g in groups.values() if g["params"]]
+
+
 def fit(composer: Composer, data: ComposeData, config: TrainConfig, *, val_data: ComposeData | None = None,
         max_steps: int | None = None) -> Composer:
     """Train composer.coef in place (AdamW, gradient clipping); history goes to composer.history."""
@@ -200,7 +219,7 @@ def fit(composer: Composer, data: ComposeData, config: TrainConfig, *, val_data:
     if world > 1:
         coef = DistributedDataParallel(composer.coef, device_ids=[device.index] if device.type == "cuda" else None,
                                        broadcast_buffers=False)
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    opt = torch.optim.AdamW(param_groups(composer.coef, config), lr=config.lr)
     channels = getattr(composer.coef, "noise_channels", 0)
     shape = (composer.model.num_tasks, composer.model.num_blocks)
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
@@ -209,6 +228,7 @@ def fit(composer: Composer, data: ComposeData, config: TrainConfig, *, val_data:
     with _progress(config.progress and rank == 0) as bar:
         job = bar.add_task(f"training {composer.config.method}", total=total, info="")
         for epoch in range(config.epochs):
+            composer.coef.train()  # dropout on (evaluation switches it off)
             sums = {"data": 0.0, "kl": 0.0, "n": 0}
             for gbatch in global_batches(len(data), config.batch_size, epoch, config.seed):
                 if step >= total:
