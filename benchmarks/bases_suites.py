@@ -153,8 +153,9 @@ def main() -> None:
         print(f"[{time.strftime('%H:%M:%S')}] M = {m}", flush=True)
         path = work / f"bank-m{m}"
         opts: dict[str, Any] = {"merge": "mean"} if args.method == "cluster" else {}
-        bank = Bank.load(path) if path.exists() else build_bank(tvs, names, args.method, m, out=path,
-                                                              dtype=torch.float32, **opts)
+        bank = Bank.load(path) if path.exists() else None
+        if bank is None or bank.names != names or bank.method != args.method:  # missing, or left by other tasks
+            bank = build_bank(tvs, names, args.method, m, out=path, dtype=torch.float32, overwrite=True, **opts)
         res = score(prep, bank.addition(names), {t: bank.reconstruct(t) for t in names}, pre_val, grids)
         row = {"label": f"bank M = {m}", "m": m, "bytes": bank.memory().bank, "errors": bank.relative_errors(),
                "assignments": bank.manifest.assignments, **res}

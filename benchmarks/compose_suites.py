@@ -131,11 +131,13 @@ def holdout_split(val: Any, frac: float) -> tuple[Any, Any]:
 
 
 def tuned(folder: Path, preset: str) -> dict[str, Any]:
-    """lr, epochs and KL weight of `preset`'s best run (mean held-out accuracy) in a --holdout folder."""
+    """lr, epochs, KL weight and --set options of `preset`'s best run (mean held-out accuracy) in a --holdout folder."""
     runs = [json.loads(f.read_text()) for f in (folder / "runs").glob("*.json")]
     runs = [r for r in runs if r["preset"] == preset]
     if not runs:
         raise SystemExit(f"--tuned: no tuning run of {preset!r} under {folder}; run with --holdout first")
+    # ties (the held-out split is small) go to the run with the fewest extra --set options, then by label
+    runs.sort(key=lambda r: (len(r.get("set", [])), r.get("label", preset)))
     best = max(runs, key=lambda r: statistics.fmean(r["test"].values()))
     cfg = best["config"]
     return {"lr": cfg["train"]["lr"], "epochs": cfg["train"]["epochs"], "kl_weight": cfg["composer"]["kl_weight"],
