@@ -190,6 +190,24 @@ def mean_sd(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def welch_lines(runs: dict[str, list[dict[str, Any]]], ref: str = "variational") -> list[str]:
+    """Mean difference of `ref` against every other method with >= 2 seeds, and the one-sided Welch
+    t-test p-value of 'ref is better' over the seeds' average test accuracies."""
+    from scipy.stats import ttest_ind
+
+    if len(runs.get(ref, [])) < 2:
+        return []
+    avg = {p: [100 * statistics.fmean(r["test"].values()) for r in rs] for p, rs in runs.items()}
+    out = []
+    for p, xs in avg.items():
+        if p != ref and len(xs) >= 2:
+            d = statistics.fmean(avg[ref]) - statistics.fmean(xs)
+            pv = float(ttest_ind(avg[ref], xs, equal_var=False, alternative="greater").pvalue)
+            out.append(f"{ref} − {p}: {d:+.1f} points (one-sided Welch t-test over {len(avg[ref])} vs {len(xs)} "
+                       f"seeds, p = {pv:.3f})")
+    return ["", "Seeds' average test accuracy compared:", ""] + [f"* {x}" for x in out] if out else []
+
+
 def summarize(suite: str, names: list[str], ft: dict[str, float], runs: dict[str, list[dict[str, Any]]],
               static: dict[str, Any] | None, bank: dict[str, Any], holdout: float | None = None) -> str:
     head = "| method | seeds | " + " | ".join(names) + " | avg | avg normalized |"
@@ -221,14 +239,16 @@ def summarize(suite: str, names: list[str], ft: dict[str, float], runs: dict[str
             lines.append(f"| {label} | {len(rs_k)} | " + " | ".join(cells) + f" | {m:.1f} ± {s:.1f} | {nm:.1f} ± {ns:.1f} |")
     lines += ["", "Coefficients kept at test time (%, mean over seeds; the rest are gated out), and the training "
               "settings (KL weight: variational only):", "",
-              "| method | " + " | ".join(names) + " | lr | epochs | KL weight | train s (mean) |",
-              "|" + "---|" * (len(names) + 5)]
+              "| method | " + " | ".join(names) + " | lr | epochs | KL weight | other settings | train s (mean) |",
+              "|" + "---|" * (len(names) + 6)]
     for p, rs in runs.items():
         cells = [f"{100 * statistics.fmean(r['kept'].get(t, 1.0) for r in rs):.1f}" for t in names]
         tr, co = rs[0]["config"]["train"], rs[0]["config"]["composer"]
         kl = f"{co['kl_weight']:g}" if co["method"] == "variational" else "–"
-        lines.append(f"| {p} | " + " | ".join(cells) + f" | {tr['lr']:g} | {tr['epochs']} | {kl} | "
+        other = ", ".join(rs[0].get("set", [])) or "–"
+        lines.append(f"| {p} | " + " | ".join(cells) + f" | {tr['lr']:g} | {tr['epochs']} | {kl} | {other} | "
                      f"{statistics.fmean(r['train_seconds'] for r in rs):.0f} |")
+    lines += welch_lines(runs)
     if bank:
         lines += ["", f"Task vectors: the M = {bank['m']} bases of a cluster bank of the T = {bank['t']} task vectors "
                   f"(assignments {bank['assignments']}; bank {bank['bank_bytes'] / 2**20:.1f} MiB vs "
