@@ -62,8 +62,14 @@ def test_reports_are_written_and_consistent(tiny) -> None:  # type: ignore[no-un
     tasks = list(results["finetuned"])
     assert sum(results["finetuned"][t] for t in tasks) > sum(results["pretrained"][t] for t in tasks)
     # negation lowers the target while the controls keep >= 95% of their pretrained accuracy on validation
+    # (the rule holds on validation, where λ is chosen; on test a small λ may move the target by an item either way)
     for t, n in results["negation"].items():
-        assert n["target"] <= results["pretrained"][t] + 1e-9
+        pre_val = results["pretrained_val"]
+        if n["lambda"] > 0:
+            assert n["val"]["target"] < pre_val[t]
+            assert all(a >= 0.95 * pre_val[c] for c, a in n["val"]["controls"].items())
+        else:
+            assert n["target"] == results["pretrained"][t]  # λ = 0 is the pretrained model itself
 
 
 def test_rerun_after_interrupted_finetuning_resumes(tmp_path: Path) -> None:

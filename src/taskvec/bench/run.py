@@ -24,7 +24,7 @@ from taskvec.methods import compose
 DEFAULT_METHODS = ("task_arithmetic", "ties", "dare", "magnitude")
 DEFAULT_PARAMS: dict[str, dict[str, object]] = {"ties": {"density": 0.2}, "dare": {"density": 0.5, "seed": 0}, "magnitude": {"density": 0.2}}
 LAMBDAS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5)
-NEG_LAMBDAS = (0.1, 0.2, 0.3, 0.5, 1.0, 1.5, 2.0)
+NEG_LAMBDAS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 1.5, 2.0)
 CONTROL_KEEP = 0.95
 
 
@@ -126,13 +126,14 @@ def negate(prep: Prepared, target: str, tv: TaskVector, pre_val: dict[str, float
     its pretrained accuracy; 0 if none does."""
     controls = [t for t in prep.tasks if t != target]
     delta = TaskVector.from_tensors(tv.to_state_dict())
-    best, best_acc = 0.0, pre_val[target]
+    best, best_val = 0.0, dict(pre_val)
     for lam in lambdas:
         v = prep.evaluate(delta.apply_to(prep.pretrained, -lam), "val")
-        if all(v[c] >= CONTROL_KEEP * pre_val[c] for c in controls) and v[target] < best_acc:
-            best, best_acc = lam, v[target]
+        if all(v[c] >= CONTROL_KEEP * pre_val[c] for c in controls) and v[target] < best_val[target]:
+            best, best_val = lam, v
     test = prep.evaluate(delta.apply_to(prep.pretrained, -best), "test")
-    return {"lambda": best, "target": test[target], "controls": {c: test[c] for c in controls}}
+    return {"lambda": best, "target": test[target], "controls": {c: test[c] for c in controls},
+            "val": {"target": best_val[target], "controls": {c: best_val[c] for c in controls}}}
 
 
 def run_method(prep: Prepared, method: str, params: dict[str, object], lambdas: Sequence[float] = LAMBDAS) -> dict[str, object]:
