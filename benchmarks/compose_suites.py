@@ -317,7 +317,8 @@ def main() -> None:
                          "for a TrainConfig option (train.bias_lr=2e-2); repeatable")
     ap.add_argument("--tag", default="", help="names the runs of a --set variant: <preset>+<tag>")
     ap.add_argument("--tuned", action="store_true",
-                    help="per preset, the lr, epochs and KL weight of its best run under compose_<suite>_tune")
+                    help="per preset, the lr, epochs, KL weight and --set options of its best run under "
+                         "compose_<suite>_tune")
     ap.add_argument("--holdout", type=float, default=None,
                     help="tuning: train on the rest of the validation data, score on this fraction of it "
                          "(results under compose_<suite>_tune; test never used)")

@@ -101,8 +101,9 @@ def test_weight_decay_only_on_weight_matrices(toy) -> None:
 
 def test_dropout_trains_and_evaluates_deterministically(toy) -> None:
     cfg = preset("variational", posterior={"dropout": 0.5})
-    c = _train(toy, "variational", epochs=2)
-    assert c.coef.net.drop.p == 0.0
+    c = build_composer(copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, toy.train.features.shape[1],
+                       preset("variational"))
+    assert c.coef.net.drop.p == 0.0  # off by default
     cd = train_composer(copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, toy.train,
                         ComposeTrainConfig(composer=cfg, train=TrainConfig(epochs=4, batch_size=32, lr=1e-2,
                                                                            progress=False, dtype="float64")))
