@@ -34,6 +34,14 @@ takes, per preset, the lr / epochs / KL weight / --set options of its best held-
     python3 benchmarks/compose_suites.py vision-4 --holdout 0.3 --seeds 0 --presets variational \
         --lr 1e-3 --kl-weight 1e-4 --tag kl1e-4-lr1e-3
     python3 benchmarks/compose_suites.py vision-4 --static .../results.json --tuned --mc 4
+
+With small validation splits one held-out part decides by a few items; `--folds K` instead trains
+every variant K times, holding out each 1/K of the validation splits once (K-fold cross-validation,
+`taskvec.variational.holdout_split`; results under compose_<suite>_cvK), and `--tuned cvK` takes
+the variant with the best held-out accuracy averaged over its folds:
+
+    python3 benchmarks/compose_suites.py text-3 --folds 3 --seeds 0 --presets atlas_block --lr 2e-2 --tag lr2e-2
+    python3 benchmarks/compose_suites.py text-3 --static .../results.json --tuned cv3
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ from taskvec.variational import (  # noqa: E402
     ComposeTrainConfig,
     TrainConfig,
     evaluate_composer,
+    holdout_split,
     train_composer,
 )
 
@@ -115,34 +124,24 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def holdout_split(val: Any, frac: float) -> tuple[Any, Any]:
-    """The validation data cut in two, per task, with a fixed seed (0): (fit part, held-out part).
-    Hyperparameters are chosen on the held-out part; the test splits are never looked at."""
-    g = torch.Generator().manual_seed(0)
-    fit_idx, held_idx = [], []
-    for t in torch.unique(val.tasks).tolist():
-        idx = (val.tasks == t).nonzero().squeeze(1)
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        k = max(1, round(frac * len(idx)))
-        held_idx.append(idx[:k])
-        fit_idx.append(idx[k:])
-    fit_i, held_i = torch.cat(fit_idx).sort().values, torch.cat(held_idx).sort().values
-    return val.batch(fit_i), val.batch(held_i)
-
-
 def tuned(folder: Path, preset: str) -> dict[str, Any]:
-    """lr, epochs, KL weight and --set options of `preset`'s best run (mean held-out accuracy) in a --holdout folder."""
+    """lr, epochs, KL weight and --set options of `preset`'s best variant (label) in a tuning folder:
+    the highest held-out accuracy, averaged over that variant's runs (seeds and folds)."""
     runs = [json.loads(f.read_text()) for f in (folder / "runs").glob("*.json")]
     runs = [r for r in runs if r["preset"] == preset]
     if not runs:
         raise SystemExit(f"--tuned: no tuning run of {preset!r} under {folder}; run with --holdout first")
-    # ties (the held-out split is small) go to the run with the fewest extra --set options, then by label
-    runs.sort(key=lambda r: (len(r.get("set", [])), r.get("label", preset)))
-    best = max(runs, key=lambda r: statistics.fmean(r["test"].values()))
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_label.setdefault(r.get("label", preset), []).append(r)
+    score = {lab: statistics.fmean(statistics.fmean(r["test"].values()) for r in rs) for lab, rs in by_label.items()}
+    # ties (held-out splits are small) go to the variant with the fewest extra --set options, then by label
+    order = sorted(by_label, key=lambda lab: (len(by_label[lab][0].get("set", [])), lab))
+    lab = max(order, key=lambda x: score[x])
+    best = by_label[lab][0]
     cfg = best["config"]
     return {"lr": cfg["train"]["lr"], "epochs": cfg["train"]["epochs"], "kl_weight": cfg["composer"]["kl_weight"],
-            "set": best.get("set", []), "from": best.get("label", preset),
-            "heldout": statistics.fmean(best["test"].values())}
+            "set": best.get("set", []), "from": lab, "heldout": score[lab], "runs": len(by_label[lab])}
 
 
 def run_one(prep: Any, tvs: list[Any], tv_names: list[str], val: Any, test: Any, name: str, seed: int,
@@ -210,10 +209,12 @@ def welch_lines(runs: dict[str, list[dict[str, Any]]], ref: str = "variational")
 
 def summarize(suite: str, names: list[str], ft: dict[str, float], runs: dict[str, list[dict[str, Any]]],
               static: dict[str, Any] | None, bank: dict[str, Any], holdout: float | None = None) -> str:
-    head = "| method | seeds | " + " | ".join(names) + " | avg | avg normalized |"
     what = (f"held-out validation accuracy ({100 * holdout:.0f} % of each validation split; normalized by the "
             "fine-tuned accuracy on the whole validation split)" if holdout else "test accuracy")
-    lines = [f"### {suite}: learned composition, {what} (%), mean ± sd over seeds", "",
+    cv = any("fold" in r for rs in runs.values() for r in rs)
+    over = "runs (seeds × cross-validation folds)" if cv else "seeds"
+    head = f"| method | {'runs' if cv else 'seeds'} | " + " | ".join(names) + " | avg | avg normalized |"
+    lines = [f"### {suite}: learned composition, {what} (%), mean ± sd over {over}", "",
              head, "|" + "---|" * (len(names) + 4)]
 
     def norm(acc: dict[str, float]) -> float:
@@ -316,12 +317,15 @@ def main() -> None:
                     help="composer option, dotted for nested ones (prior.pi=0.9, gate.kind=none), or train.KEY "
                          "for a TrainConfig option (train.bias_lr=2e-2); repeatable")
     ap.add_argument("--tag", default="", help="names the runs of a --set variant: <preset>+<tag>")
-    ap.add_argument("--tuned", action="store_true",
-                    help="per preset, the lr, epochs, KL weight and --set options of its best run under "
-                         "compose_<suite>_tune")
+    ap.add_argument("--tuned", nargs="?", const="tune", default=None, metavar="FOLDER",
+                    help="per preset, the lr, epochs, KL weight and --set options of its best variant under "
+                         "compose_<suite>_FOLDER (default 'tune'; 'cv3' for --folds 3)")
     ap.add_argument("--holdout", type=float, default=None,
                     help="tuning: train on the rest of the validation data, score on this fraction of it "
                          "(results under compose_<suite>_tune; test never used)")
+    ap.add_argument("--folds", type=int, default=None,
+                    help="tuning by K-fold cross-validation of the validation splits: every variant is trained "
+                         "K times, each fold held out once (results under compose_<suite>_cvK)")
     ap.add_argument("--mc", type=int, default=0, help="also score variational runs with this many posterior samples")
     ap.add_argument("--bank", type=int, default=None, help="use the M bases of a cluster bank as task vectors")
     ap.add_argument("--static", type=Path, default=None, help="results.json of `taskvec bench run SUITE` (TA, TIES rows)")
@@ -335,43 +339,52 @@ def main() -> None:
     base = f"compose_{args.suite}" + (f"_bank{args.bank}" if args.bank else "")
     args.hp = {}
     if args.tuned:
-        tune_dir = args.out / f"{base}_tune"
+        tune_dir = args.out / f"{base}_{args.tuned}"
         if args.bank and not tune_dir.exists():
-            tune_dir = args.out / f"compose_{args.suite}_tune"  # the full task vectors' choice
+            tune_dir = args.out / f"compose_{args.suite}_{args.tuned}"  # the full task vectors' choice
         args.hp = {p: tuned(tune_dir, p) for p in args.presets}
         for p, h in args.hp.items():
             print(f"{p}: lr {h['lr']}, epochs {h['epochs']}, KL weight {h['kl_weight']}, set {h['set']} "
-                  f"(best held-out run {h['from']}: {100 * h['heldout']:.2f} %)")
+                  f"(best held-out variant {h['from']}, {h['runs']} runs: {100 * h['heldout']:.2f} %)")
     static_r = json.loads(args.static.read_text()) if args.static else None
     if args.init_coef is None and static_r is not None:
         args.init_coef = float(static_r["methods"]["task_arithmetic"]["lambda"])
         print(f"initial coefficients: task arithmetic's validated λ = {args.init_coef}")
-    folder = args.out / (base + ("_tune" if args.holdout else ""))
+    if args.folds:
+        if args.holdout:
+            raise SystemExit("--folds and --holdout: choose one (--folds K holds out 1/K per fold)")
+        args.holdout = 1.0 / args.folds
+    folder = args.out / (base + (f"_cv{args.folds}" if args.folds else "_tune" if args.holdout else ""))
     prep = prepare(get_suite(args.suite))
     names = list(prep.tasks)
     ft = prep.finetuned_accuracy("val" if args.holdout else "test")
     tvs, tv_names, bank = task_vectors(prep, args.bank, folder)
     val, test = (None, None) if args.summarize_only else (suite_data(prep, "val"), suite_data(prep, "test"))
-    if args.holdout and val is not None:
-        val, test = holdout_split(val, args.holdout)
-        print(f"tuning: fit on {len(val)} validation items, score on {len(test)} held-out validation items")
+    folds: list[int | None] = list(range(args.folds)) if args.folds else [None]
+    splits: dict[int | None, tuple[Any, Any]] = {}
+    if val is not None:
+        for f in folds:
+            splits[f] = holdout_split(val, args.holdout, f or 0) if args.holdout else (val, test)
+        if args.holdout:
+            print(f"tuning: fit on {len(splits[folds[0]][0])} validation items, score on {len(splits[folds[0]][1])} "
+                  f"held-out validation items" + (f", {args.folds} folds" if args.folds else ""))
     runs: dict[str, list[dict[str, Any]]] = {}
     label = {p: p + (f"+{args.tag}" if args.tag else "") for p in args.presets}
-    plan = [(p, seed) for p in args.presets for seed in args.seeds]
-    if args.summarize_only:  # every saved run, in preset order (PRESETS), then seed order
+    if args.summarize_only:  # every saved run, in preset order (PRESETS), then seed and fold order
         saved = [json.loads(f.read_text()) for f in (folder / "runs").glob("*.json")]
         order = list(PRESETS)
-        plan = sorted({(r["preset"], r["seed"], r.get("label", r["preset"])) for r in saved},
-                      key=lambda ps: (order.index(ps[0]), ps[2], ps[1]))
+        plan = sorted({(r["preset"], r["seed"], r.get("label", r["preset"]), r.get("fold")) for r in saved},
+                      key=lambda ps: (order.index(ps[0]), ps[2], ps[1], ps[3] or 0))
     else:
-        plan = [(p, seed, label[p]) for p, seed in plan]
-    for p, seed, lab in plan:
-        path = folder / "runs" / f"{lab}-s{seed}.json"
+        plan = [(p, seed, label[p], f) for p in args.presets for seed in args.seeds for f in folds]
+    for p, seed, lab, f in plan:
+        fold_tag = "" if f is None else f"-f{f}"
+        path = folder / "runs" / f"{lab}-s{seed}{fold_tag}.json"
         if path.exists():
             r = json.loads(path.read_text())
         else:
-            print(f"[{time.strftime('%H:%M:%S')}] {args.suite}: {lab} seed {seed}", flush=True)
-            r = run_one(prep, tvs, tv_names, val, test, p, seed, args)
+            print(f"[{time.strftime('%H:%M:%S')}] {args.suite}: {lab} seed {seed}{fold_tag}", flush=True)
+            r = run_one(prep, tvs, tv_names, *splits[f], p, seed, args)
             r["task_vectors"] = tv_names
             r["label"] = lab
             r["set"] = args.hp.get(p, {}).get("set", []) + args.set
@@ -379,9 +392,11 @@ def main() -> None:
                 r["tuned_from"] = args.hp[p]["from"]
             if args.holdout:
                 r["holdout"] = args.holdout
+            if f is not None:
+                r["fold"] = f
             write_json(path, r)
         runs.setdefault(lab, []).append(r)
-        print(f"  {lab} s{seed}: mean {100 * statistics.fmean(r['test'].values()):.2f} "
+        print(f"  {lab} s{seed}{fold_tag}: mean {100 * statistics.fmean(r['test'].values()):.2f} "
               f"({r['train_seconds']:.0f} s train)", flush=True)
     static = static_r if not (args.bank or args.holdout) else None
     md = summarize(args.suite, names, ft, runs, static, bank, args.holdout)

@@ -17,6 +17,7 @@ from taskvec.variational import (
     TrainConfig,
     build_composer,
     evaluate_composer,
+    holdout_split,
     load_composer,
     preset,
     save_composer,
@@ -189,3 +190,28 @@ def test_compute_features_matches_backbone(toy) -> None:
 
     f0 = compute_features(toy.backbone, toy.test.inputs, batch_size=100)
     torch.testing.assert_close(f0, toy.test.features)
+
+
+def test_holdout_split_folds_partition_each_task() -> None:
+    """K folds of frac 1/K: held-out parts are disjoint, cover every item, keep each task's share,
+    and never overlap their fit part; labels carry the item index to track rows."""
+    counts = [10, 7, 12]
+    tasks = torch.cat([torch.full((n,), t) for t, n in enumerate(counts)])
+    n = len(tasks)
+    data = ComposeData(torch.randn(n, 3), torch.randn(n, 4), tasks, torch.arange(n))
+    held_all = []
+    for fold in range(3):
+        fit, held = holdout_split(data, 1 / 3, fold)
+        fit_ids, held_ids = set(fit.labels.tolist()), set(held.labels.tolist())
+        assert not fit_ids & held_ids and len(fit_ids | held_ids) == n
+        assert torch.equal(held.features, data.features[held.labels])  # rows travel with their features
+        for t, c in enumerate(counts):
+            k = round(c / 3)
+            assert int((held.tasks == t).sum()) == (k if fold < 2 else c - 2 * k)  # last fold: the rest
+        held_all += held.labels.tolist()
+    assert sorted(held_all) == list(range(n))
+    assert torch.equal(holdout_split(data, 0.3)[1].labels, holdout_split(data, 0.3, 0)[1].labels)
+    with pytest.raises(ValueError, match="no fold 4"):
+        holdout_split(data, 1 / 3, 4)
+    with pytest.raises(ValueError, match="frac"):
+        holdout_split(data, 1.0)

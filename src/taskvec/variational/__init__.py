@@ -17,7 +17,7 @@ from taskvec.variational.config import (
     TrainConfig,
     preset,
 )
-from taskvec.variational.data import ComposeData, compute_features
+from taskvec.variational.data import ComposeData, compute_features, holdout_split
 from taskvec.variational.engine import ComposedModel, default_forward
 from taskvec.variational.posterior import (
     DeterministicCoefficients,
@@ -53,6 +53,7 @@ __all__ = [
     "default_forward",
     "evaluate_composer",
     "fit",
+    "holdout_split",
     "load_composer",
     "make_blocks",
     "preset",

@@ -48,6 +48,30 @@ class ComposeData:
         return ComposeData(inputs, feats, self.tasks[index].to(device), labels)
 
 
+def holdout_split(data: ComposeData, frac: float, fold: int = 0, seed: int = 0) -> tuple[ComposeData, ComposeData]:
+    """(fit part, held-out part) of a composer's training data, cut per task from one seeded
+    permutation, to choose training settings without touching test data. Fold f holds out the f-th
+    slice of k = round(frac * n_task) items, and fold round(1/frac) - 1 also takes the remainder, so
+    with frac = 1/K folds 0..K-1 hold out disjoint parts that cover every task's data (K-fold
+    cross-validation)."""
+    if not 0.0 < frac < 1.0:
+        raise ValueError(f"holdout_split: frac must lie in (0, 1), got {frac}")
+    g = torch.Generator().manual_seed(seed)
+    fit_idx, held_idx = [], []
+    for t in torch.unique(data.tasks).tolist():
+        idx = (data.tasks == t).nonzero().squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n = len(idx)
+        k = max(1, round(frac * n))
+        folds = max(1, round(1 / frac))  # the last fold also takes the remainder, so the folds cover all n
+        if not 0 <= fold < folds or fold * k >= n:
+            raise ValueError(f"holdout_split: task {t} has {n} items, so held-out parts of {k} have no fold {fold}")
+        lo, hi = fold * k, (n if fold == folds - 1 else (fold + 1) * k)
+        held_idx.append(idx[lo:hi])
+        fit_idx.append(torch.cat([idx[:lo], idx[hi:]]))
+    return data.batch(torch.cat(fit_idx).sort().values), data.batch(torch.cat(held_idx).sort().values)
+
+
 def _cast(x: Any, dtype: torch.dtype) -> Any:
     if isinstance(x, Mapping):
         return {k: _cast(v, dtype) for k, v in x.items()}
