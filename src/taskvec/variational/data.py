@@ -56,6 +56,7 @@ def holdout_split(data: ComposeData, frac: float, fold: int = 0, seed: int = 0) 
     cross-validation)."""
     if not 0.0 < frac < 1.0:
         raise ValueError(f"holdout_split: frac must lie in (0, 1), got {frac}")
+    folds = max(1, round(1 / frac))  # the last fold also takes the remainder, so the folds cover all items
     g = torch.Generator().manual_seed(seed)
     fit_idx, held_idx = [], []
     for t in torch.unique(data.tasks).tolist():
@@ -63,7 +64,6 @@ def holdout_split(data: ComposeData, frac: float, fold: int = 0, seed: int = 0) 
         idx = idx[torch.randperm(len(idx), generator=g)]
         n = len(idx)
         k = max(1, round(frac * n))
-        folds = max(1, round(1 / frac))  # the last fold also takes the remainder, so the folds cover all n
         if not 0 <= fold < folds or fold * k >= n:
             raise ValueError(f"holdout_split: task {t} has {n} items, so held-out parts of {k} have no fold {fold}")
         lo, hi = fold * k, (n if fold == folds - 1 else (fold + 1) * k)
