@@ -86,10 +86,9 @@ frozen features f₀(x) names the task of a vision-4 input 99.8 % of the time bu
 only 58.8 % (chance 33 %; still 65.6 % when fitted on all 4,450 training items instead), since text-3's three tasks are disjoint groups of categories from one
 source of short texts. A per-input α(x) then has little to route on, and with 200 labelled items
 per task its input dependence fits noise. On this suite no learned method, shared or per input,
-improves on task arithmetic, and the last tables of this section measure why no per-input composer
-can: routing
-text-3's inputs by their task, with a classifier fitted on 7× more data than the composers get,
-is worth at most 0.2 points there (10.7 on vision-4).
+improves on task arithmetic. The last tables of this section measure why: routing text-3's inputs
+by their task, with a classifier fitted on 7× more data than the composers get, is worth at most
+0.2 points there (10.7 on vision-4).
 """
 
 CEILING = """### What per-input routing is worth on each suite
@@ -103,10 +102,12 @@ the same for every block, and the composed model is run by the library's exact p
 **Reading.** text-3: the variant chosen on validation (boost s = 1, +1.3 points there) gives
 +0.00 on test, and the best of the eight on test, picked on test and so an optimistic bound,
 +0.17 (three items in 1,800), while perfect routing would give +2.1. Routing text-3 inputs by
-f₀(x) is worth at most about 0.2 points, less than one item per task, so no sample-specific
-composer, the variational one or any other trained on f₀(x), can beat shared coefficients there
-by a margin that seeds' spread would confirm: the text-3 half of this section's bar is out of
-reach on this suite. vision-4: the same recipe reaches 90.5 % (+10.7, 0.05 below the oracle), four points
+f₀(x) is worth at most about 0.2 points, less than one item per task. Task routing is the
+mechanism behind the vision-4 gain (heatmap above); a per-input, per-block α(x) could in principle
+exploit something else in f₀(x), but no composer trained here found it (none gains on held-out
+data or on test). So on this suite the text-3 half of this section's bar (a per-input composer
+ahead of shared coefficients by a margin the seeds' spread confirms) is out of reach: the room is
+0.2 points at best. vision-4: the same recipe reaches 90.5 % (+10.7, 0.05 below the oracle), four points
 above the variational composer (86.5): routing is worth much there, and the learned composer
 captures about 60 % of it (+6.7 of the +10.7).
 """
