@@ -104,8 +104,8 @@ the same for every block, and the composed model is run by the library's exact p
 +0.17 (three items in 1,800), while perfect routing would give +2.1. Routing text-3 inputs by
 f₀(x) is worth at most about 0.2 points, less than one item per task. Task routing is the
 mechanism behind the vision-4 gain (heatmap above); a per-input, per-block α(x) could in principle
-exploit something else in f₀(x), but no composer trained here found it (none gains on held-out
-data or on test). So on this suite the text-3 half of this section's bar (a per-input composer
+exploit something else in f₀(x), but no composer trained here found it (none gained more than an
+item or two over task arithmetic on held-out data, nor anything on test). So on this suite the text-3 half of this section's bar (a per-input composer
 ahead of shared coefficients by a margin the seeds' spread confirms) is out of reach: the room is
 0.2 points at best. vision-4: the same recipe reaches 90.5 % (+10.7, 0.05 below the oracle), four points
 above the variational composer (86.5): routing is worth much there, and the learned composer
