@@ -30,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from taskvec.bench.compose import _parts, suite_composer, suite_data  # noqa: E402
+from taskvec.bench.compose import suite_composer, suite_data, task_parts  # noqa: E402
 from taskvec.bench.models import forward_features  # noqa: E402
 from taskvec.bench.run import prepare  # noqa: E402
 from taskvec.bench.suites import get_suite  # noqa: E402
@@ -72,7 +72,7 @@ def ceiling(suite: str, lam: float | None) -> dict[str, object]:
         lam = float(static["methods"]["task_arithmetic"]["lambda"])
     train = suite_data(prep, "train", labels=False)
     clf = LogisticRegression(C=1.0, max_iter=5000).fit(train.features.numpy(), train.tasks.numpy())
-    tvs, heads = _parts(prep)
+    tvs, heads = task_parts(prep)
     composer = build_composer(prep.backbone, tvs, heads, train.features.shape[1], suite_composer("atlas_block"),
                               forward_fn=forward_features, task_names=list(prep.tasks))
     rows: dict[str, dict[str, list[float]]] = {}

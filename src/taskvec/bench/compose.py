@@ -74,7 +74,8 @@ def suite_data(prep: Prepared, split: str, labels: bool = True) -> ComposeData:
     return ComposeData(inputs, feats, tasks, y)
 
 
-def _parts(prep: Prepared) -> tuple[list[Any], list[torch.nn.Module]]:
+def task_parts(prep: Prepared) -> tuple[list[Any], list[torch.nn.Module]]:
+    """The suite's task vectors and frozen heads, in task order."""
     names = list(prep.tasks)
     return [prep.task_vector(t) for t in names], [prep.heads[t] for t in names]
 
@@ -85,7 +86,7 @@ def train_on_suite(cfg: ComposeRunConfig, out: Path, *, overwrite: bool = False)
     tcfg = cfg.train_config()
     entropy = tcfg.composer.objective == "entropy"
     data = suite_data(prep, "test", labels=False) if entropy else suite_data(prep, "val")
-    tvs, heads = _parts(prep)
+    tvs, heads = task_parts(prep)
     composer = train_composer(prep.backbone, tvs, heads, data, tcfg, forward_fn=forward_features, task_names=list(prep.tasks))
     save_composer(composer, out, overwrite=overwrite)
     return composer, evaluate_on_suite(composer, prep, tcfg.train.eval_mode, tcfg.train.eval_samples), prep
@@ -97,7 +98,7 @@ def evaluate_on_suite(composer: Composer, prep: Prepared, mode: str = "determini
 
 def load_on_suite(path: Path, suite: str, cache: Path | None = None) -> tuple[Composer, Prepared]:
     prep = prepare(get_suite(suite), cache)
-    tvs, heads = _parts(prep)
+    tvs, heads = task_parts(prep)
     return load_composer(path, prep.backbone, tvs, heads, forward_fn=forward_features), prep
 
 
