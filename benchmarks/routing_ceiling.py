@@ -35,31 +35,18 @@ from taskvec.bench.models import forward_features  # noqa: E402
 from taskvec.bench.run import prepare  # noqa: E402
 from taskvec.bench.suites import get_suite  # noqa: E402
 from taskvec.io.atomic import write_text_atomic  # noqa: E402
-from taskvec.variational import ComposeData, Composer  # noqa: E402
+from taskvec.variational import evaluate_composer  # noqa: E402
 from taskvec.variational.train import build_composer  # noqa: E402
 
 STEPS = (0.25, 0.5, 1.0, 2.0)
 
 
-def routed_accuracy(composer: Composer, data: ComposeData, alpha_t: torch.Tensor, batch_size: int = 128) -> list[float]:
-    """Per-task accuracy (%) with per-sample coefficients alpha_t (N, T), the same for every block."""
-    t, b = composer.model.num_tasks, composer.model.num_blocks
-    preds = torch.empty(len(data), dtype=torch.long)
-    with torch.no_grad():
-        for index in torch.arange(len(data)).split(batch_size):
-            batch = data.batch(index, "cpu", torch.float32)
-            alpha = alpha_t[index][:, :, None].expand(-1, t, b).contiguous()
-            for _, idx, logits in composer.logits(batch.inputs, alpha, batch.tasks):
-                preds[index[idx]] = logits.argmax(-1)
-    assert data.labels is not None
-    return [100 * float((preds[data.tasks == k] == data.labels[data.tasks == k]).double().mean()) for k in range(t)]
-
-
-def variants(p: torch.Tensor, lam: float) -> dict[str, torch.Tensor]:
+def variants(p: torch.Tensor, lam: float) -> dict[str, tuple[float, torch.Tensor]]:
+    """name -> (strength s, per-sample coefficients (N, T)); s = 0 is task arithmetic."""
     n, t = p.shape
-    out = {"task arithmetic": torch.full((n, t), lam)}
-    out |= {f"mix s={s:g}": (1 - s) * lam + s * p for s in STEPS}
-    out |= {f"boost s={s:g}": lam + s * (p - 1 / t) for s in STEPS}
+    out = {"task arithmetic": (0.0, torch.full((n, t), lam))}
+    out |= {f"mix s={s:g}": (s, (1 - s) * lam + s * p) for s in STEPS}
+    out |= {f"boost s={s:g}": (s, lam + s * (p - 1 / t)) for s in STEPS}
     return out
 
 
@@ -81,13 +68,17 @@ def ceiling(suite: str, lam: float | None) -> dict[str, object]:
         data = suite_data(prep, split)
         p = torch.tensor(clf.predict_proba(data.features.numpy()), dtype=torch.float32)
         routing[split] = 100 * float((p.argmax(1) == data.tasks).double().mean())
-        named = variants(p, lam) | {"oracle (true task)": torch.nn.functional.one_hot(data.tasks, p.shape[1]).float()}
-        for name, a in named.items():
-            rows.setdefault(name, {})[split] = routed_accuracy(composer, data, a)
+        named = variants(p, lam)
+        steps = {name: s for name, (s, _) in named.items()}
+        named["oracle (true task)"] = (1.0, torch.nn.functional.one_hot(data.tasks, p.shape[1]).float())
+        for name, (_, a) in named.items():
+            alpha = a[:, :, None].expand(-1, -1, composer.model.num_blocks)  # the same coefficient for every block
+            acc = evaluate_composer(composer, data, coefficients=alpha, batch_size=128).accuracy
+            rows.setdefault(name, {})[split] = [100 * acc[k] for k in range(len(acc))]
             print(f"{suite} {split} {name}: {sum(rows[name][split]) / len(rows[name][split]):.2f}", flush=True)
     avg = {name: {s: sum(v) / len(v) for s, v in r.items()} for name, r in rows.items()}
-    routed = [n for n in avg if n not in ("task arithmetic", "oracle (true task)")]
-    chosen = max(routed, key=lambda n: (avg[n]["val"], -STEPS.index(float(n.split("=")[1]))))
+    routed = [n for n in steps if n != "task arithmetic"]
+    chosen = max(routed, key=lambda n: (avg[n]["val"], -steps[n]))  # ties: the weaker routing
     best_test = max(routed, key=lambda n: avg[n]["test"])
     return {"suite": suite, "tasks": list(prep.tasks), "lambda": lam, "routing_accuracy": routing,
             "n_train": len(train.tasks), "rows": rows, "avg": avg, "chosen_on_val": chosen, "best_on_test": best_test}

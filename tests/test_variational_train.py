@@ -216,3 +216,29 @@ def test_holdout_split_folds_partition_each_task() -> None:
         holdout_split(data, 1 / 3, 4)
     with pytest.raises(ValueError, match="frac"):
         holdout_split(data, 1.0)
+
+
+def test_evaluate_given_coefficients(toy) -> None:
+    """Coefficients passed in are the ones scored: the composer's own give its predictions; zero gives
+    the pretrained backbone with each task's head; one-hot on a sample's own task gives that task's
+    fine-tuned model (computed here independently, with torch.func.functional_call)."""
+    c = _train(toy, "variational", epochs=2)
+    n, t, b = len(toy.test), c.model.num_tasks, c.model.num_blocks
+    own = c.coefficients(toy.test.features)
+    assert torch.equal(evaluate_composer(c, toy.test, coefficients=own).predictions,
+                       evaluate_composer(c, toy.test).predictions)
+    with torch.no_grad():
+        f = toy.backbone(toy.test.inputs)
+        base = torch.stack([toy.heads[k](f[i]).argmax() for i, k in enumerate(toy.test.tasks.tolist())])
+        theta0 = toy.backbone.state_dict()
+        finetuned = [{key: w + tv[key] for key, w in theta0.items()} for tv in toy.task_vectors]
+        tuned = torch.stack([toy.heads[k](torch.func.functional_call(toy.backbone, finetuned[k], (toy.test.inputs[i],)))
+                             .argmax() for i, k in enumerate(toy.test.tasks.tolist())])
+    assert torch.equal(evaluate_composer(c, toy.test, coefficients=torch.zeros(t, b)).predictions, base)
+    onehot = torch.nn.functional.one_hot(toy.test.tasks, t).double()[:, :, None].expand(n, t, b)
+    assert torch.equal(evaluate_composer(c, toy.test, coefficients=onehot).predictions, tuned)
+    assert not torch.equal(base, tuned)  # the two references differ, so the checks above tell them apart
+    with pytest.raises(ConfigError, match="shape"):
+        evaluate_composer(c, toy.test, coefficients=torch.zeros(n - 1, t, b))
+    with pytest.raises(ConfigError, match="deterministic"):
+        evaluate_composer(c, toy.test, mode="mc", coefficients=own)

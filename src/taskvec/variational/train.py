@@ -321,11 +321,16 @@ def evaluate_composer(
     samples: int = 8,
     batch_size: int = 256,
     seed: int = 0,
+    coefficients: torch.Tensor | None = None,
 ) -> EvalResult:
     """Predictions with each sample's task head. mode 'deterministic': alpha*(x) = gate * mu, one
-    forward; 'mc': average of the heads' probabilities over `samples` posterior draws."""
+    forward; 'mc': average of the heads' probabilities over `samples` posterior draws.
+    `coefficients`, per sample (N, T, B) or shared (T, B), are used instead of the composer's own
+    (deterministic mode only): scores hand-set or externally computed coefficients."""
     if mode not in ("deterministic", "mc"):
         raise ConfigError(f"evaluation mode must be 'deterministic' or 'mc', not {mode!r}")
+    if coefficients is not None and mode != "deterministic":
+        raise ConfigError("evaluate_composer: given `coefficients` are scored in mode 'deterministic' only")
     ref = next(iter(composer.coef.parameters()))
     device, dtype = ref.device, ref.dtype
     composer.eval()
@@ -336,9 +341,15 @@ def evaluate_composer(
     active = torch.zeros(n_heads, dtype=torch.float64)
     count = torch.zeros(n_heads, dtype=torch.float64)
     channels = getattr(composer.coef, "noise_channels", 0)
+    if coefficients is not None and tuple(coefficients.shape) not in ((t, b), (n, t, b)):
+        raise ConfigError(f"evaluate_composer: coefficients of shape {tuple(coefficients.shape)}; expected "
+                          f"({t}, {b}) shared or ({n}, {t}, {b}) per sample (tasks, blocks, samples of the data)")
     for index in torch.arange(n).split(batch_size):
         batch = data.batch(index, device, dtype)
-        alpha = composer.coefficients(batch.features)
+        if coefficients is None:
+            alpha = composer.coefficients(batch.features)
+        else:
+            alpha = (coefficients if coefficients.dim() == 2 else coefficients[index]).to(device, dtype)
         if mode == "mc" and channels:
             noise = sample_noise(index, -1, seed, samples, channels, (t, b), dtype, device)
             draws = list(composer.coef.sample(batch.features, noise).unbind(0))
