@@ -213,3 +213,20 @@ def compose(
     except TaskVecError as e:
         _fail(e)
     console.print(f"{tv.name}: wrote [bold]{path}[/]")
+
+
+@app.command()
+def verify(
+    bank_path: Annotated[Path, typer.Argument(metavar="BANK", help="a bank folder")],
+    rehash: Annotated[bool, typer.Option("--rehash", help="record the sha256 of the basis files as they are now "
+                                         "(banks written without checksums; only for a bank you trust)")] = False,
+) -> None:
+    """Check every basis file of a bank against the sha256, size and dtype in its manifest."""
+    from taskvec.bases.bank import verify_bank
+
+    try:
+        bank = verify_bank(bank_path, rehash=rehash)
+    except TaskVecError as e:
+        _fail(e)
+    what = "recorded the sha256 of" if rehash else "verified"
+    console.print(f"{bank.path}: {what} {bank.m} basis files ({_gib(bank.memory().bases_files)}); the bank is sound")

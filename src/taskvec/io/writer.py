@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
 
 import torch
 
 from taskvec.errors import ConfigError, ShapeMismatchError
-from taskvec.io.atomic import replace_path
+from taskvec.io.atomic import atomic_path, check_output
 from taskvec.io.safetensors_file import TensorSpec, encode_header
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -71,19 +72,22 @@ class CheckpointWriter:
         overwrite: bool = False,
         index_name: str = "model.safetensors.index.json",
         prefix: str = "model",
+        inputs: Iterable[str | os.PathLike[str] | None] = (),
     ):
         self.out = Path(out)
         self.specs = dict(specs)
-        self.metadata = {"format": "pt", **(metadata or {})}
+        self.metadata = {"format": "pt", "taskvec": "checkpoint", **(metadata or {})}
         self.single_file = self.out.suffix == ".safetensors"
-        if self.out.exists() and not overwrite:
-            raise ConfigError(f"{self.out}: already exists (pass overwrite/--force to replace it)")
+        self.overwrite = overwrite
+        self.inputs = list(inputs)
+        check_output(self.out, overwrite=overwrite, inputs=self.inputs)
         self.shards = [list(self.specs)] if self.single_file else plan_shards(self.specs, max_shard_bytes)
         n = len(self.shards)
         self.names = [self.out.name] if self.single_file else [
             f"{prefix}.safetensors" if n == 1 else f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
         ]
         self.index_name = index_name
+        self._atomic: AbstractContextManager[Path] | None = None
         self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
         self._order = [k for shard in self.shards for k in shard]
         self._shard_of = {k: i for i, shard in enumerate(self.shards) for k in shard}
@@ -98,11 +102,9 @@ class CheckpointWriter:
         return list(self._order)
 
     def __enter__(self) -> CheckpointWriter:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        if self.single_file:
-            self._fh = None
-        else:
-            self.tmp.mkdir()
+        self._atomic = atomic_path(self.out, overwrite=self.overwrite, folder=not self.single_file, inputs=self.inputs)
+        self.tmp = self._atomic.__enter__()
+        self._fh = None
         return self
 
     def _open_shard(self, i: int) -> None:
@@ -156,15 +158,22 @@ class CheckpointWriter:
                 "weight_map": {k: self.names[self._shard_of[k]] for k in self._order},
             }
             (self.tmp / self.index_name).write_text(json.dumps(index, indent=2))
-        replace_path(self.tmp, self.out)
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> bool | None:
+        """Finish and rename into place (through `atomic_path`), or remove the temporary on error."""
+        assert self._atomic is not None
+        atomic, self._atomic = self._atomic, None
         try:
             if et is None:
                 self._finish()
-        finally:
-            if self._fh is not None:
-                self._fh.close()
-                self._fh = None
-            if self.tmp.exists():
-                shutil.rmtree(self.tmp) if self.tmp.is_dir() else self.tmp.unlink()
+        except BaseException as err:
+            self._close()
+            atomic.__exit__(type(err), err, err.__traceback__)
+            raise
+        self._close()
+        return atomic.__exit__(et, e, tb)
+
+    def _close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
