@@ -111,6 +111,7 @@ def build(
     from taskvec.bases.config import BasesConfig, load_bases_config, task_vectors_of
     from taskvec.config import DTYPES
     from taskvec.io import parse_size
+    from taskvec.io.atomic import check_output
 
     given = {"method": method, "m": m, "merge": merge, "merge_params": _params(merge_param) or None, "affinity": affinity,
              "max_m": max_m, "temperature": temperature, "steps": steps, "lr": lr, "normalize": normalize, "seed": seed,
@@ -138,6 +139,7 @@ def build(
                     msg = "; ".join(f"--{'.'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}" for err in e.errors())
                     raise ConfigError(msg) from None
                 raise
+        check_output(out, overwrite=force, inputs=[*inputs, cfg.base, *(t.task_vector or t.finetuned for t in cfg.tasks)])
         tvs, labels = task_vectors_of(cfg)
         bank = build_bank(
             tvs, labels, cfg.method, cfg.m, out=out, dtype=DTYPES[cfg.dtype] if cfg.dtype else None,
@@ -199,10 +201,12 @@ def compose(
     """BASE + COEF * (sum of the reconstructions of --add - those of --negate), streamed."""
     from taskvec.bases.bank import Bank
     from taskvec.config import DTYPES
+    from taskvec.io.atomic import check_output
 
     try:
         if dtype is not None and dtype not in DTYPES:
             raise ConfigError(f"--dtype: unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        check_output(out, overwrite=force, inputs=[bank_path, base])
         bank = Bank.load(bank_path)
         tv = bank.combine(add=_split(add), negate=_split(negate))
         dt = DTYPES[dtype] if dtype else None

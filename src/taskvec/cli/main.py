@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from taskvec.errors import TaskVecError
+from taskvec.io.atomic import check_output
 
 from taskvec.cli.common import Force, _fail, console
 
@@ -41,6 +42,7 @@ def extract(
     from taskvec.io import parse_size
 
     try:
+        check_output(out, overwrite=force, inputs=[pretrained, finetuned])
         tv = TaskVector.from_checkpoints(pretrained, finetuned, include=include, exclude=exclude)
         path = tv.save(out, dtype=_dtype(dtype), shard_size=parse_size(shard_size), overwrite=force, progress=True)
     except TaskVecError as e:
@@ -60,6 +62,7 @@ def merge(
 
     try:
         cfg = load_merge_config(config)
+        check_output(out, overwrite=force, inputs=[config, cfg.base, *(m.finetuned or m.task_vector for m in cfg.models)])
         path = merge_checkpoints(cfg, out, overwrite=force, progress=True)
     except TaskVecError as e:
         _fail(e)
@@ -79,6 +82,7 @@ def apply(
     from taskvec.core import TaskVector
 
     try:
+        check_output(out, overwrite=force, inputs=[base, task_vector])
         path = TaskVector.load(task_vector).apply_to(base, coef, out=out, dtype=_dtype(dtype), overwrite=force, progress=True)
     except TaskVecError as e:
         _fail(e)
