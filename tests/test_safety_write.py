@@ -27,7 +27,7 @@ ENV = {**os.environ, "COLUMNS": "1000", "PYTHONPATH": SRC + os.pathsep + os.envi
 
 def cli(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run `python -m taskvec ARGS` as a user would, in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "taskvec", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "taskvec", *map(str, args)], check=False, capture_output=True, text=True,
                           env=ENV, cwd=cwd, timeout=300)
 
 
@@ -120,11 +120,10 @@ def test_overwrite_is_checked_again_before_the_rename(tmp_path: Path) -> None:
 
     out = tmp_path / "out"
     w = CheckpointWriter(out, {"a": TensorSpec(shape=(4,), dtype=torch.float32)})
-    with pytest.raises(Exception, match="already exists"):
-        with w:
-            w.write("a", torch.ones(4))
-            out.mkdir()  # someone else created it meanwhile
-            (out / "theirs").write_text("x")
+    with pytest.raises(Exception, match="already exists"), w:
+        w.write("a", torch.ones(4))
+        out.mkdir()  # someone else created it meanwhile
+        (out / "theirs").write_text("x")
     assert (out / "theirs").read_text() == "x"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
@@ -370,7 +369,7 @@ def _mount(tmp_path: Path, opts: str) -> Path | None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mnt)],
-                                          capture_output=True).returncode != 0:
+                                          check=False, capture_output=True).returncode != 0:
         return None
     return mnt
 

@@ -67,7 +67,7 @@ class BasisEntry(Strict):
     file: str
     bytes: int = Field(ge=0, description="size on disk: the file, or every file of a shard folder")
     members: list[str] | None = None
-    sha256: str | None = Field(None, description="sha256 of the file (of a shard folder: of its files' names and sha256s)")
+    sha256: str | None = Field(default=None, description="sha256 of the file (of a shard folder: of its files' names and sha256s)")
 
     @field_validator("file")
     @classmethod

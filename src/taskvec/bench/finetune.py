@@ -34,10 +34,9 @@ def load_state(path: Path) -> dict[str, object]:
     """Resume state saved by `save_state`; refuses (without running it) anything but plain data."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a plain resume state, refused without loading it ({first}); "
-                              "delete it to restart this fine-tuning") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):
+        raise CheckpointError(f"{path}: not a plain resume state (it holds objects other than tensors and plain "
+                              "data, or is damaged), refused without loading it; delete it to restart this fine-tuning") from None
     if not isinstance(state, dict) or not {"model", "opt", "sched", "step"} <= set(state):
         raise CheckpointError(f"{path}: not a resume state of taskvec's fine-tuning; delete it to restart")
     return state

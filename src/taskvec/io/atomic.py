@@ -72,8 +72,9 @@ def _owned_entries(folder: Path) -> set[str] | None:
         return {MARKER, *(str(f).split("/")[0] for f in marker["files"])}
     manifest = _json(folder / "manifest.json")
     if isinstance(manifest, dict) and manifest.get("format") == "taskvec/bases-bank":
-        bases = manifest.get("bases") if isinstance(manifest.get("bases"), list) else []
-        return {"manifest.json", MARKER, *(str(b.get("file", "")).split("/")[0] for b in bases if isinstance(b, dict))}
+        bases = manifest.get("bases")
+        entries = bases if isinstance(bases, list) else []
+        return {"manifest.json", MARKER, *(str(b.get("file", "")).split("/")[0] for b in entries if isinstance(b, dict))}
     config = _json(folder / "config.json")
     if isinstance(config, dict) and config.get("format") == "taskvec/composer":
         return {"config.json", "coefficients.safetensors"}
@@ -205,7 +206,7 @@ def remove_stale(out: Path) -> list[Path]:
     A `.NAME.old-PID` (the previous output, moved aside just before its replacement was renamed in)
     is put back if `out` itself is missing, so an interrupted replacement never loses the old output.
     """
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(out.parent.iterdir())
     except OSError:
@@ -281,6 +282,11 @@ def atomic_path(
     """
     inputs = list(inputs)
     out = check_output(out, overwrite=overwrite, inputs=inputs, owned=owned)
+    for parent in Path(os.path.abspath(out)).parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise OutputError(f"{out}: cannot write, {parent} is a file, not a folder")
+            break
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import torch
 
@@ -93,7 +94,7 @@ class CheckpointWriter:
         self._shard_of = {k: i for i, shard in enumerate(self.shards) for k in shard}
         self._pos = 0  # index in _order of the tensor being written
         self._written = 0  # bytes written of that tensor
-        self._fh = None  # open file of the current shard
+        self._fh: BinaryIO | None = None  # open file of the current shard
         self._shard = -1
 
     @property
