@@ -471,3 +471,26 @@ def test_no_code_path_unpickles_arbitrary_objects() -> None:
                 continue
             bad.append(f"{p.relative_to(root)}: {call[:60]}")
     assert bad == []
+
+
+def test_sharded_bases_are_verified_file_by_file(tmp_path: Path, files) -> None:
+    tvs = []
+    for i in range(2):
+        tvs.append(tmp_path / f"tv{i}.safetensors")
+        assert runner.invoke(app, ["extract", str(files["base"]), str(files[f"ft{i}"]), "-o", str(tvs[-1])]).exit_code == 0
+    bank = tmp_path / "bank"
+    r = runner.invoke(app, ["bases", "build", *map(str, tvs), "-o", str(bank), "--method", "pca", "--m", "2", "--shard-size", "1KB"])
+    assert r.exit_code == 0, r.output
+    shards = sorted((bank / "basis-001").glob("*.safetensors"))
+    assert len(shards) > 1
+    assert runner.invoke(app, ["bases", "verify", str(bank)]).exit_code == 0
+    flip_byte(shards[-1])
+    r = cli("bases", "verify", bank)
+    assert r.returncode != 0 and "basis-001" in one_line(r)
+    # a shard replaced by a link to a file outside the bank: refused as corrupt before anything is read
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(shards[0], outside)
+    shards[0].unlink()
+    shards[0].symlink_to(outside)
+    r = cli("bases", "info", bank)
+    assert r.returncode != 0 and "outside the bank" in one_line(r)

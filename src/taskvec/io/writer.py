@@ -2,8 +2,9 @@
 
 Shapes and dtypes are known before any data is computed, so each shard's header is written
 first and tensor data is appended slice by slice: memory holds one slice, never a shard.
-Everything goes to a hidden temporary file or folder that is renamed into place only when
-complete, so an interrupted run never leaves a half-written output behind.
+Everything goes through `atomic_path`: a hidden temporary file or folder beside the output,
+locked against other writers and renamed into place only when complete, so an interrupted run
+never leaves a half-written output behind and `overwrite` replaces only what taskvec wrote.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class CheckpointWriter:
 
     Use as a context manager: call `write(key, data)` with the slices of each tensor in order;
     on clean exit the output is renamed into place, on error the temporary files are removed.
+    `inputs`: files the caller reads, which the output must not be, contain or lie inside.
     """
 
     def __init__(
@@ -141,11 +143,7 @@ class CheckpointWriter:
             raise RuntimeError(f"writer closed before tensor {self._order[self._pos]!r} was complete")
         if self._fh is None and self._order == []:
             self._open_shard(0)
-        if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-            self._fh = None
+        self._close()  # atomic_path fsyncs every file before the rename
         for i in range(len(self.shards)):  # shards that hold no data still need their header
             path = self.tmp / self.names[i] if not self.single_file else self.tmp
             if not path.exists():
