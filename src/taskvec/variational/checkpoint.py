@@ -51,7 +51,7 @@ def save_composer(composer: Composer, path: str | os.PathLike[str], *, overwrite
         "task_vector_norms": _norms(composer),
         "history": composer.history,
     }
-    with atomic_path(out, overwrite=overwrite, folder=True) as tmp:
+    with atomic_path(out, overwrite=overwrite, folder=True, marker=False) as tmp:  # config.json marks it
         state = {k: v.detach().cpu().contiguous() for k, v in composer.coef.state_dict().items()}
         save_file(state, str(tmp / "coefficients.safetensors"), metadata={"format": FORMAT})
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
