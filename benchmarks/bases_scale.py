@@ -196,7 +196,9 @@ def phase(name: str, work: Path, tasks: int, m: int | None) -> dict:
 
 def run_child(args: argparse.Namespace, name: str) -> dict:
     """Run one phase in a child process; poll its RSS (psutil) while it runs."""
-    import psutil
+    from taskvec._optional import require
+
+    psutil = require("psutil", "bench")
 
     cmd = [sys.executable, __file__, "--child", name, "--workdir", str(args.workdir), "--params", str(args.params),
            "--tasks", str(args.tasks), "--threads", str(args.threads)] + (["--m", str(args.m)] if args.m else [])

@@ -122,6 +122,7 @@ def similarity(
     png: Annotated[Path | None, typer.Option(help="write a heatmap PNG here")] = None,
 ) -> None:
     """Cosine similarity matrix of task vectors (streamed Gram matrix), as a table and a heatmap."""
+    from taskvec._optional import require
     from taskvec.core import TaskVector
     from taskvec.core.similarity import cosine_matrix
     from taskvec.report import heatmap
@@ -129,6 +130,8 @@ def similarity(
     try:
         if len(task_vectors) < 2:
             raise TaskVecError("similarity needs at least two task vectors")
+        if png is not None:
+            require("matplotlib", "plot")  # fail before the work, not after it
         tvs = [TaskVector.load(p) for p in task_vectors]
         cos = cosine_matrix(tvs)
     except TaskVecError as e:
