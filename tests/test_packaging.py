@@ -140,3 +140,106 @@ def _installed(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+# --------------------------------------------------------------------------- merge methods of other packages
+
+PLUGIN = '''
+from taskvec.methods.registry import MergeMethod, MethodParams, weighted_sum
+
+
+class Params(MethodParams):
+    factor: float = 0.5
+
+
+def merge(deltas, weights, params, ctx):
+    return params.factor * weighted_sum(deltas, weights) / deltas.shape[0]
+
+
+METHOD = MergeMethod("scaled_mean", "factor times the weighted mean of the task vectors", Params, merge)
+'''
+
+
+def _distribution(root: Path, name: str, entry_points: str, module: str | None = None) -> None:
+    """An installed distribution as pip leaves it: a module and a .dist-info folder with entry points."""
+    info = root / f"{name}-0.3.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text(f"[taskvec.merge_methods]\n{entry_points}\n")
+    if module is not None:
+        (root / f"{name}.py").write_text(module)
+
+
+@pytest.fixture
+def plugin_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """A folder on sys.path for plugin distributions; the registry and sys.modules are restored after."""
+    from taskvec.methods import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))
+    root = tmp_path / "site"
+    root.mkdir()
+    monkeypatch.syspath_prepend(str(root))
+    yield root
+    for mod in ("tvplug", "tvbroken", "tvclash"):
+        sys.modules.pop(mod, None)
+
+
+def test_merge_method_from_an_installed_package(plugin_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from taskvec.cli import app
+    from taskvec.cli.common import console
+    from taskvec.core import TaskVector
+    from taskvec.methods import compose, get_method
+    from taskvec.methods.registry import method_source
+
+    _distribution(plugin_path, "tvplug", "scaled_mean = tvplug:METHOD", PLUGIN)
+    g = torch.Generator().manual_seed(3)
+    base = {"a": torch.randn(6, 4, generator=g, dtype=torch.float64), "b": torch.randn(5, generator=g, dtype=torch.float64)}
+    fts = [{k: v + torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in base.items()} for _ in range(2)]
+    tvs = [TaskVector.from_checkpoints(base, ft) for ft in fts]
+    merged = compose(tvs, "scaled_mean", [1.0, 0.5], factor=0.3)
+    for k in base:
+        ref = 0.3 * (1.0 * (fts[0][k] - base[k]) + 0.5 * (fts[1][k] - base[k])) / 2
+        torch.testing.assert_close(merged[k].double(), ref, rtol=1e-12, atol=1e-12)
+    assert method_source("scaled_mean") == "tvplug" and method_source("ties") == "taskvec"
+    assert get_method("scaled_mean").params().factor == 0.5
+
+    # `taskvec methods` lists it with its package; `taskvec merge` runs it from a config
+    monkeypatch.setattr(console, "width", 200)
+    r = CliRunner().invoke(app, ["methods"])
+    assert r.exit_code == 0, r.output
+    row = next(line for line in r.output.splitlines() if "scaled_mean" in line)
+    assert "tvplug" in row and "factor=0.5" in row
+    assert "taskvec" in next(line for line in r.output.splitlines() if " ties " in line)
+    save_file({k: v.float() for k, v in base.items()}, tmp_path / "base.safetensors")
+    save_file({k: v.float() for k, v in fts[0].items()}, tmp_path / "ft.safetensors")
+    (tmp_path / "m.yaml").write_text("method: scaled_mean\nbase: base.safetensors\nmodels: [{finetuned: ft.safetensors}]\n"
+                                     "params: {factor: 0.25}\nscale: 2.0\n")
+    r = CliRunner().invoke(app, ["merge", str(tmp_path / "m.yaml"), "-o", str(tmp_path / "out.safetensors")])
+    assert r.exit_code == 0, r.output
+    from safetensors.torch import load_file
+
+    out = load_file(tmp_path / "out.safetensors")
+    b32 = {k: v.float().double() for k, v in base.items()}
+    for k in base:
+        ref = b32[k] + 2.0 * 0.25 * (fts[0][k].float().double() - b32[k])
+        torch.testing.assert_close(out[k].double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_broken_or_clashing_plugins_are_named(plugin_path: Path) -> None:
+    from taskvec.errors import ConfigError, UnknownMethodError
+    from taskvec.methods import get_method, list_methods
+
+    _distribution(plugin_path, "tvbroken", "half_done = tvbroken:NOT_THERE", "X = 1\n")
+    with pytest.raises(ConfigError, match=r"'half_done' of package 'tvbroken'.*cannot be loaded"):
+        get_method("half_done")
+    with pytest.raises(UnknownMethodError, match="unknown merge method 'nope'"):
+        get_method("nope")  # other plugins are not loaded for another name
+    assert get_method("ties").name == "ties"  # built-in names never load plugins
+    _distribution(plugin_path, "tvclash", "ties = tvclash:METHOD", PLUGIN.replace('"scaled_mean"', '"ties"'))
+    with pytest.raises(ConfigError):
+        list_methods()
+    with pytest.raises(ConfigError, match=r"'ties' of package 'tvclash'.*taken by package 'taskvec'"):
+        from taskvec.methods.registry import _load_entry_points
+
+        _load_entry_points("ties")

@@ -153,12 +153,17 @@ def similarity(
 def methods() -> None:
     """List the registered merge methods and their parameters."""
     from taskvec.methods import list_methods
+    from taskvec.methods.registry import method_source
 
+    try:
+        methods = list_methods()
+    except TaskVecError as e:
+        _fail(e)
     t = Table(title="merge methods")
-    for c in ("name", "what", "parameters"):
+    for c in ("name", "what", "parameters", "from"):
         t.add_column(c)
-    for m in list_methods():
+    for m in methods:
         ps = ", ".join(f"{n}={f.default!r}" for n, f in m.params.model_fields.items()) or "-"
-        t.add_row(m.name, m.summary, ps)
+        t.add_row(m.name, m.summary, ps, method_source(m.name))
     console.print(t)
 
