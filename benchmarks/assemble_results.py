@@ -60,8 +60,9 @@ held-out split, section 2b; text-3: 3-fold cross-validation, section 2c), never 
 tuning runs). The comparison lines under each table (difference of the seeds' average accuracy,
 one-sided Welch t-test) are computed by the same script.
 
-**Reading.** vision-4 (five seeds for the variational, task-level and block-level rows): the variational composer beats the best block-level learned
-baseline on the average, 86.5 ± 0.9 against 84.1 ± 1.4 (+2.4 points; one-sided Welch t-test
+**Reading.** vision-4 (five seeds for the variational, task-level and block-level rows): the
+variational composer beats the best block-level learned baseline on the average, 86.5 ± 0.9 against
+84.1 ± 1.4 (+2.4 points; one-sided Welch t-test
 p = 0.007), and task-level, 85.0 ± 0.2 (+1.5, p = 0.008); its Monte-Carlo average (seed 0)
 reaches 88.0. The gain comes from sample-specific coefficients (each test task's inputs weight
 their own task vector most; see the heatmap); the deterministic sample-specific network without
@@ -69,8 +70,9 @@ prior or gate (three seeds) gets 86.0 ± 3.7, with one seed collapsing on ELPV (
 and gate do not add mean accuracy here but make it steadier, with ~60–70 % of the coefficients
 gated out.
 text-3 (five seeds for the variational and block-level rows, three for task-level): the variational
-composer does not beat the learned baselines. With every method's settings chosen by 3-fold cross-validation (section 2c), the variational
-composer scores 83.0 ± 0.3 (Monte-Carlo 82.9 ± 0.2) against 83.7 ± 0.0 for block-level
+composer does not beat the learned baselines. With every method's settings chosen by 3-fold
+cross-validation (section 2c), the variational composer scores 83.0 ± 0.3 (Monte-Carlo 82.9 ± 0.2)
+against 83.7 ± 0.0 for block-level
 coefficients (−0.7 points, one-sided Welch p = 0.998 for "better"); task-level also gives 83.7,
 and task arithmetic 83.7. Cross-validation chose lr 1e-3 for both baselines (block-level: ahead
 of 3e-4, 5e-3 and 2e-2; task-level: the smallest tried), at which the shared coefficients barely
@@ -103,8 +105,8 @@ the same for every block, and the composed model is run by the library's exact p
 f₀(x) is worth at most about 0.2 points, less than one item per task. Task routing is the
 mechanism behind the vision-4 gain (heatmap above); a per-input, per-block α(x) could in principle
 exploit something else in f₀(x), but no composer trained here found it (none gained more than an
-item or two over task arithmetic on held-out data, nor anything on test). So on this suite a per-input composer
-ahead of shared coefficients by a margin the seeds' spread confirms is out of reach: the room is
+item or two over task arithmetic on held-out data, nor anything on test). So on this suite a
+per-input composer ahead of shared coefficients by a margin the seeds' spread confirms is out of reach: the room is
 0.2 points at best. vision-4: the same recipe reaches 90.5 % (+10.7, 0.05 below the oracle), four points
 above the variational composer (86.5): routing is worth much there, and the learned composer
 captures about 60 % of it (+6.7 of the +10.7).
@@ -131,12 +133,12 @@ TUNING = """### 2b. Choosing the training settings on held-out validation data
 Each method was trained on 70 % of every task's validation split and scored on the other 30 %
 (the same cut for all methods, seed 0); `--tuned` then takes, per method, the settings of its
 best run here and trains on the whole validation splits. vision-4's final runs use this table;
-text-3's use the cross-validation of section 2c (this text-3 table is shown for comparison). One seed per setting, so small
-differences are noise (text-3: 60 held-out items per task, one item = 1.7 points on a task and
+text-3's use the cross-validation of section 2c (this text-3 table is shown for comparison). One
+seed per setting, so small differences are noise (text-3: 60 held-out items per task, one item = 1.7 points on a task and
 0.56 on the average). Ties go to the run with the fewest extra options (`--tuned`). Settings are
 chosen per method because one shared setting (learning rate 5e-3 and KL weight 1e-3 for every
-method) makes the variational composer look no better than the learned coefficients: at 5e-3 the amortized network's output layer (128 inputs per coefficient) moves its
-coefficients ~0.3 per step, two orders larger than the task arithmetic start (0.05 on vision-4),
+method) makes the variational composer look no better than the learned coefficients: at 5e-3
+the amortized network's output layer (128 inputs per coefficient) moves its coefficients ~0.3 per step, two orders larger than the task arithmetic start (0.05 on vision-4),
 and with KL weight 1e-3 the KL (summed over T·B ≈ 300–600 coefficients) outweighs the
 cross-entropy, so it gates out 85–90 % of the coefficients.
 """
@@ -145,7 +147,8 @@ CV = """### 2c. text-3: training settings by 3-fold cross-validation
 
 On text-3 the single held-out split above chose between settings by one or two items, and its
 choice for the variational composer (84.4 % held out) did not carry to test (83.3 ± 0.2 over three
-seeds against block-level's 83.8 ± 0.1). The text-3 runs of section 2 therefore take their settings from 3-fold cross-validation of the validation splits (`--folds 3`,
+seeds against block-level's 83.8 ± 0.1). The text-3 runs of section 2 therefore take their
+settings from 3-fold cross-validation of the validation splits (`--folds 3`,
 `taskvec.variational.holdout_split`): each variant is trained three times on two thirds of every
 task's validation split and scored on the other third, so each of the 600 validation items is
 scored once; `--tuned cv3` takes the variant with the best mean over its folds (ties: fewest

@@ -79,7 +79,9 @@ def _sd64(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v.double() for k, v in load_file(folder / "model.safetensors").items()}
 
 
-def _check_loads(out: Path, auto: type, expected: dict[str, torch.Tensor], dtype: torch.dtype, tok: BertTokenizer) -> None:
+def _check_loads(
+    out: Path, auto: type, expected: dict[str, torch.Tensor], dtype: torch.dtype, tok: BertTokenizer
+) -> None:
     """`out` loads with from_pretrained without missing or unexpected keys, in `dtype`, with every tensor
     equal to `expected` (float64) up to the output dtype's rounding, and with the base's tokenizer."""
     model, info = auto.from_pretrained(out, output_loading_info=True)
@@ -128,7 +130,8 @@ def test_apply_and_sharded_output(hf: dict) -> None:
     tv = load_file(tmp / "tv.safetensors")
     b = _sd64(base)
     out = tmp / "negated"
-    r = runner.invoke(app, ["apply", str(base), str(tmp / "tv.safetensors"), "-o", str(out), "--coef", "-1", "--dtype", "float16"])
+    r = runner.invoke(app, ["apply", str(base), str(tmp / "tv.safetensors"), "-o", str(out),
+                            "--coef", "-1", "--dtype", "float16"])
     assert r.exit_code == 0, r.output
     expected = {k: b[k] - tv[k].double() if k in tv else b[k] for k in b}
     _check_loads(out, hf["auto"], expected, torch.float16, hf["tok"])
@@ -150,8 +153,8 @@ def test_bases_compose_output_loads(hf: dict) -> None:
         r = runner.invoke(app, ["extract", str(base), str(ft), "-o", str(tmp / f"t{i}.safetensors")])
         assert r.exit_code == 0, r.output
     # M = T: each task is its own basis, so the bank reconstructs every task vector exactly
-    r = runner.invoke(app, ["bases", "build", str(tmp / "t0.safetensors"), str(tmp / "t1.safetensors"), "-o", str(tmp / "bank"),
-                            "--method", "cluster", "--m", "2", "--names", "a,b"])
+    r = runner.invoke(app, ["bases", "build", str(tmp / "t0.safetensors"), str(tmp / "t1.safetensors"),
+                            "-o", str(tmp / "bank"), "--method", "cluster", "--m", "2", "--names", "a,b"])
     assert r.exit_code == 0, r.output
     out = tmp / "edited"
     r = runner.invoke(app, ["bases", "compose", str(tmp / "bank"), "--add", "a", "--negate", "b", "--base", str(base),

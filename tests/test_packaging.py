@@ -62,7 +62,8 @@ import taskvec, taskvec.core, taskvec.methods, taskvec.merge, taskvec.bases, tas
 from typer.testing import CliRunner
 from taskvec.cli import app
 r = CliRunner()
-for args in (["--help"], ["methods"], ["merge", {str(tmp_path / "m.yaml")!r}, "-o", {str(tmp_path / "out.safetensors")!r}]):
+merge = ["merge", {str(tmp_path / "m.yaml")!r}, "-o", {str(tmp_path / "out.safetensors")!r}]
+for args in (["--help"], ["methods"], merge):
     res = r.invoke(app, args)
     assert res.exit_code == 0, (args, res.output)
 loaded = [m for m in sys.modules if m.split(".")[0] in {OPTIONAL!r} and sys.modules[m] is not None]
@@ -76,7 +77,8 @@ print("ok")
 
 def test_require_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     assert require("json").dumps([1]) == "[1]"
-    for module, extra in [("matplotlib.pyplot", "plot"), ("sklearn.cluster", "bases"), ("transformers", "hf"), ("psutil", "bench")]:
+    cases = [("matplotlib.pyplot", "plot"), ("sklearn.cluster", "bases"), ("transformers", "hf"), ("psutil", "bench")]
+    for module, extra in cases:
         _block(monkeypatch, module.split(".")[0])
         with pytest.raises(MissingDependencyError, match=rf"pip install 'taskvec\[{extra}\]'"):
             require(module)
@@ -185,7 +187,9 @@ def plugin_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignor
         sys.modules.pop(mod, None)
 
 
-def test_merge_method_from_an_installed_package(plugin_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_merge_method_from_an_installed_package(
+    plugin_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from taskvec.cli import app
     from taskvec.cli.common import console
     from taskvec.core import TaskVector
@@ -194,7 +198,8 @@ def test_merge_method_from_an_installed_package(plugin_path: Path, tmp_path: Pat
 
     _distribution(plugin_path, "tvplug", "scaled_mean = tvplug:METHOD", PLUGIN)
     g = torch.Generator().manual_seed(3)
-    base = {"a": torch.randn(6, 4, generator=g, dtype=torch.float64), "b": torch.randn(5, generator=g, dtype=torch.float64)}
+    base = {"a": torch.randn(6, 4, generator=g, dtype=torch.float64),
+            "b": torch.randn(5, generator=g, dtype=torch.float64)}
     fts = [{k: v + torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in base.items()} for _ in range(2)]
     tvs = [TaskVector.from_checkpoints(base, ft) for ft in fts]
     merged = compose(tvs, "scaled_mean", [1.0, 0.5], factor=0.3)
@@ -213,8 +218,8 @@ def test_merge_method_from_an_installed_package(plugin_path: Path, tmp_path: Pat
     assert "taskvec" in next(line for line in r.output.splitlines() if " ties " in line)
     save_file({k: v.float() for k, v in base.items()}, tmp_path / "base.safetensors")
     save_file({k: v.float() for k, v in fts[0].items()}, tmp_path / "ft.safetensors")
-    (tmp_path / "m.yaml").write_text("method: scaled_mean\nbase: base.safetensors\nmodels: [{finetuned: ft.safetensors}]\n"
-                                     "params: {factor: 0.25}\nscale: 2.0\n")
+    (tmp_path / "m.yaml").write_text("method: scaled_mean\nbase: base.safetensors\n"
+                                     "models: [{finetuned: ft.safetensors}]\nparams: {factor: 0.25}\nscale: 2.0\n")
     r = CliRunner().invoke(app, ["merge", str(tmp_path / "m.yaml"), "-o", str(tmp_path / "out.safetensors")])
     assert r.exit_code == 0, r.output
     from safetensors.torch import load_file

@@ -61,7 +61,9 @@ def model_files(base: Path) -> list[Path]:
     return sorted(p for p in files if not p.name.endswith(WEIGHT_SUFFIXES) and p.name not in WEIGHT_INDEXES)
 
 
-def copy_model_files(base: str | os.PathLike[str], out: str | os.PathLike[str], dtype: torch.dtype | None = None) -> list[str]:
+def copy_model_files(
+    base: str | os.PathLike[str], out: str | os.PathLike[str], dtype: torch.dtype | None = None
+) -> list[str]:
     """Copy the config, generation config and tokenizer/processor files of `base` into folder `out`.
 
     `dtype`: the output's floating-point dtype; when given, `torch_dtype`/`dtype` in `config.json`
@@ -97,7 +99,9 @@ def set_config_dtype(config: dict[str, Any], dtype: torch.dtype) -> dict[str, An
     return new
 
 
-def hf_output_files(base: object, out: str | os.PathLike[str], dtype: torch.dtype | None) -> Callable[[Path], None] | None:
+def hf_output_files(
+    base: object, out: str | os.PathLike[str], dtype: torch.dtype | None
+) -> Callable[[Path], None] | None:
     """A hook for the checkpoint writer that fills its temporary folder with `base`'s model files, or
     None when `base` is not a Hugging Face folder or `out` is a single `.safetensors` file."""
     if not isinstance(base, (str, os.PathLike)) or not is_hf_folder(base) or Path(out).suffix == ".safetensors":

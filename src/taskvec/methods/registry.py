@@ -104,7 +104,9 @@ def _load_entry_points(only: str | None = None) -> None:
         except Exception as e:
             raise ConfigError(f"{where}: cannot be loaded ({type(e).__name__}: {e})") from None
         if not isinstance(method, MergeMethod):
-            raise ConfigError(f"{where}: expected a MergeMethod or a function returning one, got {type(method).__name__}")
+            raise ConfigError(
+                f"{where}: expected a MergeMethod or a function returning one, got {type(method).__name__}"
+            )
         if method.name != ep.name:
             raise ConfigError(f"{where}: the method it points to is named {method.name!r}")
         if ep.name in _REGISTRY and _REGISTRY[ep.name] is not method:
