@@ -9,6 +9,7 @@ from taskvec.config import DTYPES, MergeConfig
 from taskvec.core import TaskVector, apply_streaming
 from taskvec.core.stream import LastSliceCache
 from taskvec.io import open_checkpoint, parse_size
+from taskvec.io.hf import hf_output_files
 from taskvec.methods import compose
 
 
@@ -24,9 +25,11 @@ def merge_checkpoints(cfg: MergeConfig, out: str | os.PathLike[str], *, overwrit
             tv = TaskVector.load(m.task_vector).filter(cfg.include, cfg.exclude or None)
         tvs.append(tv)
     merged = compose(tvs, cfg.method, [m.weight for m in cfg.models], **cfg.params)
+    dtype = DTYPES[cfg.dtype] if cfg.dtype else None
     metadata = {"taskvec_method": cfg.method, "taskvec_models": str(len(tvs))}
     return apply_streaming(
         base, merged, cfg.scale, out,
-        dtype=DTYPES[cfg.dtype] if cfg.dtype else None, shard_size=parse_size(cfg.shard_size),
+        dtype=dtype, shard_size=parse_size(cfg.shard_size),
         overwrite=overwrite, progress=progress, metadata=metadata,
+        extra_files=hf_output_files(cfg.base, out, dtype),
     )

@@ -122,6 +122,7 @@ def similarity(
     png: Annotated[Path | None, typer.Option(help="write a heatmap PNG here")] = None,
 ) -> None:
     """Cosine similarity matrix of task vectors (streamed Gram matrix), as a table and a heatmap."""
+    from taskvec._optional import require
     from taskvec.core import TaskVector
     from taskvec.core.similarity import cosine_matrix
     from taskvec.report import heatmap
@@ -129,6 +130,8 @@ def similarity(
     try:
         if len(task_vectors) < 2:
             raise TaskVecError("similarity needs at least two task vectors")
+        if png is not None:
+            require("matplotlib", "plot")  # fail before the work, not after it
         tvs = [TaskVector.load(p) for p in task_vectors]
         cos = cosine_matrix(tvs)
     except TaskVecError as e:
@@ -150,12 +153,17 @@ def similarity(
 def methods() -> None:
     """List the registered merge methods and their parameters."""
     from taskvec.methods import list_methods
+    from taskvec.methods.registry import method_source
 
+    try:
+        methods = list_methods()
+    except TaskVecError as e:
+        _fail(e)
     t = Table(title="merge methods")
-    for c in ("name", "what", "parameters"):
+    for c in ("name", "what", "parameters", "from"):
         t.add_column(c)
-    for m in list_methods():
+    for m in methods:
         ps = ", ".join(f"{n}={f.default!r}" for n, f in m.params.model_fields.items()) or "-"
-        t.add_row(m.name, m.summary, ps)
+        t.add_row(m.name, m.summary, ps, method_source(m.name))
     console.print(t)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from taskvec.core.coef import Coef, matches, resolve
 from taskvec.core.stream import CHUNK_ELEMS, LastSliceCache, chunks, write_checkpoint
 from taskvec.errors import DtypeError, KeyMismatchError, ShapeMismatchError
 from taskvec.io import CheckpointLike, DictSource, Source, TensorSpec, open_checkpoint
+from taskvec.io.hf import hf_output_files
 from taskvec.io.writer import DEFAULT_SHARD_BYTES
 
 TASK_VECTOR_FORMAT = "taskvec/task_vector"
@@ -308,7 +309,9 @@ class TaskVector:
         """theta0 + coef * tau.
 
         An `nn.Module` base gives a new module (the base is left untouched); a state dict gives a new
-        state dict; a checkpoint on disk needs `out` and is streamed to it tensor by tensor.
+        state dict; a checkpoint on disk needs `out` and is streamed to it tensor by tensor. A Hugging
+        Face base folder gives a folder `from_pretrained` loads: its config (with the new dtype) and
+        tokenizer/processor files come along.
         """
         if isinstance(base, nn.Module):
             model = copy.deepcopy(base)
@@ -321,7 +324,10 @@ class TaskVector:
         if out is None:
             raise ValueError("apply_to a checkpoint on disk needs `out`, the path to write to")
         src = open_checkpoint(base)
-        return apply_streaming(src, self, coef, out, dtype=dtype, shard_size=shard_size, overwrite=overwrite, progress=progress)
+        return apply_streaming(
+            src, self, coef, out, dtype=dtype, shard_size=shard_size, overwrite=overwrite, progress=progress,
+            extra_files=hf_output_files(base, out, dtype),
+        )
 
     def _apply_dict(self, base: Mapping[str, torch.Tensor], coef: Coef) -> dict[str, torch.Tensor]:
         check_same_tensors(DictSource(base, name="base"), self.source, self.keys())
@@ -397,8 +403,11 @@ def apply_streaming(
     progress: bool = False,
     chunk_elems: int = CHUNK_ELEMS,
     metadata: dict[str, str] | None = None,
+    extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write theta0 + coef * tau to `out`, slice by slice. Tensors outside tau are copied from the base."""
+    """Write theta0 + coef * tau to `out`, slice by slice. Tensors outside tau are copied from the base.
+
+    `extra_files(tmp)` adds non-weight files (see `taskvec.io.hf.hf_output_files`) before the rename."""
     base = base if isinstance(base, LastSliceCache) else LastSliceCache(base)
     delta_keys = set(tv.keys())
     check_same_tensors(base, tv.source, sorted(delta_keys))
@@ -416,5 +425,5 @@ def apply_streaming(
 
     return write_checkpoint(
         out, specs, slice_fn, max_shard_bytes=shard_size, overwrite=overwrite, progress=progress,
-        chunk_elems=chunk_elems, metadata=metadata, description="writing model",
+        chunk_elems=chunk_elems, metadata=metadata, description="writing model", extra_files=extra_files,
     )
