@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Sequence
 
@@ -12,12 +11,6 @@ from taskvec.core.coef import Coef, resolve
 from taskvec.core.taskvector import TaskVector, _compute_dtype, check_same_tensors
 from taskvec.io import TensorSpec
 from taskvec.methods.registry import MergeMethod, MethodParams, SliceContext, get_method, magnitude_threshold, parse_params
-
-
-def slice_seed(seed: int, key: str, start: int) -> int:
-    """A stable 63-bit seed for the random masks of one slice of one tensor."""
-    h = hashlib.blake2b(f"{seed}|{key}|{start}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
 class ComposedSource:
@@ -60,11 +53,8 @@ class ComposedSource:
         stop = spec.numel if stop is None else stop
         deltas = torch.stack([tv.source.read_flat(key, start, stop).to(spec.dtype) for tv in self.tvs])
         weights = torch.tensor([resolve(w, key) for w in self.weights], dtype=spec.dtype)
-        gen = None
-        if self.method.seeded is not None:
-            gen = torch.Generator().manual_seed(slice_seed(self.method.seeded(self.params), key, start))
         ctx = SliceContext(
-            key=key, start=start, stop=stop, generator=gen,
+            key=key, start=start, stop=stop, numel=spec.numel,
             thresholds=self.thresholds(key) if self.method.magnitude_density is not None else None,
         )
         return self.method.merge(deltas, weights, self.params, ctx)

@@ -32,9 +32,9 @@ class SliceContext:
     key: str
     start: int
     stop: int
+    numel: int  # of the whole tensor
     thresholds: torch.Tensor | None  # (T, 2): per task, the k-th largest |tau_t| over the whole tensor and the
     # flat index of the last entry equal to it that is kept (ties broken by position), if asked for
-    generator: torch.Generator | None  # seeded from (seed, key, start), if the method is random
 
 
 MergeFn = Callable[[torch.Tensor, torch.Tensor, MethodParams, SliceContext], torch.Tensor]
@@ -47,7 +47,6 @@ class MergeMethod:
     params: type[MethodParams]
     merge: MergeFn
     magnitude_density: Callable[[MethodParams], float] | None = None  # set when the method trims by magnitude
-    seeded: Callable[[MethodParams], int] | None = None  # set when the method draws random masks
 
 
 _REGISTRY: dict[str, MergeMethod] = {}
