@@ -19,6 +19,10 @@ class ShapeMismatchError(TaskVecError):
     """A tensor has different shapes in two checkpoints."""
 
 
+class NonFiniteError(CheckpointError):
+    """A checkpoint or task vector holds NaN or infinite values."""
+
+
 class DtypeError(TaskVecError):
     """A tensor has a dtype that cannot take part in task vector arithmetic."""
 
@@ -29,3 +33,16 @@ class ConfigError(TaskVecError):
 
 class UnknownMethodError(ConfigError):
     """A merge method name is not in the registry."""
+
+
+def format_validation_error(e: object, option: bool = False) -> str:
+    """One line from a pydantic `ValidationError`: 'field.sub: message; ...'.
+
+    `option=True` spells fields as command-line options (`--max-m`)."""
+    parts = []
+    for err in e.errors():  # type: ignore[attr-defined]
+        loc = ".".join(str(p) for p in err["loc"])
+        if option:
+            loc = "--" + loc.replace("_", "-")
+        parts.append(f"{loc or '(top level)'}: {err['msg']}")
+    return "; ".join(parts)

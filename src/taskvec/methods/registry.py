@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from taskvec.errors import ConfigError, UnknownMethodError
+from taskvec.errors import ConfigError, UnknownMethodError, format_validation_error
 
 
 class MethodParams(BaseModel):
-    """Base of every method's parameters: unknown keys are errors."""
+    """Base of every method's parameters: unknown keys and non-finite numbers are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,7 @@ def parse_params(method: MergeMethod, params: dict[str, object]) -> MethodParams
     try:
         return method.params(**params)
     except ValidationError as e:
-        msgs = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"method {method.name!r}: invalid parameter ({msgs})") from None
+        raise ConfigError(f"method {method.name!r}: invalid parameter ({format_validation_error(e)})") from None
 
 
 def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
