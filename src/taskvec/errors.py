@@ -20,7 +20,7 @@ class ShapeMismatchError(TaskVecError):
 
 
 class NonFiniteError(CheckpointError):
-    """A checkpoint or task vector holds NaN or infinite values."""
+    """Weights, a task vector or composition coefficients hold NaN or infinite values."""
 
 
 class DtypeError(TaskVecError):
