@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import struct
 import warnings
 from pathlib import Path
@@ -282,14 +283,18 @@ def test_legacy_torch_file_is_read_with_one_warning(tmp_path: Path, base64) -> N
 
 
 def test_legacy_pickle_with_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+
     class Evil:
         def __reduce__(self):  # type: ignore[no-untyped-def]
-            return (print, ("pwned",))
+            return (os.mkdir, (str(marker),))
 
-    p = tmp_path / "evil.pth"
-    torch.save({"w": torch.ones(2), "x": Evil()}, p, _use_new_zipfile_serialization=False)
-    code, text = _run("info", str(p))
-    assert code == 2 and "evil.pth: cannot be read as a torch checkpoint" in text and "pwned" not in text.split("(")[0]
+    for legacy in (True, False):
+        p = tmp_path / "evil.pth"
+        torch.save({"w": torch.ones(2), "x": Evil()}, p, _use_new_zipfile_serialization=not legacy)
+        code, text = _run("info", str(p))
+        assert code == 2 and "evil.pth: refused: its pickle holds" in text and "could run code" in text, text
+        assert not marker.exists()
 
 
 def test_efficientnet_lite0_weights_of_the_bench_extra(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ def _key_list(keys: Iterable[str], limit: int = 5) -> str:
     return ", ".join(repr(k) for k in keys[:limit]) + more
 
 
-ALLOW_HINT = "pass allow_nonfinite=True (--allow-nonfinite) to use it anyway"
+ALLOW_HINT = "allow_nonfinite=True (--allow-nonfinite of extract, apply, merge, similarity) uses it anyway"
 
 
 def _nonfinite(x: torch.Tensor, start: int) -> str | None:
@@ -461,7 +461,7 @@ def apply_streaming(
     base = base if isinstance(base, LastSliceCache) else LastSliceCache(base)
     delta_keys = set(tv.keys())
     check_same_tensors(base, tv.source, sorted(delta_keys))
-    check_coef_map(coef, tv.keys())
+    check_coef_map(coef, tv.keys(), "coefficient (scale) map")
     specs: dict[str, TensorSpec] = {}
     for k in base.keys():
         s = base.spec(k)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -176,6 +177,12 @@ def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     legacy = not zipfile.is_zipfile(path)
     try:
         obj = torch.load(path, map_location="cpu", mmap=not legacy, weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = str(e).split("Unsupported global: ")[-1].split("\n")[0].strip() if "Unsupported global" in str(e) else "objects"
+        raise CheckpointError(
+            f"{path}: refused: its pickle holds {what} beyond tensors and plain containers, and loading it "
+            "could run code (only weights are unpickled)"
+        ) from None
     except Exception as e:  # torch raises many types for a bad file
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {' '.join(str(e).split())})") from None
     if legacy and path.resolve() not in _WARNED:

@@ -28,8 +28,8 @@ class ComposedSource:
         for tv in tvs[1:]:
             check_same_tensors(tvs[0].source, tv.source)
         self.tvs, self.method, self.params, self.weights = list(tvs), method, params, list(weights)
-        for w in self.weights:
-            check_coef_map(w, tvs[0].keys())
+        for w, tv in zip(self.weights, self.tvs):
+            check_coef_map(w, tvs[0].keys(), f"weight map of {tv.name}")
         self.name = f"{method.name}({', '.join(tv.name for tv in tvs)})" if len(tvs) < 4 else f"{method.name} of {len(tvs)}"
         self._thresholds: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
