@@ -232,22 +232,16 @@ def fp16_overflow(d: Path) -> Result:
     return "`extract --dtype float16` of a difference that overflows fp16", seen, lost
 
 
-def shard_size_zero(d: Path) -> Result:
-    models(d)
-    seen, lost, _ = run_case(d, "extract", "base.safetensors", "ft0.safetensors", "-o", "tv", "--shard-size", "0")
-    return "`extract --shard-size 0`", seen, lost
+def extract_case(fault: str, *opts: str) -> Callable[[Path], Result]:
+    """`taskvec extract base ft0 -o tv.safetensors OPTS` on good inputs with one bad option."""
 
+    def case(d: Path) -> Result:
+        models(d)
+        seen, lost, _ = run_case(d, "extract", "base.safetensors", "ft0.safetensors", "-o", "tv.safetensors", *opts)
+        return fault, seen, lost
 
-def include_nothing(d: Path) -> Result:
-    models(d)
-    seen, lost, _ = run_case(d, "extract", "base.safetensors", "ft0.safetensors", "-o", "tv.safetensors", "--include", "encoder.*")
-    return "`--include` that matches no tensor", seen, lost
-
-
-def exclude_typo(d: Path) -> Result:
-    models(d)
-    seen, lost, _ = run_case(d, "extract", "base.safetensors", "ft0.safetensors", "-o", "tv.safetensors", "--exclude", "*clasifier*")
-    return "`--exclude` that matches no tensor (a typo)", seen, lost
+    case.__name__ = fault
+    return case
 
 
 def png_overwrite(d: Path) -> Result:
@@ -318,9 +312,9 @@ CASES: list[Callable[[Path], Result]] = [
     nan_allowed,
     nan_bases_build,
     fp16_overflow,
-    shard_size_zero,
-    include_nothing,
-    exclude_typo,
+    extract_case("`extract --shard-size 0`", "--shard-size", "0"),
+    extract_case("`--include` that matches no tensor", "--include", "encoder.*"),
+    extract_case("`--exclude` that matches no tensor (a typo)", "--exclude", "*clasifier*"),
     png_overwrite,
     zero_cosine,
     legacy_torch,
