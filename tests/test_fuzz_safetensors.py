@@ -262,9 +262,9 @@ def test_mutated_headers(tmp_path: Path, which: int) -> None:
 @pytest.mark.parametrize(
     ("edit", "why"),
     [
-        (lambda h: h["b"].__setitem__("data_offsets", list(h["a"]["data_offsets"])), "do not start where"),  # overlap
-        (lambda h: h["a"].__setitem__("data_offsets", h["a"]["data_offsets"][::-1]), "do not start where"),  # reversed
-        (lambda h: h["a"]["data_offsets"].__setitem__(1, h["a"]["data_offsets"][1] - 4), "do not start where|span"),  # short
+        (lambda h: h["b"].__setitem__("data_offsets", list(h["a"]["data_offsets"])), "overlap the previous tensor"),
+        (lambda h: h["a"].__setitem__("data_offsets", h["a"]["data_offsets"][::-1]), "end before they start"),
+        (lambda h: h["a"]["data_offsets"].__setitem__(1, h["a"]["data_offsets"][1] - 4), "span 44 bytes"),  # short
         (lambda h: h["a"]["shape"].__setitem__(0, 2), "span 48 bytes, shape \\[2, 4\\] of F32 needs 32"),
     ],
 )

@@ -120,8 +120,11 @@ def validate_header(header: object, data_size: int) -> tuple[dict[str, dict], di
     pos = 0
     for key, e in sorted(entries.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
         s, end = e["data_offsets"]
-        if s != pos or end < s:
-            raise _Corrupt(f"tensor {key!r}: data_offsets {[s, end]} do not start where the previous tensor ends (byte {pos})")
+        if end < s:
+            raise _Corrupt(f"tensor {key!r}: data_offsets {[s, end]} end before they start")
+        if s != pos:
+            how = "overlap the previous tensor's bytes" if s < pos else "leave a gap after the previous tensor"
+            raise _Corrupt(f"tensor {key!r}: data_offsets {[s, end]} {how} (tensors must lie back to back; the previous ends at byte {pos})")
         n = 1
         for d in e["shape"]:
             n *= d
