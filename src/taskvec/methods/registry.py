@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from taskvec.errors import ConfigError, UnknownMethodError
+from taskvec.errors import ConfigError, UnknownMethodError, format_validation_error
 
 
 class MethodParams(BaseModel):
-    """Base of every method's parameters: unknown keys are errors."""
+    """Base of every method's parameters: unknown keys and non-finite numbers are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,9 @@ class SliceContext:
     key: str
     start: int
     stop: int
+    numel: int  # of the whole tensor
     thresholds: torch.Tensor | None  # (T, 2): per task, the k-th largest |tau_t| over the whole tensor and the
     # flat index of the last entry equal to it that is kept (ties broken by position), if asked for
-    generator: torch.Generator | None  # seeded from (seed, key, start), if the method is random
 
 
 MergeFn = Callable[[torch.Tensor, torch.Tensor, MethodParams, SliceContext], torch.Tensor]
@@ -54,7 +54,6 @@ class MergeMethod:
     params: type[MethodParams]
     merge: MergeFn
     magnitude_density: Callable[[MethodParams], float] | None = None  # set when the method trims by magnitude
-    seeded: Callable[[MethodParams], int] | None = None  # set when the method draws random masks
 
 
 _REGISTRY: dict[str, MergeMethod] = {}
@@ -120,8 +119,7 @@ def parse_params(method: MergeMethod, params: dict[str, object]) -> MethodParams
     try:
         return method.params(**params)
     except ValidationError as e:
-        msgs = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"method {method.name!r}: invalid parameter ({msgs})") from None
+        raise ConfigError(f"method {method.name!r}: invalid parameter ({format_validation_error(e)})") from None
 
 
 def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
