@@ -70,7 +70,8 @@ def test_force_replaces_a_taskvec_output_but_not_files_added_to_it(tmp_path: Pat
     out = tmp_path / "merged"
     assert runner.invoke(app, ["merge", str(cfg), "-o", str(out)]).exit_code == 0
     first = digest(out)
-    assert (out / ".taskvec").exists()
+    meta = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]
+    assert json.loads(meta["taskvec_files"]) == sorted(p.name for p in out.iterdir())  # the index lists what taskvec wrote
     r = runner.invoke(app, ["merge", str(cfg), "-o", str(out), "--force"])
     assert r.exit_code == 0, r.output
     assert digest(out) == first  # same config, same bits
@@ -494,3 +495,22 @@ def test_sharded_bases_are_verified_file_by_file(tmp_path: Path, files) -> None:
     shards[0].symlink_to(outside)
     r = cli("bases", "info", bank)
     assert r.returncode != 0 and "outside the bank" in one_line(r)
+
+
+def test_force_replaces_a_folder_with_the_base_model_files_taskvec_copied(tmp_path: Path, files) -> None:
+    base = tmp_path / "hfbase"
+    base.mkdir()
+    shutil.copy(files["base"], base / "model.safetensors")
+    (base / "config.json").write_text(json.dumps({"model_type": "bert", "torch_dtype": "float32"}))
+    (base / "tokenizer_config.json").write_text("{}")
+    cfg = tmp_path / "hf.yaml"
+    cfg.write_text(f"method: task_arithmetic\nbase: {base}\nmodels:\n  - finetuned: {files['ft0']}\n")
+    out = tmp_path / "merged"
+    r = runner.invoke(app, ["merge", str(cfg), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert {"config.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    r = runner.invoke(app, ["merge", str(cfg), "-o", str(out), "--force"])
+    assert r.exit_code == 0, r.output
+    (out / "notes.txt").write_text("mine")
+    r = runner.invoke(app, ["merge", str(cfg), "-o", str(out), "--force"])
+    assert r.exit_code != 0 and (out / "notes.txt").read_text() == "mine"

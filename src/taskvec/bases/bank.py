@@ -50,7 +50,7 @@ from taskvec.bases.fit import (
 from taskvec.bases.passes import cluster_pass, linear_pass, merged_basis, tapped
 from taskvec.config import DTYPES, DtypeName, Strict
 from taskvec.core.taskvector import FloatSource, TaskVector, check_same_tensors
-from taskvec.errors import CheckpointError, ConfigError, IntegrityError
+from taskvec.errors import CheckpointError, ConfigError, IntegrityError, format_validation_error
 from taskvec.io import SafetensorsSource, ShardedSource
 from taskvec.io.atomic import atomic_path, check_output, path_lock, write_text_atomic
 from taskvec.io.safetensors_file import dtype_size
@@ -266,8 +266,7 @@ class Bank:
         try:
             manifest = Manifest(**data)
         except ValidationError as e:
-            msgs = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors())
-            raise CheckpointError(f"{mpath}: corrupt manifest: {msgs}") from None
+            raise CheckpointError(f"{mpath}: corrupt manifest: {format_validation_error(e)}") from None
         bank = cls(path, manifest)
         if len({b.file for b in manifest.bases}) != len(manifest.bases):
             raise CheckpointError(f"{mpath}: corrupt manifest: two bases name the same file")

@@ -5,9 +5,9 @@ open, an advisory lock `.NAME.lock` beside `out` keeps other taskvec processes f
 same path (they fail at once, naming this process). On success the temporary file or folder is
 fsynced and renamed over `out`; on any error it is removed and `out` is left as it was.
 
-`--force` (``overwrite=True``) replaces only what taskvec itself wrote: a folder carrying the
-marker file `.taskvec` (or a bank manifest, a shard index or composer config written by taskvec)
-and holding nothing else, or a `.safetensors` file whose header metadata names taskvec. Anything
+`--force` (``overwrite=True``) replaces only what taskvec itself wrote: a folder whose shard
+index, bank manifest, composer config or marker file `.taskvec` says taskvec wrote it and which
+holds nothing else than the files those list, or a `.safetensors` file whose header metadata names taskvec. Anything
 else is refused, naming what is in the way. An output is also refused when it is an input of the
 same command, contains one, or is the working folder or one of its parents.
 
@@ -80,9 +80,15 @@ def _owned_entries(folder: Path) -> set[str] | None:
         return {"config.json", "coefficients.safetensors"}
     for index in folder.glob("*.index.json"):
         data = _json(index)
-        if isinstance(data, dict) and isinstance(data.get("metadata"), dict) and _is_taskvec_meta(data["metadata"]):
+        meta = data.get("metadata") if isinstance(data, dict) else None
+        if isinstance(data, dict) and isinstance(meta, dict) and _is_taskvec_meta(meta):
             wm = data.get("weight_map")
-            return {index.name, *(str(v) for v in wm.values())} if isinstance(wm, dict) else {index.name}
+            try:
+                listed = json.loads(meta.get("taskvec_files", "[]"))
+            except (TypeError, ValueError):
+                listed = []
+            names = [*(wm.values() if isinstance(wm, dict) else []), *(listed if isinstance(listed, list) else [])]
+            return {index.name, *(str(v).split("/")[0] for v in names)}
     return None
 
 

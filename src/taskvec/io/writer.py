@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
@@ -63,6 +63,8 @@ class CheckpointWriter:
     Use as a context manager: call `write(key, data)` with the slices of each tensor in order;
     on clean exit the output is renamed into place, on error the temporary files are removed.
     `inputs`: files the caller reads, which the output must not be, contain or lie inside.
+    `extra_files(tmp)`, if given, adds files to the temporary folder before the rename (e.g. a
+    Hugging Face base's config and tokenizer), so the output appears complete or not at all.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class CheckpointWriter:
         overwrite: bool = False,
         index_name: str = "model.safetensors.index.json",
         prefix: str = "model",
+        extra_files: Callable[[Path], None] | None = None,
         inputs: Iterable[str | os.PathLike[str] | None] = (),
     ):
         self.out = Path(out)
@@ -91,6 +94,7 @@ class CheckpointWriter:
         ]
         self.index_name = index_name
         self._atomic: AbstractContextManager[Path] | None = None
+        self.extra_files = extra_files
         self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
         self._order = [k for shard in self.shards for k in shard]
         self._shard_of = {k: i for i, shard in enumerate(self.shards) for k in shard}
@@ -105,7 +109,8 @@ class CheckpointWriter:
         return list(self._order)
 
     def __enter__(self) -> CheckpointWriter:
-        self._atomic = atomic_path(self.out, overwrite=self.overwrite, folder=not self.single_file, inputs=self.inputs)
+        self._atomic = atomic_path(self.out, overwrite=self.overwrite, folder=not self.single_file, marker=False,
+                                   inputs=self.inputs)  # the index marks the folder and lists its files
         self.tmp = self._atomic.__enter__()
         self._fh = None
         return self
@@ -152,8 +157,13 @@ class CheckpointWriter:
                 self._fh.close()
                 self._fh = None
         if not self.single_file:
+            if self.extra_files is not None:
+                self.extra_files(self.tmp)
+            # every file taskvec put in the folder is listed, so that --force can later replace it
+            files = sorted({*(p.relative_to(self.tmp).as_posix() for p in self.tmp.rglob("*") if p.is_file()), self.index_name})
             index = {
-                "metadata": {"total_size": sum(s.nbytes for s in self.specs.values()), **self.metadata},
+                "metadata": {"total_size": sum(s.nbytes for s in self.specs.values()), **self.metadata,
+                             "taskvec_files": json.dumps(files)},
                 "weight_map": {k: self.names[self._shard_of[k]] for k in self._order},
             }
             (self.tmp / self.index_name).write_text(json.dumps(index, indent=2))
