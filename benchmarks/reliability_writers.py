@@ -29,7 +29,9 @@ Result = tuple[str, str, str]
 
 
 # ---------------------------------------------------------------- helpers
-def taskvec(*args: object, cwd: Path | None = None, wait: bool = True) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
+def taskvec(
+    *args: object, cwd: Path | None = None, wait: bool = True
+) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "taskvec", *map(str, args)]
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=cwd)
@@ -58,7 +60,9 @@ def lost(before: dict[str, str], after: dict[str, str], what: str = "input files
     changed = [p for p in before if p in after and after[p] != before[p]]
     if not gone and not changed:
         return f"nothing: {what} intact ({len(before)} files, sha256 equal)"
-    return "LOST: " + ", ".join([*(f"{Path(p).name} deleted" for p in gone), *(f"{Path(p).name} changed" for p in changed)])
+    return "LOST: " + ", ".join(
+        [*(f"{Path(p).name} deleted" for p in gone), *(f"{Path(p).name} changed" for p in changed)]
+    )
 
 
 def leftovers(folder: Path, keep: set[str]) -> list[str]:
@@ -67,7 +71,11 @@ def leftovers(folder: Path, keep: set[str]) -> list[str]:
 
 def small_models(d: Path, n: int = 3) -> dict[str, Path]:
     g = torch.Generator().manual_seed(0)
-    base = {"embed.weight": torch.randn(50, 8, generator=g), "mlp.weight": torch.randn(16, 8, generator=g), "head.weight": torch.randn(3, 8, generator=g)}
+    base = {
+        "embed.weight": torch.randn(50, 8, generator=g),
+        "mlp.weight": torch.randn(16, 8, generator=g),
+        "head.weight": torch.randn(3, 8, generator=g),
+    }
     paths = {"base": d / "base.safetensors"}
     save_file(base, paths["base"])
     for i in range(n):
@@ -91,7 +99,8 @@ def large_models(d: Path, params: int = 24 * 2**20) -> dict[str, Path]:
 
 def config(d: Path, m: dict[str, Path], name: str = "merge.yaml") -> Path:
     p = d / name
-    p.write_text(f"method: task_arithmetic\nbase: {m['base']}\nmodels:\n  - finetuned: {m['ft0']}\n  - finetuned: {m['ft1']}\nscale: 0.5\n")
+    models = f"  - finetuned: {m['ft0']}\n  - finetuned: {m['ft1']}\n"
+    p.write_text(f"method: task_arithmetic\nbase: {m['base']}\nmodels:\n{models}scale: 0.5\n")
     return p
 
 
@@ -118,7 +127,11 @@ def force_on_user_folder(d: Path) -> Result:
     cfg = config(user, m)
     before = snapshot(d)
     r = taskvec("merge", cfg, "-o", user, "--force")
-    return "`merge -o DIR --force` where DIR is a user folder (notes, a model, the config)", seen(r.returncode, r.stderr), lost(before, snapshot(d), "the folder and every file in it")
+    return (
+        "`merge -o DIR --force` where DIR is a user folder (notes, a model, the config)",
+        seen(r.returncode, r.stderr),
+        lost(before, snapshot(d), "the folder and every file in it"),
+    )
 
 
 def force_on_foreign_output(d: Path) -> Result:
@@ -129,7 +142,11 @@ def force_on_foreign_output(d: Path) -> Result:
     (user / "README.md").write_text("my notes")
     before = snapshot(d)
     r = taskvec("merge", config(d, m), "-o", user, "--force")
-    return "`merge -o DIR --force` where DIR is a folder another tool wrote (a model, notes)", seen(r.returncode, r.stderr), lost(before, snapshot(d), "the folder and the inputs")
+    return (
+        "`merge -o DIR --force` where DIR is a folder another tool wrote (a model, notes)",
+        seen(r.returncode, r.stderr),
+        lost(before, snapshot(d), "the folder and the inputs"),
+    )
 
 
 def force_on_working_folder(d: Path) -> Result:
@@ -137,7 +154,11 @@ def force_on_working_folder(d: Path) -> Result:
     cfg = config(d, m)
     before = snapshot(d)
     r = taskvec("merge", cfg, "-o", ".", "--force", cwd=d)
-    return "`merge -o . --force` in a folder holding the inputs", seen(r.returncode, r.stderr), lost(before, snapshot(d))
+    return (
+        "`merge -o . --force` in a folder holding the inputs",
+        seen(r.returncode, r.stderr),
+        lost(before, snapshot(d)),
+    )
 
 
 def output_is_input(d: Path) -> Result:
@@ -148,7 +169,11 @@ def output_is_input(d: Path) -> Result:
     cfg.write_text(f"method: task_arithmetic\nbase: {merged}\nmodels:\n  - finetuned: {m['ft2']}\n")
     before = snapshot(d)
     r = taskvec("merge", cfg, "-o", merged, "--force")
-    return "`merge -o BASE --force`: the output is the base the merge reads", seen(r.returncode, r.stderr), lost(before, snapshot(d))
+    return (
+        "`merge -o BASE --force`: the output is the base the merge reads",
+        seen(r.returncode, r.stderr),
+        lost(before, snapshot(d)),
+    )
 
 
 def _kill_mid_write(d: Path) -> tuple[subprocess.Popen[str], Path, dict[str, str], float]:
@@ -162,7 +187,9 @@ def _kill_mid_write(d: Path) -> tuple[subprocess.Popen[str], Path, dict[str, str
     assert isinstance(p, subprocess.Popen)
     partial = d / f".merged.partial-{p.pid}"
     t0 = time.perf_counter()
-    while p.poll() is None and not (partial.is_dir() and sum(f.stat().st_size for f in partial.rglob("*") if f.is_file()) > 2**20):
+    while p.poll() is None and not (
+        partial.is_dir() and sum(f.stat().st_size for f in partial.rglob("*") if f.is_file()) > 2**20
+    ):
         time.sleep(0.01)
     elapsed = time.perf_counter() - t0
     p.send_signal(signal.SIGKILL)
@@ -176,9 +203,15 @@ def kill_mid_write(d: Path) -> Result:
     left = [n for n in leftovers(d, {Path(k).name for k in before} | {"merged"}) if "partial" in n]
     r = taskvec("merge", d / "merge.yaml", "-o", out, "--force")  # the next run cleans up and writes
     cleaned = not any("partial" in n for n in leftovers(d, set()))
-    what = (f"killed after {elapsed:.1f} s of writing: {p.returncode} (SIGKILL); it left {', '.join(left) or 'nothing'}; "
-            f"the next `merge --force` exits {r.returncode} and {'removed it' if cleaned else 'did NOT remove it'}")
-    return "`kill -9` of `merge --force` mid-write (3 x 96 MiB models, previous output present)", what, lost(before, {k: v for k, v in after_kill.items() if k in before})
+    what = (
+        f"killed after {elapsed:.1f} s of writing: {p.returncode} (SIGKILL); it left {', '.join(left) or 'nothing'}; "
+        f"the next `merge --force` exits {r.returncode} and {'removed it' if cleaned else 'did NOT remove it'}"
+    )
+    return (
+        "`kill -9` of `merge --force` mid-write (3 x 96 MiB models, previous output present)",
+        what,
+        lost(before, {k: v for k, v in after_kill.items() if k in before}),
+    )
 
 
 def concurrent_merges(d: Path) -> Result:
@@ -197,13 +230,22 @@ def concurrent_merges(d: Path) -> Result:
     ok = "one wins, one fails" if codes[0] == 0 and codes[1] != 0 else f"exit codes {codes}"
     after = snapshot(d)
     written = load_file(out / "model.safetensors") if (out / "model.safetensors").exists() else {}
-    return "two `merge` to one output at once (real processes)", f"{ok}; the loser: {loser}; output has {len(written)} tensors", lost(before, after, "input files")
+    return (
+        "two `merge` to one output at once (real processes)",
+        f"{ok}; the loser: {loser}; output has {len(written)} tensors",
+        lost(before, after, "input files"),
+    )
 
 
 def disk_full(d: Path) -> Result:
     mnt = d / "small-disk"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=False, capture_output=True).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=False, capture_output=True
+        ).returncode
+    ):
         return "disk full (256 KiB tmpfs)", "not run: mounting a tmpfs needs root", "-"
     try:
         g = torch.Generator().manual_seed(0)
@@ -216,8 +258,11 @@ def disk_full(d: Path) -> Result:
         before = snapshot(d)
         r = taskvec("extract", d / "base.safetensors", d / "ft.safetensors", "-o", out, "--force")
         extra = leftovers(mnt, {"tv.safetensors"})
-        return ("disk full while replacing an output (256 KiB tmpfs, 512 KiB task vector)", seen(r.returncode, r.stderr),
-                lost(before, snapshot(d)) + ("" if not extra else f"; left behind: {extra}"))
+        return (
+            "disk full while replacing an output (256 KiB tmpfs, 512 KiB task vector)",
+            seen(r.returncode, r.stderr),
+            lost(before, snapshot(d)) + ("" if not extra else f"; left behind: {extra}"),
+        )
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
 
@@ -227,14 +272,20 @@ def read_only_folder(d: Path) -> Result:
     mnt = d / "ro"
     mnt.mkdir()
     if os.geteuid() == 0:
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)], check=False, capture_output=True).returncode:
+        if subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)], check=False, capture_output=True
+        ).returncode:
             return "read-only output folder", "not run: cannot mount a read-only tmpfs", "-"
     else:
         mnt.chmod(0o555)
     try:
         before = snapshot(d)
         r = taskvec("merge", config(d, m), "-o", mnt / "merged")
-        return "output folder is read-only", seen(r.returncode, r.stderr), lost(before, snapshot(d)) + ("" if not list(mnt.iterdir()) else "; left files behind")
+        return (
+            "output folder is read-only",
+            seen(r.returncode, r.stderr),
+            lost(before, snapshot(d)) + ("" if not list(mnt.iterdir()) else "; left files behind"),
+        )
     finally:
         if os.geteuid() == 0:
             subprocess.run(["umount", str(mnt)], check=False)
@@ -256,12 +307,22 @@ def stale_partial(d: Path) -> Result:
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half written")
     (d / f".notes.partial-{p.pid}").write_text("not beside this output: kept")
-    before = snapshot(d / "base.safetensors", d / "ft0.safetensors", d / "ft1.safetensors", d / f".notes.partial-{p.pid}")
+    before = snapshot(
+        d / "base.safetensors", d / "ft0.safetensors", d / "ft1.safetensors", d / f".notes.partial-{p.pid}"
+    )
     r = taskvec("merge", config(d, m), "-o", d / "merged")
-    return ("a stale `.merged.partial-PID` of a dead process beside the output", seen(r.returncode, r.stderr)
-            + ("; the stale temporary was removed" if not stale.exists() else "; the stale temporary is STILL there"),
-            lost(before, snapshot(d / "base.safetensors", d / "ft0.safetensors", d / "ft1.safetensors", d / f".notes.partial-{p.pid}"),
-                 "inputs and other hidden files"))
+    return (
+        "a stale `.merged.partial-PID` of a dead process beside the output",
+        seen(r.returncode, r.stderr)
+        + ("; the stale temporary was removed" if not stale.exists() else "; the stale temporary is STILL there"),
+        lost(
+            before,
+            snapshot(
+                d / "base.safetensors", d / "ft0.safetensors", d / "ft1.safetensors", d / f".notes.partial-{p.pid}"
+            ),
+            "inputs and other hidden files",
+        ),
+    )
 
 
 def _bank_fault(d: Path, fault: str) -> Result:
@@ -286,8 +347,12 @@ def _bank_fault(d: Path, fault: str) -> Result:
     before = snapshot(d)
     r = taskvec("bases", "compose", b, "-o", d / "composed.safetensors", "--add", "tv0,tv1")
     v = taskvec("bases", "verify", b)
-    return what, f"compose {seen(r.returncode, r.stderr)}; verify exit {v.returncode}", lost(before, snapshot(d), "bank and inputs") + (
-        "" if not (d / "composed.safetensors").exists() else "; a composed model WAS written")
+    return (
+        what,
+        f"compose {seen(r.returncode, r.stderr)}; verify exit {v.returncode}",
+        lost(before, snapshot(d), "bank and inputs")
+        + ("" if not (d / "composed.safetensors").exists() else "; a composed model WAS written"),
+    )
 
 
 def bank_flipped_byte(d: Path) -> Result:
@@ -312,7 +377,11 @@ def manifest_path_escape(d: Path) -> Result:
     (b / "manifest.json").write_text(json.dumps(mf))
     before = snapshot(d)
     r = taskvec("bases", "add", b, tvs["tv2"], "--name", "again")
-    return "bank manifest names `../victim` as a basis file, then `bases add`", seen(r.returncode, r.stderr), lost(before, snapshot(d), "the folder outside the bank, the bank")
+    return (
+        "bank manifest names `../victim` as a basis file, then `bases add`",
+        seen(r.returncode, r.stderr),
+        lost(before, snapshot(d), "the folder outside the bank, the bank"),
+    )
 
 
 def concurrent_bases_add(d: Path) -> Result:
@@ -334,9 +403,13 @@ def concurrent_bases_add(d: Path) -> Result:
     codes = [c for c, _ in res]
     loser = next((seen(c, e) for c, e in res if c != 0), "")
     ok = all((c == 0) == (f"new{i}" in names) for i, c in enumerate(codes))
-    return ("two `bases add` on one bank at once",
-            f"exit codes {codes}{'; the loser: ' + loser if loser else ''}; bank verify exit {v.returncode}", "nothing: every add that exited 0 is in the manifest, the bank verifies"
-            if ok and v.returncode == 0 else f"LOST: manifest names {names}, verify exit {v.returncode}")
+    return (
+        "two `bases add` on one bank at once",
+        f"exit codes {codes}{'; the loser: ' + loser if loser else ''}; bank verify exit {v.returncode}",
+        "nothing: every add that exited 0 is in the manifest, the bank verifies"
+        if ok and v.returncode == 0
+        else f"LOST: manifest names {names}, verify exit {v.returncode}",
+    )
 
 
 def malicious_pickle(d: Path) -> Result:
@@ -344,25 +417,44 @@ def malicious_pickle(d: Path) -> Result:
     mark = d / "pwned"
     state = d / "cache" / "state.pt"
     state.parent.mkdir()
-    code = (f"import torch, os\nclass E:\n    def __reduce__(self):\n        return (os.system, ('touch {mark}',))\n"
-            f"torch.save({{'model': {{}}, 'opt': E(), 'sched': {{}}, 'step': 1}}, {str(state)!r})\n")
+    code = (
+        f"import torch, os\nclass E:\n    def __reduce__(self):\n        return (os.system, ('touch {mark}',))\n"
+        f"torch.save({{'model': {{}}, 'opt': E(), 'sched': {{}}, 'step': 1}}, {str(state)!r})\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env=ENV)
-    run = (f"import torch, sys\nfrom pathlib import Path\nfrom taskvec.bench.finetune import finetune\n"
-           f"from taskvec.bench.suites import FinetuneSpec, Split\nfrom taskvec.errors import TaskVecError\n"
-           f"try:\n    finetune(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2), Split(torch.randn(8, 4), torch.zeros(8, dtype=torch.long)),"
-           f" FinetuneSpec(), seed=0, state_path=Path({str(state)!r}), progress=False)\n"
-           f"except TaskVecError as e:\n    print(f'error: {{e}}', file=sys.stderr); sys.exit(2)\n")
+    run = (
+        f"import torch, sys\nfrom pathlib import Path\nfrom taskvec.bench.finetune import finetune\n"
+        f"from taskvec.bench.suites import FinetuneSpec, Split\nfrom taskvec.errors import TaskVecError\n"
+        f"try:\n    finetune(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2),"
+        f" Split(torch.randn(8, 4), torch.zeros(8, dtype=torch.long)), FinetuneSpec(), seed=0, state_path=Path({str(state)!r}), progress=False)\n"
+        f"except TaskVecError as e:\n    print(f'error: {{e}}', file=sys.stderr); sys.exit(2)\n"
+    )
     before = snapshot(d)
     r = subprocess.run([sys.executable, "-c", run], check=False, capture_output=True, text=True, env=ENV)
-    return ("a pickle that runs a shell command, planted as the fine-tuning resume state (`bench` cache)",
-            seen(r.returncode, r.stderr) + ("; the command did NOT run" if not mark.exists() else "; THE COMMAND RAN"),
-            lost(before, snapshot(d), "cache and files"))
+    return (
+        "a pickle that runs a shell command, planted as the fine-tuning resume state (`bench` cache)",
+        seen(r.returncode, r.stderr) + ("; the command did NOT run" if not mark.exists() else "; THE COMMAND RAN"),
+        lost(before, snapshot(d), "cache and files"),
+    )
 
 
 CASES: list[Callable[[Path], Result]] = [
-    force_on_user_folder, force_on_foreign_output, force_on_working_folder, output_is_input, kill_mid_write, concurrent_merges, disk_full,
-    read_only_folder, parent_is_a_file, stale_partial, bank_flipped_byte, bank_swapped_files, bank_edited_dtype,
-    manifest_path_escape, concurrent_bases_add, malicious_pickle,
+    force_on_user_folder,
+    force_on_foreign_output,
+    force_on_working_folder,
+    output_is_input,
+    kill_mid_write,
+    concurrent_merges,
+    disk_full,
+    read_only_folder,
+    parent_is_a_file,
+    stale_partial,
+    bank_flipped_byte,
+    bank_swapped_files,
+    bank_edited_dtype,
+    manifest_path_escape,
+    concurrent_bases_add,
+    malicious_pickle,
 ]
 
 

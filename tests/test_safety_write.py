@@ -27,21 +27,34 @@ ENV = {**os.environ, "COLUMNS": "1000", "PYTHONPATH": SRC + os.pathsep + os.envi
 
 def cli(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run `python -m taskvec ARGS` as a user would, in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "taskvec", *map(str, args)], check=False, capture_output=True, text=True,
-                          env=ENV, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "taskvec", *map(str, args)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def digest(path: Path) -> dict[str, str]:
     """sha256 of every file under `path` (or of `path`), by relative name."""
     if path.is_file():
         return {"": hashlib.sha256(path.read_bytes()).hexdigest()}
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def merge_config(files: dict[str, Path], folder: Path) -> Path:
     cfg = folder / "merge.yaml"
-    cfg.write_text(f"method: task_arithmetic\nbase: {files['base']}\nmodels:\n"
-                   f"  - finetuned: {files['ft0']}\n  - finetuned: {files['ft1']}\nscale: 0.5\n")
+    cfg.write_text(
+        f"method: task_arithmetic\nbase: {files['base']}\nmodels:\n"
+        f"  - finetuned: {files['ft0']}\n  - finetuned: {files['ft1']}\nscale: 0.5\n"
+    )
     return cfg
 
 
@@ -71,14 +84,18 @@ def test_force_replaces_a_taskvec_output_but_not_files_added_to_it(tmp_path: Pat
     assert runner.invoke(app, ["merge", str(cfg), "-o", str(out)]).exit_code == 0
     first = digest(out)
     meta = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]
-    assert json.loads(meta["taskvec_files"]) == sorted(p.name for p in out.iterdir())  # the index lists what taskvec wrote
+    assert json.loads(meta["taskvec_files"]) == sorted(
+        p.name for p in out.iterdir()
+    )  # the index lists what taskvec wrote
     r = runner.invoke(app, ["merge", str(cfg), "-o", str(out), "--force"])
     assert r.exit_code == 0, r.output
     assert digest(out) == first  # same config, same bits
     (out / "notes.txt").write_text("mine")
     r = runner.invoke(app, ["merge", str(cfg), "-o", str(out), "--force"])
     assert r.exit_code != 0 and "notes.txt" in r.output.replace("\n", "")
-    assert (out / "notes.txt").read_text() == "mine" and {k: v for k, v in digest(out).items() if k != "notes.txt"} == first
+    assert (out / "notes.txt").read_text() == "mine" and {
+        k: v for k, v in digest(out).items() if k != "notes.txt"
+    } == first
 
 
 def test_force_on_single_files(tmp_path: Path, files) -> None:
@@ -186,7 +203,9 @@ SLOW_WRITER = textwrap.dedent("""
 def test_two_real_writers_of_one_path_one_wins(tmp_path: Path, files) -> None:
     out = tmp_path / "merged.safetensors"
     started, release = tmp_path / "started", tmp_path / "release"
-    first = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(out), str(started), str(release)], env=ENV, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITER, str(out), str(started), str(release)], env=ENV, text=True
+    )
     try:
         for _ in range(400):
             if started.exists():
@@ -257,7 +276,9 @@ def test_bank_is_verified(bank: Path, tmp_path: Path) -> None:
     assert compose_ok(bank, tmp_path / "ok.safetensors")[0] == 0
 
 
-@pytest.mark.parametrize("fault", ["flipped byte", "replaced by another file", "swapped", "edited dtype", "edited bytes"])
+@pytest.mark.parametrize(
+    "fault", ["flipped byte", "replaced by another file", "swapped", "edited dtype", "edited bytes"]
+)
 def test_corrupt_bank_is_refused(bank: Path, tmp_path: Path, fault: str) -> None:
     b0, b1 = bank / "basis-000.safetensors", bank / "basis-001.safetensors"
     mpath = bank / "manifest.json"
@@ -318,8 +339,11 @@ def test_manifest_paths_must_stay_inside_the_bank(bank: Path, tmp_path: Path, es
         (bank / "basis-000.safetensors").unlink()
         (bank / "basis-000.safetensors").symlink_to(victim / "basis.safetensors")
     mpath.write_text(json.dumps(mf))
-    for args in (["bases", "add", bank, tmp_path / "tv2.safetensors", "--name", "again"], ["bases", "info", bank],
-                 ["bases", "verify", bank]):
+    for args in (
+        ["bases", "add", bank, tmp_path / "tv2.safetensors", "--name", "again"],
+        ["bases", "info", bank],
+        ["bases", "verify", bank],
+    ):
         r = cli(*args)
         assert r.returncode != 0, args
         assert "bank" in one_line(r)
@@ -369,8 +393,13 @@ def test_an_interrupted_replacement_keeps_the_old_output(tmp_path: Path, files) 
 def _mount(tmp_path: Path, opts: str) -> Path | None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mnt)],
-                                          check=False, capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mnt)], check=False, capture_output=True
+        ).returncode
+        != 0
+    ):
         return None
     return mnt
 
@@ -478,9 +507,13 @@ def test_sharded_bases_are_verified_file_by_file(tmp_path: Path, files) -> None:
     tvs = []
     for i in range(2):
         tvs.append(tmp_path / f"tv{i}.safetensors")
-        assert runner.invoke(app, ["extract", str(files["base"]), str(files[f"ft{i}"]), "-o", str(tvs[-1])]).exit_code == 0
+        assert (
+            runner.invoke(app, ["extract", str(files["base"]), str(files[f"ft{i}"]), "-o", str(tvs[-1])]).exit_code == 0
+        )
     bank = tmp_path / "bank"
-    r = runner.invoke(app, ["bases", "build", *map(str, tvs), "-o", str(bank), "--method", "pca", "--m", "2", "--shard-size", "1KB"])
+    r = runner.invoke(
+        app, ["bases", "build", *map(str, tvs), "-o", str(bank), "--method", "pca", "--m", "2", "--shard-size", "1KB"]
+    )
     assert r.exit_code == 0, r.output
     shards = sorted((bank / "basis-001").glob("*.safetensors"))
     assert len(shards) > 1

@@ -67,7 +67,9 @@ class BasisEntry(Strict):
     file: str
     bytes: int = Field(ge=0, description="size on disk: the file, or every file of a shard folder")
     members: list[str] | None = None
-    sha256: str | None = Field(default=None, description="sha256 of the file (of a shard folder: of its files' names and sha256s)")
+    sha256: str | None = Field(
+        default=None, description="sha256 of the file (of a shard folder: of its files' names and sha256s)"
+    )
 
     @field_validator("file")
     @classmethod
@@ -280,7 +282,9 @@ class Bank:
                                      f"`taskvec bases verify --rehash {path}`")
             size = disk_bytes(f)
             if size != entry.bytes:
-                raise IntegrityError(f"{f}: is {size:,} bytes, the manifest recorded {entry.bytes:,}; the bank is corrupt")
+                raise IntegrityError(
+                    f"{f}: is {size:,} bytes, the manifest recorded {entry.bytes:,}; the bank is corrupt"
+                )
             tv = bank.basis(k, verify=False)
             src = tv.source
             numel = sum(src.spec(key).numel for key in src.keys())
@@ -289,8 +293,8 @@ class Bank:
                                       f"{manifest.n_tensors} of {manifest.numel:,}")
             dtypes = {DTYPE_NAMES.get(storage_dtype(tv, key), str(storage_dtype(tv, key))) for key in src.keys()}
             if dtypes - {manifest.dtype}:
-                raise IntegrityError(f"{f}: holds {', '.join(sorted(dtypes))} tensors, the manifest says {manifest.dtype}; "
-                                     "the bank is corrupt")
+                raise IntegrityError(f"{f}: holds {', '.join(sorted(dtypes))} tensors, the manifest says "
+                                     f"{manifest.dtype}; the bank is corrupt")
         return bank
 
     def verify_basis(self, k: int, *, force: bool = False) -> None:
@@ -301,7 +305,9 @@ class Bank:
         if not force and key in _VERIFIED:
             return
         if entry.sha256 is None:
-            raise IntegrityError(f"{f}: no sha256 recorded in the manifest; run `taskvec bases verify --rehash {self.path}`")
+            raise IntegrityError(
+                f"{f}: no sha256 recorded in the manifest; run `taskvec bases verify --rehash {self.path}`"
+            )
         digest = file_digest(f)
         if digest != entry.sha256:
             raise IntegrityError(f"{f}: sha256 {digest[:16]}... does not match the manifest's {entry.sha256[:16]}... "
@@ -506,8 +512,8 @@ class Bank:
             hgram[k, k] = h
             decoder[:, idx] = 0.0
             decoder[k, idx] = c / h
-            bases[k] = BasisEntry(file=f, bytes=disk_bytes(self.path / f), members=[*(mf.names[i] for i in idx[:-1]), name],
-                                  sha256=file_digest(self.path / f))
+            bases[k] = BasisEntry(file=f, bytes=disk_bytes(self.path / f),
+                                  members=[*(mf.names[i] for i in idx[:-1]), name], sha256=file_digest(self.path / f))
         else:
             k = None
             decoder[:, t] = lsq(hgram, cnew[:, None])[:, 0]
@@ -596,7 +602,7 @@ def build_bank(
         raise ConfigError(f"build_bank: unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(FIT_OPTIONS))}")
     if method == "cluster":
         check_merge(options.get("merge", "mean"), dict(options.get("merge_params") or {}))
-    out = check_output(out, overwrite=overwrite, inputs=[source_path(tv) for tv in tvs])
+    out = check_output(out, overwrite=overwrite, inputs=[source_path(tv) for tv in tvs])  # before the expensive work
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ConfigError(f"dtype: unknown {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -617,14 +623,16 @@ def build_bank(
     numel = sum(tvs[0].spec(k).numel for k in keys)
     sharded = numel * dtype_size(dtype) > shard_size
     files = [basis_file(k, sharded) for k in range(fit.m)]
-    with atomic_path(out, overwrite=overwrite, folder=True, marker=False, inputs=[source_path(tv) for tv in tvs]) as tmp:
+    inputs = [source_path(tv) for tv in tvs]
+    with atomic_path(out, overwrite=overwrite, folder=True, marker=False, inputs=inputs) as tmp:
         _write_bases(fit, tvs, tmp, files, dtype, shard_size, chunk_elems, progress)
         manifest = Manifest(
             format=BANK_FORMAT, version=1, method=method, dtype=DTYPE_NAMES[dtype], shard_size=shard_size,  # type: ignore[arg-type]
             T=len(tvs), M=fit.m,
             n_tensors=len(keys), numel=numel, names=names_, sources=[source_path(tv) for tv in tvs],
             task_bytes=[task_bytes(tv) for tv in tvs],
-            bases=[BasisEntry(file=f, bytes=disk_bytes(tmp / f), members=[names_[i] for i in fit.members(k)] if fit.assignments else None,
+            bases=[BasisEntry(file=f, bytes=disk_bytes(tmp / f),
+                              members=[names_[i] for i in fit.members(k)] if fit.assignments else None,
                               sha256=file_digest(tmp / f))
                    for k, f in enumerate(files)],
             gram=_mat(g), cross=_mat(fit.cross), basis_gram=_mat(fit.basis_gram), decoder=fit.decoder.tolist(),

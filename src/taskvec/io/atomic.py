@@ -74,7 +74,11 @@ def _owned_entries(folder: Path) -> set[str] | None:
     if isinstance(manifest, dict) and manifest.get("format") == "taskvec/bases-bank":
         bases = manifest.get("bases")
         entries = bases if isinstance(bases, list) else []
-        return {"manifest.json", MARKER, *(str(b.get("file", "")).split("/")[0] for b in entries if isinstance(b, dict))}
+        return {
+            "manifest.json",
+            MARKER,
+            *(str(b.get("file", "")).split("/")[0] for b in entries if isinstance(b, dict)),
+        }
     config = _json(folder / "config.json")
     if isinstance(config, dict) and config.get("format") == "taskvec/composer":
         return {"config.json", "coefficients.safetensors"}
@@ -142,8 +146,10 @@ def check_output(
             raise ConfigError(f"{out}: already exists (pass overwrite/--force to replace it)")
         why = owned(out)
         if why is not None:
-            raise ConfigError(f"{out}: {why}; --force replaces only outputs taskvec wrote, so nothing was changed "
-                              "(move it away or choose another output)")
+            raise ConfigError(
+                f"{out}: {why}; --force replaces only outputs taskvec wrote, so nothing was changed "
+                "(move it away or choose another output)"
+            )
     return out
 
 
@@ -177,8 +183,9 @@ def path_lock(out: Path, what: str = "written") -> Iterator[None]:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             finally:
                 os.close(fd)
-            raise OutputBusyError(f"{out}: is being {what} by another taskvec process (pid {holder}); "
-                                  "wait for it to finish") from None
+            raise OutputBusyError(
+                f"{out}: is being {what} by another taskvec process (pid {holder}); wait for it to finish"
+            ) from None
         try:  # the holder before us may have removed the lock file after we opened it: lock the current one
             same = os.stat(lock).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -191,10 +198,7 @@ def path_lock(out: Path, what: str = "written") -> Iterator[None]:
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
-        try:
-            lock.unlink()
-        except FileNotFoundError:
-            pass
+        lock.unlink(missing_ok=True)
         os.close(fd)
 
 

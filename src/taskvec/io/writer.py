@@ -160,10 +160,13 @@ class CheckpointWriter:
             if self.extra_files is not None:
                 self.extra_files(self.tmp)
             # every file taskvec put in the folder is listed, so that --force can later replace it
-            files = sorted({*(p.relative_to(self.tmp).as_posix() for p in self.tmp.rglob("*") if p.is_file()), self.index_name})
+            files = {p.relative_to(self.tmp).as_posix() for p in self.tmp.rglob("*") if p.is_file()}
+            files = sorted({*files, self.index_name})
             index = {
-                "metadata": {"total_size": sum(s.nbytes for s in self.specs.values()), **self.metadata,
-                             "taskvec_files": json.dumps(files)},
+                "metadata": {
+                    "total_size": sum(s.nbytes for s in self.specs.values()), **self.metadata,
+                    "taskvec_files": json.dumps(files),
+                },
                 "weight_map": {k: self.names[self._shard_of[k]] for k in self._order},
             }
             (self.tmp / self.index_name).write_text(json.dumps(index, indent=2))
