@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 ENV = {**os.environ, "COLUMNS": "1000"}
+TMP_PREFIX = re.compile(re.escape(tempfile.gettempdir()) + r"/(?:taskvec-reliability|tv-rel)-[^/]+/")
 Result = tuple[str, str, str]
 
 
@@ -39,6 +41,8 @@ def taskvec(
 
 
 def seen(code: int, stderr: str) -> str:
+    """Exit code and first stderr line, with the case's temporary folder left out of paths."""
+    stderr = TMP_PREFIX.sub("", stderr)
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     first = lines[0] if lines else "(nothing on stderr)"
     extra = f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else ""
