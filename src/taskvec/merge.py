@@ -19,6 +19,8 @@ def merge_checkpoints(cfg: MergeConfig, out: str | os.PathLike[str], *, overwrit
     for m in cfg.models:
         if m.finetuned is not None:
             tv = TaskVector.from_checkpoints(base, m.finetuned, include=cfg.include, exclude=cfg.exclude, name=m.name)
+        elif m.lora is not None:
+            tv = TaskVector.from_lora(m.lora, base, name=m.name).filter(cfg.include, cfg.exclude or None)
         else:
             assert m.task_vector is not None
             tv = TaskVector.load(m.task_vector).filter(cfg.include, cfg.exclude or None)

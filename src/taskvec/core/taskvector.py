@@ -19,6 +19,8 @@ from taskvec.core.coef import Coef, matches, resolve
 from taskvec.core.stream import CHUNK_ELEMS, LastSliceCache, chunks, write_checkpoint
 from taskvec.errors import DtypeError, KeyMismatchError, ShapeMismatchError
 from taskvec.io import CheckpointLike, DictSource, Source, TensorSpec, open_checkpoint
+from taskvec.io.lowrank import FactoredSource
+from taskvec.io.peft import open_lora
 from taskvec.io.writer import DEFAULT_SHARD_BYTES
 
 TASK_VECTOR_FORMAT = "taskvec/task_vector"
@@ -189,9 +191,18 @@ class TaskVector:
 
     @classmethod
     def load(cls, path: CheckpointLike) -> TaskVector:
-        """A task vector saved by `save` (any checkpoint format of deltas works)."""
+        """A task vector saved by `save` or `taskvec compress`, or a LoRA adapter folder (any checkpoint format of deltas works)."""
         src = open_checkpoint(path)
-        return cls(FloatSource(src), name=src.name)
+        return cls(src if isinstance(src, FactoredSource) else FloatSource(src), name=src.name)
+
+    @classmethod
+    def from_lora(cls, adapter: str | os.PathLike[str], base: CheckpointLike | None = None, *, name: str | None = None) -> TaskVector:
+        """A PEFT LoRA adapter folder as a task vector (scale * B @ A per adapted weight), lazy.
+
+        `base` is the model the adapter belongs to: the adapter is checked against it (tensor names
+        and shapes), and tensors the adapter saves whole (`modules_to_save`) become deltas against it.
+        """
+        return cls(open_lora(adapter, open_checkpoint(base) if base is not None else None), name=name)
 
     # ----- access
     def keys(self) -> list[str]:
