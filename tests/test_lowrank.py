@@ -153,3 +153,66 @@ def test_factored_from_tensors_reads() -> None:
     src = factored_from_tensors({"w": f}, {"b": torch.ones(6, dtype=torch.float64)})
     assert torch.allclose(src.read_flat("w", 5, 19), f.dense().reshape(-1)[5:19], atol=1e-14)
     assert torch.equal(src.read_flat("b"), torch.ones(6, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- low-rank composed forward
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1, stride=2)
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding="same", groups=8)
+        self.pw = torch.nn.Conv2d(8, 6, 1)
+        self.fc1 = torch.nn.Linear(6, 12)
+        self.norm = torch.nn.LayerNorm(12)
+        self.fc2 = torch.nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pw(torch.relu(self.dw(torch.relu(self.conv1(x))))).mean((2, 3))
+        return self.fc2(self.norm(torch.relu(self.fc1(h))).unsqueeze(1).expand(-1, 3, -1)).sum(1)
+
+
+def _lowrank_tvs(model: torch.nn.Module, t: int) -> list[TaskVector]:
+    g = torch.Generator().manual_seed(5)
+    tvs = []
+    for k in range(t):
+        factors, dense = {}, {}
+        for name, p in model.state_dict().items():
+            if p.dim() >= 2:
+                m, n = p.shape[0], p[0].numel()
+                r = 1 + (k + len(name)) % 3
+                factors[name] = Factors(torch.randn(m, r, generator=g, dtype=torch.float64),
+                                        torch.rand(r, generator=g, dtype=torch.float64),
+                                        0.3 * torch.randn(n, r, generator=g, dtype=torch.float64), tuple(p.shape))
+            else:
+                dense[name] = 0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64)
+        tvs.append(TaskVector(factored_from_tensors(factors, dense), name=f"t{k}"))
+    return tvs
+
+
+def test_lowrank_composed_forward_exact() -> None:
+    from taskvec.variational import ComposedModel
+
+    torch.manual_seed(0)
+    model = _Net().double().eval()
+    tvs = _lowrank_tvs(model, 3)
+    lr = ComposedModel(model, tvs, blocks="tensor")
+    assert {"conv1.weight", "pw.weight", "fc1.weight", "fc2.weight", "dw.weight"} <= set(lr.lowrank_keys)
+    dense = ComposedModel(model, [TaskVector.from_tensors({k: tv[k] for k in tv.keys()}) for tv in tvs], blocks="tensor")
+    assert dense.lowrank_keys == []
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    alpha = torch.rand(5, 3, lr.num_blocks, dtype=torch.float64, requires_grad=True)
+    y = lr(x, alpha)
+    assert {k for kind, k in lr._cache if kind == "stack"} == {"dw.weight"}  # only the depthwise conv formed weights
+    assert torch.allclose(y, lr.naive_forward(x, alpha.detach()), atol=1e-11)
+    a2 = alpha.detach().clone().requires_grad_()
+    y2 = dense(x, a2)
+    assert torch.allclose(y, y2, atol=1e-11)
+    (y.square().sum()).backward()
+    (y2.square().sum()).backward()
+    assert torch.allclose(alpha.grad, a2.grad, atol=1e-10)  # type: ignore[arg-type]
+    shared = alpha.detach()[0]
+    assert torch.allclose(lr(x, shared), dense(x, shared), atol=1e-11)
+    for k in lr.keys:  # merged weights from factors equal the dense merge
+        assert torch.allclose(lr.merged(shared)[k], dense.merged(shared)[k], atol=1e-12), k

@@ -155,3 +155,38 @@ def test_lora_errors(tmp_path: Path) -> None:
     cfg_path.write_text(json.dumps({**cfg, "peft_type": "IA3"}))
     with pytest.raises(ConfigError, match="IA3"):
         TaskVector.from_lora(adapter, base_path)
+
+
+def test_lora_per_sample_composition_matches_peft(tmp_path: Path) -> None:
+    """Two adapters composed per sample (from their factors, no dense weights for the adapted
+    linears): a one-hot alpha gives each adapter's PEFT-merged logits; any alpha the dense result."""
+    from taskvec.variational import ComposedModel
+
+    base, batch, base_path, adapter0, merged0 = _make("bert", tmp_path)
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(copy.deepcopy(base), _bert()[2])
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(4):
+        opt.zero_grad()
+        _loss(pm, batch).backward()
+        opt.step()
+    pm.eval()
+    pm.save_pretrained(tmp_path / "adapter1")
+    merged1 = pm.merge_and_unload()
+    tvs = [TaskVector.from_lora(adapter0, base_path), TaskVector.from_lora(tmp_path / "adapter1", base_path)]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    fwd = lambda m, x: m(**x).logits  # noqa: E731
+    cm = ComposedModel(copy.deepcopy(base), tvs, forward_fn=fwd)
+    assert "bert.encoder.layer.0.attention.self.query.weight" in cm.lowrank_keys
+    n = inputs["input_ids"].shape[0]
+    onehot = torch.zeros(n, 2, cm.num_blocks)
+    onehot[: n // 2, 0] = 1.0
+    onehot[n // 2 :, 1] = 1.0
+    with torch.no_grad():
+        y = cm(inputs, onehot)
+        assert torch.allclose(y[: n // 2], fwd(merged0, inputs)[: n // 2], atol=1e-5)
+        assert torch.allclose(y[n // 2 :], fwd(merged1, inputs)[n // 2 :], atol=1e-5)
+        dense = ComposedModel(copy.deepcopy(base), tvs, forward_fn=fwd, lowrank=False)
+        assert dense.lowrank_keys == []
+        alpha = torch.rand(n, 2, cm.num_blocks, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(cm(inputs, alpha), dense(inputs, alpha), atol=1e-5)

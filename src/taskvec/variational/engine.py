@@ -26,6 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from taskvec.core.coef import matches
+from taskvec.core.lowrank import factors_of
 from taskvec.core.taskvector import TaskVector
 from taskvec.errors import KeyMismatchError, ShapeMismatchError, TaskVecError
 from taskvec.variational import ops
@@ -86,6 +87,10 @@ class ComposedModel(nn.Module):
     error unless excluded. `blocks` groups tensors into the B coefficient columns (see BlockRule).
     `strategy` ('auto', 'linear', 'batched', or a {glob: strategy} map) picks the per-sample
     algorithm per layer. The backbone's parameters are frozen (requires_grad=False).
+    With `lowrank` (default), a tensor that every task vector holds as factors (a low-rank task
+    vector, a LoRA adapter) is kept as those factors: linear and ungrouped conv layers then run
+    y = W0 x + sum_k alpha_k U_k (s_k * (V_k^T x)) without forming weights (shared coefficients
+    merge from the factors); other layers reading it get dense weights formed once.
     """
 
     def __init__(
@@ -99,6 +104,7 @@ class ComposedModel(nn.Module):
         strategy: ops.Strategy | Mapping[str, ops.Strategy] = "auto",
         forward_fn: ForwardFn = default_forward,
         task_names: Sequence[str] | None = None,
+        lowrank: bool = True,
     ):
         super().__init__()
         if not task_vectors:
@@ -133,8 +139,11 @@ class ComposedModel(nn.Module):
             getattr(tv, "name", f"task{i}") for i, tv in enumerate(task_vectors)
         ]
         self._slot: dict[str, int] = {}
+        self._lowrank: set[str] = set()
         for i, k in enumerate(keys):
             ref = own[k]
+            if lowrank and self._store_factors(i, k, ref, task_vectors):
+                continue
             taus = []
             for tv in task_vectors:
                 t = _read(tv, k)
@@ -147,18 +156,58 @@ class ComposedModel(nn.Module):
             self._slot[k] = i
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
 
+    def _store_factors(self, i: int, key: str, ref: torch.Tensor, task_vectors: Sequence[TaskVectorLike]) -> bool:
+        """Keep tensor `key` as the task vectors' factors, concatenated along the rank axis, if
+        every task vector holds it as factors: u (out, R), s (R,), v (in, R), col (R,) = task."""
+        if ref.dim() < 2:
+            return False
+        fs = [factors_of(tv, key) if isinstance(tv, TaskVector) else None for tv in task_vectors]
+        if any(f is None or tuple(f.shape) != tuple(ref.shape) for f in fs):
+            return False
+        kw = {"device": ref.device, "dtype": ref.dtype}
+        self.register_buffer(f"lr_u_{i}", torch.cat([f.u.to(**kw) for f in fs], 1), persistent=False)  # type: ignore[union-attr]
+        self.register_buffer(f"lr_s_{i}", torch.cat([f.s.to(**kw) for f in fs]), persistent=False)  # type: ignore[union-attr]
+        self.register_buffer(f"lr_v_{i}", torch.cat([f.v.to(**kw) for f in fs], 1), persistent=False)  # type: ignore[union-attr]
+        col = torch.cat([torch.full((f.rank,), t, dtype=torch.long) for t, f in enumerate(fs)])  # type: ignore[union-attr]
+        self.register_buffer(f"lr_col_{i}", col.to(ref.device), persistent=False)
+        self._slot[key] = i
+        self._lowrank.add(key)
+        return True
+
     # ----- access
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
 
+    @property
+    def lowrank_keys(self) -> list[str]:
+        """Composed tensors held as the task vectors' factors (their per-sample forward never forms weights)."""
+        return [k for k in self.keys if k in self._lowrank]
+
+    def factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(u, s, v, col) of a low-rank tensor: tau_k = u[:, col==k] diag(s[col==k]) v[:, col==k]^T."""
+        i = self._slot[key]
+        return (getattr(self, f"lr_u_{i}"), getattr(self, f"lr_s_{i}"), getattr(self, f"lr_v_{i}"),
+                getattr(self, f"lr_col_{i}"))
+
     def tau(self, key: str) -> torch.Tensor:
-        """Stacked task vectors of tensor `key`: (T, *shape)."""
+        """Stacked task vectors of tensor `key`: (T, *shape) (formed from the factors of a low-rank tensor)."""
+        if key in self._lowrank:
+            return self.stack(key)[1:]
         return getattr(self, f"stack_{self._slot[key]}")[1:]
 
     def stack(self, key: str) -> torch.Tensor:
-        """[theta0; tau_1..T] of tensor `key`: (T+1, *shape) (theta0 copied when the model was built)."""
+        """[theta0; tau_1..T] of tensor `key`: (T+1, *shape) (theta0 copied when the model was built;
+        for a low-rank tensor, formed once from the factors for the layers that need dense weights)."""
+        if key in self._lowrank:
+            return self.cached("stack", key, lambda: self._dense_stack(key))
         return getattr(self, f"stack_{self._slot[key]}")
+
+    def _dense_stack(self, key: str) -> torch.Tensor:
+        u, s, v, col = self.factors(key)
+        w0 = self.named_base()[key].detach()
+        taus = [((u[:, col == t] * s[col == t]) @ v[:, col == t].T).reshape(w0.shape) for t in range(self.num_tasks)]
+        return torch.stack([w0, *taus])
 
     def clear_cache(self) -> None:
         """Forget derived weight layouts (call after changing the backbone's weights in place)."""
@@ -195,7 +244,9 @@ class ComposedModel(nn.Module):
         """theta0 + sum_kb alpha_kb tau_kb for shared coefficients alpha (T, B), composed tensors only."""
         self._check(alpha, shared=True)
         c1 = torch.cat([alpha.new_ones(1, alpha.shape[1]), alpha]).T  # (B, T+1): [1, alpha_b]
-        return {k: ops.build(c1[self.blocks.index[k]].unsqueeze(0), self.stack(k))[0] for k in self.keys}
+        base = self.named_base() if self._lowrank else {}
+        return {k: ops.lowrank_merged(base[k], alpha[:, self.blocks.index[k]], *self.factors(k)) if k in self._lowrank
+                else ops.build(c1[self.blocks.index[k]].unsqueeze(0), self.stack(k))[0] for k in self.keys}
 
     def forward(self, inputs: Any, alpha: torch.Tensor) -> torch.Tensor:
         """Backbone output under coefficients alpha: (T, B) shared by all samples or (N, T, B) per sample."""
@@ -282,11 +333,12 @@ class _PerSampleMode(TorchFunctionMode):
         self.key_of = {id(base[k]): k for k in model.keys}
 
     # (N, T) coefficients and stacked taus of a tensor argument, or (None, None) if not composed
-    def _ct(self, t: Any) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
+    def _ct(self, t: Any, dense: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
         k = self.key_of.get(id(t)) if isinstance(t, torch.Tensor) else None
         if k is None:
             return None, None, None
-        return self.coef[self.model.blocks.index[k]], self.model.tau(k), k
+        tau = None if not dense and k in self.model._lowrank else self.model.tau(k)
+        return self.coef[self.model.blocks.index[k]], tau, k
 
     def _full(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """(N|1, *shape) per-sample tensor (composed) or the base with a leading 1."""
@@ -325,21 +377,28 @@ class _PerSampleMode(TorchFunctionMode):
     # ----- handlers: return NotImplemented when no argument is composed
     def linear(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         x, w, b = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "weight"), _get(args, kwargs, 2, "bias")
-        cw, tw, kw = self._ct(w)
+        cw, tw, kw = self._ct(w, dense=False)
         cb, tb, _ = self._ct(b)
         if kw is None and cb is None:
             return NotImplemented
+        if cw is not None and tw is None:  # low-rank task vectors: never form the weights
+            return ops.lowrank_linear(x, w, b, cw, *self.model.factors(kw), cb, tb, self.n)  # type: ignore[arg-type]
         stacked = self._stacked(kw, w, tw)
         return ops.linear(x, w, b, cw, tw, cb, tb, self.n, self.model.strategy_for(kw or ""), stacked)
 
     def conv2d(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         x, w, b = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "weight"), _get(args, kwargs, 2, "bias")
-        cw, tw, kw = self._ct(w)
+        cw, tw, kw = self._ct(w, dense=False)
         cb, tb, _ = self._ct(b)
         if kw is None and cb is None:
             return NotImplemented
         stride, padding = _get(args, kwargs, 3, "stride", 1), _get(args, kwargs, 4, "padding", 0)
         dilation, groups = _get(args, kwargs, 5, "dilation", 1), _get(args, kwargs, 6, "groups", 1)
+        if cw is not None and tw is None:
+            if groups == 1:  # low-rank task vectors: never form the weights
+                return ops.lowrank_conv2d(x, w, b, cw, *self.model.factors(kw), cb, tb, self.n,  # type: ignore[arg-type]
+                                          stride, padding, dilation)
+            tw = self.model.tau(kw)  # type: ignore[arg-type]
         stacked = self._stacked(kw, w, tw)
         return ops.conv2d(x, w, b, cw, tw, cb, tb, self.n, stride, padding, dilation, groups,
                           self.model.strategy_for(kw or ""), stacked)

@@ -394,3 +394,77 @@ def batch_norm_eval(
     if b is not None:
         shift = shift + b
     return _affine(x, s, shift, 1)
+
+
+# --------------------------------------------------------------------------- low-rank task vectors
+
+
+def lowrank_coef(c: torch.Tensor, s: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight of every factor column: c[n, task of column] * s[column], (N, R)."""
+    return c[:, col] * s
+
+
+def lowrank_merged(w0: torch.Tensor, a: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
+                   col: torch.Tensor) -> torch.Tensor:
+    """W0 + sum_k a_k U_k diag(s_k) V_k^T for shared coefficients a (T,), in W0's shape."""
+    return w0 + ((u * (a[col] * s)) @ v.T).reshape(w0.shape)
+
+
+def lowrank_linear(
+    x: torch.Tensor,
+    w0: torch.Tensor,
+    b0: torch.Tensor | None,
+    cw: torch.Tensor,
+    u: torch.Tensor,
+    s: torch.Tensor,
+    v: torch.Tensor,
+    col: torch.Tensor,
+    cb: torch.Tensor | None,
+    tb: torch.Tensor | None,
+    n: int,
+) -> torch.Tensor:
+    """F.linear(x_n, W0 + sum_k c_nk U_k diag(s_k) V_k^T, b_n) without forming any weight:
+    y = x W0^T + ((x V) * (c_n[col] s)) U^T, with the task factors concatenated along the rank
+    axis (u (out, R), v (in, R), col (R,) the task of each column). Costs R (in + out) per position."""
+    x = batch_first(x, n, "a linear layer")
+    lead = x.shape[:-1]
+    xf = x.reshape(n, -1, x.shape[-1])
+    z = (xf @ v) * lowrank_coef(cw, s, col).unsqueeze(1)  # (n, P, R)
+    y = torch.addmm(F.linear(xf, w0).reshape(-1, w0.shape[0]), z.reshape(-1, z.shape[-1]), u.T)
+    y = y.reshape(*lead, w0.shape[0])
+    if b0 is not None:
+        b = composed(b0, cb, tb, n)
+        y = y + b.reshape(b.shape[0], *([1] * (y.dim() - 2)), -1)
+    return y
+
+
+def lowrank_conv2d(
+    x: torch.Tensor,
+    w0: torch.Tensor,
+    b0: torch.Tensor | None,
+    cw: torch.Tensor,
+    u: torch.Tensor,
+    s: torch.Tensor,
+    v: torch.Tensor,
+    col: torch.Tensor,
+    cb: torch.Tensor | None,
+    tb: torch.Tensor | None,
+    n: int,
+    stride: object = 1,
+    padding: object = 0,
+    dilation: object = 1,
+) -> torch.Tensor:
+    """F.conv2d (groups = 1) with per-sample W0 + sum_k c_nk U_k diag(s_k) V_k^T, the factors of
+    the (out, in*kh*kw) matrix: a conv with the R kernels V^T, a per-sample scale of its R
+    channels, and a 1x1 conv with U (LoRA's form)."""
+    x = batch_first(x, n, "a conv2d layer")
+    st, dl = _pair(stride), _pair(dilation)  # type: ignore[arg-type]
+    pad = padding if isinstance(padding, str) else _pair(padding)  # type: ignore[arg-type]
+    r = v.shape[1]
+    z = F.conv2d(x, v.T.reshape(r, *w0.shape[1:]), None, st, pad, dl)  # (n, R, h, w)
+    z = z * lowrank_coef(cw, s, col).reshape(n, r, 1, 1)
+    y = F.conv2d(x, w0, None, st, pad, dl) + F.conv2d(z, u.reshape(*u.shape, 1, 1))
+    if b0 is not None:
+        b = composed(b0, cb, tb, n)
+        y = y + b.reshape(b.shape[0], -1, 1, 1)
+    return y
