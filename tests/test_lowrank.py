@@ -216,3 +216,35 @@ def test_lowrank_composed_forward_exact() -> None:
     assert torch.allclose(lr(x, shared), dense(x, shared), atol=1e-11)
     for k in lr.keys:  # merged weights from factors equal the dense merge
         assert torch.allclose(lr.merged(shared)[k], dense.merged(shared)[k], atol=1e-12), k
+
+
+class _EmbNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(30, 8, padding_idx=0)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(idx)).mean(1)
+
+
+def test_lowrank_embedding_composed_exact() -> None:
+    from taskvec.variational import ComposedModel
+
+    torch.manual_seed(0)
+    model = _EmbNet().double().eval()
+    tvs = _lowrank_tvs(model, 4)
+    lr = ComposedModel(model, tvs)
+    dense = ComposedModel(model, [TaskVector.from_tensors({k: tv[k] for k in tv.keys()}) for tv in tvs])
+    assert "emb.weight" in lr.lowrank_keys
+    idx = torch.randint(0, 30, (6, 7))
+    idx[:, -1] = 0  # padding positions
+    alpha = torch.rand(6, 4, lr.num_blocks, dtype=torch.float64, requires_grad=True)
+    a2 = alpha.detach().clone().requires_grad_()
+    y, y2 = lr(idx, alpha), dense(idx, a2)
+    assert torch.allclose(y, y2, atol=1e-12)
+    assert torch.allclose(y, lr.naive_forward(idx, alpha.detach()), atol=1e-12)
+    y.sum().backward()
+    y2.sum().backward()
+    assert torch.allclose(alpha.grad, a2.grad, atol=1e-12)  # type: ignore[arg-type]
+    assert not lr._cache  # no dense weights were formed

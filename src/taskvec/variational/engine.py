@@ -405,11 +405,13 @@ class _PerSampleMode(TorchFunctionMode):
 
     def embedding(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         idx, w = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "weight")
-        cw, tw, kw = self._ct(w)
+        cw, tw, kw = self._ct(w, dense=False)
         if kw is None:
             return NotImplemented
         if _get(args, kwargs, 3, "max_norm") is not None:
             raise TaskVecError(f"embedding {kw!r} uses max_norm (renormalises weights in place): not composable per sample")
+        if tw is None:  # low-rank task vectors: never form the weights
+            return ops.lowrank_embedding(idx, w, cw, *self.model.factors(kw), self.n, _get(args, kwargs, 2, "padding_idx"))  # type: ignore[arg-type]
         rows = self.model.cached("rows", kw, lambda: tw.transpose(0, 1).reshape(tw.shape[1], -1).contiguous())
         return ops.embedding(idx, w, cw, rows, self.n, _get(args, kwargs, 2, "padding_idx"))
 

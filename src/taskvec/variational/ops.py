@@ -353,6 +353,8 @@ def _affine(y: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, cha
         if channel_dims:
             return v.reshape(v.shape[0], -1, *([1] * (y.dim() - 2)))
         return v.reshape(v.shape[0], *([1] * (y.dim() - v.dim())), *v.shape[1:])
+    if w is not None and b is not None:
+        return torch.addcmul(shape(b), y, shape(w))  # one pass over y
     if w is not None:
         y = y * shape(w)
     if b is not None:
@@ -424,18 +426,45 @@ def lowrank_linear(
     n: int,
 ) -> torch.Tensor:
     """F.linear(x_n, W0 + sum_k c_nk U_k diag(s_k) V_k^T, b_n) without forming any weight:
-    y = x W0^T + ((x V) * (c_n[col] s)) U^T, with the task factors concatenated along the rank
-    axis (u (out, R), v (in, R), col (R,) the task of each column). Costs R (in + out) per position."""
+    y = x W0^T + b0 + [(x V) * (c_n[col] s), cb_n] [U, tb^T]^T, with the task factors concatenated
+    along the rank axis (u (out, R), v (in, R), col (R,) the task of each column). A composed bias
+    rides along as T more columns, so the low-rank part is one GEMM of depth R (+T) added in place
+    to the base output. Costs R (in + out) multiply-adds per position beside the base's in * out."""
     x = batch_first(x, n, "a linear layer")
-    lead = x.shape[:-1]
-    xf = x.reshape(n, -1, x.shape[-1])
-    z = (xf @ v) * lowrank_coef(cw, s, col).unsqueeze(1)  # (n, P, R)
-    y = torch.addmm(F.linear(xf, w0).reshape(-1, w0.shape[0]), z.reshape(-1, z.shape[-1]), u.T)
-    y = y.reshape(*lead, w0.shape[0])
-    if b0 is not None:
-        b = composed(b0, cb, tb, n)
-        y = y + b.reshape(b.shape[0], *([1] * (y.dim() - 2)), -1)
-    return y
+    lead, d_in, d_out = x.shape[:-1], x.shape[-1], w0.shape[0]
+    xf = x.reshape(-1, d_in)
+    p = xf.shape[0] // n
+    z = (xf @ v).reshape(n, p, -1) * lowrank_coef(cw, s, col).unsqueeze(1)  # (n, P, R)
+    ut = u.T
+    if cb is not None and tb is not None:
+        z = torch.cat([z, cb.unsqueeze(1).expand(n, p, cb.shape[1])], 2)
+        ut = torch.cat([ut, tb])
+    y = F.linear(xf, w0, b0).addmm_(z.reshape(n * p, -1), ut)
+    return y.reshape(*lead, d_out)
+
+
+def lowrank_embedding(
+    idx: torch.Tensor,
+    w0: torch.Tensor,
+    cw: torch.Tensor,
+    u: torch.Tensor,
+    s: torch.Tensor,
+    v: torch.Tensor,
+    col: torch.Tensor,
+    n: int,
+    padding_idx: int | None = None,
+) -> torch.Tensor:
+    """F.embedding(idx_n, W0 + sum_k c_nk U_k diag(s_k) V_k^T): gather the R factor entries of each
+    index (rows of U), weight them per sample, and map them out with V; rows at `padding_idx`
+    pass no gradient to the coefficients (as `embedding` does)."""
+    idx = batch_first(idx, n, "an embedding")
+    base = F.embedding(idx, w0, padding_idx)
+    g = F.embedding(idx, u).reshape(n, -1, u.shape[1]) * lowrank_coef(cw, s, col).unsqueeze(1)
+    mix = (g @ v.T).reshape(base.shape)
+    if padding_idx is not None and mix.requires_grad:
+        pad = (idx == (padding_idx % w0.shape[0])).unsqueeze(-1)
+        mix = torch.where(pad, mix.detach(), mix)
+    return base + mix
 
 
 def lowrank_conv2d(
