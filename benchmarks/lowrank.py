@@ -16,11 +16,11 @@ forward
     Samples/s of the composed MiniLM (all-MiniLM-L6-v2, 32 tokens, mean pooled) with per-sample
     coefficients (one block per tensor), T task vectors, batch 1/32/256, inference: the base model
     alone, dense task vectors (ComposedModel's batched per-sample forward) and low-rank task vectors
-    of rank --rank (random factors; the per-sample forward through the factors). Least process CPU
+    of each rank in --ranks (random factors; the per-sample forward through the factors). Least process CPU
     time of --repeats runs after a warm-up, one thread. Results: benchmarks/results/lowrank_forward.md.
 
     python3 benchmarks/lowrank.py accuracy tiny --ranks 1 2 4 8 16 32
-    python3 benchmarks/lowrank.py forward --rank 4 --tasks 4 8 16
+    python3 benchmarks/lowrank.py forward --ranks 4 8 --tasks 4 8 16
 """
 
 from __future__ import annotations
@@ -204,20 +204,28 @@ def forward(args: argparse.Namespace) -> None:
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     rows = []
     for t in args.tasks:
-        lr_tvs = random_lowrank(model, t, args.rank)
-        lr = ComposedModel(model, lr_tvs)
-        dense = None if args.no_dense else ComposedModel(model, lr_tvs, lowrank=False)
-        for n in args.batches:
-            x = take(inputs, slice(0, n))
-            alpha = 0.5 * torch.rand(n, t, lr.num_blocks, generator=torch.Generator().manual_seed(n))
-            with torch.no_grad():
-                tb = best_time(lambda: default_forward(model, x), args.repeats)
-                tl = best_time(lambda: lr(x, alpha), args.repeats)
-                td = best_time(lambda: dense(x, alpha), args.repeats) if dense is not None else float("nan")
-            rows.append({"T": t, "batch": n, "base": n / tb, "lowrank": n / tl, "dense": n / td,
-                         "lr_ratio": tl / tb, "dense_ratio": td / tb, "lr_keys": len(lr.lowrank_keys), "keys": len(lr.keys)})
-            print(rows[-1], flush=True)
-        del lr, dense
+        dense = None
+        for rank in args.ranks:
+            lr_tvs = random_lowrank(model, t, rank)
+            lr = ComposedModel(model, lr_tvs)
+            if dense is None and not args.no_dense:  # the dense cost does not depend on the rank
+                dense = ComposedModel(model, lr_tvs, lowrank=False)
+                t_dense: dict[int, float] = {}
+            for n in args.batches:
+                x = take(inputs, slice(0, n))
+                alpha = 0.5 * torch.rand(n, t, lr.num_blocks, generator=torch.Generator().manual_seed(n))
+                with torch.no_grad():
+                    tb = best_time(lambda: default_forward(model, x), args.repeats)
+                    tl = best_time(lambda: lr(x, alpha), args.repeats)
+                    if dense is not None and n not in t_dense:
+                        t_dense[n] = best_time(lambda: dense(x, alpha), args.repeats)
+                td = t_dense.get(n, float("nan")) if dense is not None else float("nan")
+                rows.append({"T": t, "rank": rank, "batch": n, "base": n / tb, "lowrank": n / tl, "dense": n / td,
+                             "lr_ratio": tl / tb, "dense_ratio": td / tb, "lr_keys": len(lr.lowrank_keys),
+                             "keys": len(lr.keys)})
+                print(rows[-1], flush=True)
+            del lr
+        del dense
     load1 = os.getloadavg()[0]
     lines = [
         "# Composed forward with low-rank task vectors: per-sample coefficients vs. the base model",
@@ -226,17 +234,18 @@ def forward(args: argparse.Namespace) -> None:
          f"{args.threads} CPU thread(s), {os.cpu_count()} cores shared with other jobs (1-min load average {load0:.1f} at "
          f"start, {load1:.1f} at end). all-MiniLM-L6-v2, {args.seq_len} tokens, mean pooled; per-sample alpha, one block "
          f"per tensor; inference (no_grad); least process CPU time of {args.repeats} runs after a warm-up. Task vectors: "
-         f"random factors of rank {args.rank} for every matrix ({rows[0]['lr_keys']} of {rows[0]['keys']} composed "
-         "tensors; the word embeddings are composed from weights formed once from their factors), 1-D tensors dense. "
+         f"random factors of rank r for every matrix ({rows[0]['lr_keys']} of {rows[0]['keys']} composed "
+         "tensors; the embeddings included), 1-D tensors dense. Base and dense times are measured again beside each rank's run "
+         "(dense: once per T and batch). "
          "Dense = the same task vectors as dense tensors (the batched per-sample forward). Samples/s; ratios are "
          f"times against the base model. No GPU on this machine: GPU rows not measured. "
-         f"`python3 benchmarks/lowrank.py forward --rank {args.rank} --tasks {' '.join(map(str, args.tasks))}`."),
+         f"`python3 benchmarks/lowrank.py forward --ranks {' '.join(map(str, args.ranks))} --tasks {' '.join(map(str, args.tasks))}`."),
         "",
-        "| T | batch | base | low-rank composed | low-rank / base time | dense composed | dense / base time |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| T | rank r | batch | base | low-rank composed | low-rank / base time | dense composed | dense / base time |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['T']} | {r['batch']} | {r['base']:.1f} | {r['lowrank']:.1f} | {r['lr_ratio']:.2f}x | "
+        lines.append(f"| {r['T']} | {r['rank']} | {r['batch']} | {r['base']:.1f} | {r['lowrank']:.1f} | {r['lr_ratio']:.2f}x | "
                      f"{r['dense']:.1f} | {r['dense_ratio']:.2f}x |")
     text = "\n".join(lines) + "\n"
     print(text)
@@ -254,7 +263,7 @@ def main() -> None:
     a.add_argument("--fresh", action="store_true", help="ignore finished rows of an earlier run")
     a.add_argument("--threads", type=int, default=None)
     f = sub.add_parser("forward")
-    f.add_argument("--rank", type=int, default=4)
+    f.add_argument("--ranks", type=int, nargs="+", default=[4, 8])
     f.add_argument("--tasks", type=int, nargs="+", default=[4, 8, 16])
     f.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
     f.add_argument("--seq-len", type=int, default=32)
