@@ -191,9 +191,9 @@ class ComposedModel(nn.Module):
                 getattr(self, f"lr_col_{i}"))
 
     def tau(self, key: str) -> torch.Tensor:
-        """Stacked task vectors of tensor `key`: (T, *shape) (formed from the factors of a low-rank tensor)."""
-        if key in self._lowrank:
-            return self.stack(key)[1:]
+        """Stacked task vectors of tensor `key`: (T, *shape) (formed from the factors of a low-rank tensor, each call)."""
+        if key in self._lowrank:  # formed on demand, not kept
+            return self._dense_stack(key)[1:]
         return getattr(self, f"stack_{self._slot[key]}")[1:]
 
     def stack(self, key: str) -> torch.Tensor:
@@ -337,7 +337,9 @@ class _PerSampleMode(TorchFunctionMode):
         k = self.key_of.get(id(t)) if isinstance(t, torch.Tensor) else None
         if k is None:
             return None, None, None
-        tau = None if not dense and k in self.model._lowrank else self.model.tau(k)
+        if k in self.model._lowrank:  # None: the caller composes from the factors; else dense weights formed once
+            return self.coef[self.model.blocks.index[k]], None if not dense else self.model.stack(k)[1:], k
+        tau = self.model.tau(k)
         return self.coef[self.model.blocks.index[k]], tau, k
 
     def _full(self, t: torch.Tensor | None) -> torch.Tensor | None:
@@ -398,7 +400,7 @@ class _PerSampleMode(TorchFunctionMode):
             if groups == 1:  # low-rank task vectors: never form the weights
                 return ops.lowrank_conv2d(x, w, b, cw, *self.model.factors(kw), cb, tb, self.n,  # type: ignore[arg-type]
                                           stride, padding, dilation)
-            tw = self.model.tau(kw)  # type: ignore[arg-type]
+            tw = self.model.stack(kw)[1:]  # type: ignore[arg-type]
         stacked = self._stacked(kw, w, tw)
         return ops.conv2d(x, w, b, cw, tw, cb, tb, self.n, stride, padding, dilation, groups,
                           self.model.strategy_for(kw or ""), stacked)
