@@ -32,6 +32,7 @@ import os
 import platform
 import statistics
 import time
+import timeit
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,14 +46,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def best_time(fn: Callable[[], Any], repeats: int) -> float:
-    """Least process CPU time over `repeats` runs after a warm-up (one thread: other jobs' time excluded)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.process_time()
-        fn()
-        best = min(best, time.process_time() - t)
-    return best
+    """Least process CPU time of one call over a warm-up and `repeats` runs (one thread: the time
+    other jobs on the shared cores hold the CPU is not counted)."""
+    return min(timeit.repeat(fn, timer=time.process_time, repeat=repeats + 1, number=1))
 
 
 # --------------------------------------------------------------------------- accuracy vs rank

@@ -70,6 +70,16 @@ def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
     return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
 
+def _train(pm: nn.Module, batch: dict) -> nn.Module:
+    """A few Adam steps on the adapter's parameters, so that B != 0."""
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(4):
+        opt.zero_grad()
+        _loss(pm, batch).backward()
+        opt.step()
+    return pm.eval()
+
+
 def _make(kind: str, tmp: Path) -> tuple[nn.Module, dict, Path, Path, nn.Module]:
     """Base model (saved), an adapter trained a few steps (saved), and PEFT's own merged model."""
     torch.manual_seed(0)
@@ -78,13 +88,7 @@ def _make(kind: str, tmp: Path) -> tuple[nn.Module, dict, Path, Path, nn.Module]
     base = copy.deepcopy(model)
     base_path = tmp / "base.safetensors"
     save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, base_path)
-    pm = peft.get_peft_model(model, lora)
-    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(4):
-        opt.zero_grad()
-        _loss(pm, batch).backward()
-        opt.step()
-    pm.eval()
+    pm = _train(peft.get_peft_model(model, lora), batch)
     adapter = tmp / "adapter"
     pm.save_pretrained(adapter)
     merged = pm.merge_and_unload()
@@ -164,13 +168,7 @@ def test_lora_per_sample_composition_matches_peft(tmp_path: Path) -> None:
 
     base, batch, base_path, adapter0, merged0 = _make("bert", tmp_path)
     torch.manual_seed(1)
-    pm = peft.get_peft_model(copy.deepcopy(base), _bert()[2])
-    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(4):
-        opt.zero_grad()
-        _loss(pm, batch).backward()
-        opt.step()
-    pm.eval()
+    pm = _train(peft.get_peft_model(copy.deepcopy(base), _bert()[2]), batch)
     pm.save_pretrained(tmp_path / "adapter1")
     merged1 = pm.merge_and_unload()
     tvs = [TaskVector.from_lora(adapter0, base_path), TaskVector.from_lora(tmp_path / "adapter1", base_path)]

@@ -184,7 +184,7 @@ class ComposedModel(nn.Module):
         """Composed tensors held as the task vectors' factors (their per-sample forward never forms weights)."""
         return [k for k in self.keys if k in self._lowrank]
 
-    def factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def factors(self, key: str) -> ops.Factored:
         """(u, s, v, col) of a low-rank tensor: tau_k = u[:, col==k] diag(s[col==k]) v[:, col==k]^T."""
         i = self._slot[key]
         return (getattr(self, f"lr_u_{i}"), getattr(self, f"lr_s_{i}"), getattr(self, f"lr_v_{i}"),
@@ -245,7 +245,7 @@ class ComposedModel(nn.Module):
         self._check(alpha, shared=True)
         c1 = torch.cat([alpha.new_ones(1, alpha.shape[1]), alpha]).T  # (B, T+1): [1, alpha_b]
         base = self.named_base() if self._lowrank else {}
-        return {k: ops.lowrank_merged(base[k], alpha[:, self.blocks.index[k]], *self.factors(k)) if k in self._lowrank
+        return {k: ops.lowrank_merged(base[k], alpha[:, self.blocks.index[k]], self.factors(k)) if k in self._lowrank
                 else ops.build(c1[self.blocks.index[k]].unsqueeze(0), self.stack(k))[0] for k in self.keys}
 
     def forward(self, inputs: Any, alpha: torch.Tensor) -> torch.Tensor:
@@ -384,7 +384,7 @@ class _PerSampleMode(TorchFunctionMode):
         if kw is None and cb is None:
             return NotImplemented
         if cw is not None and tw is None:  # low-rank task vectors: never form the weights
-            return ops.lowrank_linear(x, w, b, cw, *self.model.factors(kw), cb, tb, self.n)  # type: ignore[arg-type]
+            return ops.lowrank_linear(x, w, b, cw, self.model.factors(kw), cb, tb, self.n)  # type: ignore[arg-type]
         stacked = self._stacked(kw, w, tw)
         return ops.linear(x, w, b, cw, tw, cb, tb, self.n, self.model.strategy_for(kw or ""), stacked)
 
@@ -398,7 +398,7 @@ class _PerSampleMode(TorchFunctionMode):
         dilation, groups = _get(args, kwargs, 5, "dilation", 1), _get(args, kwargs, 6, "groups", 1)
         if cw is not None and tw is None:
             if groups == 1:  # low-rank task vectors: never form the weights
-                return ops.lowrank_conv2d(x, w, b, cw, *self.model.factors(kw), cb, tb, self.n,  # type: ignore[arg-type]
+                return ops.lowrank_conv2d(x, w, b, cw, self.model.factors(kw), cb, tb, self.n,  # type: ignore[arg-type]
                                           stride, padding, dilation)
             tw = self.model.stack(kw)[1:]  # type: ignore[arg-type]
         stacked = self._stacked(kw, w, tw)
@@ -413,7 +413,7 @@ class _PerSampleMode(TorchFunctionMode):
         if _get(args, kwargs, 3, "max_norm") is not None:
             raise TaskVecError(f"embedding {kw!r} uses max_norm (renormalises weights in place): not composable per sample")
         if tw is None:  # low-rank task vectors: never form the weights
-            return ops.lowrank_embedding(idx, w, cw, *self.model.factors(kw), self.n, _get(args, kwargs, 2, "padding_idx"))  # type: ignore[arg-type]
+            return ops.lowrank_embedding(idx, w, cw, self.model.factors(kw), self.n, _get(args, kwargs, 2, "padding_idx"))  # type: ignore[arg-type]
         rows = self.model.cached("rows", kw, lambda: tw.transpose(0, 1).reshape(tw.shape[1], -1).contiguous())
         return ops.embedding(idx, w, cw, rows, self.n, _get(args, kwargs, 2, "padding_idx"))
 

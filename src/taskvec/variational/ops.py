@@ -337,10 +337,15 @@ def embedding(
     base = F.embedding(idx, w0, padding_idx)
     g = F.embedding(idx, tw_rows).reshape(n, -1, t, d)  # (n, L, T, D)
     mix = (cw.reshape(n, 1, 1, t) @ g).reshape(base.shape)
-    if padding_idx is not None and mix.requires_grad:
-        pad = (idx == (padding_idx % w0.shape[0])).unsqueeze(-1)
-        mix = torch.where(pad, mix.detach(), mix)
-    return base + mix
+    return base + _no_pad_grad(mix, idx, padding_idx, w0.shape[0])
+
+
+def _no_pad_grad(mix: torch.Tensor, idx: torch.Tensor, padding_idx: int | None, rows: int) -> torch.Tensor:
+    """`mix` with no gradient at positions reading the padding row."""
+    if padding_idx is None or not mix.requires_grad:
+        return mix
+    pad = (idx == (padding_idx % rows)).unsqueeze(-1)
+    return torch.where(pad, mix.detach(), mix)
 
 
 # --------------------------------------------------------------------------- norms
@@ -406,30 +411,27 @@ def lowrank_coef(c: torch.Tensor, s: torch.Tensor, col: torch.Tensor) -> torch.T
     return c[:, col] * s
 
 
-def lowrank_merged(w0: torch.Tensor, a: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
-                   col: torch.Tensor) -> torch.Tensor:
+def lowrank_merged(w0: torch.Tensor, a: torch.Tensor, fac: Factored) -> torch.Tensor:
     """W0 + sum_k a_k U_k diag(s_k) V_k^T for shared coefficients a (T,), in W0's shape."""
+    u, s, v, col = fac
     return w0 + ((u * (a[col] * s)) @ v.T).reshape(w0.shape)
 
 
+Factored = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+"""(u, s, v, col): T task vectors' factors concatenated along the rank axis, u (out, R), s (R,),
+v (in, R), col (R,) the task of each column; tau_k = u[:, col==k] diag(s[col==k]) v[:, col==k]^T."""
+
+
 def lowrank_linear(
-    x: torch.Tensor,
-    w0: torch.Tensor,
-    b0: torch.Tensor | None,
-    cw: torch.Tensor,
-    u: torch.Tensor,
-    s: torch.Tensor,
-    v: torch.Tensor,
-    col: torch.Tensor,
-    cb: torch.Tensor | None,
-    tb: torch.Tensor | None,
-    n: int,
+    x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor | None, cw: torch.Tensor, fac: Factored,
+    cb: torch.Tensor | None, tb: torch.Tensor | None, n: int,
 ) -> torch.Tensor:
     """F.linear(x_n, W0 + sum_k c_nk U_k diag(s_k) V_k^T, b_n) without forming any weight:
     y = x W0^T + b0 + [(x V) * (c_n[col] s), cb_n] [U, tb^T]^T, with the task factors concatenated
-    along the rank axis (u (out, R), v (in, R), col (R,) the task of each column). A composed bias
-    rides along as T more columns, so the low-rank part is one GEMM of depth R (+T) added in place
-    to the base output. Costs R (in + out) multiply-adds per position beside the base's in * out."""
+    along the rank axis (`Factored`). A composed bias rides along as T more columns, so the
+    low-rank part is one GEMM of depth R (+T) added in place to the base output. Costs
+    R (in + out) multiply-adds per position beside the base's in * out."""
+    u, s, v, col = fac
     x = batch_first(x, n, "a linear layer")
     lead, d_in, d_out = x.shape[:-1], x.shape[-1], w0.shape[0]
     xf = x.reshape(-1, d_in)
@@ -444,48 +446,27 @@ def lowrank_linear(
 
 
 def lowrank_embedding(
-    idx: torch.Tensor,
-    w0: torch.Tensor,
-    cw: torch.Tensor,
-    u: torch.Tensor,
-    s: torch.Tensor,
-    v: torch.Tensor,
-    col: torch.Tensor,
-    n: int,
-    padding_idx: int | None = None,
+    idx: torch.Tensor, w0: torch.Tensor, cw: torch.Tensor, fac: Factored, n: int, padding_idx: int | None = None
 ) -> torch.Tensor:
     """F.embedding(idx_n, W0 + sum_k c_nk U_k diag(s_k) V_k^T): gather the R factor entries of each
     index (rows of U), weight them per sample, and map them out with V; rows at `padding_idx`
     pass no gradient to the coefficients (as `embedding` does)."""
+    u, s, v, col = fac
     idx = batch_first(idx, n, "an embedding")
     base = F.embedding(idx, w0, padding_idx)
     g = F.embedding(idx, u).reshape(n, -1, u.shape[1]) * lowrank_coef(cw, s, col).unsqueeze(1)
-    mix = (g @ v.T).reshape(base.shape)
-    if padding_idx is not None and mix.requires_grad:
-        pad = (idx == (padding_idx % w0.shape[0])).unsqueeze(-1)
-        mix = torch.where(pad, mix.detach(), mix)
-    return base + mix
+    return base + _no_pad_grad((g @ v.T).reshape(base.shape), idx, padding_idx, w0.shape[0])
 
 
 def lowrank_conv2d(
-    x: torch.Tensor,
-    w0: torch.Tensor,
-    b0: torch.Tensor | None,
-    cw: torch.Tensor,
-    u: torch.Tensor,
-    s: torch.Tensor,
-    v: torch.Tensor,
-    col: torch.Tensor,
-    cb: torch.Tensor | None,
-    tb: torch.Tensor | None,
-    n: int,
-    stride: object = 1,
-    padding: object = 0,
-    dilation: object = 1,
+    x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor | None, cw: torch.Tensor, fac: Factored,
+    cb: torch.Tensor | None, tb: torch.Tensor | None, n: int,
+    stride: object = 1, padding: object = 0, dilation: object = 1,
 ) -> torch.Tensor:
     """F.conv2d (groups = 1) with per-sample W0 + sum_k c_nk U_k diag(s_k) V_k^T, the factors of
     the (out, in*kh*kw) matrix: a conv with the R kernels V^T, a per-sample scale of its R
     channels, and a 1x1 conv with U (LoRA's form)."""
+    u, s, v, col = fac
     x = batch_first(x, n, "a conv2d layer")
     st, dl = _pair(stride), _pair(dilation)  # type: ignore[arg-type]
     pad = padding if isinstance(padding, str) else _pair(padding)  # type: ignore[arg-type]
