@@ -292,6 +292,10 @@ def main() -> None:
         ("5. Composed forward with per-sample coefficients (issue 4)", "composed_forward",
          "python3 benchmarks/composed_forward.py"),
         ("6. Task vector bases at scale (issue 5)", "bases_scale", "python3 benchmarks/bases_scale.py"),
+        ("7. Low-rank task vectors: accuracy against rank (issue 18)", "lowrank_tiny",
+         "python3 benchmarks/lowrank.py accuracy tiny --ranks 1 2 4 8 16 32"),
+        ("8. Composed forward with low-rank task vectors (issue 18)", "lowrank_forward",
+         "python3 benchmarks/lowrank.py forward --ranks 4 8 --tasks 4 8 16"),
     ):
         md = read(RES / f"{name}.md")
         parts += [f"## {title}", ""]
