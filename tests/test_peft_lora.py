@@ -188,3 +188,17 @@ def test_lora_per_sample_composition_matches_peft(tmp_path: Path) -> None:
         assert dense.lowrank_keys == []
         alpha = torch.rand(n, 2, cm.num_blocks, generator=torch.Generator().manual_seed(0))
         assert torch.allclose(cm(inputs, alpha), dense(inputs, alpha), atol=1e-5)
+
+
+def test_lora_base_name_warning(tmp_path: Path) -> None:
+    base, _, base_path, adapter, _ = _make("gpt2", tmp_path)
+    folder = tmp_path / "gpt2-small"
+    folder.mkdir()
+    base_path.rename(folder / "model.safetensors")
+    cfg_path = adapter / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "base_model_name_or_path": "org/gpt2-small"}))
+    TaskVector.from_lora(adapter, folder)  # same folder name: no warning
+    cfg_path.write_text(json.dumps({**cfg, "base_model_name_or_path": "org/llama-7b"}))
+    with pytest.warns(UserWarning, match="llama-7b"):
+        TaskVector.from_lora(adapter, folder)
