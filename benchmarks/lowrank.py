@@ -9,8 +9,8 @@ accuracy SUITE
     KL weight 1e-4, 3 epochs, batch 64, lr 2e-3, seed 0; trained on validation, scored on test),
     against the dense task vectors. Reports test accuracy (mean over tasks), the stored size against
     the dense float32 task vectors, and the smallest rank keeping >= 99 % of every dense result.
-    Results: benchmarks/results/lowrank_<suite>.md (each finished row also in a JSON file, so an
-    interrupted run resumes).
+    Results: benchmarks/results/lowrank_<suite>.md (each finished row also in --work/<suite>/rows.json,
+    so an interrupted run resumes).
 
 forward
     Samples/s of the composed MiniLM (all-MiniLM-L6-v2, 32 tokens, mean pooled) with per-sample
@@ -72,7 +72,7 @@ def accuracy(args: argparse.Namespace) -> None:
     dense_tvs, heads = task_parts(prep)
     val, test = suite_data(prep, "val"), suite_data(prep, "test")
     work = Path(args.work) / args.suite
-    store = RESULTS / f"lowrank_{args.suite}.json"
+    store = work / "rows.json"
     rows: dict[str, Any] = json.loads(store.read_text()) if store.exists() and not args.fresh else {}
     dense_bytes = sum(tv.numel() * 4 for tv in dense_tvs)
 
