@@ -65,7 +65,12 @@ def accuracy(args: argparse.Namespace) -> None:
     from taskvec.bench.run import DEFAULT_PARAMS, choose_lambda, prepare
     from taskvec.bench.suites import get_suite
     from taskvec.core.lowrank import compress
-    from taskvec.variational import ComposeTrainConfig, TrainConfig, evaluate_composer, train_composer
+    from taskvec.variational import (
+        ComposeTrainConfig,
+        TrainConfig,
+        evaluate_composer,
+        train_composer,
+    )
 
     prep = prepare(get_suite(args.suite))
     names = list(prep.tasks)
@@ -120,7 +125,7 @@ def accuracy(args: argparse.Namespace) -> None:
 def accuracy_table(args: argparse.Namespace, rows: dict[str, Any], dense_bytes: int, names: list[str]) -> str:
     methods = ("task_arithmetic", "ties", "variational")
     d = rows["dense"]
-    ranks = sorted((int(k) for k in rows if k not in ("dense", "reference")))
+    ranks = sorted(int(k) for k in rows if k not in ("dense", "reference"))
     ok = {r: all(rows[str(r)][m] >= 0.99 * d[m] for m in methods) for r in ranks}
     keep = [r for r in ranks if all(ok[q] for q in ranks if q >= r)]  # this rank and every larger one tried
     best = min(keep) if keep else None
@@ -224,9 +229,12 @@ def forward(args: argparse.Namespace) -> None:
             for n in args.batches:
                 x = take(inputs, slice(0, n))
                 alpha = 0.5 * torch.rand(n, t, lr.num_blocks, generator=torch.Generator().manual_seed(n))
-                fns: dict[str, Callable[[], Any]] = {"base": lambda: default_forward(model, x), "lowrank": lambda: lr(x, alpha)}
+                fns: dict[str, Callable[[], Any]] = {
+                    "base": lambda x=x: default_forward(model, x),
+                    "lowrank": lambda x=x, a=alpha, m=lr: m(x, a),
+                }
                 if dense is not None and n not in t_dense:
-                    fns["dense"] = lambda: dense(x, alpha)
+                    fns["dense"] = lambda x=x, a=alpha, m=dense: m(x, a)
                 with torch.no_grad():
                     secs = best_times(fns, args.repeats)
                 tb, tl = secs["base"], secs["lowrank"]

@@ -12,10 +12,16 @@ from typer.testing import CliRunner
 from taskvec import TaskVector, compose
 from taskvec.bases.analysis import gram
 from taskvec.cli import app
-from taskvec.core.lowrank import compress, factored_gram, factors_of, pick_rank, truncated_svd
+from taskvec.core.lowrank import (
+    compress,
+    factored_gram,
+    factors_of,
+    pick_rank,
+    truncated_svd,
+)
 from taskvec.core.similarity import gram_matrix
 from taskvec.io import open_checkpoint
-from taskvec.io.lowrank import Factors, FactoredSource, factored_from_tensors
+from taskvec.io.lowrank import FactoredSource, Factors, factored_from_tensors
 
 
 def _tensors(seed: int) -> dict[str, torch.Tensor]:

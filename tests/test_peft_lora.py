@@ -14,12 +14,17 @@ from torch import nn
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from taskvec import TaskVector  # noqa: E402
-from taskvec.config import load_merge_config  # noqa: E402
-from taskvec.errors import ConfigError, KeyMismatchError, ShapeMismatchError, TaskVecError  # noqa: E402
-from taskvec.io import open_checkpoint  # noqa: E402
-from taskvec.io.lowrank import FactoredSource  # noqa: E402
-from taskvec.merge import merge_checkpoints  # noqa: E402
+from taskvec import TaskVector
+from taskvec.config import load_merge_config
+from taskvec.errors import (
+    ConfigError,
+    KeyMismatchError,
+    ShapeMismatchError,
+    TaskVecError,
+)
+from taskvec.io import open_checkpoint
+from taskvec.io.lowrank import FactoredSource
+from taskvec.merge import merge_checkpoints
 
 
 class ConvNet(nn.Module):
@@ -119,7 +124,7 @@ def test_lora_matches_peft_merge(kind: str, tmp_path: Path) -> None:
 
 
 def test_lora_slices_and_load_without_base(tmp_path: Path) -> None:
-    base, _, base_path, adapter, _ = _make("gpt2", tmp_path)
+    _, _, base_path, adapter, _ = _make("gpt2", tmp_path)
     tv = TaskVector.load(adapter)  # no whole tensors saved: the base is not needed
     ref = TaskVector.from_lora(adapter, base_path)
     for k in ref.keys():
@@ -131,7 +136,7 @@ def test_lora_slices_and_load_without_base(tmp_path: Path) -> None:
 
 
 def test_merge_config_lora_entry(tmp_path: Path) -> None:
-    base, _, base_path, adapter, merged = _make("bert", tmp_path)
+    _, _, base_path, _, merged = _make("bert", tmp_path)
     cfg = tmp_path / "merge.yaml"
     cfg.write_text(f"method: task_arithmetic\nbase: {base_path.name}\nmodels:\n  - lora: adapter\n")
     out = merge_checkpoints(load_merge_config(cfg), tmp_path / "merged.safetensors")
@@ -173,7 +178,7 @@ def test_lora_per_sample_composition_matches_peft(tmp_path: Path) -> None:
     merged1 = pm.merge_and_unload()
     tvs = [TaskVector.from_lora(adapter0, base_path), TaskVector.from_lora(tmp_path / "adapter1", base_path)]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    fwd = lambda m, x: m(**x).logits  # noqa: E731
+    fwd = lambda m, x: m(**x).logits
     cm = ComposedModel(copy.deepcopy(base), tvs, forward_fn=fwd)
     assert "bert.encoder.layer.0.attention.self.query.weight" in cm.lowrank_keys
     n = inputs["input_ids"].shape[0]
@@ -191,7 +196,7 @@ def test_lora_per_sample_composition_matches_peft(tmp_path: Path) -> None:
 
 
 def test_lora_base_name_warning(tmp_path: Path) -> None:
-    base, _, base_path, adapter, _ = _make("gpt2", tmp_path)
+    _, _, base_path, adapter, _ = _make("gpt2", tmp_path)
     folder = tmp_path / "gpt2-small"
     folder.mkdir()
     base_path.rename(folder / "model.safetensors")

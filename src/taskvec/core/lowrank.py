@@ -22,7 +22,14 @@ from taskvec.core.stream import byte_progress, write_checkpoint
 from taskvec.core.taskvector import LinearSource, TaskVector, check_same_tensors
 from taskvec.errors import ConfigError
 from taskvec.io import Source, TensorSpec
-from taskvec.io.lowrank import LOWRANK_FORMAT, PARTS, SHAPES_KEY, Factors, FactoredSource, part_key
+from taskvec.io.lowrank import (
+    LOWRANK_FORMAT,
+    PARTS,
+    SHAPES_KEY,
+    FactoredSource,
+    Factors,
+    part_key,
+)
 from taskvec.io.writer import DEFAULT_SHARD_BYTES
 
 EXACT_SVD_ELEMS = 1 << 22

@@ -22,8 +22,13 @@ from typing import Any
 
 import torch
 
-from taskvec.errors import CheckpointError, ConfigError, KeyMismatchError, ShapeMismatchError
-from taskvec.io.lowrank import Factors, FactoredSource, check_factors
+from taskvec.errors import (
+    CheckpointError,
+    ConfigError,
+    KeyMismatchError,
+    ShapeMismatchError,
+)
+from taskvec.io.lowrank import FactoredSource, Factors, check_factors
 from taskvec.io.safetensors_file import SafetensorsFile, TensorSpec
 
 CONFIG_NAME = "adapter_config.json"
@@ -84,7 +89,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     if binp.exists():
         try:
             sd = torch.load(binp, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many types for a bad file
+        except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
             raise CheckpointError(f"{binp}: cannot be read ({type(e).__name__}: {e})") from None
         return dict(sd)
     raise CheckpointError(f"{folder}: adapter folder has {CONFIG_NAME} but no {' or '.join(WEIGHTS_NAMES)}")
@@ -92,7 +97,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def _strip(key: str) -> str:
     """The base model's name of an adapter tensor: no PEFT prefix, no `.base_layer` wrapper."""
-    key = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    key = key.removeprefix(PREFIX)
     return key.replace(".base_layer.", ".")
 
 
