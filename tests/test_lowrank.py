@@ -254,3 +254,20 @@ def test_lowrank_embedding_composed_exact() -> None:
     y2.sum().backward()
     assert torch.allclose(alpha.grad, a2.grad, atol=1e-12)  # type: ignore[arg-type]
     assert not lr._cache  # no dense weights were formed
+
+
+def test_small_vocabulary_embedding_tables_exact() -> None:
+    """An embedding with fewer rows than indices per sample (token types) composes per-sample tables."""
+    from taskvec.variational import ComposedModel
+
+    torch.manual_seed(0)
+    model = _EmbNet().double().eval()
+    model.emb = torch.nn.Embedding(3, 8).double()
+    g = torch.Generator().manual_seed(2)
+    tvs = [TaskVector.from_tensors({k: 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64)
+                                    for k, v in model.state_dict().items()}) for _ in range(4)]
+    cm = ComposedModel(model, tvs)
+    idx = torch.randint(0, 3, (6, 7))
+    alpha = torch.rand(6, 4, cm.num_blocks, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(cm(idx, alpha), cm.naive_forward(idx, alpha), atol=1e-12)

@@ -334,6 +334,10 @@ def embedding(
     coefficients, as F.embedding passes none to that weight row."""
     idx = batch_first(idx, n, "an embedding")
     t, d = cw.shape[1], w0.shape[1]
+    if w0.shape[0] <= idx[0].numel() and not cw.requires_grad:
+        # fewer rows than indices per sample (token types): per-sample tables, then one gather each
+        tables = composed(w0, cw, tw_rows.reshape(w0.shape[0], t, d).transpose(0, 1), n)  # (n, V, D)
+        return tables[torch.arange(n, device=idx.device).reshape(n, *([1] * (idx.dim() - 1))), idx]
     base = F.embedding(idx, w0, padding_idx)
     g = F.embedding(idx, tw_rows).reshape(n, -1, t, d)  # (n, L, T, D)
     mix = (cw.reshape(n, 1, 1, t) @ g).reshape(base.shape)
@@ -427,22 +431,22 @@ def lowrank_linear(
     cb: torch.Tensor | None, tb: torch.Tensor | None, n: int,
 ) -> torch.Tensor:
     """F.linear(x_n, W0 + sum_k c_nk U_k diag(s_k) V_k^T, b_n) without forming any weight:
-    y = x W0^T + b0 + [(x V) * (c_n[col] s), cb_n] [U, tb^T]^T, with the task factors concatenated
-    along the rank axis (`Factored`). A composed bias rides along as T more columns, so the
-    low-rank part is one GEMM of depth R (+T) added in place to the base output. Costs
-    R (in + out) multiply-adds per position beside the base's in * out."""
+    y = b_n + x W0^T + ((x V) * (c_n[col] s)) U^T, with the task factors concatenated along the
+    rank axis (`Factored`): the low-rank part is one GEMM of depth R added in place to the base
+    output. Costs R (in + out) multiply-adds per position beside the base's in * out."""
     u, s, v, col = fac
     x = batch_first(x, n, "a linear layer")
     lead, d_in, d_out = x.shape[:-1], x.shape[-1], w0.shape[0]
     xf = x.reshape(-1, d_in)
     p = xf.shape[0] // n
     z = (xf @ v).reshape(n, p, -1) * lowrank_coef(cw, s, col).unsqueeze(1)  # (n, P, R)
-    ut = u.T
-    if cb is not None and tb is not None:
-        z = torch.cat([z, cb.unsqueeze(1).expand(n, p, cb.shape[1])], 2)
-        ut = torch.cat([ut, tb])
-    y = F.linear(xf, w0, b0).addmm_(z.reshape(n * p, -1), ut)
-    return y.reshape(*lead, d_out)
+    if b0 is not None and cb is not None and tb is not None:
+        # the output starts as each sample's bias, as F.linear starts from its bias: no extra pass
+        b = composed(b0, cb, tb, n)
+        y = b.unsqueeze(1).expand(n, p, d_out).reshape(n * p, d_out).addmm_(xf, w0.T)
+    else:
+        y = F.linear(xf, w0, b0)
+    return y.addmm_(z.reshape(n * p, -1), u.T).reshape(*lead, d_out)
 
 
 def lowrank_embedding(
