@@ -218,6 +218,8 @@ def test_lowrank_composed_forward_exact() -> None:
     (y.square().sum()).backward()
     (y2.square().sum()).backward()
     assert torch.allclose(alpha.grad, a2.grad, atol=1e-10)  # type: ignore[arg-type]
+    one = alpha.detach()[:1]  # a batch of one sample
+    assert torch.allclose(lr(x[:1], one), dense(x[:1], one), atol=1e-11)
     shared = alpha.detach()[0]
     assert torch.allclose(lr(x, shared), dense(x, shared), atol=1e-11)
     for k in lr.keys:  # merged weights from factors equal the dense merge

@@ -443,7 +443,7 @@ def lowrank_linear(
     if b0 is not None and cb is not None and tb is not None:
         # the output starts as each sample's bias, as F.linear starts from its bias: no extra pass
         b = composed(b0, cb, tb, n)
-        y = b.unsqueeze(1).expand(n, p, d_out).reshape(n * p, d_out).addmm_(xf, w0.T)
+        y = b.repeat_interleave(p, 0).addmm_(xf, w0.T)  # a new (n * P, out) tensor, row i = b_{i // P}
     else:
         y = F.linear(xf, w0, b0)
     return y.addmm_(z.reshape(n * p, -1), u.T).reshape(*lead, d_out)
