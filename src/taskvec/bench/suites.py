@@ -82,9 +82,7 @@ TEXT_TASKS = [
     TaskSpec(name="fortunes_b", dataset="fortunes_b", n_train=1500, n_val=200, n_test=600),
     TaskSpec(name="fortunes_c", dataset="fortunes_c", n_train=1450, n_val=200, n_test=600),
 ]
-"""text-3. BBC News (``bbc_news``) was its first task until fine-tuning proved not to help it:
-frozen MiniLM features already reach 94.3 % (fine-tuned 95.7 %; headlines only 85.3 → 86.5 %),
-so it was replaced by a third group of fortune categories (docs/results.md §1)."""
+"""text-3: three disjoint groups of fortune categories, each a classification task on MiniLM features."""
 
 SUITES: dict[str, SuiteSpec] = {
     "vision-4": SuiteSpec(
