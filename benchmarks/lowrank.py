@@ -86,8 +86,10 @@ def accuracy(args: argparse.Namespace) -> None:
         for method in ("task_arithmetic", "ties"):
             r = choose_lambda(prep, compose(tvs, method, **DEFAULT_PARAMS.get(method, {})))
             out[method] = 100 * statistics.fmean(r["test"].values())  # type: ignore[union-attr]
-        cfg = ComposeTrainConfig(composer=suite_composer("variational", kl_weight=1e-4),
-                                 train=TrainConfig(epochs=args.epochs, batch_size=64, lr=2e-3, seed=0))
+        cfg = ComposeTrainConfig(
+            composer=suite_composer("variational", kl_weight=1e-4),
+            train=TrainConfig(epochs=args.epochs, batch_size=64, lr=2e-3, seed=0),
+        )
         prep.backbone.load_state_dict(prep.pretrained)
         t0 = time.perf_counter()
         comp = train_composer(prep.backbone, tvs, heads, val, cfg, forward_fn=forward_features, task_names=names)
@@ -97,8 +99,10 @@ def accuracy(args: argparse.Namespace) -> None:
         return out
 
     if "reference" not in rows:
-        rows["reference"] = {"pretrained": 100 * statistics.fmean(prep.evaluate(prep.pretrained, "test").values()),
-                             "finetuned": 100 * statistics.fmean(prep.finetuned_accuracy().values())}
+        rows["reference"] = {
+            "pretrained": 100 * statistics.fmean(prep.evaluate(prep.pretrained, "test").values()),
+            "finetuned": 100 * statistics.fmean(prep.finetuned_accuracy().values()),
+        }
     for label in ["dense", *[str(r) for r in args.ranks]]:
         if label in rows:
             continue
@@ -132,17 +136,21 @@ def accuracy_table(args: argparse.Namespace, rows: dict[str, Any], dense_bytes: 
     lines = [
         f"# Low-rank task vectors on {args.suite}: accuracy against rank",
         "",
-        (f"{datetime.date.today()}, CPU ({os.cpu_count()} cores shared), torch {torch.__version__}. Tasks: "
-         f"{', '.join(names)}. Each fine-tuned task vector stored by `taskvec.core.lowrank.compress` at rank r (float32 "
-         "factors of every matrix and conv kernel; 1-D tensors and tensors whose factors would be larger stay dense). "
-         "Test accuracy (%), mean over tasks; task arithmetic and TIES (density 0.2) with lambda chosen on validation; "
-         f"variational composer (KL weight 1e-4, {args.epochs} epochs, batch 64, lr 2e-3, seed 0) trained on validation. "
-         f"Relative error = ||tau - tau_r|| / ||tau||, mean over tasks. Memory = stored bytes / dense float32 bytes "
-         f"({dense_bytes / 1e6:.1f} MB for {len(names)} task vectors). "
-         f"`python3 benchmarks/lowrank.py accuracy {args.suite} --ranks {' '.join(map(str, ranks))}`."),
+        (
+            f"{datetime.date.today()}, CPU ({os.cpu_count()} cores shared), torch {torch.__version__}. Tasks: "
+            f"{', '.join(names)}. Each fine-tuned task vector stored by `taskvec.core.lowrank.compress` at rank r (float32 "
+            "factors of every matrix and conv kernel; 1-D tensors and tensors whose factors would be larger stay dense). "
+            "Test accuracy (%), mean over tasks; task arithmetic and TIES (density 0.2) with lambda chosen on validation; "
+            f"variational composer (KL weight 1e-4, {args.epochs} epochs, batch 64, lr 2e-3, seed 0) trained on validation. "
+            f"Relative error = ||tau - tau_r|| / ||tau||, mean over tasks. Memory = stored bytes / dense float32 bytes "
+            f"({dense_bytes / 1e6:.1f} MB for {len(names)} task vectors). "
+            f"`python3 benchmarks/lowrank.py accuracy {args.suite} --ranks {' '.join(map(str, ranks))}`."
+        ),
         "",
-        (f"For scale: the pretrained model (frozen-feature heads) scores {rows['reference']['pretrained']:.1f}, the "
-         f"fine-tuned models (one per task) {rows['reference']['finetuned']:.1f}."),
+        (
+            f"For scale: the pretrained model (frozen-feature heads) scores {rows['reference']['pretrained']:.1f}, the "
+            f"fine-tuned models (one per task) {rows['reference']['finetuned']:.1f}."
+        ),
         "",
         "| task vectors | relative error | memory | task arithmetic | TIES | variational | variational: tensors composed from factors | variational train s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -157,12 +165,18 @@ def accuracy_table(args: argparse.Namespace, rows: dict[str, Any], dense_bytes: 
     lines.append("")
     pre = rows["reference"]["pretrained"]
     gains = {m: d[m] - pre for m in methods}
-    lines.append("Dense composition over the pretrained model: " + ", ".join(
-        f"{m.replace('_', ' ')} {g:+.1f}" for m, g in gains.items()) + " points." + (
-        " With gains under 2 points the suite cannot tell ranks apart (the largest gap to dense at any rank tried is "
-        f"{max(abs(rows[str(r)][m] - d[m]) for r in ranks for m in methods):.1f} points, in either direction): the rank "
-        "below reflects this suite's noise rather than a measured need."
-        if max(abs(g) for g in gains.values()) < 2 else ""))
+    lines.append(
+        "Dense composition over the pretrained model: "
+        + ", ".join(f"{m.replace('_', ' ')} {g:+.1f}" for m, g in gains.items())
+        + " points."
+        + (
+            " With gains under 2 points the suite cannot tell ranks apart (the largest gap to dense at any rank tried is "
+            f"{max(abs(rows[str(r)][m] - d[m]) for r in ranks for m in methods):.1f} points, in either direction): the rank "
+            "below reflects this suite's noise rather than a measured need."
+            if max(abs(g) for g in gains.values()) < 2
+            else ""
+        )
+    )
     lines.append("")
     if best is None:
         lines.append("No rank tried (nor any larger one) keeps >= 99 % of every dense result.")
@@ -241,9 +255,20 @@ def forward(args: argparse.Namespace) -> None:
                 if "dense" in secs:
                     t_dense[n] = secs["dense"] / tb  # kept as a ratio to the base of the same rounds
                 td = t_dense[n] * tb if dense is not None else float("nan")
-                rows.append({"T": t, "rank": rank, "batch": n, "base": n / tb, "lowrank": n / tl, "dense": n / td,
-                             "lr_ratio": tl / tb, "dense_ratio": td / tb, "lr_keys": len(lr.lowrank_keys),
-                             "keys": len(lr.keys)})
+                rows.append(
+                    {
+                        "T": t,
+                        "rank": rank,
+                        "batch": n,
+                        "base": n / tb,
+                        "lowrank": n / tl,
+                        "dense": n / td,
+                        "lr_ratio": tl / tb,
+                        "dense_ratio": td / tb,
+                        "lr_keys": len(lr.lowrank_keys),
+                        "keys": len(lr.keys),
+                    }
+                )
                 print(rows[-1], flush=True)
             del lr
         del dense
@@ -251,32 +276,42 @@ def forward(args: argparse.Namespace) -> None:
     lines = [
         "# Composed forward with low-rank task vectors: per-sample coefficients vs. the base model",
         "",
-        (f"{datetime.date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-         f"{args.threads} CPU thread(s), {os.cpu_count()} cores shared with other jobs (1-min load average {load0:.1f} at "
-         f"start, {load1:.1f} at end). all-MiniLM-L6-v2, {args.seq_len} tokens, mean pooled; per-sample alpha, one block "
-         f"per tensor; inference (no_grad); least process CPU time of {args.repeats} rounds after a warm-up, each round "
-         "running base, low-rank and dense in turn. Task vectors: "
-         f"random factors of rank r for every matrix ({rows[0]['lr_keys']} of {rows[0]['keys']} composed "
-         "tensors; the embeddings included), 1-D tensors dense. The dense forward is timed once per T and batch (beside the "
-         "first rank) and shown against the base model of its own rounds. "
-         "Dense = the same task vectors as dense tensors (the batched per-sample forward). Samples/s; ratios are "
-         f"times against the base model. No GPU on this machine: GPU rows not measured. "
-         f"`python3 benchmarks/lowrank.py forward --ranks {' '.join(map(str, args.ranks))} --tasks {' '.join(map(str, args.tasks))}`."),
+        (
+            f"{datetime.date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+            f"{args.threads} CPU thread(s), {os.cpu_count()} cores shared with other jobs (1-min load average {load0:.1f} at "
+            f"start, {load1:.1f} at end). all-MiniLM-L6-v2, {args.seq_len} tokens, mean pooled; per-sample alpha, one block "
+            f"per tensor; inference (no_grad); least process CPU time of {args.repeats} rounds after a warm-up, each round "
+            "running base, low-rank and dense in turn. Task vectors: "
+            f"random factors of rank r for every matrix ({rows[0]['lr_keys']} of {rows[0]['keys']} composed "
+            "tensors; the embeddings included), 1-D tensors dense. The dense forward is timed once per T and batch (beside the "
+            "first rank) and shown against the base model of its own rounds. "
+            "Dense = the same task vectors as dense tensors (the batched per-sample forward). Samples/s; ratios are "
+            f"times against the base model. No GPU on this machine: GPU rows not measured. "
+            f"`python3 benchmarks/lowrank.py forward --ranks {' '.join(map(str, args.ranks))} --tasks {' '.join(map(str, args.tasks))}`."
+        ),
         "",
         "| T | rank r | batch | base | low-rank composed | low-rank / base time | dense composed | dense / base time |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['T']} | {r['rank']} | {r['batch']} | {r['base']:.1f} | {r['lowrank']:.1f} | {r['lr_ratio']:.2f}x | "
-                     f"{r['dense']:.1f} | {r['dense_ratio']:.2f}x |")
+        lines.append(
+            f"| {r['T']} | {r['rank']} | {r['batch']} | {r['base']:.1f} | {r['lowrank']:.1f} | {r['lr_ratio']:.2f}x | "
+            f"{r['dense']:.1f} | {r['dense_ratio']:.2f}x |"
+        )
     big = max(args.batches)
     for rank in args.ranks:
         got = {r["T"]: r["lr_ratio"] for r in rows if r["rank"] == rank and r["batch"] == big}
         goals = [(t, g) for t, g in ((8, 1.3), (16, 1.5)) if t in got]
         if goals:
             lines.append("")
-            lines.append(f"Rank {rank}, batch {big}: " + "; ".join(
-                f"T = {t}: {got[t]:.2f}x the base model (goal <= {g}x: {'met' if got[t] <= g else 'not met'})" for t, g in goals) + ".")
+            lines.append(
+                f"Rank {rank}, batch {big}: "
+                + "; ".join(
+                    f"T = {t}: {got[t]:.2f}x the base model (goal <= {g}x: {'met' if got[t] <= g else 'not met'})"
+                    for t, g in goals
+                )
+                + "."
+            )
     text = "\n".join(lines) + "\n"
     print(text)
     write_text_atomic(args.out, text)

@@ -102,8 +102,10 @@ def test_compress_roundtrip_and_error_report(tmp_path: Path) -> None:
 
 
 def test_compress_full_rank_exact_and_dense_when_larger(tmp_path: Path) -> None:
-    tensors = {"w": torch.randn(64, 6, dtype=torch.float64) @ torch.randn(6, 80, dtype=torch.float64),
-               "small": torch.randn(3, 3, dtype=torch.float64)}
+    tensors = {
+        "w": torch.randn(64, 6, dtype=torch.float64) @ torch.randn(6, 80, dtype=torch.float64),
+        "small": torch.randn(3, 3, dtype=torch.float64),
+    }
     rep = compress(TaskVector.from_tensors(tensors), tmp_path / "x.safetensors", rank=6, dtype=torch.float64)
     lr = TaskVector.load(tmp_path / "x.safetensors")
     assert factors_of(lr, "w") is not None and factors_of(lr, "small") is None  # 3x3 factors would be larger
@@ -150,13 +152,19 @@ def test_cli_compress(tmp_path: Path) -> None:
     assert 1 <= factors_of(lr, "lin.weight").rank <= 7  # type: ignore[union-attr]
     res = CliRunner().invoke(app, ["compress", str(src), "-o", str(tmp_path / "lr.safetensors"), "--rank", "2"])
     assert res.exit_code == 2 and "exists" in " ".join(res.output.split())
-    res = CliRunner().invoke(app, ["compress", str(src), "-o", str(tmp_path / "b.safetensors"), "--rank", "2", "--energy", "0.9"])
+    res = CliRunner().invoke(
+        app, ["compress", str(src), "-o", str(tmp_path / "b.safetensors"), "--rank", "2", "--energy", "0.9"]
+    )
     assert res.exit_code == 2 and "exactly one" in " ".join(res.output.split())
 
 
 def test_factored_from_tensors_reads() -> None:
-    f = Factors(torch.randn(6, 2, dtype=torch.float64), torch.tensor([2.0, 0.5], dtype=torch.float64),
-                torch.randn(4, 2, dtype=torch.float64), (6, 4))
+    f = Factors(
+        torch.randn(6, 2, dtype=torch.float64),
+        torch.tensor([2.0, 0.5], dtype=torch.float64),
+        torch.randn(4, 2, dtype=torch.float64),
+        (6, 4),
+    )
     src = factored_from_tensors({"w": f}, {"b": torch.ones(6, dtype=torch.float64)})
     assert torch.allclose(src.read_flat("w", 5, 19), f.dense().reshape(-1)[5:19], atol=1e-14)
     assert torch.equal(src.read_flat("b"), torch.ones(6, dtype=torch.float64))
@@ -189,9 +197,12 @@ def _lowrank_tvs(model: torch.nn.Module, t: int) -> list[TaskVector]:
             if p.dim() >= 2:
                 m, n = p.shape[0], p[0].numel()
                 r = 1 + (k + len(name)) % 3
-                factors[name] = Factors(torch.randn(m, r, generator=g, dtype=torch.float64),
-                                        torch.rand(r, generator=g, dtype=torch.float64),
-                                        0.3 * torch.randn(n, r, generator=g, dtype=torch.float64), tuple(p.shape))
+                factors[name] = Factors(
+                    torch.randn(m, r, generator=g, dtype=torch.float64),
+                    torch.rand(r, generator=g, dtype=torch.float64),
+                    0.3 * torch.randn(n, r, generator=g, dtype=torch.float64),
+                    tuple(p.shape),
+                )
             else:
                 dense[name] = 0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64)
         tvs.append(TaskVector(factored_from_tensors(factors, dense), name=f"t{k}"))
@@ -206,7 +217,9 @@ def test_lowrank_composed_forward_exact() -> None:
     tvs = _lowrank_tvs(model, 3)
     lr = ComposedModel(model, tvs, blocks="tensor")
     assert {"conv1.weight", "pw.weight", "fc1.weight", "fc2.weight", "dw.weight"} <= set(lr.lowrank_keys)
-    dense = ComposedModel(model, [TaskVector.from_tensors({k: tv[k] for k in tv.keys()}) for tv in tvs], blocks="tensor")
+    dense = ComposedModel(
+        model, [TaskVector.from_tensors({k: tv[k] for k in tv.keys()}) for tv in tvs], blocks="tensor"
+    )
     assert dense.lowrank_keys == []
     x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
     alpha = torch.rand(5, 3, lr.num_blocks, dtype=torch.float64, requires_grad=True)
@@ -267,8 +280,12 @@ def test_small_vocabulary_embedding_tables_exact() -> None:
     model = _EmbNet().double().eval()
     model.emb = torch.nn.Embedding(3, 8).double()
     g = torch.Generator().manual_seed(2)
-    tvs = [TaskVector.from_tensors({k: 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64)
-                                    for k, v in model.state_dict().items()}) for _ in range(4)]
+    tvs = [
+        TaskVector.from_tensors(
+            {k: 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in model.state_dict().items()}
+        )
+        for _ in range(4)
+    ]
     cm = ComposedModel(model, tvs)
     idx = torch.randint(0, 3, (6, 7))
     alpha = torch.rand(6, 4, cm.num_blocks, dtype=torch.float64)

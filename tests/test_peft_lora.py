@@ -40,21 +40,42 @@ class ConvNet(nn.Module):
 
 
 def _bert() -> tuple[nn.Module, dict, object]:
-    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=48, max_position_embeddings=32, num_labels=3)
+    cfg = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
     model = transformers.BertForSequenceClassification(cfg)
-    lora = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["query", "value", "dense"], modules_to_save=["classifier"],
-                           rank_pattern={"value": 2}, alpha_pattern={"layer.1.attention.self.query": 3}, bias="lora_only")
+    lora = peft.LoraConfig(
+        r=4,
+        lora_alpha=16,
+        target_modules=["query", "value", "dense"],
+        modules_to_save=["classifier"],
+        rank_pattern={"value": 2},
+        alpha_pattern={"layer.1.attention.self.query": 3},
+        bias="lora_only",
+    )
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 64, (6, 10), generator=g)
-    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 3, (6,), generator=g)}, lora
+    return (
+        model,
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 3, (6,), generator=g)},
+        lora,
+    )
 
 
 def _gpt2() -> tuple[nn.Module, dict, object]:
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32, tie_word_embeddings=False)
+    cfg = transformers.GPT2Config(
+        vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32, tie_word_embeddings=False
+    )
     model = transformers.GPT2LMHeadModel(cfg)
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc", "wte"], fan_in_fan_out=True,
-                           use_rslora=True)
+    lora = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc", "wte"], fan_in_fan_out=True, use_rslora=True
+    )
     ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(2))
     return model, {"input_ids": ids, "labels": ids}, lora
 
@@ -115,7 +136,9 @@ def test_lora_matches_peft_merge(kind: str, tmp_path: Path) -> None:
     assert changed >= len(tv.keys()) > 0  # every adapted tensor moved (B != 0 after training)
     assert set(tv.keys()) <= set(want)
     # the deltas against a float64 recomputation of PEFT's merge
-    peft64 = peft.PeftModel.from_pretrained(copy.deepcopy(base).double(), adapter).double().merge_and_unload().state_dict()
+    peft64 = (
+        peft.PeftModel.from_pretrained(copy.deepcopy(base).double(), adapter).double().merge_and_unload().state_dict()
+    )
     for k in tv.keys():
         ref = peft64[k] - base.state_dict()[k].double()
         assert torch.allclose(tv[k].double(), ref, rtol=1e-5, atol=1e-7), k

@@ -106,8 +106,10 @@ class MergeConfig(Strict):
         def fix(p: str | None) -> str | None:
             return None if p is None else str((root / p) if not Path(p).is_absolute() else Path(p))
 
-        models = [m.model_copy(update={"finetuned": fix(m.finetuned), "task_vector": fix(m.task_vector), "lora": fix(m.lora)})
-                  for m in self.models]
+        models = [
+            m.model_copy(update={"finetuned": fix(m.finetuned), "task_vector": fix(m.task_vector), "lora": fix(m.lora)})
+            for m in self.models
+        ]
         return self.model_copy(update={"base": fix(self.base), "models": models})
 
 

@@ -65,8 +65,10 @@ class BasesConfig(Strict):
         def fix(p: str | None) -> str | None:
             return None if p is None else str(root / p if not Path(p).is_absolute() else Path(p))
 
-        tasks = [t.model_copy(update={"task_vector": fix(t.task_vector), "finetuned": fix(t.finetuned), "lora": fix(t.lora)})
-                 for t in self.tasks]
+        tasks = [
+            t.model_copy(update={"task_vector": fix(t.task_vector), "finetuned": fix(t.finetuned), "lora": fix(t.lora)})
+            for t in self.tasks
+        ]
         return self.model_copy(update={"tasks": tasks, "base": fix(self.base)})
 
     def options(self) -> dict[str, Any]:

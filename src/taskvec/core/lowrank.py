@@ -223,19 +223,39 @@ def compress(
                 err = float((dense.to(torch.float64) - ref).norm())
                 r, nbytes = None, dense.numel() * dense.element_size()
             else:
-                for p, x in zip(PARTS, (f.u, f.s, f.v)):
+                for p, x in zip(PARTS, (f.u, f.s, f.v), strict=True):
                     stored[part_key(key, p)] = x
                 shapes[key] = list(t.shape)
                 err = float((f.dense(torch.float64) - ref).norm())
                 r, nbytes = f.rank, f.nbytes()
-            reports.append(TensorReport(key, tuple(t.shape), r, err, float(ref.norm()),
-                                        t.numel() * torch.empty((), dtype=dtype).element_size(), nbytes))
+            reports.append(
+                TensorReport(
+                    key,
+                    tuple(t.shape),
+                    r,
+                    err,
+                    float(ref.norm()),
+                    t.numel() * torch.empty((), dtype=dtype).element_size(),
+                    nbytes,
+                )
+            )
             advance(t.numel() * 4)
     specs = {k: TensorSpec(tuple(v.shape), v.dtype) for k, v in stored.items()}
-    meta = {"taskvec": LOWRANK_FORMAT, SHAPES_KEY: json.dumps(shapes, separators=(",", ":")),
-            "taskvec_lowrank_rule": f"rank={rank}" if rank is not None else f"energy={energy}"}
-    write_checkpoint(Path(out), specs, lambda k, s, e: stored[k].reshape(-1)[s:e], max_shard_bytes=shard_size,
-                     metadata=meta, overwrite=overwrite, progress=False, description="writing low-rank task vector")
+    meta = {
+        "taskvec": LOWRANK_FORMAT,
+        SHAPES_KEY: json.dumps(shapes, separators=(",", ":")),
+        "taskvec_lowrank_rule": f"rank={rank}" if rank is not None else f"energy={energy}",
+    }
+    write_checkpoint(
+        Path(out),
+        specs,
+        lambda k, s, e: stored[k].reshape(-1)[s:e],
+        max_shard_bytes=shard_size,
+        metadata=meta,
+        overwrite=overwrite,
+        progress=False,
+        description="writing low-rank task vector",
+    )
     return CompressReport(reports)
 
 
@@ -265,9 +285,11 @@ def factored_gram(tvs: Sequence[TaskVector]) -> torch.Tensor:
     for key in tvs[0].keys():
         fs = [factors_of(tv, key) for tv in tvs]
         dense: dict[int, torch.Tensor] = {
-            i: as_matrix(tv[key].to(torch.float64)) if tvs[0].spec(key).numel and len(tvs[0].spec(key).shape) > 1
+            i: as_matrix(tv[key].to(torch.float64))
+            if tvs[0].spec(key).numel and len(tvs[0].spec(key).shape) > 1
             else tv[key].to(torch.float64).reshape(1, -1)
-            for i, (tv, f) in enumerate(zip(tvs, fs)) if f is None
+            for i, (tv, f) in enumerate(zip(tvs, fs, strict=True))
+            if f is None
         }
         for i in range(t):
             for j in range(i, t):

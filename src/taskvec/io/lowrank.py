@@ -73,9 +73,14 @@ def check_factors(f: Factors, what: str) -> None:
         numel *= d
     r = f.rank
     if f.u.dim() != 2 or f.v.dim() != 2 or f.s.dim() != 1 or f.u.shape[1] != r or f.v.shape[1] != r:
-        raise CheckpointError(f"{what}: factors of shapes U {list(f.u.shape)}, S {list(f.s.shape)}, V {list(f.v.shape)} do not fit together")
+        raise CheckpointError(
+            f"{what}: factors of shapes U {list(f.u.shape)}, S {list(f.s.shape)}, V {list(f.v.shape)} "
+            "do not fit together"
+        )
     if not f.shape or m != f.shape[0] or m * n != numel:
-        raise CheckpointError(f"{what}: factors give a {m} x {n} matrix, which is not a tensor of shape {list(f.shape)}")
+        raise CheckpointError(
+            f"{what}: factors give a {m} x {n} matrix, which is not a tensor of shape {list(f.shape)}"
+        )
 
 
 class FactoredSource:
@@ -137,7 +142,9 @@ def _float(dt: torch.dtype) -> torch.dtype:
 
 
 def factored_from_tensors(
-    factors: Mapping[str, Factors], dense: Mapping[str, torch.Tensor] | None = None, name: str = "<low-rank task vector>"
+    factors: Mapping[str, Factors],
+    dense: Mapping[str, torch.Tensor] | None = None,
+    name: str = "<low-rank task vector>",
 ) -> FactoredSource:
     """A factored source over tensors in memory (factors for some keys, dense tensors for others)."""
     dense = dict(dense or {})
@@ -150,7 +157,10 @@ def factored_from_tensors(
             raise CheckpointError(f"{name}: tensor {k!r} given both as factors and dense")
         specs[k] = TensorSpec(tuple(t.shape), _float(t.dtype))
     return FactoredSource(
-        name, specs, set(factors), factors.__getitem__,
+        name,
+        specs,
+        set(factors),
+        factors.__getitem__,
         lambda k, s, e: dense[k].reshape(-1)[s:e],
     )
 
@@ -180,7 +190,9 @@ def open_lowrank(source: object) -> FactoredSource:
         if SEP in key:
             base, _, p = key.rpartition(SEP)
             if key not in parts:
-                raise CheckpointError(f"{name}: tensor {key!r} looks like a factor, but {base!r} is not listed in {SHAPES_KEY}")
+                raise CheckpointError(
+                    f"{name}: tensor {key!r} looks like a factor, but {base!r} is not listed in {SHAPES_KEY}"
+                )
             if p == "U":
                 specs[base] = TensorSpec(tuple(shapes[base]), _float(src.spec(key).dtype))  # type: ignore[attr-defined]
                 factored.add(base)

@@ -101,13 +101,16 @@ def _strip(key: str) -> str:
     return key.replace(".base_layer.", ".")
 
 
-def _lora_factors(module: str, a: torch.Tensor, b: torch.Tensor, scale: float, fan_in_fan_out: bool,
-                  embedding: bool, where: str) -> Factors:
+def _lora_factors(
+    module: str, a: torch.Tensor, b: torch.Tensor, scale: float, fan_in_fan_out: bool, embedding: bool, where: str
+) -> Factors:
     """Factors of scale * B @ A in the base weight's layout."""
     r = a.shape[0]
     if embedding:  # lora_embedding_A (r, num_embeddings), lora_embedding_B (dim, r): weight (num, dim) = (B @ A)^T
         if b.dim() != 2 or b.shape[1] != r:
-            raise ShapeMismatchError(f"{where}: lora_embedding_A {list(a.shape)} and lora_embedding_B {list(b.shape)} do not fit")
+            raise ShapeMismatchError(
+                f"{where}: lora_embedding_A {list(a.shape)} and lora_embedding_B {list(b.shape)} do not fit"
+            )
         return Factors(a.T, torch.full((r,), scale, dtype=a.dtype), b, (a.shape[1], b.shape[0]))
     if b.shape[1] != r:
         raise ConfigError(
@@ -175,16 +178,22 @@ def open_lora(adapter: str | Path, base: Any | None = None) -> FactoredSource:
     bias_deltas: dict[str, torch.Tensor] = {}
     for module, e in lora.items():
         if "A" not in e or "B" not in e:
-            raise CheckpointError(f"{where}: module {module!r} has {'lora_A' if 'A' in e else 'lora_B'} but not the other")
+            raise CheckpointError(
+                f"{where}: module {module!r} has {'lora_A' if 'A' in e else 'lora_B'} but not the other"
+            )
         a, b = e["A"], e["B"]
         rk = _pattern_key(rank_pattern, module)
         r_cfg = int(rank_pattern[rk]) if rk is not None else r_default
         if a.shape[0] != r_cfg:
-            raise ShapeMismatchError(f"{where}: module {module!r} has rank {a.shape[0]} in its weights but {r_cfg} in the config")
+            raise ShapeMismatchError(
+                f"{where}: module {module!r} has rank {a.shape[0]} in its weights but {r_cfg} in the config"
+            )
         sc = scale_of(module)
         key = f"{module}.weight"
         cdt = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-        f = _lora_factors(module, a.to(cdt), b.to(cdt), sc, fifo and "embedding" not in e, "embedding" in e, f"{where}: {module!r}")
+        f = _lora_factors(
+            module, a.to(cdt), b.to(cdt), sc, fifo and "embedding" not in e, "embedding" in e, f"{where}: {module!r}"
+        )
         check_factors(f, f"{where}: module {module!r}")
         factors[key] = f
         if "bias" in e:
@@ -194,11 +203,12 @@ def open_lora(adapter: str | Path, base: Any | None = None) -> FactoredSource:
         _check_base(cfg, folder, base, factors, whole, bias_deltas)
     elif whole:
         raise CheckpointError(
-            f"{where}: the adapter saves whole tensors ({', '.join(sorted(whole)[:3])}{' ...' if len(whole) > 3 else ''}), "
+            f"{where}: the adapter saves whole tensors "
+            f"({', '.join(sorted(whole)[:3])}{' ...' if len(whole) > 3 else ''}), "
             "whose task vector is taken against the base model: load it with TaskVector.from_lora(adapter, base)"
         )
     dense: dict[str, torch.Tensor] = dict(bias_deltas)
-    for k, t in whole.items():
+    for k in whole:
         if k in dense:
             raise CheckpointError(f"{where}: tensor {k!r} is both saved whole and adapted by a LoRA bias")
     specs: dict[str, TensorSpec] = {}
@@ -217,16 +227,26 @@ def open_lora(adapter: str | Path, base: Any | None = None) -> FactoredSource:
         dt = specs[k].dtype
         return whole[k].reshape(-1)[s:e].to(dt) - base.read_flat(k, s, e).to(dt)  # type: ignore[union-attr]
 
-    return FactoredSource(f"{folder} (LoRA)", specs, set(factors), factors.__getitem__, read_dense,
-                          {"taskvec": "peft/lora"})
+    return FactoredSource(
+        f"{folder} (LoRA)", specs, set(factors), factors.__getitem__, read_dense, {"taskvec": "peft/lora"}
+    )
 
 
-def _check_base(cfg: Mapping[str, Any], folder: Path, base: Any, factors: Mapping[str, Factors],
-                whole: Mapping[str, torch.Tensor], bias_deltas: Mapping[str, torch.Tensor]) -> None:
+def _check_base(
+    cfg: Mapping[str, Any],
+    folder: Path,
+    base: Any,
+    factors: Mapping[str, Factors],
+    whole: Mapping[str, torch.Tensor],
+    bias_deltas: Mapping[str, torch.Tensor],
+) -> None:
     """Every tensor the adapter changes exists in `base` with the same shape."""
     have = set(base.keys())
-    for k, shape in [*((k, f.shape) for k, f in factors.items()), *((k, tuple(t.shape)) for k, t in whole.items()),
-                     *((k, tuple(t.shape)) for k, t in bias_deltas.items())]:
+    for k, shape in [
+        *((k, f.shape) for k, f in factors.items()),
+        *((k, tuple(t.shape)) for k, t in whole.items()),
+        *((k, tuple(t.shape)) for k, t in bias_deltas.items()),
+    ]:
         if k not in have:
             raise KeyMismatchError(
                 f"{folder}: the adapter changes {k!r}, which the base {base.name} does not have "
@@ -237,7 +257,9 @@ def _check_base(cfg: Mapping[str, Any], folder: Path, base: Any, factors: Mappin
                 f"{folder}: tensor {k!r} has shape {list(shape)} in the adapter but {list(base.spec(k).shape)} in the base {base.name}"
             )
         if not base.spec(k).dtype.is_floating_point:
-            raise KeyMismatchError(f"{folder}: the adapter changes {k!r}, which is not floating in the base {base.name}")
+            raise KeyMismatchError(
+                f"{folder}: the adapter changes {k!r}, which is not floating in the base {base.name}"
+            )
     named = cfg.get("base_model_name_or_path")
     base_path = Path(str(base.name))
     if named and base_path.is_dir() and Path(str(named)).name != base_path.name:

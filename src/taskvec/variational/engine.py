@@ -161,15 +161,16 @@ class ComposedModel(nn.Module):
         every task vector holds it as factors: u (out, R), s (R,), v (in, R), col (R,) = task."""
         if ref.dim() < 2:
             return False
-        fs = [factors_of(tv, key) if isinstance(tv, TaskVector) else None for tv in task_vectors]
-        if any(f is None or tuple(f.shape) != tuple(ref.shape) for f in fs):
+        found = [factors_of(tv, key) if isinstance(tv, TaskVector) else None for tv in task_vectors]
+        fs = [f for f in found if f is not None and tuple(f.shape) == tuple(ref.shape)]
+        if len(fs) != len(found):
             return False
-        kw = {"device": ref.device, "dtype": ref.dtype}
-        self.register_buffer(f"lr_u_{i}", torch.cat([f.u.to(**kw) for f in fs], 1), persistent=False)  # type: ignore[union-attr]
-        self.register_buffer(f"lr_s_{i}", torch.cat([f.s.to(**kw) for f in fs]), persistent=False)  # type: ignore[union-attr]
-        self.register_buffer(f"lr_v_{i}", torch.cat([f.v.to(**kw) for f in fs], 1), persistent=False)  # type: ignore[union-attr]
-        col = torch.cat([torch.full((f.rank,), t, dtype=torch.long) for t, f in enumerate(fs)])  # type: ignore[union-attr]
-        self.register_buffer(f"lr_col_{i}", col.to(ref.device), persistent=False)
+        dev, dt = ref.device, ref.dtype
+        self.register_buffer(f"lr_u_{i}", torch.cat([f.u.to(dev, dt) for f in fs], 1), persistent=False)
+        self.register_buffer(f"lr_s_{i}", torch.cat([f.s.to(dev, dt) for f in fs]), persistent=False)
+        self.register_buffer(f"lr_v_{i}", torch.cat([f.v.to(dev, dt) for f in fs], 1), persistent=False)
+        col = torch.cat([torch.full((f.rank,), t, dtype=torch.long) for t, f in enumerate(fs)])
+        self.register_buffer(f"lr_col_{i}", col.to(dev), persistent=False)
         self._slot[key] = i
         self._lowrank.add(key)
         return True
@@ -191,7 +192,7 @@ class ComposedModel(nn.Module):
                 getattr(self, f"lr_col_{i}"))
 
     def tau(self, key: str) -> torch.Tensor:
-        """Stacked task vectors of tensor `key`: (T, *shape) (formed from the factors of a low-rank tensor, each call)."""
+        """Stacked task vectors of tensor `key`: (T, *shape) (a low-rank tensor's formed from its factors, each call)."""
         if key in self._lowrank:  # formed on demand, not kept
             return self._dense_stack(key)[1:]
         return getattr(self, f"stack_{self._slot[key]}")[1:]
@@ -413,7 +414,8 @@ class _PerSampleMode(TorchFunctionMode):
         if _get(args, kwargs, 3, "max_norm") is not None:
             raise TaskVecError(f"embedding {kw!r} uses max_norm (renormalises weights in place): not composable per sample")
         if tw is None:  # low-rank task vectors: never form the weights
-            return ops.lowrank_embedding(idx, w, cw, self.model.factors(kw), self.n, _get(args, kwargs, 2, "padding_idx"))  # type: ignore[arg-type]
+            pad = _get(args, kwargs, 2, "padding_idx")
+            return ops.lowrank_embedding(idx, w, cw, self.model.factors(kw), self.n, pad)  # type: ignore[arg-type]
         rows = self.model.cached("rows", kw, lambda: tw.transpose(0, 1).reshape(tw.shape[1], -1).contiguous())
         return ops.embedding(idx, w, cw, rows, self.n, _get(args, kwargs, 2, "padding_idx"))
 
