@@ -301,6 +301,10 @@ def main() -> None:
         ("5. Composed forward with per-sample coefficients", "composed_forward",
          "python3 benchmarks/composed_forward.py"),
         ("6. Task vector bases at scale", "bases_scale", "python3 benchmarks/bases_scale.py"),
+        ("7. Low-rank task vectors: accuracy against rank", "lowrank_tiny",
+         "python3 benchmarks/lowrank.py accuracy tiny --ranks 1 2 4 8 16 32"),
+        ("8. Composed forward with low-rank task vectors", "lowrank_forward",
+         "python3 benchmarks/lowrank.py forward --ranks 4 8 --tasks 4 8 16"),
     ):
         md = read(RES / f"{name}.md")
         parts += [f"## {title}", ""]

@@ -42,16 +42,17 @@ def positive_size(text: str | int, what: str = "shard_size") -> int:
 
 
 class TaskSource(Strict):
-    """One task: a fine-tuned checkpoint (tau = finetuned - base) or a saved task vector."""
+    """One task: a fine-tuned checkpoint (tau = finetuned - base), a saved task vector or a PEFT LoRA adapter."""
 
     finetuned: str | None = None
     task_vector: str | None = None
+    lora: str | None = None
     name: str | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskSource:
-        if (self.finetuned is None) == (self.task_vector is None):
-            raise ValueError("give exactly one of 'finetuned' or 'task_vector'")
+        if sum(x is not None for x in (self.finetuned, self.task_vector, self.lora)) != 1:
+            raise ValueError("give exactly one of 'finetuned', 'task_vector' or 'lora'")
         return self
 
 
@@ -105,7 +106,10 @@ class MergeConfig(Strict):
         def fix(p: str | None) -> str | None:
             return None if p is None else str((root / p) if not Path(p).is_absolute() else Path(p))
 
-        models = [m.model_copy(update={"finetuned": fix(m.finetuned), "task_vector": fix(m.task_vector)}) for m in self.models]
+        models = [
+            m.model_copy(update={"finetuned": fix(m.finetuned), "task_vector": fix(m.task_vector), "lora": fix(m.lora)})
+            for m in self.models
+        ]
         return self.model_copy(update={"base": fix(self.base), "models": models})
 
 

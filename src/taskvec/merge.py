@@ -29,6 +29,10 @@ def merge_checkpoints(
             tv = TaskVector.from_checkpoints(
                 base, m.finetuned, include=cfg.include, exclude=cfg.exclude, name=m.name, allow_nonfinite=allow_nonfinite
             )
+        elif m.lora is not None:
+            tv = TaskVector.from_lora(m.lora, base, name=m.name, allow_nonfinite=allow_nonfinite).filter(
+                cfg.include, cfg.exclude or None
+            )
         else:
             assert m.task_vector is not None
             tv = TaskVector.load(m.task_vector, allow_nonfinite=allow_nonfinite).filter(cfg.include, cfg.exclude or None)

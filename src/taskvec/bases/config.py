@@ -65,7 +65,10 @@ class BasesConfig(Strict):
         def fix(p: str | None) -> str | None:
             return None if p is None else str(root / p if not Path(p).is_absolute() else Path(p))
 
-        tasks = [t.model_copy(update={"task_vector": fix(t.task_vector), "finetuned": fix(t.finetuned)}) for t in self.tasks]
+        tasks = [
+            t.model_copy(update={"task_vector": fix(t.task_vector), "finetuned": fix(t.finetuned), "lora": fix(t.lora)})
+            for t in self.tasks
+        ]
         return self.model_copy(update={"tasks": tasks, "base": fix(self.base)})
 
     def options(self) -> dict[str, Any]:
@@ -91,11 +94,11 @@ def task_vectors_of(cfg: BasesConfig) -> tuple[list[TaskVector], list[str]]:
             tv = TaskVector.from_checkpoints(cfg.base, t.finetuned, include=cfg.include, exclude=cfg.exclude)
             path = t.finetuned
         else:
-            assert t.task_vector is not None
-            tv = TaskVector.load(t.task_vector)
+            path = t.task_vector or t.lora
+            assert path is not None
+            tv = TaskVector.load(path) if t.lora is None else TaskVector.from_lora(path, cfg.base)
             if cfg.include or cfg.exclude:
                 tv = tv.filter(cfg.include, cfg.exclude)
-            path = t.task_vector
         tvs.append(tv)
         names.append(t.name or Path(path).name.removesuffix(".safetensors"))
     return tvs, names

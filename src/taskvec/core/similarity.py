@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from taskvec.core.lowrank import factored_gram, is_factored
 from taskvec.core.stream import CHUNK_ELEMS, chunks
 from taskvec.core.taskvector import TaskVector, check_same_tensors
 
@@ -14,6 +15,8 @@ def gram_matrix(tvs: Sequence[TaskVector], chunk_elems: int = CHUNK_ELEMS) -> to
     """G[i, j] = <tau_i, tau_j>, accumulated in float64 tensor by tensor."""
     for tv in tvs[1:]:
         check_same_tensors(tvs[0].source, tv.source)
+    if any(is_factored(tv) for tv in tvs):  # low-rank task vectors: inner products from their factors
+        return factored_gram(tvs)
     g = torch.zeros(len(tvs), len(tvs), dtype=torch.float64)
     for key in tvs[0].keys():
         for s, e in chunks(tvs[0].spec(key).numel, chunk_elems):

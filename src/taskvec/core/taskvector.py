@@ -20,6 +20,7 @@ from taskvec.core.stream import CHUNK_ELEMS, LastSliceCache, chunks, write_check
 from taskvec.errors import ConfigError, DtypeError, KeyMismatchError, NonFiniteError, ShapeMismatchError
 from taskvec.io import CheckpointLike, DictSource, Source, TensorSpec, open_checkpoint
 from taskvec.io.hf import hf_output_files
+from taskvec.io.peft import open_lora
 from taskvec.io.writer import DEFAULT_SHARD_BYTES
 
 TASK_VECTOR_FORMAT = "taskvec/task_vector"
@@ -243,10 +244,24 @@ class TaskVector:
 
     @classmethod
     def load(cls, path: CheckpointLike, *, allow_nonfinite: bool = False) -> TaskVector:
-        """A task vector saved by `save` (any checkpoint format of deltas works); NaN or infinite
-        values are an error naming the tensor when read, unless `allow_nonfinite`."""
+        """A task vector saved by `save` or `taskvec compress`, or a LoRA adapter folder (any checkpoint
+        format of deltas works); NaN or infinite values are an error naming the tensor when read,
+        unless `allow_nonfinite`."""
         src = open_checkpoint(path)
         return cls(FloatSource(src, allow_nonfinite=allow_nonfinite), name=src.name)
+
+    @classmethod
+    def from_lora(
+        cls, adapter: str | os.PathLike[str], base: CheckpointLike | None = None, *, name: str | None = None,
+        allow_nonfinite: bool = False,
+    ) -> TaskVector:
+        """A PEFT LoRA adapter folder as a task vector (scale * B @ A per adapted weight), lazy.
+
+        `base` is the model the adapter belongs to: the adapter is checked against it (tensor names
+        and shapes), and tensors the adapter saves whole (`modules_to_save`) become deltas against it.
+        """
+        src = open_lora(adapter, open_checkpoint(base) if base is not None else None)
+        return cls(FloatSource(src, allow_nonfinite=allow_nonfinite), name=name or src.name)
 
     # ----- access
     def keys(self) -> list[str]:

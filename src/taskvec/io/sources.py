@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from taskvec.errors import CheckpointError
+from taskvec.io.lowrank import is_lowrank, open_lowrank
+from taskvec.io.peft import is_adapter_folder, open_lora
 from taskvec.io.safetensors_file import SafetensorsFile, TensorSpec
 
 INDEX_NAMES = ("model.safetensors.index.json", "taskvec.safetensors.index.json")
@@ -195,14 +197,21 @@ def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def _maybe_lowrank(src: SafetensorsSource | ShardedSource) -> Source:
+    """A stored low-rank task vector is read through its factors; any other file as it is."""
+    return open_lowrank(src) if is_lowrank(src.metadata) else src
+
+
 CheckpointLike = str | os.PathLike[str] | Mapping[str, torch.Tensor] | nn.Module | Source
 
 
 def open_checkpoint(x: CheckpointLike) -> Source:
     """Open anything that holds weights as a `Source`.
 
-    Accepts a .safetensors file, a folder of shards (with or without an index), a `torch.save`d
-    state dict (.bin/.pt/.pth: memory-mapped, or read whole in the legacy non-zip format), a dict of tensors, an `nn.Module`, or a source.
+    Accepts a PEFT LoRA adapter folder (deltas; see `taskvec.io.peft`), a low-rank task vector
+    (`taskvec compress`), a .safetensors file, a folder of shards (with or without an index), a `torch.save`d
+    state dict (.bin/.pt/.pth: memory-mapped, or read whole in the legacy non-zip format), a dict of tensors,
+    an `nn.Module`, or a source.
     """
     if isinstance(x, nn.Module):
         return DictSource(x.state_dict(), name=f"<{type(x).__name__}>")
@@ -214,14 +223,16 @@ def open_checkpoint(x: CheckpointLike) -> Source:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
+        if is_adapter_folder(path):
+            return open_lora(path)
         if any((path / n).exists() for n in INDEX_NAMES) or any(path.glob("*.safetensors")):
-            return ShardedSource(path)
+            return _maybe_lowrank(ShardedSource(path))
         bins = sorted(path.glob("pytorch_model*.bin"))
         if len(bins) == 1:
             return DictSource(_torch_state_dict(bins[0]), name=str(bins[0]))
         raise CheckpointError(f"{path}: folder has no safetensors shards nor a single pytorch_model.bin")
     if path.suffix == ".safetensors":
-        return SafetensorsSource(path)
+        return _maybe_lowrank(SafetensorsSource(path))
     if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
         return DictSource(_torch_state_dict(path), name=str(path))
     raise CheckpointError(f"{path}: unknown checkpoint format (expected .safetensors, a shard folder, .bin/.pt/.pth)")

@@ -26,6 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from taskvec.core.coef import matches
+from taskvec.core.lowrank import factors_of
 from taskvec.core.taskvector import TaskVector
 from taskvec.errors import KeyMismatchError, ShapeMismatchError, TaskVecError
 from taskvec.variational import ops
@@ -86,6 +87,10 @@ class ComposedModel(nn.Module):
     error unless excluded. `blocks` groups tensors into the B coefficient columns (see BlockRule).
     `strategy` ('auto', 'linear', 'batched', or a {glob: strategy} map) picks the per-sample
     algorithm per layer. The backbone's parameters are frozen (requires_grad=False).
+    With `lowrank` (default), a tensor that every task vector holds as factors (a low-rank task
+    vector, a LoRA adapter) is kept as those factors: linear and ungrouped conv layers then run
+    y = W0 x + sum_k alpha_k U_k (s_k * (V_k^T x)) without forming weights (shared coefficients
+    merge from the factors); other layers reading it get dense weights formed once.
     """
 
     def __init__(
@@ -99,6 +104,7 @@ class ComposedModel(nn.Module):
         strategy: ops.Strategy | Mapping[str, ops.Strategy] = "auto",
         forward_fn: ForwardFn = default_forward,
         task_names: Sequence[str] | None = None,
+        lowrank: bool = True,
     ):
         super().__init__()
         if not task_vectors:
@@ -133,8 +139,11 @@ class ComposedModel(nn.Module):
             getattr(tv, "name", f"task{i}") for i, tv in enumerate(task_vectors)
         ]
         self._slot: dict[str, int] = {}
+        self._lowrank: set[str] = set()
         for i, k in enumerate(keys):
             ref = own[k]
+            if lowrank and self._store_factors(i, k, ref, task_vectors):
+                continue
             taus = []
             for tv in task_vectors:
                 t = _read(tv, k)
@@ -147,18 +156,59 @@ class ComposedModel(nn.Module):
             self._slot[k] = i
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
 
+    def _store_factors(self, i: int, key: str, ref: torch.Tensor, task_vectors: Sequence[TaskVectorLike]) -> bool:
+        """Keep tensor `key` as the task vectors' factors, concatenated along the rank axis, if
+        every task vector holds it as factors: u (out, R), s (R,), v (in, R), col (R,) = task."""
+        if ref.dim() < 2:
+            return False
+        found = [factors_of(tv, key) if isinstance(tv, TaskVector) else None for tv in task_vectors]
+        fs = [f for f in found if f is not None and tuple(f.shape) == tuple(ref.shape)]
+        if len(fs) != len(found):
+            return False
+        dev, dt = ref.device, ref.dtype
+        self.register_buffer(f"lr_u_{i}", torch.cat([f.u.to(dev, dt) for f in fs], 1), persistent=False)
+        self.register_buffer(f"lr_s_{i}", torch.cat([f.s.to(dev, dt) for f in fs]), persistent=False)
+        self.register_buffer(f"lr_v_{i}", torch.cat([f.v.to(dev, dt) for f in fs], 1), persistent=False)
+        col = torch.cat([torch.full((f.rank,), t, dtype=torch.long) for t, f in enumerate(fs)])
+        self.register_buffer(f"lr_col_{i}", col.to(dev), persistent=False)
+        self._slot[key] = i
+        self._lowrank.add(key)
+        return True
+
     # ----- access
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
 
+    @property
+    def lowrank_keys(self) -> list[str]:
+        """Composed tensors held as the task vectors' factors (their per-sample forward never forms weights)."""
+        return [k for k in self.keys if k in self._lowrank]
+
+    def factors(self, key: str) -> ops.Factored:
+        """(u, s, v, col) of a low-rank tensor: tau_k = u[:, col==k] diag(s[col==k]) v[:, col==k]^T."""
+        i = self._slot[key]
+        return (getattr(self, f"lr_u_{i}"), getattr(self, f"lr_s_{i}"), getattr(self, f"lr_v_{i}"),
+                getattr(self, f"lr_col_{i}"))
+
     def tau(self, key: str) -> torch.Tensor:
-        """Stacked task vectors of tensor `key`: (T, *shape)."""
+        """Stacked task vectors of tensor `key`: (T, *shape) (a low-rank tensor's formed from its factors, each call)."""
+        if key in self._lowrank:  # formed on demand, not kept
+            return self._dense_stack(key)[1:]
         return getattr(self, f"stack_{self._slot[key]}")[1:]
 
     def stack(self, key: str) -> torch.Tensor:
-        """[theta0; tau_1..T] of tensor `key`: (T+1, *shape) (theta0 copied when the model was built)."""
+        """[theta0; tau_1..T] of tensor `key`: (T+1, *shape) (theta0 copied when the model was built;
+        for a low-rank tensor, formed once from the factors for the layers that need dense weights)."""
+        if key in self._lowrank:
+            return self.cached("stack", key, lambda: self._dense_stack(key))
         return getattr(self, f"stack_{self._slot[key]}")
+
+    def _dense_stack(self, key: str) -> torch.Tensor:
+        u, s, v, col = self.factors(key)
+        w0 = self.named_base()[key].detach()
+        taus = [((u[:, col == t] * s[col == t]) @ v[:, col == t].T).reshape(w0.shape) for t in range(self.num_tasks)]
+        return torch.stack([w0, *taus])
 
     def clear_cache(self) -> None:
         """Forget derived weight layouts (call after changing the backbone's weights in place)."""
@@ -195,7 +245,9 @@ class ComposedModel(nn.Module):
         """theta0 + sum_kb alpha_kb tau_kb for shared coefficients alpha (T, B), composed tensors only."""
         self._check(alpha, shared=True)
         c1 = torch.cat([alpha.new_ones(1, alpha.shape[1]), alpha]).T  # (B, T+1): [1, alpha_b]
-        return {k: ops.build(c1[self.blocks.index[k]].unsqueeze(0), self.stack(k))[0] for k in self.keys}
+        base = self.named_base() if self._lowrank else {}
+        return {k: ops.lowrank_merged(base[k], alpha[:, self.blocks.index[k]], self.factors(k)) if k in self._lowrank
+                else ops.build(c1[self.blocks.index[k]].unsqueeze(0), self.stack(k))[0] for k in self.keys}
 
     def forward(self, inputs: Any, alpha: torch.Tensor) -> torch.Tensor:
         """Backbone output under coefficients alpha: (T, B) shared by all samples or (N, T, B) per sample."""
@@ -282,11 +334,14 @@ class _PerSampleMode(TorchFunctionMode):
         self.key_of = {id(base[k]): k for k in model.keys}
 
     # (N, T) coefficients and stacked taus of a tensor argument, or (None, None) if not composed
-    def _ct(self, t: Any) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
+    def _ct(self, t: Any, dense: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
         k = self.key_of.get(id(t)) if isinstance(t, torch.Tensor) else None
         if k is None:
             return None, None, None
-        return self.coef[self.model.blocks.index[k]], self.model.tau(k), k
+        if k in self.model._lowrank:  # None: the caller composes from the factors; else dense weights formed once
+            return self.coef[self.model.blocks.index[k]], None if not dense else self.model.stack(k)[1:], k
+        tau = self.model.tau(k)
+        return self.coef[self.model.blocks.index[k]], tau, k
 
     def _full(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """(N|1, *shape) per-sample tensor (composed) or the base with a leading 1."""
@@ -325,32 +380,42 @@ class _PerSampleMode(TorchFunctionMode):
     # ----- handlers: return NotImplemented when no argument is composed
     def linear(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         x, w, b = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "weight"), _get(args, kwargs, 2, "bias")
-        cw, tw, kw = self._ct(w)
+        cw, tw, kw = self._ct(w, dense=False)
         cb, tb, _ = self._ct(b)
         if kw is None and cb is None:
             return NotImplemented
+        if cw is not None and tw is None:  # low-rank task vectors: never form the weights
+            return ops.lowrank_linear(x, w, b, cw, self.model.factors(kw), cb, tb, self.n)  # type: ignore[arg-type]
         stacked = self._stacked(kw, w, tw)
         return ops.linear(x, w, b, cw, tw, cb, tb, self.n, self.model.strategy_for(kw or ""), stacked)
 
     def conv2d(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         x, w, b = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "weight"), _get(args, kwargs, 2, "bias")
-        cw, tw, kw = self._ct(w)
+        cw, tw, kw = self._ct(w, dense=False)
         cb, tb, _ = self._ct(b)
         if kw is None and cb is None:
             return NotImplemented
         stride, padding = _get(args, kwargs, 3, "stride", 1), _get(args, kwargs, 4, "padding", 0)
         dilation, groups = _get(args, kwargs, 5, "dilation", 1), _get(args, kwargs, 6, "groups", 1)
+        if cw is not None and tw is None:
+            if groups == 1:  # low-rank task vectors: never form the weights
+                return ops.lowrank_conv2d(x, w, b, cw, self.model.factors(kw), cb, tb, self.n,  # type: ignore[arg-type]
+                                          stride, padding, dilation)
+            tw = self.model.stack(kw)[1:]  # type: ignore[arg-type]
         stacked = self._stacked(kw, w, tw)
         return ops.conv2d(x, w, b, cw, tw, cb, tb, self.n, stride, padding, dilation, groups,
                           self.model.strategy_for(kw or ""), stacked)
 
     def embedding(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         idx, w = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "weight")
-        cw, tw, kw = self._ct(w)
+        cw, tw, kw = self._ct(w, dense=False)
         if kw is None:
             return NotImplemented
         if _get(args, kwargs, 3, "max_norm") is not None:
             raise TaskVecError(f"embedding {kw!r} uses max_norm (renormalises weights in place): not composable per sample")
+        if tw is None:  # low-rank task vectors: never form the weights
+            pad = _get(args, kwargs, 2, "padding_idx")
+            return ops.lowrank_embedding(idx, w, cw, self.model.factors(kw), self.n, pad)  # type: ignore[arg-type]
         rows = self.model.cached("rows", kw, lambda: tw.transpose(0, 1).reshape(tw.shape[1], -1).contiguous())
         return ops.embedding(idx, w, cw, rows, self.n, _get(args, kwargs, 2, "padding_idx"))
 

@@ -334,13 +334,22 @@ def embedding(
     coefficients, as F.embedding passes none to that weight row."""
     idx = batch_first(idx, n, "an embedding")
     t, d = cw.shape[1], w0.shape[1]
+    if w0.shape[0] <= idx[0].numel() and not cw.requires_grad:
+        # fewer rows than indices per sample (token types): per-sample tables, then one gather each
+        tables = composed(w0, cw, tw_rows.reshape(w0.shape[0], t, d).transpose(0, 1), n)  # (n, V, D)
+        return tables[torch.arange(n, device=idx.device).reshape(n, *([1] * (idx.dim() - 1))), idx]
     base = F.embedding(idx, w0, padding_idx)
     g = F.embedding(idx, tw_rows).reshape(n, -1, t, d)  # (n, L, T, D)
     mix = (cw.reshape(n, 1, 1, t) @ g).reshape(base.shape)
-    if padding_idx is not None and mix.requires_grad:
-        pad = (idx == (padding_idx % w0.shape[0])).unsqueeze(-1)
-        mix = torch.where(pad, mix.detach(), mix)
-    return base + mix
+    return base + _no_pad_grad(mix, idx, padding_idx, w0.shape[0])
+
+
+def _no_pad_grad(mix: torch.Tensor, idx: torch.Tensor, padding_idx: int | None, rows: int) -> torch.Tensor:
+    """`mix` with no gradient at positions reading the padding row."""
+    if padding_idx is None or not mix.requires_grad:
+        return mix
+    pad = (idx == (padding_idx % rows)).unsqueeze(-1)
+    return torch.where(pad, mix.detach(), mix)
 
 
 # --------------------------------------------------------------------------- norms
@@ -353,6 +362,8 @@ def _affine(y: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, cha
         if channel_dims:
             return v.reshape(v.shape[0], -1, *([1] * (y.dim() - 2)))
         return v.reshape(v.shape[0], *([1] * (y.dim() - v.dim())), *v.shape[1:])
+    if w is not None and b is not None:
+        return torch.addcmul(shape(b), y, shape(w))  # one pass over y
     if w is not None:
         y = y * shape(w)
     if b is not None:
@@ -394,3 +405,80 @@ def batch_norm_eval(
     if b is not None:
         shift = shift + b
     return _affine(x, s, shift, 1)
+
+
+# --------------------------------------------------------------------------- low-rank task vectors
+
+
+def lowrank_coef(c: torch.Tensor, s: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight of every factor column: c[n, task of column] * s[column], (N, R)."""
+    return c[:, col] * s
+
+
+def lowrank_merged(w0: torch.Tensor, a: torch.Tensor, fac: Factored) -> torch.Tensor:
+    """W0 + sum_k a_k U_k diag(s_k) V_k^T for shared coefficients a (T,), in W0's shape."""
+    u, s, v, col = fac
+    return w0 + ((u * (a[col] * s)) @ v.T).reshape(w0.shape)
+
+
+Factored = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+"""(u, s, v, col): T task vectors' factors concatenated along the rank axis, u (out, R), s (R,),
+v (in, R), col (R,) the task of each column; tau_k = u[:, col==k] diag(s[col==k]) v[:, col==k]^T."""
+
+
+def lowrank_linear(
+    x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor | None, cw: torch.Tensor, fac: Factored,
+    cb: torch.Tensor | None, tb: torch.Tensor | None, n: int,
+) -> torch.Tensor:
+    """F.linear(x_n, W0 + sum_k c_nk U_k diag(s_k) V_k^T, b_n) without forming any weight:
+    y = b_n + x W0^T + ((x V) * (c_n[col] s)) U^T, with the task factors concatenated along the
+    rank axis (`Factored`): the low-rank part is one GEMM of depth R added in place to the base
+    output. Costs R (in + out) multiply-adds per position beside the base's in * out."""
+    u, s, v, col = fac
+    x = batch_first(x, n, "a linear layer")
+    lead, d_in, d_out = x.shape[:-1], x.shape[-1], w0.shape[0]
+    xf = x.reshape(-1, d_in)
+    p = xf.shape[0] // n
+    z = (xf @ v).reshape(n, p, -1) * lowrank_coef(cw, s, col).unsqueeze(1)  # (n, P, R)
+    if b0 is not None and cb is not None and tb is not None:
+        # the output starts as each sample's bias, as F.linear starts from its bias: no extra pass
+        b = composed(b0, cb, tb, n)
+        y = b.repeat_interleave(p, 0).addmm_(xf, w0.T)  # a new (n * P, out) tensor, row i = b_{i // P}
+    else:
+        y = F.linear(xf, w0, b0)
+    return y.addmm_(z.reshape(n * p, -1), u.T).reshape(*lead, d_out)
+
+
+def lowrank_embedding(
+    idx: torch.Tensor, w0: torch.Tensor, cw: torch.Tensor, fac: Factored, n: int, padding_idx: int | None = None
+) -> torch.Tensor:
+    """F.embedding(idx_n, W0 + sum_k c_nk U_k diag(s_k) V_k^T): gather the R factor entries of each
+    index (rows of U), weight them per sample, and map them out with V; rows at `padding_idx`
+    pass no gradient to the coefficients (as `embedding` does)."""
+    u, s, v, col = fac
+    idx = batch_first(idx, n, "an embedding")
+    base = F.embedding(idx, w0, padding_idx)
+    g = F.embedding(idx, u).reshape(n, -1, u.shape[1]) * lowrank_coef(cw, s, col).unsqueeze(1)
+    return base + _no_pad_grad((g @ v.T).reshape(base.shape), idx, padding_idx, w0.shape[0])
+
+
+def lowrank_conv2d(
+    x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor | None, cw: torch.Tensor, fac: Factored,
+    cb: torch.Tensor | None, tb: torch.Tensor | None, n: int,
+    stride: object = 1, padding: object = 0, dilation: object = 1,
+) -> torch.Tensor:
+    """F.conv2d (groups = 1) with per-sample W0 + sum_k c_nk U_k diag(s_k) V_k^T, the factors of
+    the (out, in*kh*kw) matrix: a conv with the R kernels V^T, a per-sample scale of its R
+    channels, and a 1x1 conv with U (LoRA's form)."""
+    u, s, v, col = fac
+    x = batch_first(x, n, "a conv2d layer")
+    st, dl = _pair(stride), _pair(dilation)  # type: ignore[arg-type]
+    pad = padding if isinstance(padding, str) else _pair(padding)  # type: ignore[arg-type]
+    r = v.shape[1]
+    z = F.conv2d(x, v.T.reshape(r, *w0.shape[1:]), None, st, pad, dl)  # (n, R, h, w)
+    z = z * lowrank_coef(cw, s, col).reshape(n, r, 1, 1)
+    y = F.conv2d(x, w0, None, st, pad, dl) + F.conv2d(z, u.reshape(*u.shape, 1, 1))
+    if b0 is not None:
+        b = composed(b0, cb, tb, n)
+        y = y + b.reshape(b.shape[0], -1, 1, 1)
+    return y
