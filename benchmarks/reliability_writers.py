@@ -122,35 +122,27 @@ def bank(d: Path) -> tuple[Path, dict[str, Path]]:
 
 
 # ---------------------------------------------------------------- cases
-def force_on_user_folder(d: Path) -> Result:
+def _force_on_folder(d: Path, config_inside: bool, fault: str, what: str) -> Result:
+    """`merge -o DIR --force` on a folder holding a model and notes (and, if `config_inside`, the config)."""
     m = small_models(d)
     user = d / "my-project"
     user.mkdir()
     (user / "notes.md").write_text("months of work")
-    shutil.copy(m["ft0"], user / "ft0-copy.safetensors")
-    cfg = config(user, m)
+    shutil.copy(m["ft0"], user / "model.safetensors")
+    cfg = config(user if config_inside else d, m)
     before = snapshot(d)
     r = taskvec("merge", cfg, "-o", user, "--force")
-    return (
-        "`merge -o DIR --force` where DIR is a user folder (notes, a model, the config)",
-        seen(r.returncode, r.stderr),
-        lost(before, snapshot(d), "the folder and every file in it"),
-    )
+    return fault, seen(r.returncode, r.stderr), lost(before, snapshot(d), what)
+
+
+def force_on_user_folder(d: Path) -> Result:
+    fault = "`merge -o DIR --force` where DIR is a user folder (notes, a model, the config)"
+    return _force_on_folder(d, True, fault, "the folder and every file in it")
 
 
 def force_on_foreign_output(d: Path) -> Result:
-    m = small_models(d)
-    user = d / "results"
-    user.mkdir()
-    (user / "model.safetensors").write_bytes(m["ft2"].read_bytes())
-    (user / "README.md").write_text("my notes")
-    before = snapshot(d)
-    r = taskvec("merge", config(d, m), "-o", user, "--force")
-    return (
-        "`merge -o DIR --force` where DIR is a folder another tool wrote (a model, notes)",
-        seen(r.returncode, r.stderr),
-        lost(before, snapshot(d), "the folder and the inputs"),
-    )
+    fault = "`merge -o DIR --force` where DIR is a folder another tool wrote (a model, notes)"
+    return _force_on_folder(d, False, fault, "the folder and the inputs")
 
 
 def force_on_working_folder(d: Path) -> Result:
