@@ -44,7 +44,7 @@ def test_two_process_steps_equal_single_process(tmp_path: Path) -> None:
     out = str(tmp_path / "result")
     mp.start_processes(_worker, args=(2, f"file://{tmp_path / 'init'}", out), nprocs=2, join=True,
                        start_method="spawn")
-    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
     n = torch.get_num_threads()
     try:
         singles = [_run(*case) for case in CASES]

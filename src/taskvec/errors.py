@@ -35,6 +35,20 @@ class UnknownMethodError(ConfigError):
     """A merge method name is not in the registry."""
 
 
+class OutputError(TaskVecError, OSError):
+    """An output cannot be written: the folder is read-only, the disk is full, a parent is a file.
+
+    Also an `OSError`, so code that handles file system errors keeps handling it."""
+
+
+class OutputBusyError(OutputError):
+    """Another taskvec process is writing the same output or bank right now."""
+
+
+class IntegrityError(CheckpointError):
+    """A file no longer holds what was recorded when it was written (checksum, size or dtype differ)."""
+
+
 _TYPE_TAGS = {"float", "int", "str", "bool", "none", "dict", "list"}
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from taskvec.io.atomic import atomic_path
+
 
 def _atomic_savefig(fig, path: Path) -> None:  # type: ignore[no-untyped-def]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path, overwrite=True, owned=lambda p: None) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
 
 
 def heatmap(values: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str | os.PathLike[str], title: str = "") -> Path:

@@ -12,13 +12,19 @@ reconstruction opens only the bases it needs, and a continual `add` rewrites one
 manifest instead of the whole bank. The manifest is the commit point: a build writes everything
 into a hidden temporary folder renamed into place; an `add` writes the new basis under a new
 name, then atomically replaces the manifest, then deletes the old file.
+
+The manifest records the sha256 and byte size of every basis file; a basis is checked against
+them the first time a process reads it, so a flipped byte, a replaced or swapped file is refused
+instead of composing wrong weights. Every file name in the manifest must lie inside the bank.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from taskvec.bases.analysis import auto_chunk, gram
 from taskvec.bases.fit import (
@@ -44,9 +50,9 @@ from taskvec.bases.fit import (
 from taskvec.bases.passes import cluster_pass, linear_pass, merged_basis, tapped
 from taskvec.config import DTYPES, DtypeName, Strict
 from taskvec.core.taskvector import FloatSource, TaskVector, check_same_tensors
-from taskvec.errors import CheckpointError, ConfigError, format_validation_error
+from taskvec.errors import CheckpointError, ConfigError, IntegrityError, format_validation_error
 from taskvec.io import SafetensorsSource, ShardedSource
-from taskvec.io.atomic import replace_path, write_text_atomic
+from taskvec.io.atomic import atomic_path, check_output, path_lock, write_text_atomic
 from taskvec.io.safetensors_file import dtype_size
 from taskvec.io.writer import DEFAULT_SHARD_BYTES
 
@@ -61,6 +67,16 @@ class BasisEntry(Strict):
     file: str
     bytes: int = Field(ge=0, description="size on disk: the file, or every file of a shard folder")
     members: list[str] | None = None
+    sha256: str | None = Field(
+        default=None, description="sha256 of the file (of a shard folder: of its files' names and sha256s)"
+    )
+
+    @field_validator("file")
+    @classmethod
+    def _inside_bank(cls, v: str) -> str:
+        if not v or v.startswith("/") or "\\" in v or any(part in ("", ".", "..") for part in v.split("/")):
+            raise ValueError(f"{v!r} is not a plain file name inside the bank")
+        return v
 
 
 class Manifest(Strict):
@@ -127,10 +143,49 @@ def _tensor(rows: Sequence[Sequence[float | None]], cols: int | None = None) -> 
     return torch.tensor([[float("nan") if v is None else float(v) for v in r] for r in rows], dtype=torch.float64)
 
 
-def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    """Top-level keys one per line (readable), values compact; temp file + fsync + rename."""
-    text = "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v, allow_nan=False)}" for k, v in obj.items()) + "\n}\n"
-    write_text_atomic(path, text)
+def manifest_text(obj: dict[str, Any]) -> str:
+    """Top-level keys one per line (readable), values compact."""
+    return "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v, allow_nan=False)}" for k, v in obj.items()) + "\n}\n"
+
+
+# ---------------------------------------------------------------- integrity
+_VERIFIED: set[tuple[str, tuple[tuple[str, int, int, int], ...]]] = set()
+_BASIS_NAME = re.compile(r"^basis-\d{3}(\.r\d+)?(\.safetensors)?$")
+
+
+def _files(path: Path) -> list[Path]:
+    return [path] if not path.is_dir() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file; of a folder, sha256 of its files' relative names and sha256s."""
+    if not path.is_dir():
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    h = hashlib.sha256()
+    for p in _files(path):
+        h.update(f"{p.relative_to(path).as_posix()}\0{file_digest(p)}\n".encode())
+    return h.hexdigest()
+
+
+def _stamp(path: Path) -> tuple[tuple[str, int, int, int], ...]:
+    out = []
+    for p in _files(path):
+        st = p.stat()
+        out.append((str(p), st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def _check_inside(bank: Path, entry: BasisEntry, mpath: Path) -> Path:
+    """The basis path of `entry`, refused unless it and every file in it resolve inside `bank`."""
+    root = bank.resolve()
+    f = bank / entry.file
+    for p in [f, *(f.rglob("*") if f.is_dir() and not f.is_symlink() else [])]:
+        r = p.resolve()
+        if p.is_symlink() or (r != root and root not in r.parents):
+            raise CheckpointError(f"{mpath}: corrupt manifest: basis file {entry.file!r} leads outside the bank "
+                                  f"({p} -> {r}); the bank is refused")
+    return f
 
 
 # ---------------------------------------------------------------- sizes and sources
@@ -194,8 +249,10 @@ class Bank:
 
     # ----- opening
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Bank:
-        """Open a bank folder, checking the manifest and that every basis file is there and whole."""
+    def load(cls, path: str | os.PathLike[str], *, unverified: bool = False) -> Bank:
+        """Open a bank folder, checking the manifest and that every basis file is there, inside the
+        bank, of the recorded size and dtype. File contents are checked when a basis is first read.
+        `unverified=True` accepts bases without a recorded sha256 (to record them)."""
         path = Path(path)
         mpath = path / MANIFEST
         if not path.is_dir():
@@ -213,16 +270,54 @@ class Bank:
         except ValidationError as e:
             raise CheckpointError(f"{mpath}: corrupt manifest: {format_validation_error(e)}") from None
         bank = cls(path, manifest)
+        if len({b.file for b in manifest.bases}) != len(manifest.bases):
+            raise CheckpointError(f"{mpath}: corrupt manifest: two bases name the same file")
         for k, entry in enumerate(manifest.bases):
-            f = path / entry.file
+            f = _check_inside(path, entry, mpath)
             if not f.exists():
                 raise CheckpointError(f"{mpath}: basis {k} file {entry.file!r} is missing from the bank")
-            src = bank.basis(k).source
+            if entry.sha256 is None and not unverified:
+                raise IntegrityError(f"{mpath}: basis {k} ({entry.file}) has no recorded sha256 (a bank written by an "
+                                     f"older taskvec); if you trust its files, record them with "
+                                     f"`taskvec bases verify --rehash {path}`")
+            size = disk_bytes(f)
+            if size != entry.bytes:
+                raise IntegrityError(
+                    f"{f}: is {size:,} bytes, the manifest recorded {entry.bytes:,}; the bank is corrupt"
+                )
+            tv = bank.basis(k, verify=False)
+            src = tv.source
             numel = sum(src.spec(key).numel for key in src.keys())
             if numel != manifest.numel or len(src.keys()) != manifest.n_tensors:
                 raise CheckpointError(f"{f}: holds {len(src.keys())} tensors of {numel:,} parameters, the manifest says "
                                       f"{manifest.n_tensors} of {manifest.numel:,}")
+            dtypes = {DTYPE_NAMES.get(storage_dtype(tv, key), str(storage_dtype(tv, key))) for key in src.keys()}
+            if dtypes - {manifest.dtype}:
+                raise IntegrityError(f"{f}: holds {', '.join(sorted(dtypes))} tensors, the manifest says "
+                                     f"{manifest.dtype}; the bank is corrupt")
         return bank
+
+    def verify_basis(self, k: int, *, force: bool = False) -> None:
+        """Check basis `k`'s files against the sha256 in the manifest (once per process unless `force`)."""
+        entry = self.manifest.bases[k]
+        f = _check_inside(self.path, entry, self.path / MANIFEST)
+        key = (str(f.resolve()), _stamp(f))
+        if not force and key in _VERIFIED:
+            return
+        if entry.sha256 is None:
+            raise IntegrityError(
+                f"{f}: no sha256 recorded in the manifest; run `taskvec bases verify --rehash {self.path}`"
+            )
+        digest = file_digest(f)
+        if digest != entry.sha256:
+            raise IntegrityError(f"{f}: sha256 {digest[:16]}... does not match the manifest's {entry.sha256[:16]}... "
+                                 f"(basis {k} was changed, replaced or swapped); the bank is corrupt")
+        _VERIFIED.add(key)
+
+    def verify(self) -> None:
+        """Check every basis file in full against the manifest; raises naming the first bad file."""
+        for k in range(self.m):
+            self.verify_basis(k, force=True)
 
     # ----- facts
     @property
@@ -255,7 +350,10 @@ class Bank:
             known = ", ".join(self.manifest.names[:10]) + (" ..." if self.t > 10 else "")
             raise ConfigError(f"task {name!r} is not in the bank {self.path} (tasks: {known})") from None
 
-    def basis(self, k: int) -> TaskVector:
+    def basis(self, k: int, *, verify: bool = True) -> TaskVector:
+        """Basis `k` as a lazy task vector, its file checked against the manifest's sha256 first."""
+        if verify:
+            self.verify_basis(k)
         tv = TaskVector.load(self.path / self.manifest.bases[k].file)
         tv.name = f"basis {k}"
         return tv
@@ -339,8 +437,32 @@ class Bank:
         task. The members' task vectors come from `members` (name -> TaskVector) or from the files
         recorded at build time. 'learned'/'pca': the bases stay, the new task gets least-squares
         coefficients on them. Everything it needs of the old tasks is streamed, then the manifest is
-        replaced atomically.
+        replaced atomically. The bank is locked meanwhile: a second writer fails at once.
         """
+        with path_lock(self.path, "changed"):
+            fresh = Bank.load(self.path)  # what another process committed before we took the lock
+            self.__dict__.update(fresh.__dict__)
+            self._remove_orphans()
+            return self._add(task_vector, name, members=members, new_basis_below=new_basis_below,
+                             chunk_elems=chunk_elems, progress=progress)
+
+    def _remove_orphans(self) -> None:
+        """Remove basis files an interrupted `add` wrote but never committed to the manifest."""
+        named = {b.file for b in self.manifest.bases}
+        for p in self.path.iterdir():
+            if _BASIS_NAME.match(p.name) and p.name not in named:
+                _delete_inside(self.path, p.name)
+
+    def _add(
+        self,
+        task_vector: TaskVector,
+        name: str,
+        *,
+        members: Mapping[str, TaskVector] | None,
+        new_basis_below: float | None,
+        chunk_elems: int | None,
+        progress: bool,
+    ) -> int | None:
         mf = self.manifest
         check_names([*mf.names, name], [task_vector] * (self.t + 1))
         check_same_tensors(self.basis(0).source, task_vector.source)
@@ -390,7 +512,8 @@ class Bank:
             hgram[k, k] = h
             decoder[:, idx] = 0.0
             decoder[k, idx] = c / h
-            bases[k] = BasisEntry(file=f, bytes=disk_bytes(self.path / f), members=[*(mf.names[i] for i in idx[:-1]), name])
+            bases[k] = BasisEntry(file=f, bytes=disk_bytes(self.path / f),
+                                  members=[*(mf.names[i] for i in idx[:-1]), name], sha256=file_digest(self.path / f))
         else:
             k = None
             decoder[:, t] = lsq(hgram, cnew[:, None])[:, 0]
@@ -403,10 +526,9 @@ class Bank:
             "assignments": assignments, "info": info,
         })
         Manifest(**new.model_dump())  # validate before committing
-        write_json_atomic(self.path / MANIFEST, new.model_dump())
+        write_text_atomic(self.path / MANIFEST, manifest_text(new.model_dump()))
         if old_file is not None:
-            p = self.path / old_file
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            _delete_inside(self.path, old_file)
         loaded = Bank.load(self.path)
         self.__dict__.update(loaded.__dict__)
         return k
@@ -423,6 +545,15 @@ class Bank:
             raise CheckpointError(f"add: the task vector of member {name!r} recorded at {src} is gone; "
                                   f"pass members={{{name!r}: task_vector}}")
         return TaskVector.load(src)
+
+
+def _delete_inside(bank: Path, name: str) -> None:
+    """Delete the basis file or folder `name` of `bank`, only if it lies inside the bank."""
+    p = _check_inside(bank, BasisEntry(file=name, bytes=0), bank / MANIFEST)
+    if p.is_symlink() or not p.is_dir():
+        p.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(p)
 
 
 def _pad(x: torch.Tensor, rows: int, cols: int, fill: float = float("nan")) -> torch.Tensor:
@@ -471,9 +602,7 @@ def build_bank(
         raise ConfigError(f"build_bank: unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(FIT_OPTIONS))}")
     if method == "cluster":
         check_merge(options.get("merge", "mean"), dict(options.get("merge_params") or {}))
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out}: already exists (pass overwrite/--force to replace it)")
+    out = check_output(out, overwrite=overwrite, inputs=[source_path(tv) for tv in tvs])  # before the expensive work
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ConfigError(f"dtype: unknown {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -494,29 +623,23 @@ def build_bank(
     numel = sum(tvs[0].spec(k).numel for k in keys)
     sharded = numel * dtype_size(dtype) > shard_size
     files = [basis_file(k, sharded) for k in range(fit.m)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    inputs = [source_path(tv) for tv in tvs]
+    with atomic_path(out, overwrite=overwrite, folder=True, marker=False, inputs=inputs) as tmp:
         _write_bases(fit, tvs, tmp, files, dtype, shard_size, chunk_elems, progress)
         manifest = Manifest(
             format=BANK_FORMAT, version=1, method=method, dtype=DTYPE_NAMES[dtype], shard_size=shard_size,  # type: ignore[arg-type]
             T=len(tvs), M=fit.m,
             n_tensors=len(keys), numel=numel, names=names_, sources=[source_path(tv) for tv in tvs],
             task_bytes=[task_bytes(tv) for tv in tvs],
-            bases=[BasisEntry(file=f, bytes=disk_bytes(tmp / f), members=[names_[i] for i in fit.members(k)] if fit.assignments else None)
+            bases=[BasisEntry(file=f, bytes=disk_bytes(tmp / f),
+                              members=[names_[i] for i in fit.members(k)] if fit.assignments else None,
+                              sha256=file_digest(tmp / f))
                    for k, f in enumerate(files)],
             gram=_mat(g), cross=_mat(fit.cross), basis_gram=_mat(fit.basis_gram), decoder=fit.decoder.tolist(),
             mixing=fit.mixing.tolist() if fit.mixing is not None else None, assignments=fit.assignments,
             merge=fit.merge, merge_params=fit.merge_params, info=fit.info,
         )
-        write_json_atomic(tmp / MANIFEST, manifest.model_dump())
-        replace_path(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        (tmp / MANIFEST).write_text(manifest_text(manifest.model_dump()))
     return Bank.load(out)
 
 
@@ -537,3 +660,22 @@ def _write_bases(fit: BasisFit, tvs: list[TaskVector], folder: Path, files: list
         fit.cross, fit.basis_gram = cross, (hgram + hgram.T) / 2
         fit.decoder = lsq(fit.basis_gram, cross)
 
+
+
+def verify_bank(path: str | os.PathLike[str], *, rehash: bool = False) -> Bank:
+    """Check a bank's manifest and every basis file in full; raises naming the first bad file.
+
+    `rehash=True` instead records the sha256 of the basis files as they are now (for a bank written
+    by an older taskvec, without checksums): run it only on a bank you trust.
+    """
+    path = Path(path)
+    if not rehash:
+        bank = Bank.load(path)
+        bank.verify()
+        return bank
+    with path_lock(path, "changed"):
+        bank = Bank.load(path, unverified=True)
+        bases = [b.model_copy(update={"sha256": file_digest(path / b.file)}) for b in bank.manifest.bases]
+        new = bank.manifest.model_copy(update={"bases": bases})
+        write_text_atomic(path / MANIFEST, manifest_text(new.model_dump()))
+    return Bank.load(path)

@@ -10,7 +10,7 @@ trains, so it stays valid after composing.
 from __future__ import annotations
 
 import math
-import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -20,12 +20,26 @@ from torch import nn
 
 from taskvec.bench.models import forward_features
 from taskvec.bench.suites import FinetuneSpec, Split
+from taskvec.errors import CheckpointError
+from taskvec.io.atomic import atomic_path
 
 
-def _atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def save_state(state: dict[str, object], path: Path) -> None:
+    """Save resume state (tensors, numbers, strings, lists and dicts only), atomically."""
+    with atomic_path(path, overwrite=True, owned=lambda p: None) as tmp:  # the cache is taskvec's own
+        torch.save(state, tmp)
+
+
+def load_state(path: Path) -> dict[str, object]:
+    """Resume state saved by `save_state`; refuses (without running it) anything but plain data."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):
+        raise CheckpointError(f"{path}: not a plain resume state (it holds objects other than tensors and plain "
+                              "data, or is damaged), refused without loading it; delete it to restart this fine-tuning") from None
+    if not isinstance(state, dict) or not {"model", "opt", "sched", "step"} <= set(state):
+        raise CheckpointError(f"{path}: not a resume state of taskvec's fine-tuning; delete it to restart")
+    return state
 
 
 def finetune(
@@ -61,11 +75,11 @@ def finetune(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     step = 0
     if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        backbone.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        step = state["step"]
+        state = load_state(state_path)
+        backbone.load_state_dict(state["model"])  # type: ignore[arg-type]
+        opt.load_state_dict(state["opt"])  # type: ignore[arg-type]
+        sched.load_state_dict(state["sched"])  # type: ignore[arg-type]
+        step = int(state["step"])  # type: ignore[call-overload]
     backbone.eval()  # BatchNorm statistics frozen, no dropout (see module docstring)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, disable=not progress) as bar:
@@ -84,7 +98,7 @@ def finetune(
             step += 1
             bar.update(task, advance=1, loss=loss.item())
             if step % save_every == 0 and step < total:
-                _atomic_save({"model": backbone.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}, state_path)
+                save_state({"model": backbone.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}, state_path)
     for p in params:
         p.requires_grad_(False)
     return {k: v.detach().clone() for k, v in backbone.state_dict().items()}

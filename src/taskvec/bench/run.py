@@ -19,6 +19,7 @@ from taskvec.bench.finetune import finetune
 from taskvec.bench.models import accuracy, features, fit_head, load_backbone
 from taskvec.bench.suites import SuiteSpec, TaskData, get_suite, load_task
 from taskvec.core import TaskVector
+from taskvec.io.atomic import atomic_path
 from taskvec.methods import compose
 
 DEFAULT_METHODS = ("task_arithmetic", "ties", "dare", "magnitude")
@@ -33,10 +34,8 @@ def default_cache() -> Path:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, overwrite=True, owned=lambda p: None) as tmp:  # the cache is taskvec's own
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
 
 
 @dataclass

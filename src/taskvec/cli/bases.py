@@ -111,6 +111,7 @@ def build(
     from taskvec.bases.config import BasesConfig, load_bases_config, task_vectors_of
     from taskvec.config import DTYPES
     from taskvec.io import parse_size
+    from taskvec.io.atomic import check_output
 
     given = {"method": method, "m": m, "merge": merge, "merge_params": _params(merge_param) or None, "affinity": affinity,
              "max_m": max_m, "temperature": temperature, "steps": steps, "lr": lr, "normalize": normalize, "seed": seed,
@@ -137,6 +138,7 @@ def build(
                 if isinstance(e, ValidationError):
                     raise ConfigError(format_validation_error(e, option=True)) from None
                 raise
+        check_output(out, overwrite=force, inputs=[*inputs, cfg.base, *(t.task_vector or t.finetuned for t in cfg.tasks)])
         tvs, labels = task_vectors_of(cfg)
         bank = build_bank(
             tvs, labels, cfg.method, cfg.m, out=out, dtype=DTYPES[cfg.dtype] if cfg.dtype else None,
@@ -198,10 +200,12 @@ def compose(
     """BASE + COEF * (sum of the reconstructions of --add - those of --negate), streamed."""
     from taskvec.bases.bank import Bank
     from taskvec.config import DTYPES
+    from taskvec.io.atomic import check_output
 
     try:
         if dtype is not None and dtype not in DTYPES:
             raise ConfigError(f"--dtype: unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        check_output(out, overwrite=force, inputs=[bank_path, base])
         bank = Bank.load(bank_path)
         tv = bank.combine(add=_split(add), negate=_split(negate))
         dt = DTYPES[dtype] if dtype else None
@@ -212,3 +216,20 @@ def compose(
     except TaskVecError as e:
         _fail(e)
     console.print(f"{tv.name}: wrote [bold]{path}[/]")
+
+
+@app.command()
+def verify(
+    bank_path: Annotated[Path, typer.Argument(metavar="BANK", help="a bank folder")],
+    rehash: Annotated[bool, typer.Option("--rehash", help="record the sha256 of the basis files as they are now "
+                                         "(banks written without checksums; only for a bank you trust)")] = False,
+) -> None:
+    """Check every basis file of a bank against the sha256, size and dtype in its manifest."""
+    from taskvec.bases.bank import verify_bank
+
+    try:
+        bank = verify_bank(bank_path, rehash=rehash)
+    except TaskVecError as e:
+        _fail(e)
+    what = "recorded the sha256 of" if rehash else "verified"
+    console.print(f"{bank.path}: {what} {bank.m} basis files ({_gib(bank.memory().bases_files)}); the bank is sound")

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from taskvec.cli.common import AllowNonfinite, Force, console, finite
 from taskvec.errors import ConfigError
+from taskvec.io.atomic import check_output
 
 
 app = typer.Typer()
@@ -46,6 +47,7 @@ def extract(
     from taskvec.core import TaskVector
 
     dt, size = _dtype(dtype), positive_size(shard_size, "--shard-size")
+    check_output(out, overwrite=force, inputs=[pretrained, finetuned])
     tv = TaskVector.from_checkpoints(pretrained, finetuned, include=include, exclude=exclude, allow_nonfinite=allow_nonfinite)
     path = tv.save(out, dtype=dt, shard_size=size, overwrite=force, progress=True)
     console.print(f"wrote task vector of {len(tv)} tensors, {tv.numel():,} parameters to [bold]{path}[/]")
@@ -63,6 +65,7 @@ def merge(
     from taskvec.merge import merge_checkpoints
 
     cfg = load_merge_config(config)
+    check_output(out, overwrite=force, inputs=[config, cfg.base, *(m.finetuned or m.task_vector for m in cfg.models)])
     path = merge_checkpoints(cfg, out, overwrite=force, progress=True, allow_nonfinite=allow_nonfinite)
     console.print(f"merged {len(cfg.models)} task vectors with [bold]{cfg.method}[/] into [bold]{path}[/]")
 
@@ -81,6 +84,7 @@ def apply(
     from taskvec.core import TaskVector
 
     dt = _dtype(dtype)
+    check_output(out, overwrite=force, inputs=[base, task_vector])
     tv = TaskVector.load(task_vector, allow_nonfinite=allow_nonfinite)
     path = tv.apply_to(base, coef, out=out, dtype=dt, overwrite=force, progress=True)
     console.print(f"wrote [bold]{path}[/]")

@@ -2,23 +2,25 @@
 
 Shapes and dtypes are known before any data is computed, so each shard's header is written
 first and tensor data is appended slice by slice: memory holds one slice, never a shard.
-Everything goes to a hidden temporary file or folder that is renamed into place only when
-complete, so an interrupted run never leaves a half-written output behind.
+Everything goes through `atomic_path`: a hidden temporary file or folder beside the output,
+locked against other writers and renamed into place only when complete, so an interrupted run
+never leaves a half-written output behind and `overwrite` replaces only what taskvec wrote.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import torch
 
 from taskvec.errors import ConfigError, ShapeMismatchError
-from taskvec.io.atomic import replace_path
+from taskvec.io.atomic import atomic_path, check_output
 from taskvec.io.safetensors_file import TensorSpec, encode_header
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -60,6 +62,7 @@ class CheckpointWriter:
 
     Use as a context manager: call `write(key, data)` with the slices of each tensor in order;
     on clean exit the output is renamed into place, on error the temporary files are removed.
+    `inputs`: files the caller reads, which the output must not be, contain or lie inside.
     `extra_files(tmp)`, if given, adds files to the temporary folder before the rename (e.g. a
     Hugging Face base's config and tokenizer), so the output appears complete or not at all.
     """
@@ -75,26 +78,29 @@ class CheckpointWriter:
         index_name: str = "model.safetensors.index.json",
         prefix: str = "model",
         extra_files: Callable[[Path], None] | None = None,
+        inputs: Iterable[str | os.PathLike[str] | None] = (),
     ):
         self.out = Path(out)
         self.specs = dict(specs)
-        self.metadata = {"format": "pt", **(metadata or {})}
+        self.metadata = {"format": "pt", "taskvec": "checkpoint", **(metadata or {})}
         self.single_file = self.out.suffix == ".safetensors"
-        if self.out.exists() and not overwrite:
-            raise ConfigError(f"{self.out}: already exists (pass overwrite/--force to replace it)")
+        self.overwrite = overwrite
+        self.inputs = list(inputs)
+        check_output(self.out, overwrite=overwrite, inputs=self.inputs)
         self.shards = [list(self.specs)] if self.single_file else plan_shards(self.specs, max_shard_bytes)
         n = len(self.shards)
         self.names = [self.out.name] if self.single_file else [
             f"{prefix}.safetensors" if n == 1 else f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
         ]
         self.index_name = index_name
+        self._atomic: AbstractContextManager[Path] | None = None
         self.extra_files = extra_files
         self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
         self._order = [k for shard in self.shards for k in shard]
         self._shard_of = {k: i for i, shard in enumerate(self.shards) for k in shard}
         self._pos = 0  # index in _order of the tensor being written
         self._written = 0  # bytes written of that tensor
-        self._fh = None  # open file of the current shard
+        self._fh: BinaryIO | None = None  # open file of the current shard
         self._shard = -1
 
     @property
@@ -103,11 +109,10 @@ class CheckpointWriter:
         return list(self._order)
 
     def __enter__(self) -> CheckpointWriter:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        if self.single_file:
-            self._fh = None
-        else:
-            self.tmp.mkdir()
+        self._atomic = atomic_path(self.out, overwrite=self.overwrite, folder=not self.single_file, marker=False,
+                                   inputs=self.inputs)  # the index marks the folder and lists its files
+        self.tmp = self._atomic.__enter__()
+        self._fh = None
         return self
 
     def _open_shard(self, i: int) -> None:
@@ -143,11 +148,7 @@ class CheckpointWriter:
             raise RuntimeError(f"writer closed before tensor {self._order[self._pos]!r} was complete")
         if self._fh is None and self._order == []:
             self._open_shard(0)
-        if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-            self._fh = None
+        self._close()  # atomic_path fsyncs every file before the rename
         for i in range(len(self.shards)):  # shards that hold no data still need their header
             path = self.tmp / self.names[i] if not self.single_file else self.tmp
             if not path.exists():
@@ -156,22 +157,35 @@ class CheckpointWriter:
                 self._fh.close()
                 self._fh = None
         if not self.single_file:
+            if self.extra_files is not None:
+                self.extra_files(self.tmp)
+            # every file taskvec put in the folder is listed, so that --force can later replace it
+            files = {p.relative_to(self.tmp).as_posix() for p in self.tmp.rglob("*") if p.is_file()}
+            files = sorted({*files, self.index_name})
             index = {
-                "metadata": {"total_size": sum(s.nbytes for s in self.specs.values()), **self.metadata},
+                "metadata": {
+                    "total_size": sum(s.nbytes for s in self.specs.values()), **self.metadata,
+                    "taskvec_files": json.dumps(files),
+                },
                 "weight_map": {k: self.names[self._shard_of[k]] for k in self._order},
             }
             (self.tmp / self.index_name).write_text(json.dumps(index, indent=2))
-            if self.extra_files is not None:
-                self.extra_files(self.tmp)
-        replace_path(self.tmp, self.out)
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> bool | None:
+        """Finish and rename into place (through `atomic_path`), or remove the temporary on error."""
+        assert self._atomic is not None
+        atomic, self._atomic = self._atomic, None
         try:
             if et is None:
                 self._finish()
-        finally:
-            if self._fh is not None:
-                self._fh.close()
-                self._fh = None
-            if self.tmp.exists():
-                shutil.rmtree(self.tmp) if self.tmp.is_dir() else self.tmp.unlink()
+        except BaseException as err:
+            self._close()
+            atomic.__exit__(type(err), err, err.__traceback__)
+            raise
+        self._close()
+        return atomic.__exit__(et, e, tb)
+
+    def _close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from taskvec.errors import ConfigError, KeyMismatchError
-from taskvec.io.atomic import replace_path
+from taskvec.io.atomic import atomic_path, check_output
 from taskvec.variational.blocks import BlockSpec
 from taskvec.variational.config import ComposerConfig
 from taskvec.variational.engine import ForwardFn, TaskVectorLike, default_forward
@@ -37,8 +36,7 @@ def _norms(composer: Composer) -> list[float]:
 def save_composer(composer: Composer, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Write `path/` = config.json + coefficients.safetensors, atomically."""
     out = Path(path)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out}: already exists (pass overwrite/--force to replace it)")
+    check_output(out, overwrite=overwrite)
     m = composer.model
     base = m.named_base()
     meta = {
@@ -53,18 +51,10 @@ def save_composer(composer: Composer, path: str | os.PathLike[str], *, overwrite
         "task_vector_norms": _norms(composer),
         "history": composer.history,
     }
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_path(out, overwrite=overwrite, folder=True, marker=False) as tmp:  # config.json marks it
         state = {k: v.detach().cpu().contiguous() for k, v in composer.coef.state_dict().items()}
         save_file(state, str(tmp / "coefficients.safetensors"), metadata={"format": FORMAT})
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        replace_path(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 
