@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from taskvec.core.coef import Coef, matches, resolve
-from taskvec.core.stream import CHUNK_ELEMS, LastSliceCache, chunks, write_checkpoint
+from taskvec.core.stream import CHUNK_ELEMS, LastSliceCache, chunks, prefetch, write_checkpoint
 from taskvec.errors import DtypeError, KeyMismatchError, ShapeMismatchError
 from taskvec.io import CheckpointLike, DictSource, Source, TensorSpec, open_checkpoint
 from taskvec.io.writer import DEFAULT_SHARD_BYTES
@@ -272,20 +272,14 @@ class TaskVector:
 
     # ----- reductions (streamed)
     def dot(self, other: TaskVector) -> float:
-        check_same_tensors(self.source, other.source)
-        total = 0.0
-        for k in self.keys():
-            for s, e in chunks(self.spec(k).numel):
-                total += float(torch.dot(self.source.read_flat(k, s, e).double(), other.source.read_flat(k, s, e).double()))
-        return total
+        from taskvec.core.similarity import gram_matrix  # similarity builds on this module
+
+        return float(gram_matrix([self, other])[0, 1])
 
     def norm(self) -> float:
-        total = 0.0
-        for k in self.keys():
-            for s, e in chunks(self.spec(k).numel):
-                x = self.source.read_flat(k, s, e).double()
-                total += float(torch.dot(x, x))
-        return total**0.5
+        from taskvec.core.similarity import gram_matrix
+
+        return float(gram_matrix([self])[0, 0]) ** 0.5
 
     def cosine(self, other: TaskVector) -> float:
         return self.dot(other) / max(self.norm() * other.norm(), 1e-300)
@@ -414,7 +408,12 @@ def apply_streaming(
         c = resolve(coef, k)
         return add_scaled(b, tv.source.read_flat(k, s, e), c)
 
+    def prefetch_fn(k: str, s: int, e: int) -> None:
+        prefetch(base, k, s, e)
+        if k in delta_keys:
+            prefetch(tv.source, k, s, e)
+
     return write_checkpoint(
         out, specs, slice_fn, max_shard_bytes=shard_size, overwrite=overwrite, progress=progress,
-        chunk_elems=chunk_elems, metadata=metadata, description="writing model",
+        chunk_elems=chunk_elems, metadata=metadata, description="writing model", prefetch_fn=prefetch_fn,
     )

@@ -65,6 +65,9 @@ class SafetensorsSource:
         self.spec(key)
         return self.file.read_flat(key, start, stop)
 
+    def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        self.file.prefetch(key, start, stop)
+
 
 class ShardedSource:
     """A folder of safetensors shards with an index (Hugging Face layout), or a folder of shards alone."""
@@ -118,6 +121,10 @@ class ShardedSource:
 
     def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         return self._file(key).read_flat(key, start, stop)
+
+    def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        if key in self._where:
+            self._where[key].prefetch(key, start, stop)
 
 
 class DictSource:

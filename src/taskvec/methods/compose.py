@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from taskvec.core.coef import Coef, resolve
 from taskvec.core.taskvector import TaskVector, _compute_dtype, check_same_tensors
-from taskvec.io import TensorSpec
-from taskvec.methods.registry import MergeMethod, MethodParams, SliceContext, get_method, magnitude_threshold, parse_params
+from taskvec.core.stream import chunks, prefetch
+from taskvec.io import Source, TensorSpec
+from taskvec.methods.registry import MergeMethod, MethodParams, SliceContext, BLOCK, get_method, magnitude_threshold, parse_params, select_threshold
 
 
 def slice_seed(seed: int, key: str, start: int) -> int:
@@ -41,7 +43,7 @@ class ComposedSource:
         return TensorSpec(specs[0].shape, _compute_dtype(*(s.dtype for s in specs)))
 
     def thresholds(self, key: str) -> torch.Tensor:
-        """Per-task (threshold, cut) of the whole tensor (see `magnitude_threshold`); one task's tensor in memory at a time."""
+        """Per-task (threshold, cut) of the whole tensor (see `magnitude_threshold`)."""
         with self._lock:  # one computation per tensor even when its slices are merged in parallel
             return self._thresholds_locked(key)
 
@@ -49,25 +51,71 @@ class ComposedSource:
         if key not in self._thresholds:
             assert self.method.magnitude_density is not None
             density = self.method.magnitude_density(self.params)
-            vals = [magnitude_threshold(tv.source.read_flat(key), density) for tv in self.tvs]
+            with ThreadPoolExecutor(THRESHOLD_WORKERS, thread_name_prefix="taskvec-threshold") as pool:
+                vals = list(pool.map(lambda tv: tensor_threshold(tv.source, key, density), self.tvs))
             if len(self._thresholds) >= 8:  # a few tensors' worth: slices of neighbouring tensors run in parallel
                 self._thresholds.pop(next(iter(self._thresholds)))
             self._thresholds[key] = torch.tensor(vals, dtype=torch.float64)
         return self._thresholds[key]
 
+    def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        for tv in self.tvs:
+            prefetch(tv.source, key, start, stop)
+
     def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         spec = self.spec(key)
         stop = spec.numel if stop is None else stop
-        deltas = torch.stack([tv.source.read_flat(key, start, stop).to(spec.dtype) for tv in self.tvs])
         weights = torch.tensor([resolve(w, key) for w in self.weights], dtype=spec.dtype)
-        gen = None
-        if self.method.seeded is not None:
+        thresholds = self.thresholds(key) if self.method.magnitude_density is not None else None
+        if self.method.seeded is not None:  # random masks are drawn per slice: merge it in one piece
             gen = torch.Generator().manual_seed(slice_seed(self.method.seeded(self.params), key, start))
-        ctx = SliceContext(
-            key=key, start=start, stop=stop, generator=gen,
-            thresholds=self.thresholds(key) if self.method.magnitude_density is not None else None,
-        )
-        return self.method.merge(deltas, weights, self.params, ctx)
+            ctx = SliceContext(key=key, start=start, stop=stop, generator=gen, thresholds=thresholds)
+            deltas = torch.stack([tv.source.read_flat(key, start, stop).to(spec.dtype) for tv in self.tvs])
+            return self.method.merge(deltas, weights, self.params, ctx)
+        # The method works entry by entry: merge in blocks whose stacked deltas stay small, in a
+        # buffer reused from block to block (no large allocation, and the data stays in cache).
+        t = len(self.tvs)
+        block = max(1 << 12, MERGE_BLOCK_BYTES // (t * spec.dtype.itemsize))
+        buf = _scratch((t, min(block, stop - start)), spec.dtype)
+        out = torch.empty(stop - start, dtype=spec.dtype)
+        for s in range(start, max(stop, start + 1), block):
+            e = min(stop, s + block)
+            deltas = buf[:, : e - s]
+            for i, tv in enumerate(self.tvs):
+                deltas[i].copy_(tv.source.read_flat(key, s, e))
+            ctx = SliceContext(key=key, start=s, stop=e, generator=None, thresholds=thresholds)
+            out[s - start : e - start] = self.method.merge(deltas, weights, self.params, ctx)
+        return out
+
+
+THRESHOLD_WORKERS = 2  # task vectors whose thresholds are computed at once (each holds one tensor)
+MERGE_BLOCK_BYTES = 8 << 20  # stacked deltas per merge block
+_local = threading.local()
+
+
+def _scratch(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread buffer of at least `shape`, reused across slices."""
+    buf = getattr(_local, "buf", None)
+    n = shape[0] * shape[1]
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = _local.buf = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def tensor_threshold(source: Source, key: str, density: float) -> tuple[float, float]:
+    """`magnitude_threshold` of tensor `key` of `source`, read slice by slice: into one buffer of
+    the whole tensor when it is small enough, else re-read on each pass of the selection."""
+    spec = source.spec(key)
+    n = spec.numel
+    if n * spec.dtype.itemsize <= WHOLE_TENSOR_BYTES:
+        whole = torch.empty(n, dtype=spec.dtype)
+        for s, e in chunks(n):
+            whole[s:e] = source.read_flat(key, s, e)
+        return magnitude_threshold(whole, density)
+    return select_threshold(lambda: (source.read_flat(key, s, e) for s, e in chunks(n, BLOCK)), n, spec.dtype, density)
+
+
+WHOLE_TENSOR_BYTES = 256 << 20
 
 
 def compose(
