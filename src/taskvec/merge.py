@@ -12,8 +12,11 @@ from taskvec.io import open_checkpoint, parse_size
 from taskvec.methods import compose
 
 
-def merge_checkpoints(cfg: MergeConfig, out: str | os.PathLike[str], *, overwrite: bool = False, progress: bool = False) -> Path:
-    """Run `cfg` and write the merged model to `out` (a shard folder, or one `.safetensors` file)."""
+def merge_checkpoints(
+    cfg: MergeConfig, out: str | os.PathLike[str], *, overwrite: bool = False, progress: bool = False, device: str = "cpu"
+) -> Path:
+    """Run `cfg` and write the merged model to `out` (a shard folder, or one `.safetensors` file).
+    `device` is where the per-slice arithmetic runs ("cpu" or "cuda")."""
     base = LastSliceCache(open_checkpoint(cfg.base))  # each base slice is read once for all task vectors
     tvs: list[TaskVector] = []
     for m in cfg.models:
@@ -23,7 +26,7 @@ def merge_checkpoints(cfg: MergeConfig, out: str | os.PathLike[str], *, overwrit
             assert m.task_vector is not None
             tv = TaskVector.load(m.task_vector).filter(cfg.include, cfg.exclude or None)
         tvs.append(tv)
-    merged = compose(tvs, cfg.method, [m.weight for m in cfg.models], **cfg.params)
+    merged = compose(tvs, cfg.method, [m.weight for m in cfg.models], device=device, **cfg.params)
     metadata = {"taskvec_method": cfg.method, "taskvec_models": str(len(tvs))}
     return apply_streaming(
         base, merged, cfg.scale, out,

@@ -53,6 +53,7 @@ def merge(
     config: Annotated[Path, typer.Argument(help="YAML merge config")],
     out: Annotated[Path, typer.Option("-o", "--out", help="output shard folder or .safetensors file")],
     force: Force = False,
+    device: Annotated[str, typer.Option(help="where the per-slice arithmetic runs: cpu or cuda")] = "cpu",
 ) -> None:
     """Merge task vectors into the base model as CONFIG says, streamed and atomic."""
     from taskvec.config import load_merge_config
@@ -60,7 +61,7 @@ def merge(
 
     try:
         cfg = load_merge_config(config)
-        path = merge_checkpoints(cfg, out, overwrite=force, progress=True)
+        path = merge_checkpoints(cfg, out, overwrite=force, progress=True, device=device)
     except TaskVecError as e:
         _fail(e)
     console.print(f"merged {len(cfg.models)} task vectors with [bold]{cfg.method}[/] into [bold]{path}[/]")

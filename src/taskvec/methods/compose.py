@@ -12,6 +12,7 @@ import torch
 from taskvec.core.coef import Coef, resolve
 from taskvec.core.taskvector import TaskVector, _compute_dtype, check_same_tensors
 from taskvec.core.stream import chunks, prefetch
+from taskvec.errors import ConfigError
 from taskvec.io import Source, TensorSpec
 from taskvec.methods.registry import MergeMethod, MethodParams, SliceContext, BLOCK, get_method, magnitude_threshold, parse_params, select_threshold
 
@@ -25,12 +26,16 @@ def slice_seed(seed: int, key: str, start: int) -> int:
 class ComposedSource:
     """The merged delta, computed slice by slice from the task vectors' slices."""
 
-    def __init__(self, tvs: Sequence[TaskVector], method: MergeMethod, params: MethodParams, weights: Sequence[Coef]):
+    def __init__(
+        self, tvs: Sequence[TaskVector], method: MergeMethod, params: MethodParams, weights: Sequence[Coef],
+        device: torch.device | None = None,
+    ):
         if not tvs:
             raise ValueError("compose needs at least one task vector")
         for tv in tvs[1:]:
             check_same_tensors(tvs[0].source, tv.source)
         self.tvs, self.method, self.params, self.weights = list(tvs), method, params, list(weights)
+        self.device = device or torch.device("cpu")  # where the per-slice arithmetic runs
         self.name = f"{method.name}({', '.join(tv.name for tv in tvs)})" if len(tvs) < 4 else f"{method.name} of {len(tvs)}"
         self._thresholds: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
@@ -52,7 +57,7 @@ class ComposedSource:
             assert self.method.magnitude_density is not None
             density = self.method.magnitude_density(self.params)
             with ThreadPoolExecutor(THRESHOLD_WORKERS, thread_name_prefix="taskvec-threshold") as pool:
-                vals = list(pool.map(lambda tv: tensor_threshold(tv.source, key, density), self.tvs))
+                vals = list(pool.map(lambda tv: tensor_threshold(tv.source, key, density, self.device), self.tvs))
             if len(self._thresholds) >= 8:  # a few tensors' worth: slices of neighbouring tensors run in parallel
                 self._thresholds.pop(next(iter(self._thresholds)))
             self._thresholds[key] = torch.tensor(vals, dtype=torch.float64)
@@ -65,13 +70,14 @@ class ComposedSource:
     def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         spec = self.spec(key)
         stop = spec.numel if stop is None else stop
-        weights = torch.tensor([resolve(w, key) for w in self.weights], dtype=spec.dtype)
-        thresholds = self.thresholds(key) if self.method.magnitude_density is not None else None
+        dev = self.device
+        weights = torch.tensor([resolve(w, key) for w in self.weights], dtype=spec.dtype).to(dev)
+        thresholds = self.thresholds(key).to(dev) if self.method.magnitude_density is not None else None
         if self.method.seeded is not None:  # random masks are drawn per slice: merge it in one piece
             gen = torch.Generator().manual_seed(slice_seed(self.method.seeded(self.params), key, start))
             ctx = SliceContext(key=key, start=start, stop=stop, generator=gen, thresholds=thresholds)
             deltas = torch.stack([tv.source.read_flat(key, start, stop).to(spec.dtype) for tv in self.tvs])
-            return self.method.merge(deltas, weights, self.params, ctx)
+            return self.method.merge(deltas, weights.cpu(), self.params, ctx)  # the masks are drawn on the CPU
         # The method works entry by entry: merge in blocks whose stacked deltas stay small, in a
         # buffer reused from block to block (no large allocation, and the data stays in cache).
         t = len(self.tvs)
@@ -84,7 +90,7 @@ class ComposedSource:
             for i, tv in enumerate(self.tvs):
                 deltas[i].copy_(tv.source.read_flat(key, s, e))
             ctx = SliceContext(key=key, start=s, stop=e, generator=None, thresholds=thresholds)
-            out[s - start : e - start] = self.method.merge(deltas, weights, self.params, ctx)
+            out[s - start : e - start] = self.method.merge(deltas.to(dev), weights, self.params, ctx).cpu()
         return out
 
 
@@ -102,17 +108,18 @@ def _scratch(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     return buf[:n].view(shape)
 
 
-def tensor_threshold(source: Source, key: str, density: float) -> tuple[float, float]:
+def tensor_threshold(source: Source, key: str, density: float, device: torch.device | None = None) -> tuple[float, float]:
     """`magnitude_threshold` of tensor `key` of `source`, read slice by slice: into one buffer of
-    the whole tensor when it is small enough, else re-read on each pass of the selection."""
+    the whole tensor (on `device`) when it is small enough, else re-read on each pass."""
     spec = source.spec(key)
     n = spec.numel
     if n * spec.dtype.itemsize <= WHOLE_TENSOR_BYTES:
-        whole = torch.empty(n, dtype=spec.dtype)
+        whole = torch.empty(n, dtype=spec.dtype, device=device)
         for s, e in chunks(n):
             whole[s:e] = source.read_flat(key, s, e)
         return magnitude_threshold(whole, density)
-    return select_threshold(lambda: (source.read_flat(key, s, e) for s, e in chunks(n, BLOCK)), n, spec.dtype, density)
+    blocks = lambda: (source.read_flat(key, s, e).to(device) for s, e in chunks(n, BLOCK))  # noqa: E731
+    return select_threshold(blocks, n, spec.dtype, density)
 
 
 WHOLE_TENSOR_BYTES = 256 << 20
@@ -122,12 +129,15 @@ def compose(
     task_vectors: Sequence[TaskVector],
     method: str = "task_arithmetic",
     weights: Coef | Sequence[Coef] | None = None,
+    *,
+    device: str | torch.device | None = None,
     **params: object,
 ) -> TaskVector:
     """Merge `task_vectors` with a registered method into one lazy task vector.
 
     `weights`: one coefficient for all, or one per task vector (a number or a {glob: number} map).
     `params`: the method's options, e.g. `density=0.2` for TIES; unknown options are errors.
+    `device`: where the per-slice arithmetic runs (e.g. "cuda"); reading and writing stay on the CPU.
     Apply the result with `merged.apply_to(base, coef=lam)`.
     """
     m = get_method(method)
@@ -140,4 +150,17 @@ def compose(
         ws = [weights] * len(task_vectors)  # type: ignore[list-item]
     if len(ws) != len(task_vectors):
         raise ValueError(f"{len(task_vectors)} task vectors but {len(ws)} weights")
-    return TaskVector(ComposedSource(task_vectors, m, p, ws))
+    return TaskVector(ComposedSource(task_vectors, m, p, ws, resolve_device(device)))
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A torch device that exists here; a clear error otherwise."""
+    try:
+        dev = torch.device(device or "cpu")
+    except RuntimeError as e:
+        raise ConfigError(f"device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: no CUDA device is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r}: expected cpu or cuda")
+    return dev

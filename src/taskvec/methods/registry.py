@@ -149,7 +149,7 @@ def select_threshold(blocks: Blocks, n: int, dtype: torch.dtype, density: float)
     for level in range(bits // 16):
         hist = torch.zeros(65536, dtype=torch.int64)
         for b in blocks():
-            hist += torch.bincount(_digits(b.reshape(-1), kdt, mask, level, prefix), minlength=65536)
+            hist += torch.bincount(_digits(b.reshape(-1), kdt, mask, level, prefix), minlength=65536).cpu()
         cum = hist.cumsum(0)
         d = int(torch.searchsorted(cum, rank, right=True))
         rank -= int(cum[d - 1]) if d else 0
@@ -159,7 +159,7 @@ def select_threshold(blocks: Blocks, n: int, dtype: torch.dtype, density: float)
     thr = torch.tensor([prefix], dtype=kdt).view(dtype)
     seen, offset, cut = 0, 0, -1
     for b in blocks():
-        eq = b.reshape(-1).abs() == thr
+        eq = b.reshape(-1).abs() == thr.to(b.device)
         c = int(eq.count_nonzero())
         if seen + c >= need:
             cut = offset + int(torch.nonzero(eq)[need - seen - 1])
@@ -198,7 +198,7 @@ def _select32(blocks: Blocks, n: int, k: int, dtype: torch.dtype) -> tuple[float
     tops: list[torch.Tensor] | None = [] if n <= CACHE_ELEMS else None
     for b in blocks():
         top = b.reshape(-1).view(torch.int16)[1::2] & 0x7FFF
-        hist += torch.bincount(top, minlength=65536)
+        hist += torch.bincount(top, minlength=65536).cpu()
         if tops is not None:
             tops.append(top)
     cum = hist.cumsum(0)
@@ -221,7 +221,7 @@ def _select32(blocks: Blocks, n: int, k: int, dtype: torch.dtype) -> tuple[float
     cands = list(candidates()) if keep else None
     hist1 = torch.zeros(65536, dtype=torch.int64)
     for _, _, low in cands if cands is not None else candidates():
-        hist1 += torch.bincount(low, minlength=65536)
+        hist1 += torch.bincount(low, minlength=65536).cpu()
     cum1 = hist1.cumsum(0)
     d1 = int(torch.searchsorted(cum1, rank, right=True))
     above += int(cum1[-1] - cum1[d1])
