@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import re
@@ -39,6 +38,8 @@ from pathlib import Path
 
 import psutil
 import torch
+
+from measure import drop_caches, sequential_read, sequential_write
 
 from taskvec.io import CheckpointWriter, TensorSpec, open_checkpoint, read
 
@@ -151,44 +152,6 @@ def generate_all(work: Path, n_models: int, params: float, shard_bytes: int, del
 
 
 # ------------------------------------------------------------------ measurement
-def drop_caches(files: list[Path]) -> str:
-    """Evict the page cache; returns how ("drop_caches" or "fadvise")."""
-    subprocess.run(["sync"], check=False)
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return "drop_caches"
-    except OSError:
-        for p in files:
-            fd = os.open(p, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
-        return "fadvise"
-
-
-def sequential_read(files: list[Path], block: int = 16 << 20) -> float:
-    """Seconds to read the files once, in order, with 16 MiB reads."""
-    mv = memoryview(bytearray(block))
-    t0 = time.perf_counter()
-    for p in files:
-        with open(p, "rb", buffering=0) as f:
-            while f.readinto(mv):
-                pass
-    return time.perf_counter() - t0
-
-
-def sequential_write(path: Path, nbytes: int, block: int = 16 << 20) -> float:
-    """Seconds to write `nbytes` to a new file with 16 MiB writes, fsync included."""
-    buf = os.urandom(block)
-    t0 = time.perf_counter()
-    with open(path, "wb", buffering=0) as f:
-        for _ in range(0, nbytes, block):
-            f.write(buf)
-        os.fsync(f.fileno())
-    dt = time.perf_counter() - t0
-    path.unlink()
-    return dt
-
-
 @dataclass
 class RunResult:
     cmd: list[str]

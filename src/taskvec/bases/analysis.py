@@ -9,12 +9,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from taskvec.core.similarity import gram_chunk as auto_chunk
-from taskvec.core.similarity import gram_matrix
+from taskvec.core.similarity import gram_chunk, gram_matrix
 from taskvec.core.taskvector import TaskVector
 from taskvec.errors import ConfigError
 
 AFFINITIES = ("clip", "shift")
+auto_chunk = gram_chunk  # slice length of the streamed passes over many task vectors
 def gram(tvs: Sequence[TaskVector], *, chunk_elems: int | None = None, progress: bool = False) -> torch.Tensor:
     """G[i, j] = <tau_i, tau_j> in float64, streamed (see `core.similarity.gram_matrix`)."""
     if not tvs:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from taskvec.core.coef import Coef, matches, resolve
-from taskvec.core.stream import CHUNK_ELEMS, LastSliceCache, chunks, prefetch, write_checkpoint
+from taskvec.core.stream import CHUNK_ELEMS, LastSliceCache, prefetch, write_checkpoint
 from taskvec.errors import DtypeError, KeyMismatchError, ShapeMismatchError
 from taskvec.io import CheckpointLike, DictSource, Source, TensorSpec, open_checkpoint
 from taskvec.io.writer import DEFAULT_SHARD_BYTES

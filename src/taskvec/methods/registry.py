@@ -81,14 +81,8 @@ def parse_params(method: MergeMethod, params: dict[str, object]) -> MethodParams
 
 
 def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_t w_t * delta_t over the first dimension, accumulated in order of t."""
-    if deltas.shape[0] == 0:
-        return deltas.sum(0)
-    w = weights.tolist()
-    out = torch.mul(deltas[0], w[0])
-    for t in range(1, deltas.shape[0]):
-        out.add_(deltas[t], alpha=w[t])
-    return out
+    """sum_t w_t * delta_t over the first dimension."""
+    return torch.einsum("t,tn->n", weights.to(deltas.dtype), deltas) if deltas.shape[0] else deltas.sum(0)
 
 
 def trim_by_threshold(deltas: torch.Tensor, thresholds: torch.Tensor, start: int = 0) -> torch.Tensor:
