@@ -291,7 +291,7 @@ def fmt_report(ctx: dict, seq: dict, results: dict, checks: dict, ties_ref: dict
         f"{seq['read_s']:.1f} s ({ctx['input_gb'] / seq['read_s']:.2f} GB/s); sequential write of one {ctx['model_gib']:.2f} GiB "
         f"output {seq['write_s']:.1f} s; read + write = **{limit:.1f} s**.",
         "",
-        "| method | tool | wall s | wall / (read + write) | wall / taskvec task arithmetic | CPU s (user+sys) | peak RSS GiB | load avg during | status |",
+        "| method | tool | wall s | wall / (read + write) | wall / taskvec task arithmetic | CPU s (user+sys) | peak RSS GiB | load avg at end | status |",
         "|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     ta = results.get(("taskvec", "task_arithmetic"))
@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                  "ram_gib": psutil.virtual_memory().total / GiB, "n_models": args.n_models, "mergekit_dtype": args.mergekit_dtype,
                  "loadavg": " / ".join(f"{x:.1f}" for x in os.getloadavg())}
     if not args.skip_mergekit:
-        ctx["mergekit_version"] = ensure_mergekit_env(args.mergekit_venv)
+        mk, tv = ensure_mergekit_env(args.mergekit_venv).split()
+        ctx["mergekit_version"] = f"{mk} (torch {tv})"
     base, fts, cfg = generate_all(work, args.n_models, args.params, int(args.shard_bytes), args.delta_std)
     if args.generate_only:
         return 0
