@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from taskvec.core.stream import LastSliceCache, byte_progress, chunks, keep_freed_memory, write_checkpoint
+from taskvec.core.stream import LastSliceCache, byte_progress, chunks, keep_freed_memory, prefetch, write_checkpoint
 from taskvec.core.taskvector import TaskVector, _compute_dtype
 from taskvec.io import CheckpointWriter, TensorSpec
 from taskvec.io.writer import DEFAULT_SHARD_BYTES
@@ -123,15 +123,18 @@ def linear_pass(
         ]
         order = writers[0].order if writers else list(specs)
         with byte_progress(total, f"{m} bases from {t} task vectors", progress) as advance:
-            for key in order:
-                for s, e in chunks(specs[key].numel, chunk_elems):
-                    x = torch.stack([tv.source.read_flat(key, s, e).to(cdt) for tv in tvs])
-                    b = w.T @ x
-                    bq = b.to(store_dtype).to(torch.float64)
-                    both = bq @ torch.cat([bq, x.to(torch.float64)]).T  # [S^T S | S^T V] in one product
-                    hgram += both[:, :m]
-                    cross += both[:, m:]
-                    for j, wr in enumerate(writers):
-                        wr.write(key, b[j])
-                    advance((e - s) * 4 * t)
+            jobs = [(key, s, e) for key in order for s, e in chunks(specs[key].numel, chunk_elems)]
+            for i, (key, s, e) in enumerate(jobs):
+                for job in jobs[i + 2 : i + 3] if i else jobs[:3]:  # start reading the next slices of every input
+                    for tv in tvs:
+                        prefetch(tv.source, *job)
+                x = torch.stack([tv.source.read_flat(key, s, e).to(cdt) for tv in tvs])
+                b = w.T @ x
+                bq = b.to(store_dtype).to(torch.float64)
+                both = bq @ torch.cat([bq, x.to(torch.float64)]).T  # [S^T S | S^T V] in one product
+                hgram += both[:, :m]
+                cross += both[:, m:]
+                for j, wr in enumerate(writers):
+                    wr.write(key, b[j])
+                advance((e - s) * 4 * t)
     return cross, hgram
