@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
 
 from taskvec.bases import Bank, build_bank  # noqa: E402
 from taskvec.bench.run import choose_lambda, negate, prepare  # noqa: E402

@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,6 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
 
 from taskvec.bench.compose import suite_composer, suite_data  # noqa: E402
 from taskvec.bench.models import forward_features  # noqa: E402

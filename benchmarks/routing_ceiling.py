@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
 
 from taskvec.bench.compose import suite_composer, suite_data, task_parts  # noqa: E402
 from taskvec.bench.models import forward_features  # noqa: E402

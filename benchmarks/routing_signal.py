@@ -16,14 +16,12 @@ Writes benchmarks/results/routing_signal.md.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
 
 from taskvec.bench.compose import suite_data  # noqa: E402
 from taskvec.bench.run import prepare  # noqa: E402

@@ -15,12 +15,19 @@ from taskvec.methods import compose
 
 
 def merge_checkpoints(
-    cfg: MergeConfig, out: str | os.PathLike[str], *, overwrite: bool = False, progress: bool = False, allow_nonfinite: bool = False
+    cfg: MergeConfig,
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    allow_nonfinite: bool = False,
+    device: str = "cpu",
 ) -> Path:
     """Run `cfg` and write the merged model to `out` (a shard folder, or one `.safetensors` file).
 
     Every include/exclude glob must match some tensor of the base; NaN or infinite values in the
-    inputs are refused unless `allow_nonfinite`."""
+    inputs are refused unless `allow_nonfinite`. `device` is where the per-slice arithmetic runs
+    ("cpu" or "cuda")."""
     base = LastSliceCache(open_checkpoint(cfg.base))  # each base slice is read once for all task vectors
     check_patterns(base.keys(), cfg.include, cfg.exclude, base.name)
     tvs: list[TaskVector] = []
@@ -37,7 +44,7 @@ def merge_checkpoints(
             assert m.task_vector is not None
             tv = TaskVector.load(m.task_vector, allow_nonfinite=allow_nonfinite).filter(cfg.include, cfg.exclude or None)
         tvs.append(tv)
-    merged = compose(tvs, cfg.method, [m.weight for m in cfg.models], **cfg.params)
+    merged = compose(tvs, cfg.method, [m.weight for m in cfg.models], device=device, **cfg.params)
     dtype = DTYPES[cfg.dtype] if cfg.dtype else None
     metadata = {"taskvec_method": cfg.method, "taskvec_models": str(len(tvs))}
     return apply_streaming(

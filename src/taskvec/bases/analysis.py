@@ -9,56 +9,17 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from taskvec.core.similarity import gram_matrix
-from taskvec.core.stream import CHUNK_ELEMS, byte_progress
-from taskvec.core.taskvector import TaskVector, check_same_tensors
+from taskvec.core.similarity import gram_chunk, gram_matrix
+from taskvec.core.taskvector import TaskVector
 from taskvec.errors import ConfigError
-from taskvec.io import Source, TensorSpec
 
 AFFINITIES = ("clip", "shift")
-SLICE_BUDGET = 64 << 20  # bytes of float64 per stacked slice of all vectors (a few are in flight)
-
-
-def auto_chunk(n_vectors: int, budget: int = SLICE_BUDGET) -> int:
-    """Slice length such that `n_vectors` float64 slices take about `budget` bytes."""
-    return int(max(1 << 14, min(CHUNK_ELEMS, budget // (8 * max(n_vectors, 1)))))
-
-
-class _OneTensor:
-    """A view of one tensor of a source, so the core Gram can be accumulated tensor by tensor."""
-
-    def __init__(self, source: Source, key: str):
-        self.source, self.key, self.name = source, key, source.name
-
-    def keys(self) -> list[str]:
-        return [self.key]
-
-    def spec(self, key: str) -> TensorSpec:
-        return self.source.spec(key)
-
-    def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return self.source.read_flat(key, start, stop)
-
-
+auto_chunk = gram_chunk  # slice length of the streamed passes over many task vectors
 def gram(tvs: Sequence[TaskVector], *, chunk_elems: int | None = None, progress: bool = False) -> torch.Tensor:
-    """G[i, j] = <tau_i, tau_j> in float64, streamed: one slice of each task vector in memory.
-
-    Accumulated tensor by tensor with `core.similarity.gram_matrix` (so a progress bar can follow);
-    the slice length defaults to ~64 MiB of float64 for all T slices together.
-    """
+    """G[i, j] = <tau_i, tau_j> in float64, streamed (see `core.similarity.gram_matrix`)."""
     if not tvs:
         raise ConfigError("task_vectors: need at least one task vector")
-    for tv in tvs[1:]:
-        check_same_tensors(tvs[0].source, tv.source)
-    chunk = chunk_elems or auto_chunk(len(tvs))
-    g = torch.zeros(len(tvs), len(tvs), dtype=torch.float64)
-    keys = tvs[0].keys()
-    total = sum(tvs[0].spec(k).numel for k in keys) * len(tvs) * 4
-    with byte_progress(total, f"Gram matrix of {len(tvs)} task vectors", progress) as advance:
-        for key in keys:
-            g += gram_matrix([TaskVector(_OneTensor(tv.source, key)) for tv in tvs], chunk)
-            advance(tvs[0].spec(key).numel * len(tvs) * 4)
-    return g
+    return gram_matrix(tvs, chunk_elems, progress=progress)
 
 
 def cosine_from_gram(g: torch.Tensor, names: Sequence[str] | None = None) -> torch.Tensor:

@@ -5,51 +5,25 @@ the bases *as stored*, i.e. after rounding to the bank's dtype)."""
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
-from taskvec.core.stream import byte_progress, chunks, write_checkpoint
+from taskvec.core.stream import LastSliceCache, byte_progress, chunks, keep_freed_memory, prefetch, write_checkpoint
 from taskvec.core.taskvector import TaskVector, _compute_dtype
-from taskvec.io import CheckpointWriter, Source, TensorSpec
+from taskvec.io import CheckpointWriter, TensorSpec
 from taskvec.io.writer import DEFAULT_SHARD_BYTES
 from taskvec.methods import compose
 
 BASIS_FORMAT = "taskvec/bases-basis"
 
 
-class SliceTap:
-    """Remembers the last *bounded* slice each thread read from a source, so a slice read by a
-    merge method and again for the statistics comes from disk once (the core writer computes
-    slices in worker threads, hence one cache per thread). Whole-tensor reads (TIES thresholds)
-    are not kept, so at most one slice per source and thread stays in memory."""
-
-    def __init__(self, source: Source):
-        self.source, self.name = source, source.name
-        self._local = threading.local()
-
-    def keys(self) -> list[str]:
-        return self.source.keys()
-
-    def spec(self, key: str) -> TensorSpec:
-        return self.source.spec(key)
-
-    def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        if stop is None:
-            return self.source.read_flat(key, start, stop)
-        tag = (key, start, stop)
-        last = getattr(self._local, "last", None)
-        if last is None or last[0] != tag:
-            last = (tag, self.source.read_flat(key, start, stop))
-            self._local.last = last
-        return last[1]
-
-
 def tapped(tv: TaskVector) -> TaskVector:
-    return TaskVector(SliceTap(tv.source), name=tv.name)
+    """`tv` reading through a per-thread memory of its last slice, so a slice read by a merge
+    method and again for the statistics comes from disk once."""
+    return TaskVector(LastSliceCache(tv.source), name=tv.name)
 
 
 def merged_basis(members: Sequence[TaskVector], merge: str, params: dict[str, object]) -> TaskVector:
@@ -87,9 +61,12 @@ def cluster_pass(
         # fixed order below. They are kept as Python floats, not small tensors: many small tensors
         # left between the big slice buffers fragment the heap and inflate resident memory.
         b = basis.source.read_flat(key, s, e)
-        bq = b.to(store_dtype).to(torch.float64)
-        x = torch.stack([m.source.read_flat(key, s, e).to(torch.float64) for m in members])
-        parts[(key, s)] = (float(torch.dot(bq, bq)), (x @ bq).tolist(), (x @ x.T).tolist())
+        y = torch.empty(n + 1, e - s, dtype=torch.float64)  # the stored basis, then the members
+        y[0] = b.to(store_dtype)
+        for j, m in enumerate(members):
+            y[j + 1] = m.source.read_flat(key, s, e)
+        stats = (y @ y.T).tolist()
+        parts[(key, s)] = (stats[0][0], stats[0][1:], [row[1:] for row in stats[1:]])
         return b
 
     specs = basis_specs(basis, store_dtype)
@@ -138,20 +115,25 @@ def linear_pass(
     hgram = torch.zeros(m, m, dtype=torch.float64)
     total = sum(sp.numel for sp in specs.values()) * 4 * t
     with ExitStack() as stack:
+        stack.enter_context(keep_freed_memory())
         writers = [
             stack.enter_context(CheckpointWriter(Path(o), specs, max_shard_bytes=shard_size, metadata={"taskvec": BASIS_FORMAT}))
             for o in (outs or [])
         ]
         order = writers[0].order if writers else list(specs)
         with byte_progress(total, f"{m} bases from {t} task vectors", progress) as advance:
-            for key in order:
-                for s, e in chunks(specs[key].numel, chunk_elems):
-                    x = torch.stack([tv.source.read_flat(key, s, e).to(cdt) for tv in tvs])
-                    b = w.T @ x
-                    bq = b.to(store_dtype).to(torch.float64)
-                    cross += bq @ x.to(torch.float64).T
-                    hgram += bq @ bq.T
-                    for j, wr in enumerate(writers):
-                        wr.write(key, b[j])
-                    advance((e - s) * 4 * t)
+            jobs = [(key, s, e) for key in order for s, e in chunks(specs[key].numel, chunk_elems)]
+            for i, (key, s, e) in enumerate(jobs):
+                for job in jobs[i + 2 : i + 3] if i else jobs[:3]:  # start reading the next slices of every input
+                    for tv in tvs:
+                        prefetch(tv.source, *job)
+                x = torch.stack([tv.source.read_flat(key, s, e).to(cdt) for tv in tvs])
+                b = w.T @ x
+                bq = b.to(store_dtype).to(torch.float64)
+                both = bq @ torch.cat([bq, x.to(torch.float64)]).T  # [S^T S | S^T V] in one product
+                hgram += both[:, :m]
+                cross += both[:, m:]
+                for j, wr in enumerate(writers):
+                    wr.write(key, b[j])
+                advance((e - s) * 4 * t)
     return cross, hgram

@@ -59,14 +59,15 @@ def merge(
     out: Annotated[Path, typer.Option("-o", "--out", help="output shard folder or .safetensors file")],
     allow_nonfinite: AllowNonfinite = False,
     force: Force = False,
+    device: Annotated[str, typer.Option(help="where the per-slice arithmetic runs: cpu or cuda")] = "cpu",
 ) -> None:
     """Merge task vectors into the base model as CONFIG says, streamed and atomic."""
     from taskvec.config import load_merge_config
     from taskvec.merge import merge_checkpoints
 
     cfg = load_merge_config(config)
-    check_output(out, overwrite=force, inputs=[config, cfg.base, *(m.finetuned or m.task_vector for m in cfg.models)])
-    path = merge_checkpoints(cfg, out, overwrite=force, progress=True, allow_nonfinite=allow_nonfinite)
+    check_output(out, overwrite=force, inputs=[config, cfg.base, *(m.finetuned or m.task_vector or m.lora for m in cfg.models)])
+    path = merge_checkpoints(cfg, out, overwrite=force, progress=True, allow_nonfinite=allow_nonfinite, device=device)
     console.print(f"merged {len(cfg.models)} task vectors with [bold]{cfg.method}[/] into [bold]{path}[/]")
 
 

@@ -3,7 +3,9 @@ as it is produced, so peak memory is a few slices whatever the size of the model
 
 from __future__ import annotations
 
+import ctypes
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,6 +20,7 @@ from taskvec.io.writer import DEFAULT_SHARD_BYTES
 
 CHUNK_ELEMS = 1 << 21  # 2M elements: 8 MiB of float32 per slice
 PIPELINE_WORKERS = 2  # slices computed ahead of the writer, in parallel
+PREFETCH_AHEAD = 6  # slices whose reads are started ahead of the one being computed
 
 
 def chunks(numel: int, size: int = CHUNK_ELEMS) -> Iterator[tuple[int, int]]:
@@ -30,13 +33,15 @@ def chunks(numel: int, size: int = CHUNK_ELEMS) -> Iterator[tuple[int, int]]:
 
 
 class LastSliceCache:
-    """Remembers the last slice read from a source: many task vectors share one base, and each
-    slice of the base is then read from disk once instead of once per task vector."""
+    """Remembers the last slice each thread read from a source: many task vectors share one base,
+    and each slice of the base is then read from disk once instead of once per task vector.
+    Slices are computed in worker threads, hence one memory per thread; whole-tensor reads are
+    not kept, so at most one slice per thread stays in memory."""
 
     def __init__(self, source: Source):
         self.source = source
         self.name = source.name
-        self._last: tuple[tuple[str, int, int | None], torch.Tensor] | None = None
+        self._local = threading.local()
 
     def keys(self) -> list[str]:
         return self.source.keys()
@@ -44,14 +49,32 @@ class LastSliceCache:
     def spec(self, key: str) -> TensorSpec:
         return self.source.spec(key)
 
+    def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        prefetch(self.source, key, start, stop)
+
     def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        if stop is None:
+            return self.source.read_flat(key, start, stop)
         tag = (key, start, stop)
-        last = self._last  # one read of the attribute: safe when slices are computed in threads
-        if last is not None and last[0] == tag:
-            return last[1]
-        value = self.source.read_flat(key, start, stop)
-        self._last = (tag, value)
-        return value
+        last = getattr(self._local, "last", None)
+        if last is None or last[0] != tag:
+            last = (tag, self.source.read_flat(key, start, stop))
+            self._local.last = last
+        return last[1]
+
+
+def prefetch(source: object, key: str, start: int = 0, stop: int | None = None) -> None:
+    """Ask the operating system to start reading a slice, and everything it is computed from, so
+    that the read overlaps with other work. A source opts in with a `prefetch` method; wrappers
+    without one are looked through (`source`, `pretrained`/`finetuned`, linear terms)."""
+    fn = getattr(source, "prefetch", None)
+    if callable(fn):
+        fn(key, start, stop)
+        return
+    inner: list[object] = [getattr(source, a) for a in ("source", "pretrained", "finetuned") if hasattr(source, a)]
+    inner += [src for _, src in getattr(source, "terms", [])]
+    for src in inner:
+        prefetch(src, key, start, stop)
 
 
 @contextmanager
@@ -64,6 +87,54 @@ def byte_progress(total: int, description: str, enabled: bool) -> Iterator[Calla
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_keep_depth = 0
+_keep_lock = threading.Lock()
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+@contextmanager
+def keep_freed_memory() -> Iterator[None]:
+    """Inside, the C allocator (glibc) keeps the memory of freed slices for the next ones instead
+    of returning it to the system after each: otherwise every new slice faults its pages in
+    again, which costs more CPU than the arithmetic of a streamed merge. The memory is given back
+    on exit. Elsewhere than glibc this does nothing."""
+    global _keep_depth
+    libc = _libc()
+    with _keep_lock:
+        _keep_depth += 1
+        if libc is not None and _keep_depth == 1:
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # slices below 32 MiB come from the heap...
+            libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)  # ...which is not shrunk each time one is freed
+    try:
+        yield
+    finally:
+        with _keep_lock:
+            _keep_depth -= 1
+            if libc is not None and _keep_depth == 0:
+                libc.mallopt(_M_TRIM_THRESHOLD, 128 << 10)
+                libc.malloc_trim(0)
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch kernels single-threaded inside: the caller parallelises over slices instead
+    (kernels of several threads at once would each start a team of OpenMP threads that spin)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 SliceFn = Callable[[str, int, int], torch.Tensor]
@@ -82,6 +153,7 @@ def write_checkpoint(
     description: str = "writing",
     workers: int = PIPELINE_WORKERS,
     extra_files: Callable[[Path], None] | None = None,
+    prefetch_fn: SliceFn | None = None,
 ) -> Path:
     """Write every tensor of `specs`, asking `slice_fn(key, start, stop)` for each flat slice.
 
@@ -89,24 +161,36 @@ def write_checkpoint(
     kernels release the GIL), so disk reads overlap with compute and with each other; they are
     written strictly in order. Memory holds at most `2 * workers` slices in flight.
     `extra_files(tmp)` adds non-weight files to a folder output before it is renamed into place.
+    `prefetch_fn(key, start, stop)`, if given, is called for the slice `PREFETCH_AHEAD` jobs
+    ahead of the one being computed, to start its reads early.
     """
     out = Path(out)
     total = sum(s.nbytes for s in specs.values())
-    with CheckpointWriter(
+    with keep_freed_memory(), CheckpointWriter(
         out, specs, max_shard_bytes=max_shard_bytes, metadata=metadata, overwrite=overwrite, extra_files=extra_files
     ) as w:
         jobs = [(key, s, e) for key in w.order for s, e in chunks(specs[key].numel, chunk_elems)]
+
+        def start(i: int) -> None:  # job i is about to be computed: start reading a later one
+            if prefetch_fn is not None:
+                if i == 0:
+                    for job in jobs[:PREFETCH_AHEAD]:
+                        prefetch_fn(*job)
+                if i + PREFETCH_AHEAD < len(jobs):
+                    prefetch_fn(*jobs[i + PREFETCH_AHEAD])
+
         with byte_progress(total, description, progress) as advance:
             if workers <= 1:
-                for key, s, e in jobs:
+                for i, (key, s, e) in enumerate(jobs):
+                    start(i)
                     w.write(key, slice_fn(key, s, e))
                     advance((e - s) * specs[key].dtype.itemsize)
             else:
-                with ThreadPoolExecutor(workers, thread_name_prefix="taskvec-slice") as pool:
+                with one_torch_thread(), ThreadPoolExecutor(workers, thread_name_prefix="taskvec-slice") as pool:
                     pending: deque[tuple[str, int, int, Future[torch.Tensor]]] = deque()
-                    it = iter(jobs)
                     try:
-                        for key, s, e in it:
+                        for i, (key, s, e) in enumerate(jobs):
+                            start(i)
                             pending.append((key, s, e, pool.submit(slice_fn, key, s, e)))
                             if len(pending) >= 2 * workers:
                                 k0, s0, e0, fut = pending.popleft()

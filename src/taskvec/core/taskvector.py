@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from taskvec.core.coef import Coef, check_coef_map, check_patterns, matches, resolve
-from taskvec.core.stream import CHUNK_ELEMS, LastSliceCache, chunks, write_checkpoint
+from taskvec.core.stream import CHUNK_ELEMS, LastSliceCache, prefetch, write_checkpoint
 from taskvec.errors import ConfigError, DtypeError, KeyMismatchError, NonFiniteError, ShapeMismatchError
 from taskvec.io import CheckpointLike, DictSource, Source, TensorSpec, open_checkpoint
 from taskvec.io.hf import hf_output_files
@@ -344,20 +344,14 @@ class TaskVector:
 
     # ----- reductions (streamed)
     def dot(self, other: TaskVector) -> float:
-        check_same_tensors(self.source, other.source)
-        total = 0.0
-        for k in self.keys():
-            for s, e in chunks(self.spec(k).numel):
-                total += float(torch.dot(self.source.read_flat(k, s, e).double(), other.source.read_flat(k, s, e).double()))
-        return total
+        from taskvec.core.similarity import gram_matrix  # similarity builds on this module
+
+        return float(gram_matrix([self, other])[0, 1])
 
     def norm(self) -> float:
-        total = 0.0
-        for k in self.keys():
-            for s, e in chunks(self.spec(k).numel):
-                x = self.source.read_flat(k, s, e).double()
-                total += float(torch.dot(x, x))
-        return total**0.5
+        from taskvec.core.similarity import gram_matrix
+
+        return float(gram_matrix([self])[0, 0]) ** 0.5
 
     def cosine(self, other: TaskVector) -> float:
         """Cosine similarity; NaN when either task vector is zero (its direction is undefined)."""
@@ -498,7 +492,13 @@ def apply_streaming(
         c = resolve(coef, k)
         return cast_checked(add_scaled(b, tv.source.read_flat(k, s, e), c), specs[k].dtype, k)
 
+    def prefetch_fn(k: str, s: int, e: int) -> None:
+        prefetch(base, k, s, e)
+        if k in delta_keys:
+            prefetch(tv.source, k, s, e)
+
     return write_checkpoint(
         out, specs, slice_fn, max_shard_bytes=shard_size, overwrite=overwrite, progress=progress,
         chunk_elems=chunk_elems, metadata=metadata, description="writing model", extra_files=extra_files,
+        prefetch_fn=prefetch_fn,
     )

@@ -177,6 +177,7 @@ class SafetensorsFile:
         self._entries, self.metadata, self._data_start = read_header(self.path)
         self._fd: int | None = None
         self._lock = threading.Lock()
+        self._prefetched: tuple[str, int, int | None] | None = None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -208,6 +209,18 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path}: truncated while reading tensor {key!r}")
             got += n
         return buf.view(spec.dtype)
+
+    def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        """Ask the operating system to start reading elements [start, stop) into its page cache,
+        without waiting: a later `read_flat` of them then finds them in memory."""
+        e = self._entries.get(key)
+        if e is None or not hasattr(os, "posix_fadvise") or self._prefetched == (key, start, stop):
+            return
+        self._prefetched = (key, start, stop)  # a base shared by many task vectors is asked many times
+        item = dtype_size(ST_DTYPES[e["dtype"]])
+        stop = TensorSpec(tuple(e["shape"]), ST_DTYPES[e["dtype"]]).numel if stop is None else stop
+        begin = self._data_start + e["data_offsets"][0] + start * item
+        os.posix_fadvise(self._fileno(), begin, (stop - start) * item, os.POSIX_FADV_WILLNEED)
 
     def read(self, key: str) -> torch.Tensor:
         return self.read_flat(key).reshape(self.spec(key).shape)

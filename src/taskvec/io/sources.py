@@ -70,6 +70,9 @@ class SafetensorsSource:
         self.spec(key)
         return self.file.read_flat(key, start, stop)
 
+    def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        self.file.prefetch(key, start, stop)
+
 
 def _weight_map(index: Path) -> dict[str, str]:
     """The index's tensor -> shard file map, checked: names are plain file names in the folder."""
@@ -142,6 +145,10 @@ class ShardedSource:
 
     def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         return self._file(key).read_flat(key, start, stop)
+
+    def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        if key in self._where:
+            self._where[key].prefetch(key, start, stop)
 
 
 class DictSource:

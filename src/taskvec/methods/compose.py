@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from taskvec.core.coef import Coef, check_coef_map, resolve
 from taskvec.core.taskvector import TaskVector, _compute_dtype, check_same_tensors
-from taskvec.io import TensorSpec
-from taskvec.methods.registry import MergeMethod, MethodParams, SliceContext, get_method, magnitude_threshold, parse_params
+from taskvec.core.stream import chunks, prefetch
+from taskvec.errors import ConfigError
+from taskvec.io import Source, TensorSpec
+from taskvec.methods.registry import MergeMethod, MethodParams, SliceContext, BLOCK, get_method, magnitude_threshold, parse_params, select_threshold
 
 
 def _nan_as_zero(x: torch.Tensor) -> torch.Tensor:
@@ -22,14 +25,18 @@ def _nan_as_zero(x: torch.Tensor) -> torch.Tensor:
 class ComposedSource:
     """The merged delta, computed slice by slice from the task vectors' slices."""
 
-    def __init__(self, tvs: Sequence[TaskVector], method: MergeMethod, params: MethodParams, weights: Sequence[Coef]):
+    def __init__(
+        self, tvs: Sequence[TaskVector], method: MergeMethod, params: MethodParams, weights: Sequence[Coef],
+        device: torch.device | None = None,
+    ):
         if not tvs:
             raise ValueError("compose needs at least one task vector")
         for tv in tvs[1:]:
             check_same_tensors(tvs[0].source, tv.source)
         self.tvs, self.method, self.params, self.weights = list(tvs), method, params, list(weights)
-        for w, tv in zip(self.weights, self.tvs):
+        for w, tv in zip(self.weights, self.tvs, strict=True):
             check_coef_map(w, tvs[0].keys(), f"weight map of {tv.name}")
+        self.device = device or torch.device("cpu")  # where the per-slice arithmetic runs
         self.name = f"{method.name}({', '.join(tv.name for tv in tvs)})" if len(tvs) < 4 else f"{method.name} of {len(tvs)}"
         self._thresholds: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
@@ -42,7 +49,7 @@ class ComposedSource:
         return TensorSpec(specs[0].shape, _compute_dtype(*(s.dtype for s in specs)))
 
     def thresholds(self, key: str) -> torch.Tensor:
-        """Per-task (threshold, cut) of the whole tensor (see `magnitude_threshold`); one task's tensor in memory at a time."""
+        """Per-task (threshold, cut) of the whole tensor (see `magnitude_threshold`)."""
         with self._lock:  # one computation per tensor even when its slices are merged in parallel
             return self._thresholds_locked(key)
 
@@ -50,34 +57,83 @@ class ComposedSource:
         if key not in self._thresholds:
             assert self.method.magnitude_density is not None
             density = self.method.magnitude_density(self.params)
-            vals = [magnitude_threshold(_nan_as_zero(tv.source.read_flat(key)), density) for tv in self.tvs]
+            with ThreadPoolExecutor(THRESHOLD_WORKERS, thread_name_prefix="taskvec-threshold") as pool:
+                vals = list(pool.map(lambda tv: tensor_threshold(tv.source, key, density, self.device), self.tvs))
             if len(self._thresholds) >= 8:  # a few tensors' worth: slices of neighbouring tensors run in parallel
                 self._thresholds.pop(next(iter(self._thresholds)))
             self._thresholds[key] = torch.tensor(vals, dtype=torch.float64)
         return self._thresholds[key]
 
+    def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        for tv in self.tvs:
+            prefetch(tv.source, key, start, stop)
+
     def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         spec = self.spec(key)
         stop = spec.numel if stop is None else stop
-        deltas = torch.stack([tv.source.read_flat(key, start, stop).to(spec.dtype) for tv in self.tvs])
-        weights = torch.tensor([resolve(w, key) for w in self.weights], dtype=spec.dtype)
-        ctx = SliceContext(
-            key=key, start=start, stop=stop, numel=spec.numel,
-            thresholds=self.thresholds(key) if self.method.magnitude_density is not None else None,
-        )
-        return self.method.merge(deltas, weights, self.params, ctx)
+        dev = self.device
+        weights = torch.tensor([resolve(w, key) for w in self.weights], dtype=spec.dtype).to(dev)
+        thresholds = self.thresholds(key).to(dev) if self.method.magnitude_density is not None else None
+        # The method works entry by entry: merge in blocks whose stacked deltas stay small, in a
+        # buffer reused from block to block (no large allocation, and the data stays in cache).
+        t = len(self.tvs)
+        block = max(1 << 12, MERGE_BLOCK_BYTES // (t * spec.dtype.itemsize))
+        buf = _scratch((t, min(block, stop - start)), spec.dtype)
+        out = torch.empty(stop - start, dtype=spec.dtype)
+        for s in range(start, max(stop, start + 1), block):
+            e = min(stop, s + block)
+            deltas = buf[:, : e - s]
+            for i, tv in enumerate(self.tvs):
+                deltas[i].copy_(tv.source.read_flat(key, s, e))
+            ctx = SliceContext(key=key, start=s, stop=e, numel=spec.numel, thresholds=thresholds)
+            out[s - start : e - start] = self.method.merge(deltas.to(dev), weights, self.params, ctx).cpu()
+        return out
+
+
+THRESHOLD_WORKERS = 2  # task vectors whose thresholds are computed at once (each holds one tensor)
+MERGE_BLOCK_BYTES = 8 << 20  # stacked deltas per merge block
+_local = threading.local()
+
+
+def _scratch(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread buffer of at least `shape`, reused across slices."""
+    buf = getattr(_local, "buf", None)
+    n = shape[0] * shape[1]
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = _local.buf = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def tensor_threshold(source: Source, key: str, density: float, device: torch.device | None = None) -> tuple[float, float]:
+    """`magnitude_threshold` of tensor `key` of `source`, read slice by slice: into one buffer of
+    the whole tensor (on `device`) when it is small enough, else re-read on each pass."""
+    spec = source.spec(key)
+    n = spec.numel
+    if n * spec.dtype.itemsize <= WHOLE_TENSOR_BYTES:
+        whole = torch.empty(n, dtype=spec.dtype, device=device)
+        for s, e in chunks(n):
+            whole[s:e] = source.read_flat(key, s, e)
+        return magnitude_threshold(_nan_as_zero(whole), density)
+    blocks = lambda: (_nan_as_zero(source.read_flat(key, s, e).to(device)) for s, e in chunks(n, BLOCK))  # noqa: E731
+    return select_threshold(blocks, n, spec.dtype, density)
+
+
+WHOLE_TENSOR_BYTES = 256 << 20
 
 
 def compose(
     task_vectors: Sequence[TaskVector],
     method: str = "task_arithmetic",
     weights: Coef | Sequence[Coef] | None = None,
+    *,
+    device: str | torch.device | None = None,
     **params: object,
 ) -> TaskVector:
     """Merge `task_vectors` with a registered method into one lazy task vector.
 
     `weights`: one coefficient for all, or one per task vector (a number or a {glob: number} map).
     `params`: the method's options, e.g. `density=0.2` for TIES; unknown options are errors.
+    `device`: where the per-slice arithmetic runs (e.g. "cuda"); reading and writing stay on the CPU.
     Apply the result with `merged.apply_to(base, coef=lam)`.
     """
     m = get_method(method)
@@ -90,4 +146,17 @@ def compose(
         ws = [weights] * len(task_vectors)  # type: ignore[list-item]
     if len(ws) != len(task_vectors):
         raise ValueError(f"{len(task_vectors)} task vectors but {len(ws)} weights")
-    return TaskVector(ComposedSource(task_vectors, m, p, ws))
+    return TaskVector(ComposedSource(task_vectors, m, p, ws, resolve_device(device)))
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A torch device that exists here; a clear error otherwise."""
+    try:
+        dev = torch.device(device or "cpu")
+    except RuntimeError as e:
+        raise ConfigError(f"device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: no CUDA device is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r}: expected cpu or cuda")
+    return dev

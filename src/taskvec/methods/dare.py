@@ -63,7 +63,7 @@ def drop_and_rescale(deltas: torch.Tensor, density: float, seed: int, ctx: Slice
         return deltas
     out = []
     for t, d in enumerate(deltas):
-        mask = slice_mask(seed, ctx.key, t, ctx.start, ctx.stop, ctx.numel, density).to(d.dtype)
+        mask = slice_mask(seed, ctx.key, t, ctx.start, ctx.stop, ctx.numel, density).to(device=d.device, dtype=d.dtype)
         out.append(d * mask / density)
     return torch.stack(out)
 

@@ -17,14 +17,18 @@ class TiesParams(MethodParams):
 
 
 def elect_and_merge(trimmed: torch.Tensor, weights: torch.Tensor, majority: str) -> torch.Tensor:
-    """Sign election on the trimmed (unweighted) deltas, then the weighted disjoint mean."""
+    """Sign election on the trimmed (unweighted) deltas, then the weighted disjoint mean.
+
+    Written with float arithmetic only (masks as 0/1 factors), which is several times faster
+    than boolean masks on CPU and gives the same values."""
     sign = trimmed.sign()
     mass = trimmed.sum(0) if majority == "total" else sign.sum(0)
-    elected = torch.where(mass >= 0, 1.0, -1.0).to(trimmed.dtype)
-    agree = sign == elected
-    weighted = trimmed * weights.to(trimmed.dtype)[:, None]
+    elected = (mass >= 0).to(trimmed.dtype).mul_(2).sub_(1)  # +1 where mass >= 0, else -1
+    agree = sign.mul_(elected).clamp_(min=0)  # 1 where the entry has the elected sign, else 0
+    w = weights.to(trimmed.dtype)
+    weighted = trimmed if bool((w == 1).all()) else trimmed * w[:, None]
     total = (weighted * agree).sum(0)
-    return total / agree.sum(0).clamp(min=1).to(trimmed.dtype)
+    return total.div_(agree.sum(0).clamp_(min=1))
 
 
 def merge(deltas: torch.Tensor, weights: torch.Tensor, params: MethodParams, ctx: SliceContext) -> torch.Tensor:
