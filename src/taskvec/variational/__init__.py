@@ -6,7 +6,7 @@ share the same composed forward, loop and I/O. See docs/variational.md.
 """
 
 from taskvec.variational.blocks import BlockRule, BlockSpec, make_blocks
-from taskvec.variational.checkpoint import load_composer, save_composer
+from taskvec.variational.checkpoint import load_composer, read_composer_info, save_composer
 from taskvec.variational.config import (
     PRESETS,
     ComposerConfig,
@@ -57,6 +57,7 @@ __all__ = [
     "load_composer",
     "make_blocks",
     "preset",
+    "read_composer_info",
     "save_composer",
     "train_composer",
 ]
