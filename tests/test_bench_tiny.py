@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from taskvec.bench.run import prepare, run_suite
-from taskvec.bench.suites import get_suite
+from taskvec.bench.suite import load_suite
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
 
 def test_coefficient_zero_and_one_give_back_pretrained_and_finetuned_exactly(tiny) -> None:  # type: ignore[no-untyped-def]
     cache, _, results = tiny
-    prep = prepare(get_suite("tiny"), cache, progress=False)  # from the cache written by the run
+    prep = prepare("tiny", cache, progress=False)  # from the cache written by the run
     assert prep.finetune_seconds == {}  # nothing was trained again
     for task in prep.tasks:
         tv = prep.task_vector(task)
@@ -36,7 +36,7 @@ def test_coefficient_zero_and_one_give_back_pretrained_and_finetuned_exactly(tin
 
 def test_batchnorm_statistics_stay_frozen(tiny) -> None:  # type: ignore[no-untyped-def]
     cache, _, _ = tiny
-    prep = prepare(get_suite("tiny"), cache, progress=False)
+    prep = prepare("tiny", cache, progress=False)
     stats = [k for k in prep.pretrained if k.endswith(("running_mean", "running_var"))]
     assert stats
     for task in prep.tasks:
@@ -74,14 +74,16 @@ def test_reports_are_written_and_consistent(tiny) -> None:  # type: ignore[no-un
 
 def test_rerun_after_interrupted_finetuning_resumes(tmp_path: Path) -> None:
     """A state file left by an interrupted run is picked up, and the result is the cached checkpoint."""
+    from taskvec.bench.backbones import load_backbone
     from taskvec.bench.finetune import finetune
-    from taskvec.bench.models import features, fit_head, load_backbone
-    from taskvec.bench.suites import FinetuneSpec, load_task
+    from taskvec.bench.models import features, fit_head
+    from taskvec.bench.suite import FinetuneSpec, load_task
 
-    suite = get_suite("tiny")
-    backbone, _ = load_backbone(suite)
+    suite = load_suite("tiny")
+    loaded = load_backbone(suite.backbone, suite.root)
+    backbone = loaded.module
     pre = {k: v.clone() for k, v in backbone.state_dict().items()}
-    data = load_task(suite, suite.tasks[2])
+    data = load_task(suite, suite.tasks[2], loaded)
     head = fit_head(features(backbone, data.train), data.train.y, 10)
     spec = FinetuneSpec(epochs=1, batch_size=64, lr=1e-4)
     torch.manual_seed(0)

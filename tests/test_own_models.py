@@ -255,3 +255,57 @@ def test_bad_inputs_give_one_line_errors_before_loading(walked: Path, tmp_path: 
         r = runner.invoke(app, args, catch_exceptions=False)
         assert r.exit_code == 2, (args, r.output)
         assert needle in " ".join(r.output.split()), (args, r.output)
+
+
+def test_extend_search_walks_past_the_grid_edges() -> None:
+    from taskvec.tune import extend_search
+
+    calls: list[float] = []
+
+    def peak(at: float):  # type: ignore[no-untyped-def]
+        def score(v: float) -> float:
+            calls.append(v)
+            return -abs(v - at)
+        return score
+
+    best, scores = extend_search(peak(3.0), [0.5, 1.0, 1.5])
+    assert best == 3.375 and sorted(scores) == [0.5, 1.0, 1.5, 2.25, 3.375, 5.0625]  # stops once the best is inside
+    best, scores = extend_search(peak(0.03), [0.1, 0.2])
+    assert best == 0.025 and min(scores) == 0.0125
+    best, scores = extend_search(peak(0.7), [0.5, 1.0, 1.5])
+    assert best == 0.5 and min(scores) == 0.25  # 0.5 was the lower edge: one step down confirms it
+    best, _ = extend_search(peak(1e6), [1.0], hi=10.0)
+    assert best == 10.0
+
+
+def test_merge_tune_on_chooses_the_scale_on_validation_data(walked: Path) -> None:
+    from taskvec.bench.suite import load_suite, raw_splits
+    from taskvec.config import load_merge_config
+    from taskvec.tune import tune_merge
+
+    root = walked
+    (root / "merge.yaml").write_text("method: task_arithmetic\nbase: bert-base\n"
+                                     "models: [{finetuned: ft-sentiment}, {finetuned: ft-topic}]\n")
+    out = _invoke("merge", root / "merge.yaml", "-o", root / "merged", "--tune-on", root / "suite.yaml", "--cache", root / "cache")
+    out = " ".join(out.split())
+    assert "searched by --tune-on" in out and "chosen: scale" in out
+    result = tune_merge(load_merge_config(root / "merge.yaml"), root / "suite.yaml", cache=root / "cache", progress=False)
+    assert f"chosen: scale {result.scale:g}" in out
+    best = max(r["val"] for r in result.grid)
+    assert result.val == best and {0.05, 1.5} <= {r["scale"] for r in result.grid}
+    top = max(r["scale"] for r in result.grid)
+    assert result.scale < top or top >= 100  # a best value on the upper edge would have grown the grid
+    base = load_file(root / "bert-base" / "model.safetensors")
+    fts = [load_file(root / f"ft-{t}" / "model.safetensors") for t in WORDS]
+    ref = {k: (v.double() + result.scale * sum(f[k].double() - v.double() for f in fts)) for k, v in base.items()}
+    merged = load_file(next((root / "merged").glob("*.safetensors")))
+    for k, v in ref.items():
+        torch.testing.assert_close(merged[k].double(), v, rtol=0, atol=1e-6)
+    # the chosen scale's score is the mean validation accuracy of the merged model through each task's head
+    suite = load_suite(root / "suite.yaml")
+    accs = []
+    for task in suite.tasks:
+        val = raw_splits(suite, task)["val"]
+        rows = [{"text": t, "label": val.classes[int(y)]} for t, y in zip(val.x, val.y, strict=True)]
+        accs.append(_accuracy(root, {k: v.float() for k, v in ref.items()}, task.name, rows))
+    assert result.val == pytest.approx(sum(accs) / len(accs), abs=1e-9)

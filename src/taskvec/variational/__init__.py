@@ -19,10 +19,12 @@ from taskvec.variational.config import (
 )
 from taskvec.variational.data import ComposeData, compute_features, holdout_split
 from taskvec.variational.engine import ComposedModel, default_forward
+from taskvec.variational.methods import COMPOSERS, register_composer
 from taskvec.variational.posterior import (
     DeterministicCoefficients,
     VariationalCoefficients,
 )
+from taskvec.variational.shared import SharedCoefficients
 from taskvec.variational.train import (
     Composer,
     EvalResult,
@@ -33,6 +35,7 @@ from taskvec.variational.train import (
 )
 
 __all__ = [
+    "COMPOSERS",
     "PRESETS",
     "BlockRule",
     "BlockSpec",
@@ -46,6 +49,7 @@ __all__ = [
     "GateConfig",
     "PosteriorConfig",
     "PriorConfig",
+    "SharedCoefficients",
     "TrainConfig",
     "VariationalCoefficients",
     "build_composer",
@@ -58,6 +62,7 @@ __all__ = [
     "make_blocks",
     "preset",
     "read_composer_info",
+    "register_composer",
     "save_composer",
     "train_composer",
 ]
