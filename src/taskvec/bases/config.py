@@ -24,8 +24,8 @@ class BasesConfig(Strict):
         merge_params: {density: 0.2}
         dtype: float16
         tasks:
-          - {name: mnist, task_vector: tvs/mnist.safetensors}
-          - {name: svhn, finetuned: ft/svhn}        # needs `base`
+          - {name: sentiment, task_vector: tvs/sentiment.safetensors}
+          - {name: topic, finetuned: ft/topic}      # needs `base`
     """
 
     method: str = Field("cluster", description="a bases method: cluster | learned | pca (taskvec.bases.fit.BASES)")

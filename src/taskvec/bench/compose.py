@@ -130,8 +130,9 @@ def task_parts(prep: Prepared) -> tuple[list[Any], list[torch.nn.Module]]:
     return [prep.task_vector(t) for t in names], [prep.heads[t] for t in names]
 
 
-def train_on_suite(cfg: ComposeRunConfig, out: Path, *, overwrite: bool = False) -> tuple[Composer, EvalResult, Prepared]:
+def train_on_suite(cfg: ComposeRunConfig, out: str | Path, *, overwrite: bool = False) -> tuple[Composer, EvalResult, Prepared]:
     """Train the configured composer on the suite and save it; returns it with its test result."""
+    out = Path(out)
     if out.exists() and not overwrite:
         raise ConfigError(f"{out}: already exists (pass overwrite/--force to replace it)")
     tcfg = cfg.train_config()
