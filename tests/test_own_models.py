@@ -55,7 +55,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("own")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *FILLER, *(w for t in WORDS.values() for ws in t.values() for w in ws)]
     (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = transformers.BertTokenizerFast(vocab_file=str(root / "vocab.txt"), do_lower_case=True)
+    tok = transformers.BertTokenizer(str(root / "vocab.txt"), do_lower_case=True)  # WordPiece over the vocab file
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=64, max_position_embeddings=32)
@@ -309,3 +309,62 @@ def test_merge_tune_on_chooses_the_scale_on_validation_data(walked: Path) -> Non
         rows = [{"text": t, "label": val.classes[int(y)]} for t, y in zip(val.x, val.y, strict=True)]
         accs.append(_accuracy(root, {k: v.float() for k, v in ref.items()}, task.name, rows))
     assert result.val == pytest.approx(sum(accs) / len(accs), abs=1e-9)
+
+
+def random_bert(folder: str):  # type: ignore[no-untyped-def]
+    """A `factory:` backbone: a randomly initialised BERT of the folder's shape, and its tokenizer."""
+    torch.manual_seed(123)
+    model = transformers.BertModel(transformers.BertConfig.from_pretrained(folder))
+    return model, transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def test_factory_checkpoint_recipe_and_task_model_checkpoints(project: Path, tmp_path: Path) -> None:
+    """A `module:function` backbone with a checkpoint loaded into it; one task fine-tuned by the
+    tool from the suite's recipe (once, then cached); one given as a task model with a classifier."""
+    from taskvec.bench.run import prepare
+
+    root = project
+    clf = transformers.BertForSequenceClassification.from_pretrained(root / "ft-sentiment", num_labels=2)
+    clf.save_pretrained(tmp_path / "ft-sentiment-clf")  # tensors named bert.* plus classifier.*
+    (tmp_path / "suite.yaml").write_text(f"""\
+name: recipe-suite
+backbone:
+  factory: test_own_models:random_bert
+  kwargs: {{folder: {root / "bert-base"}}}
+  checkpoint: {root / "bert-base" / "model.safetensors"}
+  pool: mean
+  text: {{max_length: 16}}
+finetune: {{epochs: 1, batch_size: 16, lr: 0.001}}
+tasks:
+  - name: topic
+    data:
+      train: {{kind: csv, path: {root / "data" / "topic-train.csv"}}}
+      val: {{kind: csv, path: {root / "data" / "topic-val.csv"}}}
+      test: {{kind: csv, path: {root / "data" / "topic-test.csv"}}}
+  - name: sentiment
+    data: {{kind: csv, path: {root / "data" / "sentiment.csv"}}}
+    split: {{train: 40, val: 20, test: 20}}
+    finetuned: ft-sentiment-clf
+""")
+    prep = prepare(tmp_path / "suite.yaml", tmp_path / "cache", progress=False)
+    base = load_file(root / "bert-base" / "model.safetensors")
+    assert set(prep.pretrained) == {f"model.{k}" for k in base}
+    assert all(torch.equal(prep.pretrained[f"model.{k}"], v) for k, v in base.items())
+    ft = load_file(root / "ft-sentiment" / "model.safetensors")
+    assert all(torch.equal(prep.finetuned["sentiment"][f"model.{k}"], v) for k, v in ft.items())
+    assert set(prep.finetune_seconds) == {"topic"}
+    moved = [k for k, v in prep.finetuned["topic"].items() if not torch.equal(v, prep.pretrained[k])]
+    assert moved and all(k.startswith("model.") for k in moved)
+    again = prepare(tmp_path / "suite.yaml", tmp_path / "cache", progress=False)
+    assert again.finetune_seconds == {}
+    assert all(torch.equal(again.finetuned["topic"][k], v) for k, v in prep.finetuned["topic"].items())
+    # a cache entry named by cache_key refuses a different recipe
+    text = (tmp_path / "suite.yaml").read_text()
+    folder = next((tmp_path / "cache" / "bench" / "recipe-suite").glob("topic-*"))
+    key = folder.name.removeprefix("topic-")
+    (tmp_path / "suite.yaml").write_text(text.replace("lr: 0.001}", "lr: 0.002}").replace(
+        "  - name: topic\n", f"  - name: topic\n    cache_key: {key}\n"))
+    from taskvec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cached for a different recipe"):
+        prepare(tmp_path / "suite.yaml", tmp_path / "cache", progress=False)
