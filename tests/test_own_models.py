@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
 
-from taskvec.cli import app  # noqa: E402
+from taskvec.cli import app
 
 WORDS = {
     "sentiment": {"pos": ["good", "great", "fine", "nice"], "neg": ["bad", "awful", "poor", "sad"]},
@@ -67,14 +67,14 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _write_csv(root / "data" / "sentiment.csv", _rows("sentiment", 96, rng))
     for split, n in (("train", 64), ("val", 32), ("test", 32)):
         _write_csv(root / "data" / f"topic-{split}.csv", _rows("topic", n, rng))
-    for task in WORDS:  # a few optimizer steps of each task's own fine-tuning
+    for task, labels in WORDS.items():  # a few optimizer steps of each task's own fine-tuning
         model = transformers.BertModel.from_pretrained(root / "bert-base")
         head = torch.nn.Linear(32, 2)
         opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=3e-3)
         rows = _rows(task, 64, random.Random(1))
         enc = dict(tok([r["text"] for r in rows], padding=True, return_tensors="pt"))
         enc.pop("token_type_ids")
-        y = torch.tensor([list(WORDS[task]).index(r["label"]) for r in rows])
+        y = torch.tensor([list(labels).index(r["label"]) for r in rows])
         for _ in range(8):
             loss = torch.nn.functional.cross_entropy(head(_mean_pool(model, enc)), y)
             opt.zero_grad()
@@ -368,3 +368,16 @@ tasks:
 
     with pytest.raises(ConfigError, match="cached for a different recipe"):
         prepare(tmp_path / "suite.yaml", tmp_path / "cache", progress=False)
+
+
+def test_a_corrupt_coefficients_file_is_a_one_line_error(walked: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "composer"
+    shutil.copytree(walked / "composer", broken)
+    (broken / "coefficients.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    r = CliRunner().invoke(app, ["compose", "eval", str(broken)], catch_exceptions=False)
+    assert r.exit_code == 2 and "coefficients.safetensors: unreadable" in " ".join(r.output.split())
+    (broken / "coefficients.safetensors").unlink()
+    r = CliRunner().invoke(app, ["compose", "eval", str(broken)], catch_exceptions=False)
+    assert r.exit_code == 2 and "no coefficients.safetensors" in r.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -130,7 +131,7 @@ def test_given_splits_match_labels_by_class_name(tmp_path: Path) -> None:
 
 
 class _Task:
-    classes = ["a", "b", "c"]
+    classes: ClassVar[list[str]] = ["a", "b", "c"]
 
 
 def test_head_file_and_zero_shot_heads(tmp_path: Path) -> None:

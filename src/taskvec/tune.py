@@ -120,7 +120,7 @@ def tune_merge(cfg: MergeConfig, suite: str | Path, *, cache: Path | None = None
 
         def dens_score(d: float) -> float:
             if d not in done:
-                lam, scores = run(d)
+                _, scores = run(d)
                 rows.extend({"density": d, "scale": v, "val": s} for v, s in sorted(scores.items()))
                 done.add(d)
             return max(r["val"] for r in rows if r["density"] == d)

@@ -11,7 +11,6 @@ from taskvec.config import DtypeName, Strict, TaskSource, load_yaml_config
 from taskvec.core.taskvector import TaskVector
 from taskvec.io.writer import parse_size
 
-
 TaskEntry = TaskSource  # one task of a bank: a saved task vector, or a fine-tuned checkpoint
 
 

@@ -24,13 +24,12 @@ from pydantic import Field, ValidationError, model_validator
 from taskvec.bases.analysis import AFFINITIES, auto_chunk, cosine_from_gram, eigengap, gram, spectral_assign
 from taskvec.bases.analysis import affinity as affinity_matrix
 from taskvec.bases.passes import cluster_pass, merged_basis, tapped
-from taskvec.core.taskvector import TaskVector, check_same_tensors
 from taskvec.config import Strict, _format
+from taskvec.core.taskvector import TaskVector, check_same_tensors
 from taskvec.errors import ConfigError, UnknownMethodError
 from taskvec.methods import get_method
 from taskvec.methods.registry import parse_params
 from taskvec.registry import Registry
-
 
 
 # ---------------------------------------------------------------- options

@@ -19,10 +19,10 @@ from pydantic import Field
 from safetensors.torch import load_file
 from torch import nn
 
+from taskvec.bench.cache import save_atomic
 from taskvec.bench.sources import resolve
 from taskvec.config import Strict
 from taskvec.errors import ConfigError
-from taskvec.bench.cache import save_atomic
 from taskvec.registry import Registry
 
 

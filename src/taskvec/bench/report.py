@@ -38,7 +38,7 @@ def markdown(r: dict[str, Any]) -> str:
     for label, vals, avg, norm in rows:
         lines.append(f"| {label} | " + " | ".join(f"{100 * v:.1f}" for v in vals) + f" | {100 * avg:.1f} | {'' if norm is None else f'{100 * norm:.1f}'} |")
     if "negation" in r:
-        lines += ["", f"Task negation (θ0 − λ·τ_target; λ chosen on validation with every control task ≥ 95% of its pretrained accuracy):", "",
+        lines += ["", "Task negation (θ0 − λ·τ_target; λ chosen on validation with every control task ≥ 95% of its pretrained accuracy):", "",
                   "| target | λ | target acc pretrained → negated | control acc pretrained → negated (mean) | control kept |", "|---|---|---|---|---|"]
         for t, n in r["negation"].items():
             cs = n["controls"]

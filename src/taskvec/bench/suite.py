@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field, PrivateAttr, SerializeAsAny, field_validator, model_validator
 
-from taskvec.bench.backbones import Backbone, BackboneSpec, Inputs  # noqa: F401 (Inputs re-exported)
+from taskvec.bench.backbones import Backbone, BackboneSpec, Inputs
 from taskvec.bench.heads import HEADS
 from taskvec.bench.sources import SOURCES, RawData, load_source
 from taskvec.config import Strict, load_yaml_config

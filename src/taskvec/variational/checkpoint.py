@@ -14,10 +14,10 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-
 from typing import Any
 
 from pydantic import ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -102,7 +102,7 @@ def load_composer(
             raise KeyMismatchError(f"{path}: task vector {i} has norm {a:.6g}, the composer was trained with {b:.6g}")
     try:
         state = load_file(str(path / "coefficients.safetensors"))
-    except Exception as e:  # safetensors raises its own error types for a truncated or corrupt file
+    except (SafetensorError, OSError) as e:
         raise ConfigError(f"{path / 'coefficients.safetensors'}: unreadable ({e})") from None
     if set(state) != set(composer.coef.state_dict()):
         raise KeyMismatchError(f"{path / 'coefficients.safetensors'}: holds {sorted(state)[:4]}, "

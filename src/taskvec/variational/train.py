@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from taskvec.config import DTYPES
 from taskvec.errors import ConfigError
+from taskvec.variational import shared as _shared  # noqa: F401 (registers the 'shared' method)
 from taskvec.variational.config import ComposerConfig, ComposeTrainConfig, TrainConfig
 from taskvec.variational.data import ComposeData, sample_noise
 from taskvec.variational.engine import (
@@ -41,7 +42,6 @@ from taskvec.variational.engine import (
     TaskVectorLike,
     default_forward,
 )
-from taskvec.variational import shared as _shared  # noqa: F401 (registers the 'shared' method)
 from taskvec.variational.methods import build_coefficients
 from taskvec.variational.posterior import CoefficientNet
 
