@@ -129,3 +129,31 @@ def test_variational_composer_on_tiny_saves_and_reloads(tiny, tmp_path: Path) ->
     composer, prep = load_on_suite(tmp_path / "composer", "tiny", cache)
     again = evaluate_on_suite(composer, prep)
     assert torch.equal(again.predictions, result.predictions)
+
+
+def test_predict_an_image_folder_with_the_tiny_composer(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`taskvec compose predict` on a folder of PNG files: the same predictions and coefficients as
+    the composer gives the same images inside the suite's test split."""
+    from PIL import Image
+
+    from taskvec.bench.compose import ComposeRunConfig, load_on_suite, predict, read_inputs, suite_data, train_on_suite
+    from taskvec.bench.suite import raw_splits
+    from taskvec.variational import evaluate_composer
+
+    cache, _, _ = tiny
+    cfg = ComposeRunConfig(suite="tiny", preset="variational", train={"epochs": 1, "batch_size": 64, "progress": False}, cache=str(cache))
+    train_on_suite(cfg, tmp_path / "composer")
+    composer, prep = load_on_suite(tmp_path / "composer")
+    raw = raw_splits(prep.suite, prep.suite.task("digits"))["test"]
+    (tmp_path / "imgs").mkdir()
+    for i in range(6):
+        Image.fromarray(raw.x[i]).save(tmp_path / "imgs" / f"{i}.png")
+    x, labels = read_inputs(tmp_path / "imgs", prep, "digits")
+    records = predict(composer, prep, "digits", x)
+    data = suite_data(prep, "test", tasks=["digits"])
+    result = evaluate_composer(composer, data)
+    alpha = composer.coefficients(data.features[:6])
+    for i, r in enumerate(records):
+        assert r["class_index"] == int(result.predictions[i]) and r["prediction"] == prep.tasks["digits"].classes[r["class_index"]]
+        got = torch.tensor([r["coefficients"][t] for t in prep.tasks], dtype=torch.float64)
+        torch.testing.assert_close(got, alpha[i].double(), rtol=1e-5, atol=1e-6)

@@ -161,3 +161,38 @@ def test_head_file_and_zero_shot_heads(tmp_path: Path) -> None:
     emb = Encoder()(["class a", "class b", "class c"])
     expect = torch.nn.functional.normalize(f, dim=-1) @ torch.nn.functional.normalize(emb, dim=-1).T
     torch.testing.assert_close(zs(f), expect)
+
+
+def test_hf_image_backbone_with_its_processor_statistics(tmp_path: Path) -> None:
+    """A Hugging Face vision folder: images resized and normalized with its processor's mean and
+    std, features = the first token; checked against the model run by hand."""
+    transformers = pytest.importorskip("transformers")
+    from taskvec.bench.models import features
+    from taskvec.bench.run import prepare
+
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32)
+    transformers.ViTModel(cfg, add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    mean, std = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)
+    transformers.ViTImageProcessor(image_mean=list(mean), image_std=list(std), size={"height": 8, "width": 8}).save_pretrained(tmp_path / "vit")
+    rng = np.random.default_rng(0)
+    for c in ("dark", "light"):
+        (tmp_path / "pics" / c).mkdir(parents=True)
+        for i in range(6):
+            lo = 0 if c == "dark" else 128
+            Image.fromarray(rng.integers(lo, lo + 128, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "pics" / c / f"{i}.png")
+    (tmp_path / "s.yaml").write_text("name: vis\nbackbone: {hf: vit, pool: cls, images: {size: 8}}\n"
+                                     "finetune: {epochs: 1, batch_size: 4, lr: 0.001}\n"
+                                     "tasks:\n  - name: shade\n    data: {kind: images, path: pics}\n"
+                                     "    split: {train: 4, val: 4, test: 4}\n")
+    prep = prepare(tmp_path / "s.yaml", tmp_path / "cache", progress=False)
+    raw = raw_splits(prep.suite, prep.suite.tasks[0])["test"]
+    model = transformers.ViTModel.from_pretrained(tmp_path / "vit", add_pooling_layer=False).eval()
+    x = torch.from_numpy(raw.x).float().permute(0, 3, 1, 2) / 255
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = model(pixel_values=x).last_hidden_state[:, 0]
+    prep.backbone.load_state_dict(prep.pretrained)
+    torch.testing.assert_close(features(prep.backbone, prep.tasks["shade"].test), ref, rtol=1e-5, atol=1e-5)
+    assert set(prep.finetune_seconds) == {"shade"} and prep.tasks["shade"].classes == ["dark", "light"]

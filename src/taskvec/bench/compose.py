@@ -188,7 +188,13 @@ def read_inputs(path: Path, prep: Prepared, task: str, text_column: str | None =
         files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ConfigError(f"{path}: no images")
-        return np.stack([np.asarray(Image.open(f).convert("RGB"), dtype=np.uint8) for f in files]), None
+        images = []
+        for f in files:
+            with Image.open(f) as im:
+                images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+        if len({a.shape for a in images}) > 1:
+            raise ConfigError(f"{path}: images of different sizes; resize them to one size first")
+        return np.stack(images), None
     if not path.is_file():
         raise ConfigError(f"{path}: no such input file")
     if path.suffix == ".npz":

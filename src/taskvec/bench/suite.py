@@ -146,7 +146,7 @@ class SuiteSpec(Strict):
 
     @property
     def source(self) -> str:
-        """The file the suite was read from (or the built-in name)."""
+        """The built-in suite's name, or the absolute path of the file the suite was read from."""
         return self._source
 
     def resolve_paths(self, root: Path) -> SuiteSpec:
@@ -215,7 +215,8 @@ def load_suite(name_or_path: str | Path) -> SuiteSpec:
     """A suite from its YAML file, or a built-in suite by name."""
     path = suite_path(name_or_path)
     spec: SuiteSpec = load_yaml_config(path, SuiteSpec)
-    spec._source = str(name_or_path) if not Path(name_or_path).suffix else str(path.resolve())
+    builtin = Path(str(resources.files("taskvec.bench") / "suites")).resolve()
+    spec._source = path.stem if path.resolve().parent == builtin else str(path.resolve())
     return spec
 
 
@@ -273,7 +274,10 @@ def raw_splits(suite: SuiteSpec, task: TaskSpec) -> dict[str, RawData]:
     raw = load_source(task.data, suite.root)
     assert task.split is not None
     seed = int(_hash({"seed": suite.seed, "task": task.name}), 16) % (2**32)
-    idx = split_indices(raw.y, *task.split.counts(len(raw)), seed=seed)
+    counts = task.split.counts(len(raw))
+    if min(counts) == 0:
+        raise ConfigError(f"task {task.name!r}: split {counts} of {len(raw)} items leaves a part empty")
+    idx = split_indices(raw.y, *counts, seed=seed)
     return {s: raw.take(i) for s, i in zip(SPLITS, idx, strict=True)}
 
 
