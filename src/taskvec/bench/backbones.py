@@ -176,7 +176,7 @@ def load_backbone(spec: BackboneSpec, root: Path) -> Backbone:
         return Backbone(module.eval(), encode, "images", folder, prefix)
     if tokenizer is None:
         raise ConfigError(f"{spec.factory}: text inputs need a tokenizer: return (module, tokenizer)")
-    max_length = (spec.text or TextInputs()).max_length
+    max_length = spec.text.max_length if spec.text is not None else TextInputs.model_fields["max_length"].default
 
     def encode_text(x: Any) -> Inputs:
         enc = tokenizer(list(x), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")

@@ -141,7 +141,7 @@ def train_on_suite(cfg: ComposeRunConfig, out: str | Path, *, overwrite: bool = 
     data = suite_data(prep, "test", labels=False) if entropy else suite_data(prep, "val")
     tvs, heads = task_parts(prep)
     composer = train_composer(prep.backbone, tvs, heads, data, tcfg, forward_fn=forward_features, task_names=list(prep.tasks))
-    run = {"suite": prep.suite.source, "cache": cfg.cache, "preset": cfg.preset}
+    run: dict[str, object] = {"suite": prep.suite.source, "cache": cfg.cache, "preset": cfg.preset}
     save_composer(composer, out, overwrite=overwrite, run=run)
     return composer, evaluate_on_suite(composer, prep, tcfg.train.eval_mode, tcfg.train.eval_samples), prep
 
@@ -180,8 +180,8 @@ def read_inputs(path: Path, prep: Prepared, task: str, text_column: str | None =
     or the images of a folder) and their labels when the file has the task's label column."""
     spec = prep.suite.task(task)
     src = spec.data["train"] if isinstance(spec.data, dict) else spec.data
-    text_col = text_column or getattr(src, "text", "text")
-    label_col = getattr(src, "label", "label")
+    text_col = str(text_column or getattr(src, "text", "text"))
+    label_col = str(getattr(src, "label", "label"))
     if path.is_dir():
         from PIL import Image
 

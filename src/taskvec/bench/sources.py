@@ -187,11 +187,11 @@ def load_image_folder(cfg: ImageFolderSource, root: Path) -> RawData:
         if not files:
             raise ConfigError(f"{path / name}: no images")
         for f in files:
-            with Image.open(f) as im:
-                im = im.convert("RGB" if cfg.mode == "rgb" else "L")
-                if cfg.size is not None:
-                    im = im.resize((cfg.size, cfg.size), Image.BILINEAR)
-                images.append(np.asarray(im, dtype=np.uint8))
+            with Image.open(f) as opened:
+                im = opened.convert("RGB" if cfg.mode == "rgb" else "L")
+            if cfg.size is not None:
+                im = im.resize((cfg.size, cfg.size), Image.Resampling.BILINEAR)
+            images.append(np.asarray(im, dtype=np.uint8))
             labels.append(label)
     shapes = {a.shape for a in images}
     if len(shapes) > 1:
