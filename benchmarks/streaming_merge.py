@@ -370,7 +370,9 @@ class RunResult:
 def run_measured(cmd: list[str], log_path: Path, env: dict | None = None,
                  poll_s: float = 0.05) -> RunResult:
     """Run ``cmd`` under /usr/bin/time -v while polling RSS of its whole process tree."""
-    import psutil
+    from taskvec._optional import require
+
+    psutil = require("psutil", "bench")
 
     timev = shutil.which("time") and Path("/usr/bin/time").exists()
     time_out = log_path.with_suffix(".timev")
@@ -762,7 +764,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--workdir must be outside the repository")
     work.mkdir(parents=True, exist_ok=True)
 
-    import psutil
+    from taskvec._optional import require
+
+    psutil = require("psutil", "bench")
 
     ctx: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(),
                  "cpus": os.cpu_count(), "ram_gib": psutil.virtual_memory().total / GiB,

@@ -9,8 +9,9 @@ from peft.utils import merge_utils as peft
 
 from taskvec import TaskVector, UnknownMethodError, compose
 from taskvec.errors import ConfigError
-from taskvec.methods import list_methods, slice_seed
+from taskvec.methods import list_methods
 from taskvec.methods.compose import ComposedSource
+from taskvec.methods.dare import block_seed
 
 SHAPES = {"w": (40, 30), "b": (17,), "s": (1,)}
 
@@ -71,13 +72,15 @@ def test_magnitude_exact(density: float) -> None:
 
 
 def test_dare_exact_given_its_masks() -> None:
-    """DARE = sum_t w_t m_t * tau_t / p with m_t ~ Bernoulli(p) drawn per task from the slice's seed."""
+    """DARE = sum_t w_t m_t * tau_t / p with m_t ~ Bernoulli(p) drawn from task t's own seed (one mask block here)."""
     tvs, raw = task_vectors()
     w, p, seed = [1.0, 0.5, 0.8, 1.3], 0.3, 11
     merged = compose(tvs, "dare", w, density=p, seed=seed)
     for k in SHAPES:
-        g = torch.Generator().manual_seed(slice_seed(seed, k, 0))
-        masks = [torch.bernoulli(torch.full(SHAPES[k], p, dtype=torch.float64), generator=g).numpy() for _ in raw]
+        masks = [
+            torch.bernoulli(torch.full(SHAPES[k], p), generator=torch.Generator().manual_seed(block_seed(seed, k, t, 0))).double().numpy()
+            for t in range(len(raw))
+        ]
         ref = sum(wi * m * r[k] / p for wi, m, r in zip(w, masks, raw))
         np.testing.assert_allclose(merged[k].numpy(), ref, rtol=1e-13, atol=1e-15)
         if k == "w":  # 4 x 1200 draws keep about `density` of the entries
@@ -107,12 +110,25 @@ def test_magnitude_and_task_arithmetic_match_peft() -> None:
     torch.testing.assert_close(compose(tvs, "task_arithmetic", w.tolist())["w"], peft.task_arithmetic(xs, w))
 
 
-@pytest.mark.parametrize(("ours", "theirs"), [("dare", peft.dare_linear), ("dare_ties", peft.dare_ties)])
-def test_dare_matches_peft_with_the_same_random_stream(ours: str, theirs) -> None:  # type: ignore[no-untyped-def]
-    tvs, xs, w = _peft_inputs("w")
+@pytest.mark.parametrize("ours", ["dare", "dare_ties"])
+def test_dare_matches_peft_with_the_same_random_streams(ours: str) -> None:
+    """PEFT's `dare_linear`/`dare_ties` steps (random prune, [sign election, disjoint merge] or weighted sum)
+    on float32 inputs, each task's prune drawn from the global generator seeded as taskvec seeds that task."""
+    tvs64, xs64, w = _peft_inputs("w")
+    xs = [x.float() for x in xs64]
+    tvs = [TaskVector.from_tensors({"w": x}) for x in xs]
     merged = compose(tvs, ours, w.tolist(), density=0.4, seed=3)["w"]
-    torch.manual_seed(slice_seed(3, "w", 0))  # PEFT draws from the global generator, task by task
-    torch.testing.assert_close(merged, theirs(xs, w, density=0.4), rtol=1e-13, atol=1e-15)
+    pruned = []
+    for t, x in enumerate(xs):
+        torch.manual_seed(block_seed(3, "w", t, 0))  # PEFT draws from the global generator
+        pruned.append(peft.prune(x, 0.4, "random", rescale=True))
+    stacked = torch.stack(pruned)
+    weighted = stacked * peft.reshape_weight_task_tensors(stacked, w.float())
+    if ours == "dare":
+        theirs = weighted.sum(0)
+    else:
+        theirs = peft.disjoint_merge(weighted, peft.calculate_majority_sign_mask(stacked, method="total"))
+    torch.testing.assert_close(merged, theirs, rtol=1e-6, atol=1e-6)
 
 
 # ---- streaming: slicing a tensor does not change trimming methods

@@ -9,7 +9,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from taskvec.errors import ConfigError
+from taskvec.errors import ConfigError, format_validation_error
 from taskvec.io.writer import parse_size
 
 DTYPES: dict[str, torch.dtype] = {
@@ -22,7 +22,23 @@ DtypeName = Literal["float16", "bfloat16", "float32", "float64"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Base of every config model: unknown keys are errors, and so are NaN and infinite numbers
+    (anywhere: scalars, per-layer maps, nested options)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def positive_size(text: str | int, what: str = "shard_size") -> int:
+    """A size like '2GB' or a byte count, which must be a positive, finite number of bytes."""
+    try:
+        n = parse_size(text)
+    except (OverflowError, ValueError):
+        raise ConfigError(f"{what}: {text!r} is not a finite size (e.g. '2GB', '500MiB')") from None
+    except ConfigError:
+        raise ConfigError(f"{what}: cannot read {text!r} as a size (e.g. '2GB', '500MiB')") from None
+    if n <= 0:
+        raise ConfigError(f"{what}: must be a positive size, got {text!r}")
+    return n
 
 
 class TaskSource(Strict):
@@ -69,8 +85,10 @@ class MergeConfig(Strict):
     @field_validator("shard_size")
     @classmethod
     def _size(cls, v: str | int) -> str | int:
-        if parse_size(v) <= 0:
-            raise ValueError("must be positive")
+        try:
+            positive_size(v)
+        except ConfigError as e:
+            raise ValueError(str(e).removeprefix("shard_size: ")) from None
         return v
 
     @model_validator(mode="after")
@@ -91,10 +109,6 @@ class MergeConfig(Strict):
         return self.model_copy(update={"base": fix(self.base), "models": models})
 
 
-def _format(e: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors())
-
-
 def load_yaml_config(path: str | Path, model: type[BaseModel]) -> Any:
     path = Path(path)
     try:
@@ -108,7 +122,7 @@ def load_yaml_config(path: str | Path, model: type[BaseModel]) -> Any:
     try:
         cfg = model(**data)
     except ValidationError as e:
-        raise ConfigError(f"{path}: {_format(e)}") from None
+        raise ConfigError(f"{path}: {format_validation_error(e)}") from None
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return cfg.resolve_paths(path.parent) if hasattr(cfg, "resolve_paths") else cfg

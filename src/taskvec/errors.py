@@ -19,6 +19,10 @@ class ShapeMismatchError(TaskVecError):
     """A tensor has different shapes in two checkpoints."""
 
 
+class NonFiniteError(CheckpointError):
+    """Weights, a task vector or composition coefficients hold NaN or infinite values."""
+
+
 class DtypeError(TaskVecError):
     """A tensor has a dtype that cannot take part in task vector arithmetic."""
 
@@ -29,3 +33,31 @@ class ConfigError(TaskVecError):
 
 class UnknownMethodError(ConfigError):
     """A merge method name is not in the registry."""
+
+
+_TYPE_TAGS = {"float", "int", "str", "bool", "none", "dict", "list"}
+
+
+def _is_union_tag(x: object) -> bool:
+    return isinstance(x, str) and (x in _TYPE_TAGS or "[" in x)
+
+
+def format_validation_error(e: object, option: bool = False) -> str:
+    """One line from a pydantic `ValidationError`: 'field.sub: message; ...'.
+
+    For a value that may take several types (`float | dict[str, float]`), only the branch whose
+    complaint is about the value itself is kept ("should be a finite number", not also "should be
+    a valid dictionary"). `option=True` spells fields as command-line options (`--max-m`)."""
+    groups: dict[tuple, list[dict]] = {}
+    for err in e.errors():  # type: ignore[attr-defined]
+        loc = tuple(err["loc"])
+        cut = next((i for i, x in enumerate(loc) if _is_union_tag(x)), len(loc))
+        groups.setdefault(loc[:cut], []).append(err)
+    parts = []
+    for group in groups.values():
+        for err in [g for g in group if not str(g["type"]).endswith("_type")] or group:
+            loc = ".".join(str(x) for x in err["loc"] if not _is_union_tag(x))
+            if option:
+                loc = "--" + loc.replace("_", "-")
+            parts.append(f"{loc or '(top level)'}: {str(err['msg']).removeprefix('Value error, ')}")
+    return "; ".join(dict.fromkeys(parts))

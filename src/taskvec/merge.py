@@ -7,26 +7,38 @@ from pathlib import Path
 
 from taskvec.config import DTYPES, MergeConfig
 from taskvec.core import TaskVector, apply_streaming
+from taskvec.core.coef import check_patterns
 from taskvec.core.stream import LastSliceCache
 from taskvec.io import open_checkpoint, parse_size
+from taskvec.io.hf import hf_output_files
 from taskvec.methods import compose
 
 
-def merge_checkpoints(cfg: MergeConfig, out: str | os.PathLike[str], *, overwrite: bool = False, progress: bool = False) -> Path:
-    """Run `cfg` and write the merged model to `out` (a shard folder, or one `.safetensors` file)."""
+def merge_checkpoints(
+    cfg: MergeConfig, out: str | os.PathLike[str], *, overwrite: bool = False, progress: bool = False, allow_nonfinite: bool = False
+) -> Path:
+    """Run `cfg` and write the merged model to `out` (a shard folder, or one `.safetensors` file).
+
+    Every include/exclude glob must match some tensor of the base; NaN or infinite values in the
+    inputs are refused unless `allow_nonfinite`."""
     base = LastSliceCache(open_checkpoint(cfg.base))  # each base slice is read once for all task vectors
+    check_patterns(base.keys(), cfg.include, cfg.exclude, base.name)
     tvs: list[TaskVector] = []
     for m in cfg.models:
         if m.finetuned is not None:
-            tv = TaskVector.from_checkpoints(base, m.finetuned, include=cfg.include, exclude=cfg.exclude, name=m.name)
+            tv = TaskVector.from_checkpoints(
+                base, m.finetuned, include=cfg.include, exclude=cfg.exclude, name=m.name, allow_nonfinite=allow_nonfinite
+            )
         else:
             assert m.task_vector is not None
-            tv = TaskVector.load(m.task_vector).filter(cfg.include, cfg.exclude or None)
+            tv = TaskVector.load(m.task_vector, allow_nonfinite=allow_nonfinite).filter(cfg.include, cfg.exclude or None)
         tvs.append(tv)
     merged = compose(tvs, cfg.method, [m.weight for m in cfg.models], **cfg.params)
+    dtype = DTYPES[cfg.dtype] if cfg.dtype else None
     metadata = {"taskvec_method": cfg.method, "taskvec_models": str(len(tvs))}
     return apply_streaming(
         base, merged, cfg.scale, out,
-        dtype=DTYPES[cfg.dtype] if cfg.dtype else None, shard_size=parse_size(cfg.shard_size),
+        dtype=dtype, shard_size=parse_size(cfg.shard_size),
         overwrite=overwrite, progress=progress, metadata=metadata,
+        extra_files=hf_output_files(cfg.base, out, dtype),
     )

@@ -18,10 +18,10 @@ def _atomic_savefig(fig, path: Path) -> None:  # type: ignore[no-untyped-def]
 
 def heatmap(values: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str | os.PathLike[str], title: str = "") -> Path:
     """A labelled heatmap with the value printed in each cell."""
-    import matplotlib
+    from taskvec._optional import require
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "plot").use("Agg")
+    plt = require("matplotlib.pyplot", "plot")
 
     path = Path(path)
     fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(cols), 1.0 + 0.6 * len(rows)))

@@ -120,7 +120,9 @@ def spectral_assign(aff: torch.Tensor, m: int, seed: int = 0) -> list[int]:
         return [0] * t
     if m == t:
         return list(range(t))
-    from sklearn.cluster import SpectralClustering
+    from taskvec._optional import require
+
+    SpectralClustering = require("sklearn.cluster", "bases").SpectralClustering
 
     with warnings.catch_warnings():
         # a block-diagonal affinity (clusters with cos <= 0 between them) is a disconnected graph;

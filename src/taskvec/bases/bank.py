@@ -44,7 +44,7 @@ from taskvec.bases.fit import (
 from taskvec.bases.passes import cluster_pass, linear_pass, merged_basis, tapped
 from taskvec.config import DTYPES, DtypeName, Strict
 from taskvec.core.taskvector import FloatSource, TaskVector, check_same_tensors
-from taskvec.errors import CheckpointError, ConfigError
+from taskvec.errors import CheckpointError, ConfigError, format_validation_error
 from taskvec.io import SafetensorsSource, ShardedSource
 from taskvec.io.atomic import replace_path, write_text_atomic
 from taskvec.io.safetensors_file import dtype_size
@@ -211,8 +211,7 @@ class Bank:
         try:
             manifest = Manifest(**data)
         except ValidationError as e:
-            msgs = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors())
-            raise CheckpointError(f"{mpath}: corrupt manifest: {msgs}") from None
+            raise CheckpointError(f"{mpath}: corrupt manifest: {format_validation_error(e)}") from None
         bank = cls(path, manifest)
         for k, entry in enumerate(manifest.bases):
             f = path / entry.file

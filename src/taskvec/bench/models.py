@@ -26,7 +26,9 @@ def fit_head(feats: torch.Tensor, y: torch.Tensor, n_classes: int, c: float = 1.
 
     Fitted on raw features by default: standardizing inflates the weights of near-constant
     features, and a large-norm frozen head makes fine-tuning through it unstable."""
-    from sklearn.linear_model import LogisticRegression
+    from taskvec._optional import require
+
+    LogisticRegression = require("sklearn.linear_model", "bench").LogisticRegression
 
     x = feats.double().numpy()
     mu, sd = (x.mean(0), x.std(0) + 1e-6) if standardize else (np.zeros(x.shape[1]), np.ones(x.shape[1]))

@@ -54,10 +54,10 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def bar_chart(r: dict[str, Any], path: Path) -> Path:
-    import matplotlib
+    from taskvec._optional import require
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "plot").use("Agg")
+    plt = require("matplotlib.pyplot", "plot")
     import numpy as np
 
     from taskvec.report import _atomic_savefig

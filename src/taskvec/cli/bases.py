@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from taskvec.cli.common import Force, _fail, console
-from taskvec.errors import ConfigError, TaskVecError
+from taskvec.cli.common import Force, _fail, console, finite
+from taskvec.errors import ConfigError, TaskVecError, format_validation_error
 
 if TYPE_CHECKING:
     from taskvec.bases.bank import Bank
@@ -135,8 +135,7 @@ def build(
                 from pydantic import ValidationError
 
                 if isinstance(e, ValidationError):
-                    msg = "; ".join(f"--{'.'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}" for err in e.errors())
-                    raise ConfigError(msg) from None
+                    raise ConfigError(format_validation_error(e, option=True)) from None
                 raise
         tvs, labels = task_vectors_of(cfg)
         bank = build_bank(
@@ -192,7 +191,7 @@ def compose(
     add: Annotated[str | None, typer.Option(help="comma-separated tasks to add")] = None,
     negate: Annotated[str | None, typer.Option(help="comma-separated tasks to negate (forget)")] = None,
     base: Annotated[str | None, typer.Option(help="base checkpoint to apply to; without it OUT is the composed task vector")] = None,
-    coef: Annotated[float, typer.Option(help="scaling coefficient lambda")] = 1.0,
+    coef: Annotated[float, typer.Option(help="scaling coefficient lambda", callback=finite)] = 1.0,
     dtype: Annotated[str | None, typer.Option(help="output dtype [default: the base's, or the bank's]")] = None,
     force: Force = False,
 ) -> None:

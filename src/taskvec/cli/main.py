@@ -1,4 +1,8 @@
-"""Core commands: extract, merge, apply, info, similarity, methods."""
+"""Core commands: extract, merge, apply, info, similarity, methods.
+
+Bad input raises a `TaskVecError` (or an `OSError`); the CLI-wide handler in `taskvec.cli.common`
+shows it as one line and exits with status 2, so commands need no error handling of their own.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from taskvec.errors import TaskVecError
+from taskvec.cli.common import AllowNonfinite, Force, console, finite
+from taskvec.errors import ConfigError
 
-from taskvec.cli.common import Force, _fail, console
 
 app = typer.Typer()
 
@@ -21,7 +25,7 @@ def _dtype(name: str | None):  # -> torch.dtype | None
     if name is None:
         return None
     if name not in DTYPES:
-        raise TaskVecError(f"--dtype: unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+        raise ConfigError(f"--dtype: unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -34,17 +38,16 @@ def extract(
     include: Annotated[list[str] | None, typer.Option(help="glob of tensors to keep (repeatable)")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="glob of tensors to skip, e.g. '*classifier*'")] = None,
     shard_size: Annotated[str, typer.Option(help="largest shard, e.g. 2GB")] = "2GB",
+    allow_nonfinite: AllowNonfinite = False,
     force: Force = False,
 ) -> None:
     """Extract the task vector FINETUNED - PRETRAINED, streamed tensor by tensor."""
+    from taskvec.config import positive_size
     from taskvec.core import TaskVector
-    from taskvec.io import parse_size
 
-    try:
-        tv = TaskVector.from_checkpoints(pretrained, finetuned, include=include, exclude=exclude)
-        path = tv.save(out, dtype=_dtype(dtype), shard_size=parse_size(shard_size), overwrite=force, progress=True)
-    except TaskVecError as e:
-        _fail(e)
+    dt, size = _dtype(dtype), positive_size(shard_size, "--shard-size")
+    tv = TaskVector.from_checkpoints(pretrained, finetuned, include=include, exclude=exclude, allow_nonfinite=allow_nonfinite)
+    path = tv.save(out, dtype=dt, shard_size=size, overwrite=force, progress=True)
     console.print(f"wrote task vector of {len(tv)} tensors, {tv.numel():,} parameters to [bold]{path}[/]")
 
 
@@ -52,6 +55,7 @@ def extract(
 def merge(
     config: Annotated[Path, typer.Argument(help="YAML merge config")],
     out: Annotated[Path, typer.Option("-o", "--out", help="output shard folder or .safetensors file")],
+    allow_nonfinite: AllowNonfinite = False,
     force: Force = False,
     tune_on: Annotated[str | None, typer.Option(help="choose the scale (and density) on this suite's validation data: "
                                                 "a suite YAML file or a built-in name")] = None,
@@ -61,21 +65,18 @@ def merge(
     from taskvec.config import load_merge_config
     from taskvec.merge import merge_checkpoints
 
-    try:
-        cfg = load_merge_config(config)
-        if out.exists() and not force:
-            raise TaskVecError(f"{out}: already exists (pass --force to replace it)")
-        if tune_on is not None:
-            from taskvec.bench.suite import suite_path
-            from taskvec.tune import tune_merge, tuned_config
+    cfg = load_merge_config(config)
+    if out.exists() and not force:
+        raise ConfigError(f"{out}: already exists (pass --force to replace it)")
+    if tune_on is not None:
+        from taskvec.bench.suite import suite_path
+        from taskvec.tune import tune_merge, tuned_config
 
-            suite_path(tune_on)
-            result = tune_merge(cfg, tune_on, cache=cache)
-            _show_grid(result)
-            cfg = tuned_config(cfg, result)
-        path = merge_checkpoints(cfg, out, overwrite=force, progress=True)
-    except TaskVecError as e:
-        _fail(e)
+        suite_path(tune_on)
+        result = tune_merge(cfg, tune_on, cache=cache)
+        _show_grid(result)
+        cfg = tuned_config(cfg, result)
+    path = merge_checkpoints(cfg, out, overwrite=force, progress=True, allow_nonfinite=allow_nonfinite)
     console.print(f"merged {len(cfg.models)} task vectors with [bold]{cfg.method}[/] into [bold]{path}[/]")
 
 
@@ -100,17 +101,17 @@ def apply(
     base: Annotated[str, typer.Argument(help="base checkpoint")],
     task_vector: Annotated[str, typer.Argument(help="saved task vector")],
     out: Annotated[Path, typer.Option("-o", "--out", help="output shard folder or .safetensors file")],
-    coef: Annotated[float, typer.Option(help="coefficient; negative to forget the task")] = 1.0,
+    coef: Annotated[float, typer.Option(help="coefficient; negative to forget the task", callback=finite)] = 1.0,
     dtype: Annotated[str | None, typer.Option(help="output dtype (default: the base's)")] = None,
+    allow_nonfinite: AllowNonfinite = False,
     force: Force = False,
 ) -> None:
     """Write BASE + COEF * TASK_VECTOR."""
     from taskvec.core import TaskVector
 
-    try:
-        path = TaskVector.load(task_vector).apply_to(base, coef, out=out, dtype=_dtype(dtype), overwrite=force, progress=True)
-    except TaskVecError as e:
-        _fail(e)
+    dt = _dtype(dtype)
+    tv = TaskVector.load(task_vector, allow_nonfinite=allow_nonfinite)
+    path = tv.apply_to(base, coef, out=out, dtype=dt, overwrite=force, progress=True)
     console.print(f"wrote [bold]{path}[/]")
 
 
@@ -122,10 +123,7 @@ def info(
     """Tensors, size, sparsity and norms of a checkpoint or task vector."""
     from taskvec.summary import summarize
 
-    try:
-        s = summarize(file)
-    except TaskVecError as e:
-        _fail(e)
+    s = summarize(file)
     t = Table(title=f"{file}")
     t.add_column("")
     t.add_column("value", justify="right")
@@ -149,19 +147,23 @@ def info(
 def similarity(
     task_vectors: Annotated[list[str], typer.Argument(help="two or more saved task vectors")],
     png: Annotated[Path | None, typer.Option(help="write a heatmap PNG here")] = None,
+    allow_nonfinite: AllowNonfinite = False,
+    force: Annotated[bool, typer.Option("--force", help="replace the PNG if it exists")] = False,
 ) -> None:
     """Cosine similarity matrix of task vectors (streamed Gram matrix), as a table and a heatmap."""
+    from taskvec._optional import require
     from taskvec.core import TaskVector
     from taskvec.core.similarity import cosine_matrix
     from taskvec.report import heatmap
 
-    try:
-        if len(task_vectors) < 2:
-            raise TaskVecError("similarity needs at least two task vectors")
-        tvs = [TaskVector.load(p) for p in task_vectors]
-        cos = cosine_matrix(tvs)
-    except TaskVecError as e:
-        _fail(e)
+    if len(task_vectors) < 2:
+        raise ConfigError("similarity needs at least two task vectors")
+    if png is not None and png.exists() and not force:
+        raise ConfigError(f"{png}: already exists (pass --force to replace it)")
+    if png is not None:
+        require("matplotlib", "plot")  # fail before the work, not after it
+    tvs = [TaskVector.load(p, allow_nonfinite=allow_nonfinite) for p in task_vectors]
+    cos = cosine_matrix(tvs)
     names = [Path(p).stem for p in task_vectors]
     t = Table(title="cosine similarity")
     t.add_column("")
@@ -170,6 +172,10 @@ def similarity(
     for i, n in enumerate(names):
         t.add_row(n, *(f"{float(cos[i, j]):.4f}" for j in range(len(names))))
     console.print(t)
+    zero = [n for i, n in enumerate(names) if bool(cos[i, i].isnan())]
+    if zero:
+        console.print(f"nan: {', '.join(zero)} {'is a zero task vector' if len(zero) == 1 else 'are zero task vectors'}; "
+                      "the cosine with a zero vector is undefined")
     if png is not None:
         heatmap(cos.numpy(), names, names, png, title="cosine similarity of task vectors")
         console.print(f"heatmap written to [bold]{png}[/]")
@@ -179,12 +185,13 @@ def similarity(
 def methods() -> None:
     """List the registered merge methods and their parameters."""
     from taskvec.methods import list_methods
+    from taskvec.methods.registry import method_source
 
+    methods = list_methods()
     t = Table(title="merge methods")
-    for c in ("name", "what", "parameters"):
+    for c in ("name", "what", "parameters", "from"):
         t.add_column(c)
-    for m in list_methods():
+    for m in methods:
         ps = ", ".join(f"{n}={f.default!r}" for n, f in m.params.model_fields.items()) or "-"
-        t.add_row(m.name, m.summary, ps)
+        t.add_row(m.name, m.summary, ps, method_source(m.name))
     console.print(t)
-

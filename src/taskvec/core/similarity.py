@@ -23,7 +23,12 @@ def gram_matrix(tvs: Sequence[TaskVector], chunk_elems: int = CHUNK_ELEMS) -> to
 
 
 def cosine_matrix(tvs: Sequence[TaskVector]) -> torch.Tensor:
-    """Cosine similarity of every pair of task vectors, from the streamed Gram matrix."""
+    """Cosine similarity of every pair of task vectors, from the streamed Gram matrix; NaN in the
+    rows and columns of a zero task vector (its direction is undefined)."""
     g = gram_matrix(tvs)
-    n = g.diagonal().sqrt().clamp(min=1e-300)
-    return g / n[:, None] / n[None, :]
+    n = g.diagonal().sqrt()
+    cos = g / n[:, None] / n[None, :]
+    zero = n == 0
+    cos[zero, :] = float("nan")
+    cos[:, zero] = float("nan")
+    return cos

@@ -81,16 +81,20 @@ def write_checkpoint(
     progress: bool = False,
     description: str = "writing",
     workers: int = PIPELINE_WORKERS,
+    extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write every tensor of `specs`, asking `slice_fn(key, start, stop)` for each flat slice.
 
     Slices are computed by `workers` threads a few slices ahead of the writer (reads and torch
     kernels release the GIL), so disk reads overlap with compute and with each other; they are
     written strictly in order. Memory holds at most `2 * workers` slices in flight.
+    `extra_files(tmp)` adds non-weight files to a folder output before it is renamed into place.
     """
     out = Path(out)
     total = sum(s.nbytes for s in specs.values())
-    with CheckpointWriter(out, specs, max_shard_bytes=max_shard_bytes, metadata=metadata, overwrite=overwrite) as w:
+    with CheckpointWriter(
+        out, specs, max_shard_bytes=max_shard_bytes, metadata=metadata, overwrite=overwrite, extra_files=extra_files
+    ) as w:
         jobs = [(key, s, e) for key in w.order for s, e in chunks(specs[key].numel, chunk_elems)]
         with byte_progress(total, description, progress) as advance:
             if workers <= 1:

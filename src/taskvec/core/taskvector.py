@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from taskvec.core.coef import Coef, matches, resolve
+from taskvec.core.coef import Coef, check_coef_map, check_patterns, matches, resolve
 from taskvec.core.stream import CHUNK_ELEMS, LastSliceCache, chunks, write_checkpoint
-from taskvec.errors import DtypeError, KeyMismatchError, ShapeMismatchError
+from taskvec.errors import ConfigError, DtypeError, KeyMismatchError, NonFiniteError, ShapeMismatchError
 from taskvec.io import CheckpointLike, DictSource, Source, TensorSpec, open_checkpoint
+from taskvec.io.hf import hf_output_files
 from taskvec.io.writer import DEFAULT_SHARD_BYTES
 
 TASK_VECTOR_FORMAT = "taskvec/task_vector"
@@ -35,6 +36,32 @@ def _key_list(keys: Iterable[str], limit: int = 5) -> str:
     keys = sorted(keys)
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(repr(k) for k in keys[:limit]) + more
+
+
+ALLOW_HINT = "allow_nonfinite=True (--allow-nonfinite of extract, apply, merge, similarity) uses it anyway"
+
+
+def _nonfinite(x: torch.Tensor, start: int) -> str | None:
+    """None if `x` is all finite, else how many entries are not and where the first one is."""
+    bad = ~torch.isfinite(x)
+    if not bool(bad.any()):
+        return None
+    first = int(bad.nonzero()[0, 0])
+    return f"{int(bad.sum())} NaN/infinite values (the first at flat index {start + first}: {float(x[first])})"
+
+
+def cast_checked(x: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
+    """`x` in `dtype`; refuse a down-cast that turns finite values into infinities."""
+    y = x.to(dtype)
+    if y.dtype != x.dtype and y.is_floating_point() and not bool(torch.isfinite(y).all()):
+        over = torch.isfinite(x) & ~torch.isfinite(y)
+        if bool(over.any()):
+            v = float(x[over].abs().max())
+            raise DtypeError(
+                f"tensor {key!r}: {int(over.sum())} values (largest |x| = {v:g}) overflow "
+                f"{str(dtype).removeprefix('torch.')}; store as float32 or bfloat16"
+            )
+    return y
 
 
 def check_same_tensors(a: Source, b: Source, keys: Sequence[str] | None = None) -> None:
@@ -68,10 +95,13 @@ class DiffSource:
         include: list[str] | None,
         exclude: list[str] | None,
         dtype: torch.dtype | None = None,
+        allow_nonfinite: bool = False,
     ):
         self.pretrained, self.finetuned = pretrained, finetuned
+        self.allow_nonfinite = allow_nonfinite
         self.name = f"{finetuned.name} - {pretrained.name}"
         pk = set(pretrained.keys())
+        check_patterns([*pretrained.keys(), *(k for k in finetuned.keys() if k not in pk)], include, exclude, pretrained.name)
         wanted = [k for k in pretrained.keys() if matches(k, include, exclude)]
         wanted += [k for k in finetuned.keys() if k not in pk and matches(k, include, exclude)]
         check_same_tensors(pretrained, finetuned, wanted)
@@ -88,6 +118,8 @@ class DiffSource:
                     "a task vector needs floating tensors on both sides"
                 )
             # integer buffers (position ids, BatchNorm counters) carry no task vector
+        if not self._keys:
+            raise ConfigError(f"{self.name}: no floating tensor selected (include={include}, exclude={exclude})")
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -99,14 +131,25 @@ class DiffSource:
 
     def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         dt = self.spec(key).dtype
-        return self.finetuned.read_flat(key, start, stop).to(dt) - self.pretrained.read_flat(key, start, stop).to(dt)
+        ft, pre = self.finetuned.read_flat(key, start, stop), self.pretrained.read_flat(key, start, stop)
+        out = ft.to(dt) - pre.to(dt)
+        if not self.allow_nonfinite:
+            bad = _nonfinite(out, start)
+            if bad is not None:
+                for src, x in ((self.finetuned, ft), (self.pretrained, pre)):
+                    where = _nonfinite(x, start)
+                    if where is not None:
+                        raise NonFiniteError(f"{src.name}: tensor {key!r} has {where}; refused, {ALLOW_HINT}")
+                raise NonFiniteError(f"task vector {self.name}: tensor {key!r} has {bad}; refused, {ALLOW_HINT}")
+        return out
 
 
 class FloatSource:
     """A stored task vector (e.g. fp16 on disk) read back in at least float32."""
 
-    def __init__(self, source: Source, keys: list[str] | None = None):
+    def __init__(self, source: Source, keys: list[str] | None = None, allow_nonfinite: bool = False):
         self.source = source
+        self.allow_nonfinite = allow_nonfinite
         self.name = source.name
         self._keys = keys if keys is not None else source.keys()
         for k in self._keys:
@@ -121,7 +164,12 @@ class FloatSource:
         return TensorSpec(s.shape, _compute_dtype(s.dtype))
 
     def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return self.source.read_flat(key, start, stop).to(self.spec(key).dtype)
+        out = self.source.read_flat(key, start, stop).to(self.spec(key).dtype)
+        if not self.allow_nonfinite:
+            bad = _nonfinite(out, start)
+            if bad is not None:
+                raise NonFiniteError(f"{self.name}: tensor {key!r} has {bad}; refused, {ALLOW_HINT}")
+        return out
 
 
 class LinearSource:
@@ -134,6 +182,8 @@ class LinearSource:
         first = terms[0][1]
         for _, src in terms[1:]:
             check_same_tensors(first, src)
+        for coef, _ in terms:
+            check_coef_map(coef, first.keys())
         self.name = " + ".join(s.name for _, s in terms) if len(terms) < 4 else f"sum of {len(terms)} task vectors"
 
     def keys(self) -> list[str]:
@@ -174,24 +224,29 @@ class TaskVector:
         exclude: list[str] | None = None,
         name: str | None = None,
         dtype: torch.dtype | None = None,
+        allow_nonfinite: bool = False,
     ) -> TaskVector:
-        """tau = finetuned - pretrained over floating tensors; `include`/`exclude` are globs.
+        """tau = finetuned - pretrained over floating tensors; `include`/`exclude` are globs, each of
+        which must match some tensor.
 
         `dtype` is the compute dtype (default: float32, or wider if the inputs are); float64 makes
         `tau.apply_to(pretrained, 1.0)` give back float32 fine-tuned weights bit for bit.
+        A NaN or infinite value in either checkpoint is an error naming the tensor when it is read,
+        unless `allow_nonfinite` (it then flows into every result that uses it).
         """
         pre, ft = open_checkpoint(pretrained), open_checkpoint(finetuned)
-        return cls(DiffSource(pre, ft, include, exclude, dtype), name=name)
+        return cls(DiffSource(pre, ft, include, exclude, dtype, allow_nonfinite), name=name)
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], name: str = "<task vector>") -> TaskVector:
-        return cls(FloatSource(DictSource(tensors, name=name)), name=name)
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], name: str = "<task vector>", *, allow_nonfinite: bool = False) -> TaskVector:
+        return cls(FloatSource(DictSource(tensors, name=name), allow_nonfinite=allow_nonfinite), name=name)
 
     @classmethod
-    def load(cls, path: CheckpointLike) -> TaskVector:
-        """A task vector saved by `save` (any checkpoint format of deltas works)."""
+    def load(cls, path: CheckpointLike, *, allow_nonfinite: bool = False) -> TaskVector:
+        """A task vector saved by `save` (any checkpoint format of deltas works); NaN or infinite
+        values are an error naming the tensor when read, unless `allow_nonfinite`."""
         src = open_checkpoint(path)
-        return cls(FloatSource(src), name=src.name)
+        return cls(FloatSource(src, allow_nonfinite=allow_nonfinite), name=src.name)
 
     # ----- access
     def keys(self) -> list[str]:
@@ -266,8 +321,10 @@ class TaskVector:
         return TaskVector(LinearSource(terms), name=f"sum of {len(task_vectors)}")
 
     def filter(self, include: list[str] | None = None, exclude: list[str] | None = None) -> TaskVector:
-        """Keep only the tensors matching `include` globs and none of `exclude`."""
+        """Keep only the tensors matching `include` globs and none of `exclude`; keeping none is an error."""
         keys = [k for k in self.keys() if matches(k, include, exclude)]
+        if not keys:
+            raise ConfigError(f"{self.name}: include={include} exclude={exclude} keep no tensor")
         return TaskVector(_Subset(self.source, keys), name=self.name)
 
     # ----- reductions (streamed)
@@ -288,7 +345,9 @@ class TaskVector:
         return total**0.5
 
     def cosine(self, other: TaskVector) -> float:
-        return self.dot(other) / max(self.norm() * other.norm(), 1e-300)
+        """Cosine similarity; NaN when either task vector is zero (its direction is undefined)."""
+        denom = self.norm() * other.norm()
+        return self.dot(other) / denom if denom > 0 else float("nan")
 
     # ----- materialise, apply, save
     def to_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -308,7 +367,9 @@ class TaskVector:
         """theta0 + coef * tau.
 
         An `nn.Module` base gives a new module (the base is left untouched); a state dict gives a new
-        state dict; a checkpoint on disk needs `out` and is streamed to it tensor by tensor.
+        state dict; a checkpoint on disk needs `out` and is streamed to it tensor by tensor. A Hugging
+        Face base folder gives a folder `from_pretrained` loads: its config (with the new dtype) and
+        tokenizer/processor files come along.
         """
         if isinstance(base, nn.Module):
             model = copy.deepcopy(base)
@@ -321,14 +382,18 @@ class TaskVector:
         if out is None:
             raise ValueError("apply_to a checkpoint on disk needs `out`, the path to write to")
         src = open_checkpoint(base)
-        return apply_streaming(src, self, coef, out, dtype=dtype, shard_size=shard_size, overwrite=overwrite, progress=progress)
+        return apply_streaming(
+            src, self, coef, out, dtype=dtype, shard_size=shard_size, overwrite=overwrite, progress=progress,
+            extra_files=hf_output_files(base, out, dtype),
+        )
 
     def _apply_dict(self, base: Mapping[str, torch.Tensor], coef: Coef) -> dict[str, torch.Tensor]:
         check_same_tensors(DictSource(base, name="base"), self.source, self.keys())
         out = dict(base)
+        check_coef_map(coef, self.keys())
         for k in self.keys():
             b = base[k]
-            out[k] = add_scaled(b, self[k], resolve(coef, k)).to(b.dtype)
+            out[k] = cast_checked(add_scaled(b, self[k], resolve(coef, k)), b.dtype, k)
         return out
 
     def save(
@@ -345,7 +410,7 @@ class TaskVector:
         return write_checkpoint(
             path,
             specs,
-            lambda k, s, e: self.source.read_flat(k, s, e),
+            lambda k, s, e: cast_checked(self.source.read_flat(k, s, e), specs[k].dtype, k),
             max_shard_bytes=shard_size,
             metadata={"taskvec": TASK_VECTOR_FORMAT},
             overwrite=overwrite,
@@ -397,11 +462,15 @@ def apply_streaming(
     progress: bool = False,
     chunk_elems: int = CHUNK_ELEMS,
     metadata: dict[str, str] | None = None,
+    extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write theta0 + coef * tau to `out`, slice by slice. Tensors outside tau are copied from the base."""
+    """Write theta0 + coef * tau to `out`, slice by slice. Tensors outside tau are copied from the base.
+
+    `extra_files(tmp)` adds non-weight files (see `taskvec.io.hf.hf_output_files`) before the rename."""
     base = base if isinstance(base, LastSliceCache) else LastSliceCache(base)
     delta_keys = set(tv.keys())
     check_same_tensors(base, tv.source, sorted(delta_keys))
+    check_coef_map(coef, tv.keys(), "coefficient (scale) map")
     specs: dict[str, TensorSpec] = {}
     for k in base.keys():
         s = base.spec(k)
@@ -412,9 +481,9 @@ def apply_streaming(
         if k not in delta_keys:
             return b
         c = resolve(coef, k)
-        return add_scaled(b, tv.source.read_flat(k, s, e), c)
+        return cast_checked(add_scaled(b, tv.source.read_flat(k, s, e), c), specs[k].dtype, k)
 
     return write_checkpoint(
         out, specs, slice_fn, max_shard_bytes=shard_size, overwrite=overwrite, progress=progress,
-        chunk_elems=chunk_elems, metadata=metadata, description="writing model",
+        chunk_elems=chunk_elems, metadata=metadata, description="writing model", extra_files=extra_files,
     )

@@ -60,8 +60,88 @@ def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Corrupt(f"name {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def _no_constant(name: str) -> object:
+    raise _Corrupt(f"{name} is not valid JSON")
+
+
+class _Corrupt(ValueError):
+    """A header rule is broken; read_header turns it into a CheckpointError naming the file."""
+
+
+class _Truncated(_Corrupt):
+    """The data section is shorter than the header says."""
+
+
+def _is_uint(x: object) -> bool:
+    return type(x) is int and x >= 0
+
+
+def validate_header(header: object, data_size: int) -> tuple[dict[str, dict], dict[str, str]]:
+    """(tensor entries, metadata) of a parsed header, checked by the rules the `safetensors` library
+    applies: a JSON object of objects with a known `dtype`, a `shape` of integers >= 0 and two
+    integer `data_offsets`; entries laid out back to back from byte 0 in offset order, each exactly
+    prod(shape) x dtype size bytes, ending exactly at the end of the data section; `__metadata__`
+    a map of strings to strings. Raises `_Corrupt` (or `DtypeError` for a dtype taskvec cannot use)."""
+    if not isinstance(header, dict):
+        raise _Corrupt(f"header is a JSON {type(header).__name__}, not an object")
+    meta = header.get("__metadata__")
+    if meta is None:
+        meta = {}
+    elif not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _Corrupt("__metadata__ must map strings to strings")
+    entries: dict[str, dict] = {}
+    for key, e in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(e, dict):
+            raise _Corrupt(f"tensor {key!r}: entry is a JSON {type(e).__name__}, not an object")
+        for field in ("dtype", "shape", "data_offsets"):
+            if field not in e:
+                raise _Corrupt(f"tensor {key!r}: no {field!r}")
+        dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        if not isinstance(dtype, str):
+            raise _Corrupt(f"tensor {key!r}: dtype {dtype!r} is not a string")
+        if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+            raise _Corrupt(f"tensor {key!r}: shape {shape!r} is not a list of integers >= 0")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
+            raise _Corrupt(f"tensor {key!r}: data_offsets {offsets!r} is not two integers >= 0")
+        if dtype not in ST_DTYPES:
+            raise DtypeError(f"tensor {key!r} has unsupported dtype {dtype!r}")
+        entries[key] = e
+    pos = 0
+    for key, e in sorted(entries.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+        s, end = e["data_offsets"]
+        if end < s:
+            raise _Corrupt(f"tensor {key!r}: data_offsets {[s, end]} end before they start")
+        if s != pos:
+            how = "overlap the previous tensor's bytes" if s < pos else "leave a gap after the previous tensor"
+            raise _Corrupt(f"tensor {key!r}: data_offsets {[s, end]} {how} (tensors must lie back to back; the previous ends at byte {pos})")
+        n = 1
+        for d in e["shape"]:
+            n *= d
+        want = n * dtype_size(ST_DTYPES[e["dtype"]])
+        if end - s != want:
+            raise _Corrupt(f"tensor {key!r}: data_offsets span {end - s} bytes, shape {e['shape']} of {e['dtype']} needs {want}")
+        pos = end
+    if pos > data_size:
+        raise _Truncated(f"truncated safetensors file: tensors need {pos} bytes of data, the file holds {data_size}")
+    if pos != data_size:
+        raise _Corrupt(f"tensors cover {pos} bytes of data but the file holds {data_size}")
+    return entries, dict(meta)
+
+
 def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
-    """Return (tensor entries, metadata, offset of the data section), checking the file is whole."""
+    """Return (tensor entries, metadata, offset of the data section), checking the header as strictly
+    as the `safetensors` library does (see `validate_header`) and that the file is whole."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -71,22 +151,22 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
             (n,) = struct.unpack("<Q", raw)
             if n > MAX_HEADER or 8 + n > size:
                 raise CheckpointError(f"{path}: truncated or corrupt safetensors header ({n} bytes announced, file is {size})")
-            header = json.loads(f.read(n))
+            text = f.read(n).decode("utf-8")
+        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        entries, meta = validate_header(header, size - 8 - n)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a folder, not a safetensors file") from None
+    except _Truncated as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except _Corrupt as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
-    meta = header.pop("__metadata__", None) or {}
-    data_start = 8 + n
-    end = max((e["data_offsets"][1] for e in header.values()), default=0)
-    if data_start + end > size:
-        raise CheckpointError(
-            f"{path}: truncated safetensors file: data ends at byte {data_start + end}, file has {size} bytes"
-        )
-    for key, e in header.items():
-        if e.get("dtype") not in ST_DTYPES:
-            raise DtypeError(f"{path}: tensor {key!r} has unsupported dtype {e.get('dtype')!r}")
-    return header, meta, data_start
+    except DtypeError as e:
+        raise DtypeError(f"{path}: {e}") from None
+    return entries, meta, 8 + n
 
 
 class SafetensorsFile:

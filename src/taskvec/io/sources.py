@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -66,6 +69,21 @@ class SafetensorsSource:
         return self.file.read_flat(key, start, stop)
 
 
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor -> shard file map, checked: names are plain file names in the folder."""
+    try:
+        data = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a valid safetensors index (no 'weight_map' object of tensor -> shard file)")
+    for key, fname in weight_map.items():
+        if not isinstance(fname, str) or not fname or Path(fname).name != fname or fname in (".", ".."):
+            raise CheckpointError(f"{index}: tensor {key!r} names shard {fname!r}, not a file name in the folder")
+    return weight_map
+
+
 class ShardedSource:
     """A folder of safetensors shards with an index (Hugging Face layout), or a folder of shards alone."""
 
@@ -77,19 +95,23 @@ class ShardedSource:
         self._where: dict[str, SafetensorsFile] = {}
         self.metadata: dict[str, str] = {}
         if index is not None:
-            try:
-                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            weight_map = _weight_map(index)
             for key, fname in weight_map.items():
                 if fname not in files:
                     path = self.folder / fname
-                    if not path.exists():
+                    if not path.is_file():
                         raise CheckpointError(f"{index}: shard {fname} listed for tensor {key!r} is missing")
                     files[fname] = SafetensorsFile(path)
                 if key not in files[fname].keys():
                     raise CheckpointError(f"{self.folder / fname}: index says it holds {key!r}, but it does not")
                 self._where[key] = files[fname]
+            for fname, f in files.items():
+                unlisted = [k for k in f.keys() if weight_map.get(k) != fname]
+                if unlisted:
+                    raise CheckpointError(
+                        f"{index}: shard {fname} holds {len(unlisted)} tensor(s) the index does not list for it, "
+                        f"e.g. {unlisted[0]!r}; the index is incomplete"
+                    )
         else:
             shards = sorted(self.folder.glob("*.safetensors"))
             if not shards:
@@ -146,11 +168,26 @@ class DictSource:
         return self._t[key].reshape(-1)[start:stop]
 
 
+_WARNED: set[Path] = set()
+
+
 def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a `torch.save`d file, unpickling tensors only (weights_only). Zip files
+    (torch >= 1.6) are memory-mapped; the legacy format cannot be, so it is read whole into memory."""
+    legacy = not zipfile.is_zipfile(path)
     try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        obj = torch.load(path, map_location="cpu", mmap=not legacy, weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = str(e).split("Unsupported global: ")[-1].split("\n")[0].strip() if "Unsupported global" in str(e) else "objects"
+        raise CheckpointError(
+            f"{path}: refused: its pickle holds {what} beyond tensors and plain containers, and loading it "
+            "could run code (only weights are unpickled)"
+        ) from None
     except Exception as e:  # torch raises many types for a bad file
-        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    if legacy and path.resolve() not in _WARNED:
+        _WARNED.add(path.resolve())
+        warnings.warn(f"{path}: legacy (non-zip) torch checkpoint, loaded whole into memory", stacklevel=3)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -165,7 +202,7 @@ def open_checkpoint(x: CheckpointLike) -> Source:
     """Open anything that holds weights as a `Source`.
 
     Accepts a .safetensors file, a folder of shards (with or without an index), a `torch.save`d
-    state dict (.bin/.pt/.pth, memory-mapped), a dict of tensors, an `nn.Module`, or a source.
+    state dict (.bin/.pt/.pth: memory-mapped, or read whole in the legacy non-zip format), a dict of tensors, an `nn.Module`, or a source.
     """
     if isinstance(x, nn.Module):
         return DictSource(x.state_dict(), name=f"<{type(x).__name__}>")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -59,6 +60,8 @@ class CheckpointWriter:
 
     Use as a context manager: call `write(key, data)` with the slices of each tensor in order;
     on clean exit the output is renamed into place, on error the temporary files are removed.
+    `extra_files(tmp)`, if given, adds files to the temporary folder before the rename (e.g. a
+    Hugging Face base's config and tokenizer), so the output appears complete or not at all.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class CheckpointWriter:
         overwrite: bool = False,
         index_name: str = "model.safetensors.index.json",
         prefix: str = "model",
+        extra_files: Callable[[Path], None] | None = None,
     ):
         self.out = Path(out)
         self.specs = dict(specs)
@@ -84,6 +88,7 @@ class CheckpointWriter:
             f"{prefix}.safetensors" if n == 1 else f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
         ]
         self.index_name = index_name
+        self.extra_files = extra_files
         self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
         self._order = [k for shard in self.shards for k in shard]
         self._shard_of = {k: i for i, shard in enumerate(self.shards) for k in shard}
@@ -156,6 +161,8 @@ class CheckpointWriter:
                 "weight_map": {k: self.names[self._shard_of[k]] for k in self._order},
             }
             (self.tmp / self.index_name).write_text(json.dumps(index, indent=2))
+            if self.extra_files is not None:
+                self.extra_files(self.tmp)
         replace_path(self.tmp, self.out)
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:

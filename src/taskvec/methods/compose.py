@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Sequence
 
 import torch
 
-from taskvec.core.coef import Coef, resolve
+from taskvec.core.coef import Coef, check_coef_map, resolve
 from taskvec.core.taskvector import TaskVector, _compute_dtype, check_same_tensors
 from taskvec.io import TensorSpec
 from taskvec.methods.registry import MergeMethod, MethodParams, SliceContext, get_method, magnitude_threshold, parse_params
 
 
-def slice_seed(seed: int, key: str, start: int) -> int:
-    """A stable 63-bit seed for the random masks of one slice of one tensor."""
-    h = hashlib.blake2b(f"{seed}|{key}|{start}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+def _nan_as_zero(x: torch.Tensor) -> torch.Tensor:
+    """NaN (only in task vectors read with allow_nonfinite) ranks as 0 when thresholds are found:
+    it is never among the kept entries' order statistics, and the threshold search stays defined."""
+    return torch.where(torch.isnan(x), 0.0, x) if bool(torch.isnan(x).any()) else x
 
 
 class ComposedSource:
@@ -29,6 +28,8 @@ class ComposedSource:
         for tv in tvs[1:]:
             check_same_tensors(tvs[0].source, tv.source)
         self.tvs, self.method, self.params, self.weights = list(tvs), method, params, list(weights)
+        for w, tv in zip(self.weights, self.tvs):
+            check_coef_map(w, tvs[0].keys(), f"weight map of {tv.name}")
         self.name = f"{method.name}({', '.join(tv.name for tv in tvs)})" if len(tvs) < 4 else f"{method.name} of {len(tvs)}"
         self._thresholds: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
@@ -49,7 +50,7 @@ class ComposedSource:
         if key not in self._thresholds:
             assert self.method.magnitude_density is not None
             density = self.method.magnitude_density(self.params)
-            vals = [magnitude_threshold(tv.source.read_flat(key), density) for tv in self.tvs]
+            vals = [magnitude_threshold(_nan_as_zero(tv.source.read_flat(key)), density) for tv in self.tvs]
             if len(self._thresholds) >= 8:  # a few tensors' worth: slices of neighbouring tensors run in parallel
                 self._thresholds.pop(next(iter(self._thresholds)))
             self._thresholds[key] = torch.tensor(vals, dtype=torch.float64)
@@ -60,11 +61,8 @@ class ComposedSource:
         stop = spec.numel if stop is None else stop
         deltas = torch.stack([tv.source.read_flat(key, start, stop).to(spec.dtype) for tv in self.tvs])
         weights = torch.tensor([resolve(w, key) for w in self.weights], dtype=spec.dtype)
-        gen = None
-        if self.method.seeded is not None:
-            gen = torch.Generator().manual_seed(slice_seed(self.method.seeded(self.params), key, start))
         ctx = SliceContext(
-            key=key, start=start, stop=stop, generator=gen,
+            key=key, start=start, stop=stop, numel=spec.numel,
             thresholds=self.thresholds(key) if self.method.magnitude_density is not None else None,
         )
         return self.method.merge(deltas, weights, self.params, ctx)

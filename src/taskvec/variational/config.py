@@ -63,8 +63,8 @@ class ComposerConfig(Strict):
     posterior: PosteriorConfig = Field(default_factory=PosteriorConfig)
     concrete_temperature: float = Field(0.5, gt=0.0)
     hard_concrete: bool = False
-    kl_weight: float = Field(1e-4, ge=0.0, description="lambda_KL; the KL is summed over the T*B coefficients "
-                             "(1e-4 was chosen on held-out data of both real suites)")
+    kl_weight: float = Field(1e-4, ge=0.0, description="lambda_KL; the KL is summed over the T*B coefficients, "
+                             "so a larger value gates out more of them")
 
     @model_validator(mode="after")
     def _consistent(self) -> ComposerConfig:

@@ -37,7 +37,7 @@ CHECKPOINT_ELEMS = 1 << 26
 AUTO_POSITIONS = 2.0
 AUTO_ROWS = 64
 """'auto' picks 'batched' when positions per sample >= AUTO_POSITIONS * T or the batch has fewer
-than AUTO_ROWS positions in all, else 'linear' (tuned on CPU with benchmarks/composed_forward.py)."""
+than AUTO_ROWS positions in all, else 'linear' (the faster of the two on CPU in benchmarks/composed_forward.py)."""
 
 
 def delta(c: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:

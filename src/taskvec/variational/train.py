@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from taskvec.config import DTYPES
-from taskvec.errors import ConfigError
+from taskvec.errors import ConfigError, NonFiniteError
 from taskvec.variational import shared as _shared  # noqa: F401 (registers the 'shared' method)
 from taskvec.variational.config import ComposerConfig, ComposeTrainConfig, TrainConfig
 from taskvec.variational.data import ComposeData, sample_noise
@@ -338,6 +338,13 @@ def evaluate_composer(
             draws = list(composer.coef.sample(batch.features, noise).unbind(0))
         else:
             draws = [alpha]
+        for a in draws:
+            if not bool(torch.isfinite(a).all()):
+                bad = int((~torch.isfinite(a)).reshape(len(index), -1).any(1).sum()) if a.dim() == 3 else len(index)
+                raise NonFiniteError(
+                    f"composition coefficients are NaN or infinite for {bad} of the samples "
+                    f"{int(index[0])}..{int(index[-1])}; the composer diverged or its saved weights are corrupt"
+                )
         probs: dict[int, torch.Tensor] = {}
         for a in draws:
             for task, idx, logits in composer.logits(batch.inputs, a, batch.tasks):
