@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
 
-from taskvec.cli import app
+from taskvec.cli import app  # noqa: E402
 
 WORDS = {
     "sentiment": {"pos": ["good", "great", "fine", "nice"], "neg": ["bad", "awful", "poor", "sad"]},
@@ -53,12 +53,26 @@ def _mean_pool(model: torch.nn.Module, enc: dict[str, torch.Tensor]) -> torch.Te
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """What a user holds: a pretrained HF folder, two fine-tuned HF folders, CSV files, a suite."""
     root = tmp_path_factory.mktemp("own")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *FILLER, *(w for t in WORDS.values() for ws in t.values() for w in ws)]
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *FILLER,
+        *(w for t in WORDS.values() for ws in t.values() for w in ws),
+    ]
     (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tok = transformers.BertTokenizer(str(root / "vocab.txt"), do_lower_case=True)  # WordPiece over the vocab file
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=32)
+    cfg = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
     base = transformers.BertModel(cfg).eval()
     base.save_pretrained(root / "bert-base")
     tok.save_pretrained(root / "bert-base")
@@ -116,12 +130,40 @@ def _invoke(*args: str) -> str:
 def walked(project: Path) -> Path:
     """The walk-through's commands, in order."""
     root = project
-    _invoke("bench", "run", root / "suite.yaml", "--methods", "task_arithmetic", "--no-negation",
-            "-o", root / "runs", "--cache", root / "cache")
+    _invoke(
+        "bench",
+        "run",
+        root / "suite.yaml",
+        "--methods",
+        "task_arithmetic",
+        "--no-negation",
+        "-o",
+        root / "runs",
+        "--cache",
+        root / "cache",
+    )
     _invoke("compose", "train", root / "compose.yaml", "-o", root / "composer")
     _invoke("compose", "eval", root / "composer")
-    _invoke("compose", "predict", root / "composer", root / "data" / "topic-test.csv", "--task", "topic", "-o", root / "preds.jsonl")
-    _invoke("compose", "predict", root / "composer", root / "data" / "topic-val.csv", "--task", "topic", "-o", root / "val.jsonl")
+    _invoke(
+        "compose",
+        "predict",
+        root / "composer",
+        root / "data" / "topic-test.csv",
+        "--task",
+        "topic",
+        "-o",
+        root / "preds.jsonl",
+    )
+    _invoke(
+        "compose",
+        "predict",
+        root / "composer",
+        root / "data" / "topic-val.csv",
+        "--task",
+        "topic",
+        "-o",
+        root / "val.jsonl",
+    )
     _invoke("compose", "export", root / "composer", "--task", "topic", "-o", root / "topic-model")
     return root
 
@@ -165,8 +207,13 @@ def test_bench_run_scores_the_users_own_checkpoints(walked: Path) -> None:
     assert results["pretrained"]["topic"] == pytest.approx(_accuracy(root, base, "topic", test_rows), abs=1e-9)
     ta = results["methods"]["task_arithmetic"]
     lam = ta["lambda"]
-    merged = {k: (base[k].double() + lam * sum(load_file(root / f"ft-{t}" / "model.safetensors")[k].double() - base[k].double()
-                                                 for t in WORDS)).float() for k in base}
+    merged = {
+        k: (
+            base[k].double()
+            + lam * sum(load_file(root / f"ft-{t}" / "model.safetensors")[k].double() - base[k].double() for t in WORDS)
+        ).float()
+        for k in base
+    }
     assert ta["test"]["topic"] == pytest.approx(_accuracy(root, merged, "topic", test_rows), abs=1e-9)
 
 
@@ -231,8 +278,9 @@ def test_exported_model_reloads_with_the_mean_coefficients_of_its_task(walked: P
         torch.testing.assert_close(state[k].double(), v, rtol=0, atol=1e-6)
     info = json.loads((folder / "taskvec_export.json").read_text())
     assert info["task"] == "topic" and info["split"] == "val"
-    torch.testing.assert_close(torch.tensor(info["coefficients"]), torch.tensor([mean[t] for t in info["task_vectors"]]),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(info["coefficients"]), torch.tensor([mean[t] for t in info["task_vectors"]]), rtol=0, atol=1e-6
+    )
 
 
 def test_bad_inputs_give_one_line_errors_before_loading(walked: Path, tmp_path: Path) -> None:
@@ -241,7 +289,20 @@ def test_bad_inputs_give_one_line_errors_before_loading(walked: Path, tmp_path: 
     cases = [
         (["compose", "eval", str(tmp_path / "nowhere")], "no such composer folder"),
         (["compose", "eval", str(root / "composer"), "--mode", "median"], "--mode"),
-        (["compose", "export", str(root / "composer"), "--task", "topic", "-o", str(tmp_path / "x"), "--split", "test"], "--split"),
+        (
+            [
+                "compose",
+                "export",
+                str(root / "composer"),
+                "--task",
+                "topic",
+                "-o",
+                str(tmp_path / "x"),
+                "--split",
+                "test",
+            ],
+            "--split",
+        ),
         (["bench", "run", str(tmp_path / "missing.yaml")], "no such suite file"),
     ]
     bad = tmp_path / "bad.yaml"
@@ -266,6 +327,7 @@ def test_extend_search_walks_past_the_grid_edges() -> None:
         def score(v: float) -> float:
             calls.append(v)
             return -abs(v - at)
+
         return score
 
     best, scores = extend_search(peak(3.0), [0.5, 1.0, 1.5])
@@ -284,12 +346,17 @@ def test_merge_tune_on_chooses_the_scale_on_validation_data(walked: Path) -> Non
     from taskvec.tune import tune_merge
 
     root = walked
-    (root / "merge.yaml").write_text("method: task_arithmetic\nbase: bert-base\n"
-                                     "models: [{finetuned: ft-sentiment}, {finetuned: ft-topic}]\n")
-    out = _invoke("merge", root / "merge.yaml", "-o", root / "merged", "--tune-on", root / "suite.yaml", "--cache", root / "cache")
+    (root / "merge.yaml").write_text(
+        "method: task_arithmetic\nbase: bert-base\nmodels: [{finetuned: ft-sentiment}, {finetuned: ft-topic}]\n"
+    )
+    out = _invoke(
+        "merge", root / "merge.yaml", "-o", root / "merged", "--tune-on", root / "suite.yaml", "--cache", root / "cache"
+    )
     out = " ".join(out.split())
     assert "searched by --tune-on" in out and "chosen: scale" in out
-    result = tune_merge(load_merge_config(root / "merge.yaml"), root / "suite.yaml", cache=root / "cache", progress=False)
+    result = tune_merge(
+        load_merge_config(root / "merge.yaml"), root / "suite.yaml", cache=root / "cache", progress=False
+    )
     assert f"chosen: scale {result.scale:g}" in out
     best = max(r["val"] for r in result.grid)
     assert result.val == best and {0.05, 1.5} <= {r["scale"] for r in result.grid}
@@ -362,8 +429,11 @@ tasks:
     text = (tmp_path / "suite.yaml").read_text()
     folder = next((tmp_path / "cache" / "bench" / "recipe-suite").glob("topic-*"))
     key = folder.name.removeprefix("topic-")
-    (tmp_path / "suite.yaml").write_text(text.replace("lr: 0.001}", "lr: 0.002}").replace(
-        "  - name: topic\n", f"  - name: topic\n    cache_key: {key}\n"))
+    (tmp_path / "suite.yaml").write_text(
+        text.replace("lr: 0.001}", "lr: 0.002}").replace(
+            "  - name: topic\n", f"  - name: topic\n    cache_key: {key}\n"
+        )
+    )
     from taskvec.errors import ConfigError
 
     with pytest.raises(ConfigError, match="cached for a different recipe"):

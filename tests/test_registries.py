@@ -36,14 +36,21 @@ class TaskWeights(nn.Module):
 
 def test_a_registered_composer_is_accepted_and_built() -> None:
     if "task_weights" not in COMPOSERS:
-        register_composer("task_weights", lambda cfg, d, t, b: TaskWeights(t, b, cfg.init_coef), objectives=("supervised",))
+        register_composer(
+            "task_weights", lambda cfg, d, t, b: TaskWeights(t, b, cfg.init_coef), objectives=("supervised",)
+        )
     with pytest.raises(ValueError, match="trained with objective 'supervised'"):
         ComposerConfig(method="task_weights", objective="entropy")
     with pytest.raises(ValueError, match="unknown composer method 'nope'"):
         ComposerConfig(method="nope")
     toy = toy_problem()
-    c = build_composer(copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, 16,
-                       ComposerConfig(method="task_weights", init_coef=0.4, blocks="tensor"))
+    c = build_composer(
+        copy.deepcopy(toy.backbone),
+        toy.task_vectors,
+        toy.heads,
+        16,
+        ComposerConfig(method="task_weights", init_coef=0.4, blocks="tensor"),
+    )
     assert isinstance(c.coef, TaskWeights) and c.coef.w.dtype == torch.float64
     with torch.no_grad():
         c.coef.w.fill_(0.4)  # exactly 0.4 in float64 (it was initialised in float32)
@@ -54,7 +61,9 @@ def test_a_registered_composer_is_accepted_and_built() -> None:
 
 def _vectors(t: int = 4, n: int = 30) -> list[TaskVector]:
     g = torch.Generator().manual_seed(0)
-    return [TaskVector.from_tensors({"w": torch.randn(n, generator=g, dtype=torch.float64)}, name=f"t{i}") for i in range(t)]
+    return [
+        TaskVector.from_tensors({"w": torch.randn(n, generator=g, dtype=torch.float64)}, name=f"t{i}") for i in range(t)
+    ]
 
 
 def test_a_registered_bases_method_is_accepted_and_fitted() -> None:

@@ -13,8 +13,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
-from taskvec.config import _format
-from taskvec.errors import ConfigError
+from taskvec.errors import ConfigError, format_validation_error
 
 B = TypeVar("B", bound=Callable[..., Any])
 
@@ -69,7 +68,7 @@ class Registry(Generic[B]):
         try:
             return self._kinds[name].config(**value)
         except ValidationError as e:
-            raise validation_error(_format(e)) from None
+            raise validation_error(format_validation_error(e)) from None
 
 
 def validation_error(msg: str) -> PydanticCustomError:

@@ -20,8 +20,15 @@ GROW = 1.5
 """Geometric step of a grid extended past its upper edge (the lower edge is halved)."""
 
 
-def extend_search(score: Callable[[float], float], grid: Sequence[float], *, lo: float = 1e-3, hi: float = 100.0,
-                  up: float = GROW, down: float = 0.5) -> tuple[float, dict[float, float]]:
+def extend_search(
+    score: Callable[[float], float],
+    grid: Sequence[float],
+    *,
+    lo: float = 1e-3,
+    hi: float = 100.0,
+    up: float = GROW,
+    down: float = 0.5,
+) -> tuple[float, dict[float, float]]:
     """Best value of `score` over `grid`; while the best sits on an edge of what was searched, add
     the next geometric step beyond that edge (bounded by lo, hi). Ties go to the smaller value."""
     scores: dict[float, float] = {}
@@ -57,16 +64,26 @@ def _task_vectors(cfg: MergeConfig) -> list[TaskVector]:
     tvs = []
     for m in cfg.models:
         if m.finetuned is not None:
-            tvs.append(TaskVector.from_checkpoints(cfg.base, m.finetuned, include=cfg.include, exclude=cfg.exclude or None,
-                                                   name=m.name))
+            tvs.append(
+                TaskVector.from_checkpoints(
+                    cfg.base, m.finetuned, include=cfg.include, exclude=cfg.exclude or None, name=m.name
+                )
+            )
         else:
             assert m.task_vector is not None
             tvs.append(TaskVector.load(m.task_vector).filter(cfg.include, cfg.exclude or None))
     return tvs
 
 
-def tune_merge(cfg: MergeConfig, suite: str | Path, *, cache: Path | None = None, lambdas: Sequence[float] = LAMBDAS,
-               densities: Sequence[float] | None = None, progress: bool = True) -> TuneResult:
+def tune_merge(
+    cfg: MergeConfig,
+    suite: str | Path,
+    *,
+    cache: Path | None = None,
+    lambdas: Sequence[float] = LAMBDAS,
+    densities: Sequence[float] | None = None,
+    progress: bool = True,
+) -> TuneResult:
     """Search lambda (and density) for `cfg` by the mean validation accuracy over the suite's tasks.
 
     The suite's backbone must hold the merge base's tensors (under the same names, or under the
@@ -78,7 +95,11 @@ def tune_merge(cfg: MergeConfig, suite: str | Path, *, cache: Path | None = None
         raise ConfigError("--tune-on chooses one scale; remove the per-layer 'scale' map from the config")
     method = get_method(cfg.method)
     has_density = "density" in method.params.model_fields
-    dens = sorted(set(densities or (*DENSITIES, *([cfg.params["density"]] if "density" in cfg.params else [])))) if has_density else [None]
+    dens = (
+        sorted(set(densities or (*DENSITIES, *([cfg.params["density"]] if "density" in cfg.params else []))))
+        if has_density
+        else [None]
+    )
     prep = prepare(suite, cache, progress=progress)
     assert prep.loaded is not None
     prefix = prep.loaded.prefix
@@ -89,7 +110,7 @@ def tune_merge(cfg: MergeConfig, suite: str | Path, *, cache: Path | None = None
     best: tuple[float, float, float | None] | None = None
 
     def bare(k: str) -> str:
-        return k[len(prefix):] if prefix and k.startswith(prefix) else k
+        return k[len(prefix) :] if prefix and k.startswith(prefix) else k
 
     def run(density: float | None) -> tuple[float, dict[float, float]]:
         params = {**cfg.params, **({"density": density} if density is not None else {})}

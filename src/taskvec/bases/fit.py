@@ -24,9 +24,9 @@ from pydantic import Field, ValidationError, model_validator
 from taskvec.bases.analysis import AFFINITIES, auto_chunk, cosine_from_gram, eigengap, gram, spectral_assign
 from taskvec.bases.analysis import affinity as affinity_matrix
 from taskvec.bases.passes import cluster_pass, merged_basis, tapped
-from taskvec.config import Strict, _format
+from taskvec.config import Strict
 from taskvec.core.taskvector import TaskVector, check_same_tensors
-from taskvec.errors import ConfigError, UnknownMethodError
+from taskvec.errors import ConfigError, UnknownMethodError, format_validation_error
 from taskvec.methods import get_method
 from taskvec.methods.registry import parse_params
 from taskvec.registry import Registry
@@ -276,7 +276,7 @@ def fit_structure(
     try:  # options of other methods (e.g. a shared config's defaults) do not apply to this one
         opts = kind.config(method=method, **{k: v for k, v in options.items() if k in own})
     except ValidationError as e:
-        raise ConfigError(f"bases method {method!r}: {_format(e)}") from None
+        raise ConfigError(f"bases method {method!r}: {format_validation_error(e)}") from None
     if affinity not in AFFINITIES:
         raise ConfigError(f"affinity: unknown {affinity!r}; choose one of {', '.join(AFFINITIES)}")
     cos = cosine_from_gram(g, names)

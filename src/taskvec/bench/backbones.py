@@ -160,7 +160,9 @@ def load_backbone(spec: BackboneSpec, root: Path) -> Backbone:
         out = import_object(spec.factory)(**spec.kwargs)
         model, tokenizer = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
         if not isinstance(model, nn.Module):
-            raise ConfigError(f"{spec.factory}: must return an nn.Module (or (module, tokenizer)), got {type(model).__name__}")
+            raise ConfigError(
+                f"{spec.factory}: must return an nn.Module (or (module, tokenizer)), got {type(model).__name__}"
+            )
     if spec.checkpoint is not None:
         load_into(model, resolve(root, spec.checkpoint))
     module = model if spec.pooling == "none" and spec.hf is None else PooledEncoder(model, spec.pooling)
@@ -202,7 +204,7 @@ def match_state(target: Mapping[str, torch.Tensor], path: Path, prefix: str = ""
     have = set(src.keys())
     out, missing = {}, []
     for k, ref in target.items():
-        bare = k[len(prefix):] if prefix and k.startswith(prefix) else k
+        bare = k[len(prefix) :] if prefix and k.startswith(prefix) else k
         found = next((c for c in (k, bare) if c in have), None)
         if found is None:
             found = next((c for c in have if c.endswith("." + bare) and c.count(".") == bare.count(".") + 1), None)
@@ -211,7 +213,9 @@ def match_state(target: Mapping[str, torch.Tensor], path: Path, prefix: str = ""
             continue
         t = read(src, found)
         if tuple(t.shape) != tuple(ref.shape):
-            raise KeyMismatchError(f"{path}: tensor {found!r} has shape {tuple(t.shape)}, the backbone's has {tuple(ref.shape)}")
+            raise KeyMismatchError(
+                f"{path}: tensor {found!r} has shape {tuple(t.shape)}, the backbone's has {tuple(ref.shape)}"
+            )
         out[k] = t.to(ref.dtype)
     if missing:
         raise KeyMismatchError(f"{path}: lacks {len(missing)} tensors of the backbone, e.g. {missing[:3]}")

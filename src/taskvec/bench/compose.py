@@ -16,8 +16,8 @@ from pydantic import Field, ValidationError, field_validator
 from taskvec.bench.models import forward_features
 from taskvec.bench.run import Prepared, prepare
 from taskvec.bench.sources import IMAGE_SUFFIXES, column, read_table
-from taskvec.config import DTYPES, Strict, _format, load_yaml_config
-from taskvec.errors import ConfigError
+from taskvec.config import DTYPES, Strict, load_yaml_config
+from taskvec.errors import ConfigError, format_validation_error
 from taskvec.io.atomic import replace_path
 from taskvec.registry import validation_error
 from taskvec.variational import (
@@ -82,7 +82,7 @@ class ComposeRunConfig(Strict):
             try:
                 suite_composer(name, **v)
             except ValidationError as e:
-                raise validation_error(_format(e)) from None
+                raise validation_error(format_validation_error(e)) from None
         return v
 
     def resolve_paths(self, root: Path) -> ComposeRunConfig:
@@ -119,7 +119,9 @@ def suite_data(prep: Prepared, split: str, labels: bool = True, tasks: list[str]
     names = list(prep.tasks)
     chosen = tasks or names
     parts = [getattr(prep.tasks[t], split) for t in chosen]
-    index = torch.cat([torch.full((len(p),), names.index(t), dtype=torch.long) for t, p in zip(chosen, parts, strict=True)])
+    index = torch.cat(
+        [torch.full((len(p),), names.index(t), dtype=torch.long) for t, p in zip(chosen, parts, strict=True)]
+    )
     y = torch.cat([p.y for p in parts]) if labels else None
     return stack_data(prep, [p.x for p in parts], index, y)
 
@@ -130,7 +132,9 @@ def task_parts(prep: Prepared) -> tuple[list[Any], list[torch.nn.Module]]:
     return [prep.task_vector(t) for t in names], [prep.heads[t] for t in names]
 
 
-def train_on_suite(cfg: ComposeRunConfig, out: str | Path, *, overwrite: bool = False) -> tuple[Composer, EvalResult, Prepared]:
+def train_on_suite(
+    cfg: ComposeRunConfig, out: str | Path, *, overwrite: bool = False
+) -> tuple[Composer, EvalResult, Prepared]:
     """Train the configured composer on the suite and save it; returns it with its test result."""
     out = Path(out)
     if out.exists() and not overwrite:
@@ -140,7 +144,9 @@ def train_on_suite(cfg: ComposeRunConfig, out: str | Path, *, overwrite: bool = 
     entropy = tcfg.composer.objective == "entropy"
     data = suite_data(prep, "test", labels=False) if entropy else suite_data(prep, "val")
     tvs, heads = task_parts(prep)
-    composer = train_composer(prep.backbone, tvs, heads, data, tcfg, forward_fn=forward_features, task_names=list(prep.tasks))
+    composer = train_composer(
+        prep.backbone, tvs, heads, data, tcfg, forward_fn=forward_features, task_names=list(prep.tasks)
+    )
     run: dict[str, object] = {"suite": prep.suite.source, "cache": cfg.cache, "preset": cfg.preset}
     save_composer(composer, out, overwrite=overwrite, run=run)
     return composer, evaluate_on_suite(composer, prep, tcfg.train.eval_mode, tcfg.train.eval_samples), prep
@@ -215,8 +221,9 @@ def read_inputs(path: Path, prep: Prepared, task: str, text_column: str | None =
 
 
 @torch.no_grad()
-def predict(composer: Composer, prep: Prepared, task: str, raw: Any, mode: str = "deterministic",
-            samples: int = 8) -> list[dict[str, Any]]:
+def predict(
+    composer: Composer, prep: Prepared, task: str, raw: Any, mode: str = "deterministic", samples: int = 8
+) -> list[dict[str, Any]]:
     """One record per input of `task`: the predicted class, the per-sample coefficients
     {task vector: [one per block]} and the share of coefficients the gate kept."""
     names = list(prep.tasks)
@@ -237,9 +244,16 @@ def predict(composer: Composer, prep: Prepared, task: str, raw: Any, mode: str =
         for row, i in enumerate(index.tolist()):
             a = alpha[row]
             c = int(result.predictions[i])
-            records.append({"index": i, "task": task, "prediction": classes[c], "class_index": c,
-                            "kept": float((a != 0).double().mean()),
-                            "coefficients": {names[t]: a[t].tolist() for t in range(a.shape[0])}})
+            records.append(
+                {
+                    "index": i,
+                    "task": task,
+                    "prediction": classes[c],
+                    "class_index": c,
+                    "kept": float((a != 0).double().mean()),
+                    "coefficients": {names[t]: a[t].tolist() for t in range(a.shape[0])},
+                }
+            )
     return records
 
 
@@ -280,9 +294,17 @@ def composed_state(composer: Composer, prep: Prepared, alpha: torch.Tensor) -> d
     return state
 
 
-def export_task(composer: Composer, prep: Prepared, task: str, out: Path, *, split: str = "val",
-                dtype: torch.dtype | None = None, overwrite: bool = False,
-                copy_model_files: CopyModelFiles | None = None) -> tuple[Path, torch.Tensor]:
+def export_task(
+    composer: Composer,
+    prep: Prepared,
+    task: str,
+    out: Path,
+    *,
+    split: str = "val",
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    copy_model_files: CopyModelFiles | None = None,
+) -> tuple[Path, torch.Tensor]:
     """Write the static model of `task`: its mean coefficients over the `split` inputs applied once.
 
     `out/model.safetensors` holds the backbone's tensors under the names of the model it was loaded
@@ -297,8 +319,12 @@ def export_task(composer: Composer, prep: Prepared, task: str, out: Path, *, spl
     state = composed_state(composer, prep, alpha)
     assert prep.loaded is not None
     prefix = prep.loaded.prefix
-    tensors = {(k[len(prefix):] if prefix and k.startswith(prefix) else k): v.to(dtype) if dtype and v.is_floating_point() else v
-               for k, v in state.items()}
+    tensors = {
+        (k[len(prefix) :] if prefix and k.startswith(prefix) else k): v.to(dtype)
+        if dtype and v.is_floating_point()
+        else v
+        for k, v in state.items()
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial"
     if tmp.exists():
@@ -307,9 +333,17 @@ def export_task(composer: Composer, prep: Prepared, task: str, out: Path, *, spl
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        info = {"task": task, "split": split, "task_vectors": list(prep.tasks), "coefficients": alpha.tolist(),
-                "blocks": list(composer.model.blocks.names), "suite": prep.suite.source}
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"}
+        )
+        info = {
+            "task": task,
+            "split": split,
+            "task_vectors": list(prep.tasks),
+            "coefficients": alpha.tolist(),
+            "blocks": list(composer.model.blocks.names),
+            "suite": prep.suite.source,
+        }
         (tmp / "taskvec_export.json").write_text(json.dumps(info, indent=1))
         if prep.loaded.hf_folder is not None and copy_model_files is not None:
             copy_model_files(prep.loaded.hf_folder, tmp, dtype)

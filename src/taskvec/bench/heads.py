@@ -130,7 +130,9 @@ def build_head_file(cfg: HeadFile, ctx: HeadContext) -> nn.Module:
     w = h["weight"].float()
     b = h.get("bias", torch.zeros(w.shape[0])).float()
     if w.shape[0] != len(ctx.task.classes) or b.shape != (w.shape[0],):
-        raise ConfigError(f"{path}: weight {tuple(w.shape)} and bias {tuple(b.shape)} do not fit {len(ctx.task.classes)} classes")
+        raise ConfigError(
+            f"{path}: weight {tuple(w.shape)} and bias {tuple(b.shape)} do not fit {len(ctx.task.classes)} classes"
+        )
     return linear(w, b)
 
 

@@ -82,7 +82,9 @@ def labels_to_index(labels: Sequence[Any], classes: Sequence[str] | None, where:
         y = np.asarray(values, dtype=np.int64)
         names = list(classes) if classes is not None else [str(i) for i in range(int(y.max()) + 1)]
         if y.min() < 0 or y.max() >= len(names):
-            raise ConfigError(f"{where}: labels range over {int(y.min())}..{int(y.max())}, but there are {len(names)} classes")
+            raise ConfigError(
+                f"{where}: labels range over {int(y.min())}..{int(y.max())}, but there are {len(names)} classes"
+            )
         return y, names
     text = [str(v) for v in values]
     names = list(classes) if classes is not None else sorted(set(text))
@@ -183,7 +185,11 @@ def load_image_folder(cfg: ImageFolderSource, root: Path) -> RawData:
         raise ConfigError(f"{path}: no class sub-folders")
     images, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(f for f in (path / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if (path / name).is_dir() else []
+        files = (
+            sorted(f for f in (path / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            if (path / name).is_dir()
+            else []
+        )
         if not files:
             raise ConfigError(f"{path / name}: no images")
         for f in files:
@@ -221,7 +227,9 @@ def from_arrays(x: Any, y: Any, classes: Sequence[str] | None, where: str) -> Ra
     if isinstance(x_arr, np.ndarray) and x_arr.dtype.kind in "USO":
         x_arr = [str(t) for t in x_arr]
     elif isinstance(x_arr, np.ndarray) and x_arr.dtype != np.uint8:
-        raise ConfigError(f"{where}: image inputs must be uint8 (N, H, W) or (N, H, W, 3), got {x_arr.dtype} {x_arr.shape}")
+        raise ConfigError(
+            f"{where}: image inputs must be uint8 (N, H, W) or (N, H, W, 3), got {x_arr.dtype} {x_arr.shape}"
+        )
     y_list = np.asarray(y).tolist()
     labels, names = labels_to_index(y_list, None if classes is None else [str(c) for c in classes], where)
     if len(labels) != len(x_arr):

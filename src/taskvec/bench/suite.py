@@ -166,7 +166,9 @@ class SuiteSpec(Strict):
     def backbone_hash(self) -> str:
         """Hash of everything that changes the backbone or its inputs (not the tasks)."""
         paths = [self.backbone.hf, self.backbone.checkpoint]
-        return _hash({"backbone": self.backbone.model_dump(mode="json"), "root": self._root_if(paths), "seed": self.seed})
+        return _hash(
+            {"backbone": self.backbone.model_dump(mode="json"), "root": self._root_if(paths), "seed": self.seed}
+        )
 
     def task_hash(self, task: TaskSpec) -> str:
         """Hash of everything that changes one task's head or fine-tuned checkpoint."""
@@ -174,8 +176,15 @@ class SuiteSpec(Strict):
         head = self.head_of(task)
         sources = list(task.data.values()) if isinstance(task.data, dict) else [task.data]
         paths = [getattr(x, "path", None) for x in [*sources, head]] + [task.finetuned]
-        return _hash({"b": self.backbone_hash(), "task": t, "root": self._root_if(paths), "head": head.model_dump(mode="json"),
-                      "ft": None if task.finetuned else self.finetune.model_dump(mode="json")})
+        return _hash(
+            {
+                "b": self.backbone_hash(),
+                "task": t,
+                "root": self._root_if(paths),
+                "head": head.model_dump(mode="json"),
+                "ft": None if task.finetuned else self.finetune.model_dump(mode="json"),
+            }
+        )
 
     def _root_if(self, paths: list[str | None]) -> str:
         """The suite's folder if any of `paths` is relative to it (it then names different files)."""
@@ -207,7 +216,9 @@ def suite_path(name_or_path: str | Path) -> Path:
         return p
     builtin = resources.files("taskvec.bench") / "suites" / f"{name_or_path}.yaml"
     if not builtin.is_file():
-        raise ConfigError(f"unknown suite {str(name_or_path)!r}: not a file, and not a built-in suite ({', '.join(builtin_suites())})")
+        raise ConfigError(
+            f"unknown suite {str(name_or_path)!r}: not a file, and not a built-in suite ({', '.join(builtin_suites())})"
+        )
     return Path(str(builtin))
 
 
@@ -250,7 +261,9 @@ class TaskData:
     test: Split
 
 
-def split_indices(y: np.ndarray, n_train: int, n_val: int, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_indices(
+    y: np.ndarray, n_train: int, n_val: int, n_test: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Disjoint random train/val/test indices from one seeded permutation."""
     need = n_train + n_val + n_test
     if need > len(y):
@@ -286,6 +299,8 @@ def load_task(suite: SuiteSpec, task: TaskSpec, backbone: Backbone) -> TaskData:
     raw = raw_splits(suite, task)
     text = isinstance(raw["train"].x, list)
     if text != (backbone.kind == "text"):
-        raise ConfigError(f"task {task.name!r}: {'text' if text else 'image'} data, but the backbone takes {backbone.kind}")
+        raise ConfigError(
+            f"task {task.name!r}: {'text' if text else 'image'} data, but the backbone takes {backbone.kind}"
+        )
     splits = [Split(backbone.encode(raw[s].x), torch.from_numpy(raw[s].y).long()) for s in SPLITS]
     return TaskData(task, list(raw["train"].classes), *splits)

@@ -10,15 +10,21 @@ import typer
 from taskvec.cli.common import _fail, console
 from taskvec.errors import TaskVecError
 
-app = typer.Typer(help="Real benchmark suites: fine-tune per task, compose with every method, report.", no_args_is_help=True)
+app = typer.Typer(
+    help="Real benchmark suites: fine-tune per task, compose with every method, report.", no_args_is_help=True
+)
 
 
 @app.command("run")
 def run(
     suite: Annotated[str, typer.Argument(help="a suite YAML file, or a built-in suite (taskvec bench list)")],
     methods: Annotated[str, typer.Option(help="comma-separated merge methods")] = "task_arithmetic,ties,dare,magnitude",
-    out: Annotated[Path, typer.Option("-o", "--out", help="folder for results.json/.md and accuracy.png")] = Path("runs"),
-    cache: Annotated[Path | None, typer.Option(help="cache of fine-tuned checkpoints (default ~/.cache/taskvec or $TASKVEC_CACHE)")] = None,
+    out: Annotated[Path, typer.Option("-o", "--out", help="folder for results.json/.md and accuracy.png")] = Path(
+        "runs"
+    ),
+    cache: Annotated[
+        Path | None, typer.Option(help="cache of fine-tuned checkpoints (default ~/.cache/taskvec or $TASKVEC_CACHE)")
+    ] = None,
     negation: Annotated[bool, typer.Option(help="also report task negation")] = True,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
 ) -> None:

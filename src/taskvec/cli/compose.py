@@ -11,11 +11,15 @@ from rich.table import Table
 from taskvec.cli.common import Force, _fail, console
 from taskvec.errors import ConfigError, TaskVecError
 
-app = typer.Typer(help="Learned composition: variational (sample-specific) and shared coefficients.", no_args_is_help=True)
+app = typer.Typer(
+    help="Learned composition: variational (sample-specific) and shared coefficients.", no_args_is_help=True
+)
 
 MODES = ("deterministic", "mc")
 Mode = Annotated[str, typer.Option(help="deterministic (gate * mu) or mc (posterior average)")]
-Suite = Annotated[str | None, typer.Option(help="suite file or built-in name (default: the one the composer was trained on)")]
+Suite = Annotated[
+    str | None, typer.Option(help="suite file or built-in name (default: the one the composer was trained on)")
+]
 Cache = Annotated[Path | None, typer.Option(help="cache of fine-tuned checkpoints (default: the one used in training)")]
 
 
@@ -45,7 +49,9 @@ def _copy_model_files():  # type: ignore[no-untyped-def]
 
 @app.command("train")
 def train(
-    config: Annotated[Path, typer.Argument(help="YAML: suite (file or built-in name), preset, composer overrides, train options")],
+    config: Annotated[
+        Path, typer.Argument(help="YAML: suite (file or built-in name), preset, composer overrides, train options")
+    ],
     out: Annotated[Path, typer.Option("-o", "--out", help="folder of the saved composer")],
     force: Force = False,
 ) -> None:
@@ -86,9 +92,14 @@ def evaluate(
 @app.command("predict")
 def predict(
     composer: Annotated[Path, typer.Argument(help="folder written by `taskvec compose train`")],
-    inputs: Annotated[Path, typer.Argument(help="new inputs of the task: .csv/.jsonl/.parquet (text column), .npz (x), or an image folder")],
+    inputs: Annotated[
+        Path,
+        typer.Argument(help="new inputs of the task: .csv/.jsonl/.parquet (text column), .npz (x), or an image folder"),
+    ],
     task: Annotated[str, typer.Option(help="the task the inputs belong to (its head classifies them)")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="output .jsonl: prediction, per-sample coefficients, kept share")],
+    out: Annotated[
+        Path, typer.Option("-o", "--out", help="output .jsonl: prediction, per-sample coefficients, kept share")
+    ],
     column: Annotated[str | None, typer.Option(help="text column (default: the task's)")] = None,
     suite: Suite = None,
     mode: Mode = "deterministic",
@@ -143,8 +154,11 @@ def export(
             raise ConfigError(f"{out}: already exists (pass --force to replace it)")
         composer_suite(composer, suite)
         comp, prep = load_on_suite(composer, suite, cache)
-        path, alpha = export_task(comp, prep, task, out, split=split, dtype=torch_dtype, overwrite=force,
-                                  copy_model_files=_copy_model_files())
+        path, alpha = export_task(
+            comp, prep, task, out, split=split, dtype=torch_dtype, overwrite=force, copy_model_files=_copy_model_files()
+        )
     except TaskVecError as e:
         _fail(e)
-    console.print(f"wrote the model of task [bold]{task}[/] (mean coefficient {float(alpha.mean()):.3f}) to [bold]{path}[/]")
+    console.print(
+        f"wrote the model of task [bold]{task}[/] (mean coefficient {float(alpha.mean()):.3f}) to [bold]{path}[/]"
+    )

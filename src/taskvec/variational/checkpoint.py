@@ -21,8 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from taskvec.config import _format
-from taskvec.errors import ConfigError, KeyMismatchError
+from taskvec.errors import ConfigError, KeyMismatchError, format_validation_error
 from taskvec.io.atomic import replace_path
 from taskvec.variational.blocks import BlockSpec
 from taskvec.variational.config import ComposerConfig
@@ -136,5 +135,5 @@ def read_composer_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         ComposerConfig(**meta["composer"])
     except ValidationError as e:
-        raise ConfigError(f"{path / 'config.json'}: composer: {_format(e)}") from None
+        raise ConfigError(f"{path / 'config.json'}: composer: {format_validation_error(e)}") from None
     return meta

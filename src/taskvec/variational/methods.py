@@ -21,8 +21,9 @@ OBJECTIVES: dict[str, tuple[str, ...]] = {}
 """The training objectives each method accepts ('supervised', 'entropy')."""
 
 
-def register_composer(name: str, build: CoefBuilder, *, objectives: tuple[str, ...] = ("supervised", "entropy"),
-                      doc: str = "") -> Kind[CoefBuilder]:
+def register_composer(
+    name: str, build: CoefBuilder, *, objectives: tuple[str, ...] = ("supervised", "entropy"), doc: str = ""
+) -> Kind[CoefBuilder]:
     """Add a composer method; `build(config, feature_dim, num_tasks, num_blocks)` makes its module."""
     from taskvec.variational.config import ComposerConfig
 

@@ -19,7 +19,9 @@ class SharedCoefficients(nn.Module):
         super().__init__()
         self.alpha = nn.Parameter(torch.full((num_tasks, num_blocks), float(init_coef)))
 
-    def forward(self, f0: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, f0: torch.Tensor | None = None, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.alpha, torch.zeros((), dtype=self.alpha.dtype, device=self.alpha.device)
 
     @torch.no_grad()
@@ -27,5 +29,8 @@ class SharedCoefficients(nn.Module):
         return self.alpha.detach().clone()
 
 
-register_composer("shared", lambda cfg, d, t, b: SharedCoefficients(t, b, cfg.init_coef),
-                  doc="one alpha for all samples: aTLAS (objective 'supervised') or AdaMerging ('entropy')")
+register_composer(
+    "shared",
+    lambda cfg, d, t, b: SharedCoefficients(t, b, cfg.init_coef),
+    doc="one alpha for all samples: aTLAS (objective 'supervised') or AdaMerging ('entropy')",
+)
