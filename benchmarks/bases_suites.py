@@ -33,11 +33,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-from taskvec.bases import Bank, build_bank  # noqa: E402
-from taskvec.bench.run import choose_lambda, negate, prepare  # noqa: E402
-from taskvec.bench.suites import get_suite  # noqa: E402
-from taskvec.core import TaskVector  # noqa: E402
-from taskvec.io.atomic import write_text_atomic  # noqa: E402
+from taskvec.bases import Bank, build_bank
+from taskvec.bench.run import choose_lambda, negate, prepare
+from taskvec.core import TaskVector
+from taskvec.io.atomic import write_text_atomic
 
 ADD_LAMBDAS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 1.5)
 NEG_LAMBDAS = (0.1, 0.2, 0.3, 0.5, 1.0, 2.0)
@@ -133,7 +132,7 @@ def main() -> None:
     tag = f"bases_{args.suite}" + ("" if args.method == "cluster" else f"_{args.method}")
     work = args.out / tag
     work.mkdir(parents=True, exist_ok=True)
-    prep = prepare(get_suite(args.suite))
+    prep = prepare(args.suite)
     names = list(prep.tasks)
     tvs = [prep.task_vector(t) for t in names]
     numel = tvs[0].numel()

@@ -57,12 +57,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-from taskvec.bench.compose import suite_composer, suite_data  # noqa: E402
-from taskvec.bench.models import forward_features  # noqa: E402
-from taskvec.bench.run import prepare  # noqa: E402
-from taskvec.bench.suites import get_suite  # noqa: E402
-from taskvec.io.atomic import write_text_atomic  # noqa: E402
-from taskvec.variational import (  # noqa: E402
+from taskvec.bench.compose import suite_composer, suite_data
+from taskvec.bench.models import forward_features
+from taskvec.bench.run import prepare
+from taskvec.io.atomic import write_text_atomic
+from taskvec.variational import (
     ComposeData,
     ComposeTrainConfig,
     TrainConfig,
@@ -71,7 +70,7 @@ from taskvec.variational import (  # noqa: E402
     train_composer,
 )
 
-from taskvec.variational.config import PRESETS  # noqa: E402
+from taskvec.variational.config import PRESETS
 
 DEFAULT_PRESETS = ("atlas_task", "atlas_block", "variational")
 
@@ -353,7 +352,7 @@ def main() -> None:
             raise SystemExit("--folds and --holdout: choose one (--folds K holds out 1/K per fold)")
         args.holdout = 1.0 / args.folds
     folder = args.out / (base + (f"_cv{args.folds}" if args.folds else "_tune" if args.holdout else ""))
-    prep = prepare(get_suite(args.suite))
+    prep = prepare(args.suite)
     names = list(prep.tasks)
     ft = prep.finetuned_accuracy("val" if args.holdout else "test")
     tvs, tv_names, bank = task_vectors(prep, args.bank, folder)

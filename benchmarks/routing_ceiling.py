@@ -28,13 +28,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-from taskvec.bench.compose import suite_composer, suite_data, task_parts  # noqa: E402
-from taskvec.bench.models import forward_features  # noqa: E402
-from taskvec.bench.run import prepare  # noqa: E402
-from taskvec.bench.suites import get_suite  # noqa: E402
-from taskvec.io.atomic import write_text_atomic  # noqa: E402
-from taskvec.variational import evaluate_composer  # noqa: E402
-from taskvec.variational.train import build_composer  # noqa: E402
+from taskvec.bench.compose import suite_composer, suite_data, task_parts
+from taskvec.bench.models import forward_features
+from taskvec.bench.run import prepare
+from taskvec.io.atomic import write_text_atomic
+from taskvec.variational import evaluate_composer
+from taskvec.variational.train import build_composer
 
 STEPS = (0.25, 0.5, 1.0, 2.0)
 
@@ -51,7 +50,7 @@ def variants(p: torch.Tensor, lam: float) -> dict[str, tuple[float, torch.Tensor
 def ceiling(suite: str, lam: float | None) -> dict[str, object]:
     from sklearn.linear_model import LogisticRegression
 
-    prep = prepare(get_suite(suite))
+    prep = prepare(suite)
     if lam is None:
         static = json.loads((REPO / "benchmarks" / "results" / "suites" / suite / "results.json").read_text())
         lam = float(static["methods"]["task_arithmetic"]["lambda"])

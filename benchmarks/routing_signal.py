@@ -23,16 +23,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-from taskvec.bench.compose import suite_data  # noqa: E402
-from taskvec.bench.run import prepare  # noqa: E402
-from taskvec.bench.suites import get_suite  # noqa: E402
-from taskvec.io.atomic import write_text_atomic  # noqa: E402
+from taskvec.bench.compose import suite_data
+from taskvec.bench.run import prepare
+from taskvec.io.atomic import write_text_atomic
 
 
 def task_id_accuracy(suite: str, cs: tuple[float, ...]) -> dict[str, object]:
     from sklearn.linear_model import LogisticRegression
 
-    prep = prepare(get_suite(suite))
+    prep = prepare(suite)
     val, test = suite_data(prep, "val", labels=False), suite_data(prep, "test", labels=False)
     xv, yv, xt, yt = val.features.numpy(), val.tasks.numpy(), test.features.numpy(), test.tasks.numpy()
     scores = {c: LogisticRegression(C=c, max_iter=5000).fit(xv, yv).score(xt, yt) for c in cs}

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from taskvec.bench import assets as A
+from taskvec.bench.backbones import mean_pool
 
 
 def _load(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -91,7 +92,7 @@ def test_minilm_features_carry_gradients(minilm: tuple[Any, Any]) -> None:
 def test_mean_pool_ignores_padding() -> None:
     hidden = torch.tensor([[[1.0, 1.0], [3.0, 3.0], [100.0, 100.0]]])
     mask = torch.tensor([[1, 1, 0]])
-    torch.testing.assert_close(A.mean_pool(hidden, mask), torch.tensor([[2.0, 2.0]]))
+    torch.testing.assert_close(mean_pool(hidden, mask), torch.tensor([[2.0, 2.0]]))
 
 
 # --------------------------------------------------------------------------- image data

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from taskvec.bench.run import prepare, run_suite
-from taskvec.bench.suites import get_suite
+from taskvec.bench.suite import load_suite
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
 
 def test_coefficient_zero_and_one_give_back_pretrained_and_finetuned_exactly(tiny) -> None:  # type: ignore[no-untyped-def]
     cache, _, results = tiny
-    prep = prepare(get_suite("tiny"), cache, progress=False)  # from the cache written by the run
+    prep = prepare("tiny", cache, progress=False)  # from the cache written by the run
     assert prep.finetune_seconds == {}  # nothing was trained again
     for task in prep.tasks:
         tv = prep.task_vector(task)
@@ -36,7 +36,7 @@ def test_coefficient_zero_and_one_give_back_pretrained_and_finetuned_exactly(tin
 
 def test_batchnorm_statistics_stay_frozen(tiny) -> None:  # type: ignore[no-untyped-def]
     cache, _, _ = tiny
-    prep = prepare(get_suite("tiny"), cache, progress=False)
+    prep = prepare("tiny", cache, progress=False)
     stats = [k for k in prep.pretrained if k.endswith(("running_mean", "running_var"))]
     assert stats
     for task in prep.tasks:
@@ -74,14 +74,16 @@ def test_reports_are_written_and_consistent(tiny) -> None:  # type: ignore[no-un
 
 def test_rerun_after_interrupted_finetuning_resumes(tmp_path: Path) -> None:
     """A state file left by an interrupted run is picked up, and the result is the cached checkpoint."""
+    from taskvec.bench.backbones import load_backbone
     from taskvec.bench.finetune import finetune
-    from taskvec.bench.models import features, fit_head, load_backbone
-    from taskvec.bench.suites import FinetuneSpec, load_task
+    from taskvec.bench.models import features, fit_head
+    from taskvec.bench.suite import FinetuneSpec, load_task
 
-    suite = get_suite("tiny")
-    backbone, _ = load_backbone(suite)
+    suite = load_suite("tiny")
+    loaded = load_backbone(suite.backbone, suite.root)
+    backbone = loaded.module
     pre = {k: v.clone() for k, v in backbone.state_dict().items()}
-    data = load_task(suite, suite.tasks[2])
+    data = load_task(suite, suite.tasks[2], loaded)
     head = fit_head(features(backbone, data.train), data.train.y, 10)
     spec = FinetuneSpec(epochs=1, batch_size=64, lr=1e-4)
     torch.manual_seed(0)
@@ -127,3 +129,31 @@ def test_variational_composer_on_tiny_saves_and_reloads(tiny, tmp_path: Path) ->
     composer, prep = load_on_suite(tmp_path / "composer", "tiny", cache)
     again = evaluate_on_suite(composer, prep)
     assert torch.equal(again.predictions, result.predictions)
+
+
+def test_predict_an_image_folder_with_the_tiny_composer(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`taskvec compose predict` on a folder of PNG files: the same predictions and coefficients as
+    the composer gives the same images inside the suite's test split."""
+    from PIL import Image
+
+    from taskvec.bench.compose import ComposeRunConfig, load_on_suite, predict, read_inputs, suite_data, train_on_suite
+    from taskvec.bench.suite import raw_splits
+    from taskvec.variational import evaluate_composer
+
+    cache, _, _ = tiny
+    cfg = ComposeRunConfig(suite="tiny", preset="variational", train={"epochs": 1, "batch_size": 64, "progress": False}, cache=str(cache))
+    train_on_suite(cfg, tmp_path / "composer")
+    composer, prep = load_on_suite(tmp_path / "composer")
+    raw = raw_splits(prep.suite, prep.suite.task("digits"))["test"]
+    (tmp_path / "imgs").mkdir()
+    for i in range(6):
+        Image.fromarray(raw.x[i]).save(tmp_path / "imgs" / f"{i}.png")
+    x, labels = read_inputs(tmp_path / "imgs", prep, "digits")
+    records = predict(composer, prep, "digits", x)
+    data = suite_data(prep, "test", tasks=["digits"])
+    result = evaluate_composer(composer, data)
+    alpha = composer.coefficients(data.features[:6])
+    for i, r in enumerate(records):
+        assert r["class_index"] == int(result.predictions[i]) and r["prediction"] == prep.tasks["digits"].classes[r["class_index"]]
+        got = torch.tensor([r["coefficients"][t] for t in prep.tasks], dtype=torch.float64)
+        torch.testing.assert_close(got, alpha[i].double(), rtol=1e-5, atol=1e-6)

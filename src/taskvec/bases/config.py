@@ -11,7 +11,6 @@ from taskvec.config import DtypeName, Strict, TaskSource, load_yaml_config
 from taskvec.core.taskvector import TaskVector
 from taskvec.io.writer import parse_size
 
-
 TaskEntry = TaskSource  # one task of a bank: a saved task vector, or a fine-tuned checkpoint
 
 
@@ -24,11 +23,11 @@ class BasesConfig(Strict):
         merge_params: {density: 0.2}
         dtype: float16
         tasks:
-          - {name: mnist, task_vector: tvs/mnist.safetensors}
-          - {name: svhn, finetuned: ft/svhn}        # needs `base`
+          - {name: sentiment, task_vector: tvs/sentiment.safetensors}
+          - {name: topic, finetuned: ft/topic}      # needs `base`
     """
 
-    method: Literal["cluster", "learned", "pca"] = "cluster"
+    method: str = Field("cluster", description="a bases method: cluster | learned | pca (taskvec.bases.fit.BASES)")
     m: int | None = Field(None, ge=1)
     tasks: list[TaskEntry] = Field(min_length=1)
     base: str | None = None
@@ -71,14 +70,21 @@ class BasesConfig(Strict):
         ]
         return self.model_copy(update={"tasks": tasks, "base": fix(self.base)})
 
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from taskvec.bases.fit import BASES
+
+        if v not in BASES:
+            raise ValueError(f"unknown bases method {v!r}; known: {', '.join(BASES.names())}")
+        return v
+
     def options(self) -> dict[str, Any]:
-        """Keyword options of `build_bank` for this method."""
-        opts: dict[str, Any] = {"affinity": self.affinity, "max_m": self.max_m, "seed": self.seed}
-        if self.method == "cluster":
-            opts.update(merge=self.merge, merge_params=self.merge_params)
-        if self.method == "learned":
-            opts.update(temperature=self.temperature, steps=self.steps, lr=self.lr, normalize=self.normalize)
-        return opts
+        """Keyword options of `build_bank` for this method: the fields its options model declares."""
+        from taskvec.bases.fit import BASES
+
+        own = set(BASES.get(self.method).config.model_fields) - {"method"}
+        return {"affinity": self.affinity, "max_m": self.max_m, **{k: getattr(self, k) for k in own if k in type(self).model_fields}}
 
 
 def load_bases_config(path: str | Path) -> BasesConfig:

@@ -13,23 +13,23 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field, ValidationError, model_validator
 
 from taskvec.bases.analysis import AFFINITIES, auto_chunk, cosine_from_gram, eigengap, gram, spectral_assign
 from taskvec.bases.analysis import affinity as affinity_matrix
 from taskvec.bases.passes import cluster_pass, merged_basis, tapped
+from taskvec.config import Strict
 from taskvec.core.taskvector import TaskVector, check_same_tensors
-from taskvec.errors import ConfigError, UnknownMethodError
+from taskvec.errors import ConfigError, UnknownMethodError, format_validation_error
 from taskvec.methods import get_method
 from taskvec.methods.registry import parse_params
-
-METHODS = ("cluster", "learned", "pca")
-FIT_OPTIONS = {"merge", "merge_params", "affinity", "max_m", "seed", "temperature", "steps", "lr", "normalize"}
+from taskvec.registry import Registry
 
 
 # ---------------------------------------------------------------- options
@@ -45,8 +45,8 @@ def check_m(m: int | None, t: int, option: str = "m") -> None:
 
 
 def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise UnknownMethodError(f"method: unknown bases method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in BASES:
+        raise UnknownMethodError(f"method: unknown bases method {method!r}; choose one of {', '.join(BASES.names())}")
 
 
 def check_merge(merge: str, params: dict[str, object]) -> dict[str, object]:
@@ -258,22 +258,25 @@ def fit_structure(
     method: str,
     m: int | None,
     *,
-    merge: str = "mean",
-    merge_params: dict[str, object] | None = None,
     affinity: str = "clip",
     max_m: int | None = None,
-    seed: int = 0,
-    temperature: float = 1.0,
-    steps: int = 1000,
-    lr: float = 0.05,
-    normalize: bool = False,
+    **options: Any,
 ) -> BasisFit:
-    """Everything that needs only G. For 'cluster', the decoder and statistics still need a pass."""
-    check_method(method)
+    """Everything that needs only G. `options` are the method's (see BASES); for a method with
+    clusters ('cluster'), the decoder and statistics still need a pass over the task vectors."""
+    kind = BASES.get(method)
     t = g.shape[0]
     check_m(m, t)
     check_m(max_m, t, "max_m")
-    params = check_merge(merge, dict(merge_params or {})) if method == "cluster" else {}
+    own = set(kind.config.model_fields) - {"method"}
+    unknown = set(options) - FIT_OPTIONS
+    if unknown:
+        raise ConfigError(f"bases method {method!r}: unknown option(s) {', '.join(sorted(unknown))}; "
+                          f"its options: {', '.join(sorted(own)) or 'none'}")
+    try:  # options of other methods (e.g. a shared config's defaults) do not apply to this one
+        opts = kind.config(method=method, **{k: v for k, v in options.items() if k in own})
+    except ValidationError as e:
+        raise ConfigError(f"bases method {method!r}: {format_validation_error(e)}") from None
     if affinity not in AFFINITIES:
         raise ConfigError(f"affinity: unknown {affinity!r}; choose one of {', '.join(AFFINITIES)}")
     cos = cosine_from_gram(g, names)
@@ -281,23 +284,81 @@ def fit_structure(
     chosen, evals = eigengap(aff, max_m)
     info: dict[str, Any] = {"affinity": affinity, "laplacian_eigenvalues": [float(x) for x in evals],
                             "eigengap_m": chosen, "m_from": "given" if m is not None else "eigengap"}
-    m = m if m is not None else chosen
-    if method == "cluster":
-        assign = spectral_assign(aff, m, seed)
-        mm = max(assign) + 1
-        info.update(requested_m=m, seed=seed)
-        nan = float("nan")
-        return BasisFit(method, names, g, torch.zeros(mm, t, dtype=torch.float64), torch.full((mm, t), nan, dtype=torch.float64),
-                        torch.full((mm, mm), nan, dtype=torch.float64), None, assign, merge, params, info)
-    if method == "pca":
-        w, extra = fit_pca(g, m)
-    else:
-        w, extra = fit_learned(g, m, temperature=temperature, steps=steps, lr=lr, seed=seed, normalize=normalize)
-    info.update(extra)
+    return kind.build(opts, g, names, m if m is not None else chosen, aff, info)
+
+
+def linear_fit(method: str, g: torch.Tensor, names: list[str], w: torch.Tensor, info: dict[str, Any]) -> BasisFit:
+    """A fit whose bases mix the task vectors with weights W (T, M): C = W^T G, H = W^T G W."""
     cross = w.T @ g
     hgram = w.T @ g @ w
     hgram = (hgram + hgram.T) / 2
     return BasisFit(method, names, g, lsq(hgram, cross), cross, hgram, w, None, None, {}, info)
+
+
+class ClusterOptions(Strict):
+    """Spectral clustering of the tasks on cosine similarity; each cluster merged into one basis."""
+
+    method: str = "cluster"
+    merge: str = "mean"
+    merge_params: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _merge(self) -> ClusterOptions:
+        self.merge_params = check_merge(self.merge, dict(self.merge_params))
+        return self
+
+
+def build_cluster(opts: ClusterOptions, g: torch.Tensor, names: list[str], m: int, aff: torch.Tensor,
+                  info: dict[str, Any]) -> BasisFit:
+    """Assignments only: the merged bases and their statistics come from a pass (set_cluster_stats)."""
+    t = g.shape[0]
+    assign = spectral_assign(aff, m, opts.seed)
+    mm = max(assign) + 1
+    info.update(requested_m=m, seed=opts.seed)
+    nan = float("nan")
+    return BasisFit(opts.method, names, g, torch.zeros(mm, t, dtype=torch.float64), torch.full((mm, t), nan, dtype=torch.float64),
+                    torch.full((mm, mm), nan, dtype=torch.float64), None, assign, opts.merge, opts.merge_params, info)
+
+
+class LearnedOptions(Strict):
+    """Convex bases trained on the Gram matrix (see fit_learned)."""
+
+    method: str = "learned"
+    temperature: float = Field(1.0, gt=0)
+    steps: int = Field(1000, ge=0)
+    lr: float = Field(0.05, gt=0)
+    seed: int = 0
+    normalize: bool = False
+
+
+def build_learned(opts: LearnedOptions, g: torch.Tensor, names: list[str], m: int, aff: torch.Tensor,
+                  info: dict[str, Any]) -> BasisFit:
+    w, extra = fit_learned(g, m, temperature=opts.temperature, steps=opts.steps, lr=opts.lr, seed=opts.seed,
+                           normalize=opts.normalize)
+    return linear_fit(opts.method, g, names, w, {**info, **extra})
+
+
+class PcaOptions(Strict):
+    """Uncentred PCA of the task vectors (see fit_pca); no options."""
+
+    method: str = "pca"
+
+
+def build_pca(opts: PcaOptions, g: torch.Tensor, names: list[str], m: int, aff: torch.Tensor,
+              info: dict[str, Any]) -> BasisFit:
+    w, extra = fit_pca(g, m)
+    return linear_fit(opts.method, g, names, w, {**info, **extra})
+
+
+BasesBuilder = Callable[[Any, torch.Tensor, list[str], int, torch.Tensor, dict[str, Any]], BasisFit]
+BASES: Registry[BasesBuilder] = Registry("bases method", key="method")
+"""Bases methods by name: options model and `build(options, G, names, M, affinity, info) -> BasisFit`."""
+BASES.register("cluster", ClusterOptions, build_cluster)
+BASES.register("learned", LearnedOptions, build_learned, "convex bases learned on the Gram matrix")
+BASES.register("pca", PcaOptions, build_pca, "uncentred PCA through the Gram matrix")
+METHODS = tuple(BASES.names())
+FIT_OPTIONS = {"affinity", "max_m"} | {f for k in METHODS for f in BASES.get(k).config.model_fields if f != "method"}
 
 
 def set_cluster_stats(fit: BasisFit, k: int, h: float, c: torch.Tensor) -> None:
@@ -316,22 +377,17 @@ def fit_bases(
     m: int | None = None,
     *,
     gram_matrix: torch.Tensor | None = None,
-    merge: str = "mean",
-    merge_params: dict[str, object] | None = None,
     affinity: str = "clip",
     max_m: int | None = None,
-    seed: int = 0,
-    temperature: float = 1.0,
-    steps: int = 1000,
-    lr: float = 0.05,
-    normalize: bool = False,
     chunk_elems: int | None = None,
     progress: bool = False,
+    **options: Any,
 ) -> BasisFit:
     """Fit M bases to the task vectors in memory (nothing written). `m=None`: the eigengap's M.
 
-    Pass `gram_matrix` (from `bases.gram`) to fit several M without re-reading the task vectors.
-    'cluster' streams each merged basis once to measure its statistics.
+    `options` are the method's (BASES: e.g. merge/merge_params/seed for 'cluster'). Pass
+    `gram_matrix` (from `bases.gram`) to fit several M without re-reading the task vectors.
+    A method with clusters streams each merged basis once to measure its statistics.
     """
     check_method(method)
     tvs = list(task_vectors)
@@ -341,9 +397,8 @@ def fit_bases(
     g = gram_matrix if gram_matrix is not None else gram(tvs, chunk_elems=chunk_elems, progress=progress)
     if g.shape != (len(tvs), len(tvs)):
         raise ConfigError(f"gram_matrix: shape {list(g.shape)} does not match {len(tvs)} task vectors")
-    fit = fit_structure(g.to(torch.float64), names_, method, m, merge=merge, merge_params=merge_params, affinity=affinity,
-                        max_m=max_m, seed=seed, temperature=temperature, steps=steps, lr=lr, normalize=normalize)
-    if method == "cluster":
+    fit = fit_structure(g.to(torch.float64), names_, method, m, affinity=affinity, max_m=max_m, **options)
+    if fit.mixing is None:  # clusters: each basis is a merge of its members
         for k in range(fit.m):
             members = [tapped(tvs[i]) for i in fit.members(k)]
             basis = merged_basis(members, fit.merge or "mean", fit.merge_params)

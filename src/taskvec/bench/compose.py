@@ -1,20 +1,27 @@
-"""Learned compositions on a real suite: the variational composer and its learned-coefficient
-baselines, trained on the validation splits (labels) or on unlabeled test inputs (AdaMerging's
-entropy objective), scored on the test splits."""
+"""Learned compositions on a suite: train the variational composer or a learned-coefficient
+baseline on the validation splits (labels) or on unlabeled test inputs (AdaMerging's entropy
+objective), score it on the test splits, predict new inputs of a task, and export a task's model."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 
 from taskvec.bench.models import forward_features
 from taskvec.bench.run import Prepared, prepare
-from taskvec.bench.suites import get_suite
-from taskvec.config import Strict, load_yaml_config
+from taskvec.bench.sources import IMAGE_SUFFIXES, column, read_table
+from taskvec.config import DTYPES, Strict, load_yaml_config
+from taskvec.errors import ConfigError, format_validation_error
+from taskvec.io.atomic import atomic_path, check_output
+from taskvec.registry import validation_error
 from taskvec.variational import (
+    PRESETS,
     ComposeData,
     Composer,
     ComposerConfig,
@@ -25,13 +32,17 @@ from taskvec.variational import (
     evaluate_composer,
     load_composer,
     preset,
+    read_composer_info,
     save_composer,
     train_composer,
 )
 
 BN_STATS = ["*running_mean", "*running_var"]
-"""Not composed on the suites: BatchNorm statistics stay at the pretrained values during fine-tuning,
-so every task vector is zero there and a coefficient on them would learn nothing."""
+"""Not composed by default: when BatchNorm statistics stay at the pretrained values during
+fine-tuning, every task vector is zero there and a coefficient on them would learn nothing."""
+
+CopyModelFiles = Callable[[Path, Path, torch.dtype | None], object]
+"""Copies a Hugging Face folder's config, tokenizer and generation files into an output folder."""
 
 
 def suite_composer(name: str, **overrides: Any) -> ComposerConfig:
@@ -41,10 +52,11 @@ def suite_composer(name: str, **overrides: Any) -> ComposerConfig:
 
 
 class ComposeRunConfig(Strict):
-    """`taskvec compose train` config: a suite, a composer preset with overrides, and training options.
+    """`taskvec compose train` config: a suite (a YAML file, relative to this config, or a built-in
+    name), a composer preset with overrides, and training options.
 
-        suite: tiny
-        preset: variational        # see taskvec.variational.PRESETS
+        suite: my-suite.yaml
+        preset: variational        # taskvec.variational.PRESETS
         composer: {kl_weight: 0.0001}
         train: {epochs: 5, batch_size: 64, lr: 0.001}
     """
@@ -55,23 +67,63 @@ class ComposeRunConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     cache: str | None = None
 
+    @field_validator("preset")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"unknown composer preset {v!r}; known: {', '.join(PRESETS)}")
+        return v
+
+    @field_validator("composer")
+    @classmethod
+    def _composer(cls, v: dict[str, Any], info: Any) -> dict[str, Any]:
+        name = info.data.get("preset")
+        if name in PRESETS:
+            try:
+                suite_composer(name, **v)
+            except ValidationError as e:
+                raise validation_error(format_validation_error(e)) from None
+        return v
+
+    def resolve_paths(self, root: Path) -> ComposeRunConfig:
+        """A suite given as a file is relative to this config's folder."""
+        p = Path(self.suite)
+        update: dict[str, Any] = {}
+        if (p.suffix in (".yaml", ".yml") or (root / p).exists()) and not p.is_absolute():
+            update["suite"] = str(root / p)
+        if self.cache is not None and not Path(self.cache).is_absolute():
+            update["cache"] = str(root / self.cache)
+        return self.model_copy(update=update)
+
     def train_config(self) -> ComposeTrainConfig:
         return ComposeTrainConfig(composer=suite_composer(self.preset, **self.composer), train=self.train)
 
 
-def suite_data(prep: Prepared, split: str, labels: bool = True) -> ComposeData:
-    """All tasks' `split` stacked: inputs, frozen pretrained features f0(x), task index, labels."""
-    names = list(prep.tasks)
-    parts = [getattr(prep.tasks[t], split) for t in names]
-    if isinstance(parts[0].x, dict):
-        inputs: Any = {k: torch.cat([p.x[k] for p in parts]) for k in parts[0].x}  # type: ignore[index]
+def load_run_config(path: str | Path) -> ComposeRunConfig:
+    return load_yaml_config(path, ComposeRunConfig)  # type: ignore[no-any-return]
+
+
+def stack_data(prep: Prepared, parts: list[Any], tasks: torch.Tensor, labels: torch.Tensor | None) -> ComposeData:
+    """Splits (or encoded inputs) stacked, with frozen pretrained features f0(x)."""
+    if isinstance(parts[0], dict):
+        inputs: Any = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     else:
-        inputs = torch.cat([p.x for p in parts])  # type: ignore[misc]
+        inputs = torch.cat(parts)
     prep.backbone.load_state_dict(prep.pretrained)
     feats = compute_features(prep.backbone, inputs, forward_fn=forward_features)
-    tasks = torch.cat([torch.full((len(p),), i, dtype=torch.long) for i, p in enumerate(parts)])
+    return ComposeData(inputs, feats, tasks, labels)
+
+
+def suite_data(prep: Prepared, split: str, labels: bool = True, tasks: list[str] | None = None) -> ComposeData:
+    """The `split` of every task (or of `tasks`) stacked: inputs, f0(x), task index, labels."""
+    names = list(prep.tasks)
+    chosen = tasks or names
+    parts = [getattr(prep.tasks[t], split) for t in chosen]
+    index = torch.cat(
+        [torch.full((len(p),), names.index(t), dtype=torch.long) for t, p in zip(chosen, parts, strict=True)]
+    )
     y = torch.cat([p.y for p in parts]) if labels else None
-    return ComposeData(inputs, feats, tasks, y)
+    return stack_data(prep, [p.x for p in parts], index, y)
 
 
 def task_parts(prep: Prepared) -> tuple[list[Any], list[torch.nn.Module]]:
@@ -80,15 +132,23 @@ def task_parts(prep: Prepared) -> tuple[list[Any], list[torch.nn.Module]]:
     return [prep.task_vector(t) for t in names], [prep.heads[t] for t in names]
 
 
-def train_on_suite(cfg: ComposeRunConfig, out: Path, *, overwrite: bool = False) -> tuple[Composer, EvalResult, Prepared]:
+def train_on_suite(
+    cfg: ComposeRunConfig, out: str | Path, *, overwrite: bool = False
+) -> tuple[Composer, EvalResult, Prepared]:
     """Train the configured composer on the suite and save it; returns it with its test result."""
-    prep = prepare(get_suite(cfg.suite), Path(cfg.cache) if cfg.cache else None)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out}: already exists (pass overwrite/--force to replace it)")
     tcfg = cfg.train_config()
+    prep = prepare(cfg.suite, Path(cfg.cache) if cfg.cache else None)
     entropy = tcfg.composer.objective == "entropy"
     data = suite_data(prep, "test", labels=False) if entropy else suite_data(prep, "val")
     tvs, heads = task_parts(prep)
-    composer = train_composer(prep.backbone, tvs, heads, data, tcfg, forward_fn=forward_features, task_names=list(prep.tasks))
-    save_composer(composer, out, overwrite=overwrite)
+    composer = train_composer(
+        prep.backbone, tvs, heads, data, tcfg, forward_fn=forward_features, task_names=list(prep.tasks)
+    )
+    run: dict[str, object] = {"suite": prep.suite.source, "cache": cfg.cache, "preset": cfg.preset}
+    save_composer(composer, out, overwrite=overwrite, run=run)
     return composer, evaluate_on_suite(composer, prep, tcfg.train.eval_mode, tcfg.train.eval_samples), prep
 
 
@@ -96,11 +156,203 @@ def evaluate_on_suite(composer: Composer, prep: Prepared, mode: str = "determini
     return evaluate_composer(composer, suite_data(prep, "test"), mode=mode, samples=samples)
 
 
-def load_on_suite(path: Path, suite: str, cache: Path | None = None) -> tuple[Composer, Prepared]:
-    prep = prepare(get_suite(suite), cache)
+def composer_suite(path: Path, suite: str | Path | None = None) -> str:
+    """The suite a saved composer was trained on (or `suite`), checked before anything is loaded."""
+    info = read_composer_info(path)
+    if suite is not None:
+        return str(suite)
+    recorded = info.get("run", {}).get("suite")
+    if not recorded:
+        raise ConfigError(f"{path}: the composer does not record its suite; pass --suite")
+    return str(recorded)
+
+
+def load_on_suite(path: Path, suite: str | Path | None = None, cache: Path | None = None) -> tuple[Composer, Prepared]:
+    """A saved composer rebuilt on its suite (default: the one it records)."""
+    name = composer_suite(path, suite)
+    if cache is None:
+        recorded = read_composer_info(path).get("run", {}).get("cache")
+        cache = Path(recorded) if recorded else None
+    prep = prepare(name, cache)
     tvs, heads = task_parts(prep)
     return load_composer(path, prep.backbone, tvs, heads, forward_fn=forward_features), prep
 
 
-def load_run_config(path: str | Path) -> ComposeRunConfig:
-    return load_yaml_config(path, ComposeRunConfig)
+# --------------------------------------------------------------------------- new inputs
+
+
+def read_inputs(path: Path, prep: Prepared, task: str, text_column: str | None = None) -> tuple[Any, list[Any] | None]:
+    """Raw inputs of a file for `task` (texts of a csv/jsonl/parquet column, arrays `x` of an .npz,
+    or the images of a folder) and their labels when the file has the task's label column."""
+    spec = prep.suite.task(task)
+    src = spec.data["train"] if isinstance(spec.data, dict) else spec.data
+    text_col = str(text_column or getattr(src, "text", "text"))
+    label_col = str(getattr(src, "label", "label"))
+    if path.is_dir():
+        from PIL import Image
+
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ConfigError(f"{path}: no images")
+        images = []
+        for f in files:
+            with Image.open(f) as im:
+                images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+        if len({a.shape for a in images}) > 1:
+            raise ConfigError(f"{path}: images of different sizes; resize them to one size first")
+        return np.stack(images), None
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such input file")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            if "x" not in z:
+                raise ConfigError(f"{path}: no array 'x'; arrays: {', '.join(z.files)}")
+            x = z["x"]
+            labels = z["y"].tolist() if "y" in z else None
+        return ([str(t) for t in x] if x.dtype.kind in "US" else x), labels
+    fmt = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(path.suffix)
+    if fmt is None:
+        raise ConfigError(f"{path}: inputs must be a .csv, .jsonl, .parquet or .npz file, or an image folder")
+    rows = read_table(path, fmt)
+    if not rows:
+        raise ConfigError(f"{path}: no rows")
+    texts = [str(t) for t in column(rows, text_col, path)]
+    return texts, ([r[label_col] for r in rows] if label_col in rows[0] else None)
+
+
+@torch.no_grad()
+def predict(
+    composer: Composer, prep: Prepared, task: str, raw: Any, mode: str = "deterministic", samples: int = 8
+) -> list[dict[str, Any]]:
+    """One record per input of `task`: the predicted class, the per-sample coefficients
+    {task vector: [one per block]} and the share of coefficients the gate kept."""
+    names = list(prep.tasks)
+    if task not in prep.tasks:
+        raise ConfigError(f"no task {task!r} in suite {prep.suite.name!r}; tasks: {', '.join(names)}")
+    assert prep.loaded is not None
+    inputs = prep.loaded.encode(raw)
+    n = len(raw)
+    data = stack_data(prep, [inputs], torch.full((n,), names.index(task), dtype=torch.long), None)
+    result = evaluate_composer(composer, data, mode=mode, samples=samples)
+    ref = next(iter(composer.coef.parameters()))
+    classes = prep.tasks[task].classes
+    records = []
+    for index in torch.arange(n).split(256):
+        alpha = composer.coefficients(data.features[index].to(ref.device, ref.dtype)).double().cpu()
+        if alpha.dim() == 2:
+            alpha = alpha.expand(len(index), *alpha.shape)
+        for row, i in enumerate(index.tolist()):
+            a = alpha[row]
+            c = int(result.predictions[i])
+            records.append(
+                {
+                    "index": i,
+                    "task": task,
+                    "prediction": classes[c],
+                    "class_index": c,
+                    "kept": float((a != 0).double().mean()),
+                    "coefficients": {names[t]: a[t].tolist() for t in range(a.shape[0])},
+                }
+            )
+    return records
+
+
+def _predictions_owned(path: Path) -> str | None:
+    """None if `path` is a predictions file taskvec wrote (JSON lines of its prediction records)."""
+    try:
+        with open(path) as f:
+            first = json.loads(f.readline() or "null")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        first = None
+    if isinstance(first, dict) and {"prediction", "coefficients", "kept"} <= first.keys():
+        return None
+    return "is a file that taskvec did not write"
+
+
+def write_jsonl(records: list[dict[str, Any]], out: Path, *, overwrite: bool = False) -> Path:
+    """Write records one JSON object per line, atomically."""
+    with atomic_path(out, overwrite=overwrite, owned=_predictions_owned) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return out
+
+
+# --------------------------------------------------------------------------- export
+
+
+def task_coefficients(composer: Composer, prep: Prepared, task: str, split: str = "val") -> torch.Tensor:
+    """(T, B) mean of the deterministic coefficients alpha*(x) over the task's `split` inputs."""
+    if task not in prep.tasks:
+        raise ConfigError(f"no task {task!r} in suite {prep.suite.name!r}; tasks: {', '.join(prep.tasks)}")
+    data = suite_data(prep, split, labels=False, tasks=[task])
+    return evaluate_composer(composer, data).coef_mean[list(prep.tasks).index(task)]
+
+
+def composed_state(composer: Composer, prep: Prepared, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
+    """theta0 + sum_tb alpha_tb tau_tb for every tensor of the backbone (computed in float64)."""
+    m = composer.model
+    names = list(prep.tasks)
+    state = dict(prep.pretrained)
+    for k in m.keys:
+        b = m.blocks.index[k]
+        base = prep.pretrained[k].double()
+        acc = base.clone()
+        for t, name in enumerate(names):
+            acc += float(alpha[t, b]) * (prep.finetuned[name][k].double() - base)
+        state[k] = acc.to(prep.pretrained[k].dtype)
+    return state
+
+
+def export_task(
+    composer: Composer,
+    prep: Prepared,
+    task: str,
+    out: Path,
+    *,
+    split: str = "val",
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    copy_model_files: CopyModelFiles | None = None,
+) -> tuple[Path, torch.Tensor]:
+    """Write the static model of `task`: its mean coefficients over the `split` inputs applied once.
+
+    `out/model.safetensors` holds the backbone's tensors under the names of the model it was loaded
+    from (a Hugging Face folder's own names); when the backbone is a Hugging Face folder,
+    `copy_model_files(folder, out, dtype)` adds its config and tokenizer files. Atomic. Returns the
+    folder and the (T, B) coefficients used."""
+    from safetensors.torch import save_file
+
+    check_output(out, overwrite=overwrite)
+    alpha = task_coefficients(composer, prep, task, split)
+    state = composed_state(composer, prep, alpha)
+    assert prep.loaded is not None
+    prefix = prep.loaded.prefix
+    tensors = {
+        (k[len(prefix) :] if prefix and k.startswith(prefix) else k): v.to(dtype)
+        if dtype and v.is_floating_point()
+        else v
+        for k, v in state.items()
+    }
+    with atomic_path(out, overwrite=overwrite, folder=True) as tmp:
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"}
+        )
+        info = {
+            "task": task,
+            "split": split,
+            "task_vectors": list(prep.tasks),
+            "coefficients": alpha.tolist(),
+            "blocks": list(composer.model.blocks.names),
+            "suite": prep.suite.source,
+        }
+        (tmp / "taskvec_export.json").write_text(json.dumps(info, indent=1))
+        if prep.loaded.hf_folder is not None and copy_model_files is not None:
+            copy_model_files(prep.loaded.hf_folder, tmp, dtype)
+    return out, alpha
+
+
+def dtype_of(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype: unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]

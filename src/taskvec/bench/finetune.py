@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from taskvec.bench.models import forward_features
-from taskvec.bench.suites import FinetuneSpec, Split
+from taskvec.bench.suite import FinetuneSpec, Split
 from taskvec.errors import CheckpointError
 from taskvec.io.atomic import atomic_path
 

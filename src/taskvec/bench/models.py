@@ -1,4 +1,4 @@
-"""Backbones, frozen linear heads, features and accuracy for the benchmark suites."""
+"""Features, linear probes and accuracy of a backbone on a suite's splits."""
 
 from __future__ import annotations
 
@@ -6,28 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from taskvec.bench import assets
-from taskvec.bench.suites import Inputs, Split, SuiteSpec
-
-
-class TextEncoder(nn.Module):
-    """MiniLM with mean pooling over real tokens: token ids + mask -> sentence features."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.model(input_ids=x["input_ids"], attention_mask=x["attention_mask"])
-        return assets.mean_pool(out.last_hidden_state, x["attention_mask"])
-
-
-def load_backbone(suite: SuiteSpec) -> tuple[nn.Module, object | None]:
-    """The suite's pretrained backbone (eval mode) and its tokenizer, if any."""
-    if suite.backbone == "efficientnet-lite0":
-        return assets.load_efficientnet_lite0(), None
-    model, tok = assets.load_minilm()
-    return TextEncoder(model).eval(), tok
+from taskvec.bench.suite import Inputs, Split
 
 
 def forward_features(backbone: nn.Module, x: Inputs) -> torch.Tensor:

@@ -3,7 +3,7 @@ method, choose coefficients on validation, report test accuracy, and test task n
 
 from __future__ import annotations
 
-import os
+import json
 import platform
 import time
 from collections.abc import Sequence
@@ -12,14 +12,17 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from taskvec.bench.backbones import Backbone, load_backbone, match_state
+from taskvec.bench.cache import default_cache, save_atomic
 from taskvec.bench.finetune import finetune
-from taskvec.bench.models import accuracy, features, fit_head, load_backbone
-from taskvec.bench.suites import SuiteSpec, TaskData, get_suite, load_task
+from taskvec.bench.heads import HeadContext, build_head
+from taskvec.bench.models import accuracy
+from taskvec.bench.suite import SuiteSpec, TaskData, TaskSpec, load_suite, load_task
 from taskvec.core import TaskVector
-from taskvec.io.atomic import atomic_path
+from taskvec.errors import ConfigError
 from taskvec.methods import compose
 
 DEFAULT_METHODS = ("task_arithmetic", "ties", "dare", "magnitude")
@@ -27,15 +30,6 @@ DEFAULT_PARAMS: dict[str, dict[str, object]] = {"ties": {"density": 0.2}, "dare"
 LAMBDAS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5)
 NEG_LAMBDAS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 1.5, 2.0)
 CONTROL_KEEP = 0.95
-
-
-def default_cache() -> Path:
-    return Path(os.environ.get("TASKVEC_CACHE", Path.home() / ".cache" / "taskvec"))
-
-
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    with atomic_path(path, overwrite=True, owned=lambda p: None) as tmp:  # the cache is taskvec's own
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
 
 
 @dataclass
@@ -46,9 +40,11 @@ class Prepared:
     backbone: nn.Module
     pretrained: dict[str, torch.Tensor]
     tasks: dict[str, TaskData]
-    heads: dict[str, nn.Linear]
+    heads: dict[str, nn.Module]
     finetuned: dict[str, dict[str, torch.Tensor]]
     finetune_seconds: dict[str, float] = field(default_factory=dict)
+    loaded: Backbone | None = None
+    """The backbone with its input encoder and the folder it came from."""
 
     def task_vector(self, task: str) -> TaskVector:
         """tau_task in float64, so theta0 + 1 * tau gives the fine-tuned float32 weights bit for bit."""
@@ -64,44 +60,60 @@ class Prepared:
         return {t: self.evaluate(self.finetuned[t], split, [t])[t] for t in self.tasks}
 
 
-def prepare(suite: SuiteSpec, cache: Path | None = None, *, progress: bool = True, console: Console | None = None) -> Prepared:
-    """Load data, fit heads on frozen pretrained features and fine-tune each task, reusing the cache."""
+def _check_recipe(folder: Path, suite: SuiteSpec, task: TaskSpec) -> None:
+    """A cache entry records the recipe hash it was made from; a named entry (`cache_key`) made
+    from a different recipe is refused rather than silently reused."""
+    stamp, want = folder / "recipe.json", suite.task_hash(task)
+    if stamp.exists():
+        have = json.loads(stamp.read_text()).get("hash")
+        if have != want:
+            raise ConfigError(f"{folder}: cached for a different recipe of task {task.name!r} ({have}, now {want}); "
+                              "remove the task's cache_key or that folder")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = stamp.with_name(f".{stamp.name}.tmp")
+    tmp.write_text(json.dumps({"hash": want, "suite": suite.name, "task": task.name}))
+    tmp.replace(stamp)
+
+
+def prepare(suite: SuiteSpec | str | Path, cache: Path | None = None, *, progress: bool = True,
+            console: Console | None = None) -> Prepared:
+    """Load the backbone and data, build each task's head, and fine-tune each task without a given
+    checkpoint (cached under `cache`, default $TASKVEC_CACHE or ~/.cache/taskvec)."""
+    suite = suite if isinstance(suite, SuiteSpec) else load_suite(suite)
     console = console or Console()
     cache = (cache or default_cache()) / "bench" / suite.name
     torch.manual_seed(suite.seed)
-    backbone, tokenizer = load_backbone(suite)
+    loaded = load_backbone(suite.backbone, suite.root)
+    backbone = loaded.module
     pretrained = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
     tasks, heads, finetuned, seconds = {}, {}, {}, {}
     for spec in suite.tasks:
-        data = load_task(suite, spec, tokenizer)
+        data = load_task(suite, spec, loaded)
         tasks[spec.name] = data
-        folder = cache / f"{spec.name}-{suite.task_hash(spec)}"
-        head_path, ft_path = folder / "head.safetensors", folder / "finetuned.safetensors"
-        if head_path.exists():
-            h = load_file(head_path)
-            head = nn.Linear(h["weight"].shape[1], h["weight"].shape[0]).requires_grad_(False)
-            head.load_state_dict(h)
-        else:
-            backbone.load_state_dict(pretrained)
-            head = fit_head(features(backbone, data.train), data.train.y, len(data.classes), suite.head_c)
-            _save_atomic(head.state_dict(), head_path)
-        heads[spec.name] = head
-        if ft_path.exists():
+        folder = cache / suite.cache_name(spec)
+        _check_recipe(folder, suite, spec)
+        backbone.load_state_dict(pretrained)
+        heads[spec.name] = build_head(suite.head_of(spec), HeadContext(loaded, data, folder, suite.root))
+        ft_path = folder / "finetuned.safetensors"
+        if spec.finetuned is not None:
+            finetuned[spec.name] = match_state(pretrained, Path(suite.root, spec.finetuned), loaded.prefix)
+        elif ft_path.exists():
             finetuned[spec.name] = load_file(ft_path)
             console.print(f"[dim]{spec.name}: fine-tuned weights from cache {ft_path}[/]")
         else:
             backbone.load_state_dict(pretrained)
             t0 = time.perf_counter()
             state = finetune(
-                backbone, head, data.train, suite.finetune, seed=suite.seed, state_path=folder / "state.pt",
+                backbone, heads[spec.name], data.train, suite.finetune, seed=suite.seed, state_path=folder / "state.pt",
                 description=f"fine-tuning {spec.name}", progress=progress,
             )
             seconds[spec.name] = time.perf_counter() - t0
-            _save_atomic(state, ft_path)
+            save_atomic(state, ft_path)
             (folder / "state.pt").unlink(missing_ok=True)
             finetuned[spec.name] = state
     backbone.load_state_dict(pretrained)
-    return Prepared(suite, backbone, pretrained, tasks, heads, finetuned, seconds)
+    return Prepared(suite, backbone, pretrained, tasks, heads, finetuned, seconds, loaded)
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -149,7 +161,7 @@ def run_negation(prep: Prepared, pre_val: dict[str, float], lambdas: Sequence[fl
 
 
 def run_suite(
-    suite_name: str,
+    suite_name: str | Path | SuiteSpec,
     methods: Sequence[str] = DEFAULT_METHODS,
     *,
     out_dir: Path = Path("runs"),
@@ -162,13 +174,13 @@ def run_suite(
     from taskvec.bench.report import write_reports
 
     console = console or Console()
-    suite = get_suite(suite_name)
+    suite = suite_name if isinstance(suite_name, SuiteSpec) else load_suite(suite_name)
     t0 = time.perf_counter()
     prep = prepare(suite, cache, progress=progress, console=console)
     pre_test, pre_val = prep.evaluate(prep.pretrained, "test"), prep.evaluate(prep.pretrained, "val")
     ft_test = prep.finetuned_accuracy()
     results: dict[str, object] = {
-        "suite": suite.model_dump(),
+        "suite": suite.model_dump(mode="json"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(), "device": "cpu"},
         "batchnorm": "frozen at pretrained statistics during fine-tuning (backbone in eval mode); no re-estimation after composing",
         "selection": "lambda chosen on validation splits (mean accuracy); test reported once",

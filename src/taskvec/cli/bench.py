@@ -10,15 +10,21 @@ import typer
 from taskvec.cli.common import _fail, console
 from taskvec.errors import TaskVecError
 
-app = typer.Typer(help="Real benchmark suites: fine-tune per task, compose with every method, report.", no_args_is_help=True)
+app = typer.Typer(
+    help="Real benchmark suites: fine-tune per task, compose with every method, report.", no_args_is_help=True
+)
 
 
 @app.command("run")
 def run(
-    suite: Annotated[str, typer.Argument(help="tiny, vision-4 or text-3")],
+    suite: Annotated[str, typer.Argument(help="a suite YAML file, or a built-in suite (taskvec bench list)")],
     methods: Annotated[str, typer.Option(help="comma-separated merge methods")] = "task_arithmetic,ties,dare,magnitude",
-    out: Annotated[Path, typer.Option("-o", "--out", help="folder for results.json/.md and accuracy.png")] = Path("runs"),
-    cache: Annotated[Path | None, typer.Option(help="cache of fine-tuned checkpoints (default ~/.cache/taskvec or $TASKVEC_CACHE)")] = None,
+    out: Annotated[Path, typer.Option("-o", "--out", help="folder for results.json/.md and accuracy.png")] = Path(
+        "runs"
+    ),
+    cache: Annotated[
+        Path | None, typer.Option(help="cache of fine-tuned checkpoints (default ~/.cache/taskvec or $TASKVEC_CACHE)")
+    ] = None,
     negation: Annotated[bool, typer.Option(help="also report task negation")] = True,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
 ) -> None:
@@ -26,6 +32,7 @@ def run(
     import torch
 
     from taskvec.bench.run import run_suite
+    from taskvec.bench.suite import load_suite
     from taskvec.methods import get_method
 
     if threads:
@@ -34,22 +41,33 @@ def run(
         names = [m.strip() for m in methods.split(",") if m.strip()]
         for m in names:
             get_method(m)
-        run_suite(suite, names, out_dir=out, cache=cache, negation=negation, console=console)
+        spec = load_suite(suite)
+        run_suite(spec, names, out_dir=out, cache=cache, negation=negation, console=console)
     except TaskVecError as e:
         _fail(e)
 
 
 @app.command("list")
 def list_suites() -> None:
-    """The suites and their tasks."""
+    """The built-in suites and their tasks (run your own with `taskvec bench run SUITE.yaml`)."""
     from rich.table import Table
 
-    from taskvec.bench.suites import SUITES
+    from taskvec.bench.suite import builtin_suites, load_suite
 
-    t = Table(title="benchmark suites")
-    for c in ("suite", "backbone", "tasks (train/val/test)", "input"):
+    t = Table(title="built-in suites")
+    for c in ("suite", "backbone", "tasks (split)", "description"):
         t.add_column(c)
-    for s in SUITES.values():
-        tasks = ", ".join(f"{x.name} ({x.n_train}/{x.n_val}/{x.n_test})" for x in s.tasks)
-        t.add_row(s.name, s.backbone, tasks, f"{s.image_size}px" if s.backbone.startswith("eff") else f"{s.max_length} tokens")
+    try:
+        for name in builtin_suites():
+            s = load_suite(name)
+            tasks = ", ".join(f"{x.name} ({_split(x)})" for x in s.tasks)
+            t.add_row(s.name, s.backbone.hf or s.backbone.factory or "", tasks, s.description)
+    except TaskVecError as e:
+        _fail(e)
     console.print(t)
+
+
+def _split(task) -> str:  # type: ignore[no-untyped-def]
+    if task.split is None:
+        return "given"
+    return "/".join(str(v) for v in (task.split.train, task.split.val, task.split.test))

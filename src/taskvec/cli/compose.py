@@ -1,4 +1,4 @@
-"""`taskvec compose`: train and evaluate learned compositions (variational and baselines) on a suite."""
+"""`taskvec compose`: train, evaluate, apply and export learned compositions on a suite."""
 
 from __future__ import annotations
 
@@ -9,9 +9,18 @@ import typer
 from rich.table import Table
 
 from taskvec.cli.common import Force, _fail, console
-from taskvec.errors import TaskVecError
+from taskvec.errors import ConfigError, TaskVecError
 
-app = typer.Typer(help="Learned composition: variational (sample-specific) and shared coefficients.", no_args_is_help=True)
+app = typer.Typer(
+    help="Learned composition: variational (sample-specific) and shared coefficients.", no_args_is_help=True
+)
+
+MODES = ("deterministic", "mc")
+Mode = Annotated[str, typer.Option(help="deterministic (gate * mu) or mc (posterior average)")]
+Suite = Annotated[
+    str | None, typer.Option(help="suite file or built-in name (default: the one the composer was trained on)")
+]
+Cache = Annotated[Path | None, typer.Option(help="cache of fine-tuned checkpoints (default: the one used in training)")]
 
 
 def _show(result, names: list[str], title: str) -> None:  # type: ignore[no-untyped-def]
@@ -24,37 +33,132 @@ def _show(result, names: list[str], title: str) -> None:  # type: ignore[no-unty
     console.print(t)
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"--mode: {mode!r} is not one of {', '.join(MODES)}")
+
+
+def _copy_model_files():  # type: ignore[no-untyped-def]
+    """The function that makes an output folder loadable with from_pretrained, where installed."""
+    try:
+        from taskvec.io.hf import copy_model_files
+    except ImportError:
+        return None
+    return copy_model_files
+
+
 @app.command("train")
 def train(
-    config: Annotated[Path, typer.Argument(help="YAML: suite, preset, composer overrides, train options")],
+    config: Annotated[
+        Path, typer.Argument(help="YAML: suite (file or built-in name), preset, composer overrides, train options")
+    ],
     out: Annotated[Path, typer.Option("-o", "--out", help="folder of the saved composer")],
     force: Force = False,
 ) -> None:
     """Train a composer on a suite's validation splits (entropy presets: unlabeled test inputs), save it, score it."""
     from taskvec.bench.compose import load_run_config, train_on_suite
+    from taskvec.bench.suite import suite_path
 
     try:
         cfg = load_run_config(config)
+        suite_path(cfg.suite)  # a missing suite file is named before anything loads
         _, result, prep = train_on_suite(cfg, out, overwrite=force)
-    except (TaskVecError, KeyError) as e:
+    except TaskVecError as e:
         _fail(e)
-    _show(result, list(prep.tasks), f"{cfg.preset} on {cfg.suite}")
+    _show(result, list(prep.tasks), f"{cfg.preset} on {prep.suite.name}")
     console.print(f"composer saved to [bold]{out}[/]")
 
 
 @app.command("eval")
 def evaluate(
     composer: Annotated[Path, typer.Argument(help="folder written by `taskvec compose train`")],
-    suite: Annotated[str, typer.Option(help="the suite it was trained on")],
-    mode: Annotated[str, typer.Option(help="deterministic (gate * mu) or mc (posterior average)")] = "deterministic",
-    cache: Annotated[Path | None, typer.Option(help="cache of fine-tuned checkpoints")] = None,
+    suite: Suite = None,
+    mode: Mode = "deterministic",
+    cache: Cache = None,
 ) -> None:
     """Score a saved composer on the suite's test splits."""
-    from taskvec.bench.compose import evaluate_on_suite, load_on_suite
+    from taskvec.bench.compose import composer_suite, evaluate_on_suite, load_on_suite
 
     try:
+        _check_mode(mode)
+        composer_suite(composer, suite)
         comp, prep = load_on_suite(composer, suite, cache)
         result = evaluate_on_suite(comp, prep, mode)
     except TaskVecError as e:
         _fail(e)
-    _show(result, list(prep.tasks), f"{composer} on {suite} ({mode})")
+    _show(result, list(prep.tasks), f"{composer} on {prep.suite.name} ({mode})")
+
+
+@app.command("predict")
+def predict(
+    composer: Annotated[Path, typer.Argument(help="folder written by `taskvec compose train`")],
+    inputs: Annotated[
+        Path,
+        typer.Argument(help="new inputs of the task: .csv/.jsonl/.parquet (text column), .npz (x), or an image folder"),
+    ],
+    task: Annotated[str, typer.Option(help="the task the inputs belong to (its head classifies them)")],
+    out: Annotated[
+        Path, typer.Option("-o", "--out", help="output .jsonl: prediction, per-sample coefficients, kept share")
+    ],
+    column: Annotated[str | None, typer.Option(help="text column (default: the task's)")] = None,
+    suite: Suite = None,
+    mode: Mode = "deterministic",
+    cache: Cache = None,
+    force: Force = False,
+) -> None:
+    """Predict new inputs of a task; write one JSON line per input."""
+    from taskvec.bench.compose import composer_suite, load_on_suite, predict, read_inputs, write_jsonl
+
+    try:
+        _check_mode(mode)
+        if out.exists() and not force:
+            raise ConfigError(f"{out}: already exists (pass --force to replace it)")
+        if not inputs.exists():
+            raise ConfigError(f"{inputs}: no such input file or folder")
+        composer_suite(composer, suite)
+        comp, prep = load_on_suite(composer, suite, cache)
+        raw, labels = read_inputs(inputs, prep, task, column)
+        records = predict(comp, prep, task, raw, mode)
+        if labels is not None:
+            for r, y in zip(records, labels, strict=True):
+                r["label"] = y
+        write_jsonl(records, out, overwrite=force)
+    except TaskVecError as e:
+        _fail(e)
+    msg = f"wrote {len(records)} predictions for task [bold]{task}[/] to [bold]{out}[/]"
+    if labels is not None:
+        hits = sum(str(r["label"]) in (r["prediction"], str(r["class_index"])) for r in records)
+        msg += f" (accuracy against the file's labels: {100 * hits / max(len(records), 1):.1f} %)"
+    console.print(msg)
+
+
+@app.command("export")
+def export(
+    composer: Annotated[Path, typer.Argument(help="folder written by `taskvec compose train`")],
+    task: Annotated[str, typer.Option(help="the task whose mean coefficients are applied")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="output model folder")],
+    split: Annotated[str, typer.Option(help="inputs the coefficients are averaged over: train or val")] = "val",
+    dtype: Annotated[str | None, typer.Option(help="output dtype (default: the backbone's)")] = None,
+    suite: Suite = None,
+    cache: Cache = None,
+    force: Force = False,
+) -> None:
+    """Write a static model for one task: theta0 + sum of its mean coefficients times the task vectors."""
+    from taskvec.bench.compose import composer_suite, dtype_of, export_task, load_on_suite
+
+    try:
+        if split not in ("train", "val"):
+            raise ConfigError(f"--split: {split!r} is not train or val (coefficients are never chosen on test data)")
+        torch_dtype = dtype_of(dtype)
+        if out.exists() and not force:
+            raise ConfigError(f"{out}: already exists (pass --force to replace it)")
+        composer_suite(composer, suite)
+        comp, prep = load_on_suite(composer, suite, cache)
+        path, alpha = export_task(
+            comp, prep, task, out, split=split, dtype=torch_dtype, overwrite=force, copy_model_files=_copy_model_files()
+        )
+    except TaskVecError as e:
+        _fail(e)
+    console.print(
+        f"wrote the model of task [bold]{task}[/] (mean coefficient {float(alpha.mean()):.3f}) to [bold]{path}[/]"
+    )

@@ -60,6 +60,9 @@ def merge(
     allow_nonfinite: AllowNonfinite = False,
     force: Force = False,
     device: Annotated[str, typer.Option(help="where the per-slice arithmetic runs: cpu or cuda")] = "cpu",
+    tune_on: Annotated[str | None, typer.Option(help="choose the scale (and density) on this suite's validation data: "
+                                                "a suite YAML file or a built-in name")] = None,
+    cache: Annotated[Path | None, typer.Option(help="--tune-on: cache of the suite's heads and checkpoints")] = None,
 ) -> None:
     """Merge task vectors into the base model as CONFIG says, streamed and atomic."""
     from taskvec.config import load_merge_config
@@ -67,8 +70,32 @@ def merge(
 
     cfg = load_merge_config(config)
     check_output(out, overwrite=force, inputs=[config, cfg.base, *(m.finetuned or m.task_vector or m.lora for m in cfg.models)])
+    if tune_on is not None:
+        from taskvec.bench.suite import suite_path
+        from taskvec.tune import tune_merge, tuned_config
+
+        suite_path(tune_on)
+        result = tune_merge(cfg, tune_on, cache=cache)
+        _show_grid(result)
+        cfg = tuned_config(cfg, result)
     path = merge_checkpoints(cfg, out, overwrite=force, progress=True, allow_nonfinite=allow_nonfinite, device=device)
     console.print(f"merged {len(cfg.models)} task vectors with [bold]{cfg.method}[/] into [bold]{path}[/]")
+
+
+def _show_grid(result) -> None:  # type: ignore[no-untyped-def]
+    """The searched grid: mean validation accuracy per scale (rows) and density (columns)."""
+    dens = result.densities or [None]
+    scales = sorted({r["scale"] for r in result.grid})
+    t = Table(title="validation accuracy (%) searched by --tune-on")
+    t.add_column("scale λ", justify="right")
+    for d in dens:
+        t.add_column("mean" if d is None else f"density {d:g}", justify="right")
+    val = {(r["density"], r["scale"]): r["val"] for r in result.grid}
+    for s in scales:
+        t.add_row(f"{s:g}", *(f"{100 * val[(d, s)]:.2f}" if (d, s) in val else "" for d in dens))
+    console.print(t)
+    chosen = ", ".join(f"{k}={v}" for k, v in result.params.items())
+    console.print(f"chosen: scale {result.scale:g}{', ' + chosen if chosen else ''} (validation {100 * result.val:.2f} %)")
 
 
 @app.command()

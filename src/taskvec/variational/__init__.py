@@ -6,7 +6,7 @@ share the same composed forward, loop and I/O. See docs/variational.md.
 """
 
 from taskvec.variational.blocks import BlockRule, BlockSpec, make_blocks
-from taskvec.variational.checkpoint import load_composer, save_composer
+from taskvec.variational.checkpoint import load_composer, read_composer_info, save_composer
 from taskvec.variational.config import (
     PRESETS,
     ComposerConfig,
@@ -19,10 +19,12 @@ from taskvec.variational.config import (
 )
 from taskvec.variational.data import ComposeData, compute_features, holdout_split
 from taskvec.variational.engine import ComposedModel, default_forward
+from taskvec.variational.methods import COMPOSERS, register_composer
 from taskvec.variational.posterior import (
     DeterministicCoefficients,
     VariationalCoefficients,
 )
+from taskvec.variational.shared import SharedCoefficients
 from taskvec.variational.train import (
     Composer,
     EvalResult,
@@ -33,6 +35,7 @@ from taskvec.variational.train import (
 )
 
 __all__ = [
+    "COMPOSERS",
     "PRESETS",
     "BlockRule",
     "BlockSpec",
@@ -46,6 +49,7 @@ __all__ = [
     "GateConfig",
     "PosteriorConfig",
     "PriorConfig",
+    "SharedCoefficients",
     "TrainConfig",
     "VariationalCoefficients",
     "build_composer",
@@ -57,6 +61,8 @@ __all__ = [
     "load_composer",
     "make_blocks",
     "preset",
+    "read_composer_info",
+    "register_composer",
     "save_composer",
     "train_composer",
 ]

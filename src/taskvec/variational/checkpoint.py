@@ -13,11 +13,14 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from pydantic import ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from taskvec.errors import ConfigError, KeyMismatchError
+from taskvec.errors import ConfigError, KeyMismatchError, format_validation_error
 from taskvec.io.atomic import atomic_path, check_output
 from taskvec.variational.blocks import BlockSpec
 from taskvec.variational.config import ComposerConfig
@@ -33,8 +36,10 @@ def _norms(composer: Composer) -> list[float]:
     return [math.sqrt(sum(float(m.tau(k)[i].double().square().sum()) for k in m.keys)) for i in range(m.num_tasks)]
 
 
-def save_composer(composer: Composer, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Write `path/` = config.json + coefficients.safetensors, atomically."""
+def save_composer(composer: Composer, path: str | os.PathLike[str], *, overwrite: bool = False,
+                  run: dict[str, object] | None = None) -> Path:
+    """Write `path/` = config.json + coefficients.safetensors, atomically. `run` records where the
+    composer comes from (e.g. its suite), so later commands can rebuild it without being told."""
     out = Path(path)
     check_output(out, overwrite=overwrite)
     m = composer.model
@@ -50,6 +55,7 @@ def save_composer(composer: Composer, path: str | os.PathLike[str], *, overwrite
         "tensors": {k: list(base[k].shape) for k in m.keys},
         "task_vector_norms": _norms(composer),
         "history": composer.history,
+        "run": run or {},
     }
     with atomic_path(out, overwrite=overwrite, folder=True, marker=False) as tmp:  # config.json marks it
         state = {k: v.detach().cpu().contiguous() for k, v in composer.coef.state_dict().items()}
@@ -69,12 +75,7 @@ def load_composer(
 ) -> Composer:
     """A composer saved by `save_composer`, rebuilt on the given backbone, task vectors and heads."""
     path = Path(path)
-    try:
-        meta = json.loads((path / "config.json").read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: not a saved composer (no config.json)") from None
-    if meta.get("format") != FORMAT:
-        raise ConfigError(f"{path}: config.json is not a taskvec composer")
+    meta = read_composer_info(path)
     config = ComposerConfig(**meta["composer"])
     composer = build_composer(backbone, task_vectors, heads, meta["feature_dim"], config, forward_fn=forward_fn,
                               task_names=meta["task_names"], blocks=BlockSpec.from_json(meta["blocks"]))
@@ -88,8 +89,41 @@ def load_composer(
     for i, (a, b) in enumerate(zip(_norms(composer), meta["task_vector_norms"])):
         if not math.isclose(a, b, rel_tol=rtol, abs_tol=1e-12):
             raise KeyMismatchError(f"{path}: task vector {i} has norm {a:.6g}, the composer was trained with {b:.6g}")
-    state = load_file(str(path / "coefficients.safetensors"))
+    try:
+        state = load_file(str(path / "coefficients.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{path / 'coefficients.safetensors'}: unreadable ({e})") from None
+    if set(state) != set(composer.coef.state_dict()):
+        raise KeyMismatchError(f"{path / 'coefficients.safetensors'}: holds {sorted(state)[:4]}, "
+                               f"the composer needs {sorted(composer.coef.state_dict())[:4]}")
     ref = next(iter(composer.coef.parameters()))
     composer.coef.load_state_dict({k: v.to(device=ref.device, dtype=ref.dtype) for k, v in state.items()})
     composer.history = list(meta.get("history", []))
     return composer
+
+
+def read_composer_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checked config.json of a saved composer (no tensors are read): one-line errors when the
+    folder, the file or a required entry is missing or corrupt."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such composer folder")
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not a saved composer (no config.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path / 'config.json'}: corrupt ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ConfigError(f"{path}: config.json is not a taskvec composer")
+    missing = [k for k in ("composer", "feature_dim", "task_names", "num_heads", "blocks", "tensors", "task_vector_norms")
+               if k not in meta]
+    if missing:
+        raise ConfigError(f"{path / 'config.json'}: lacks {', '.join(missing)}")
+    if not (path / "coefficients.safetensors").is_file():
+        raise ConfigError(f"{path}: no coefficients.safetensors")
+    try:
+        ComposerConfig(**meta["composer"])
+    except ValidationError as e:
+        raise ConfigError(f"{path / 'config.json'}: composer: {format_validation_error(e)}") from None
+    return meta

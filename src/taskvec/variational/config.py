@@ -51,7 +51,7 @@ class ComposerConfig(Strict):
     no prior or gate) or 'shared' (one alpha for all samples: aTLAS with objective 'supervised',
     AdaMerging with 'entropy'). blocks: 'tensor', 'module', 'all' (task-level), globs or a map."""
 
-    method: Literal["variational", "sample_specific", "shared"] = "variational"
+    method: str = Field("variational", description="a registered composer method (taskvec.variational.COMPOSERS)")
     objective: Literal["supervised", "entropy"] = "supervised"
     blocks: str | list[str] | dict[str, list[str]] = "tensor"
     include: list[str] | None = None
@@ -70,8 +70,13 @@ class ComposerConfig(Strict):
     def _consistent(self) -> ComposerConfig:
         if isinstance(self.blocks, str) and self.blocks not in ("tensor", "module", "all"):
             raise ValueError("blocks: use 'tensor', 'module', 'all', a list of globs or a {name: [globs]} map")
-        if self.method == "variational" and self.objective != "supervised":
-            raise ValueError("the variational composer is trained on labels (objective 'supervised')")
+        import taskvec.variational  # noqa: F401 (registers the built-in methods)
+        from taskvec.variational.methods import COMPOSERS, OBJECTIVES
+
+        if self.method not in COMPOSERS:
+            raise ValueError(f"method: unknown composer method {self.method!r}; known: {', '.join(COMPOSERS.names())}")
+        if self.objective not in OBJECTIVES[self.method]:
+            raise ValueError(f"the {self.method} composer is trained with objective {' or '.join(map(repr, OBJECTIVES[self.method]))}")
         return self
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from taskvec.variational.config import GateConfig, PosteriorConfig, PriorConfig
+from taskvec.variational.methods import register_composer
 
 EPS = 1e-12
 
@@ -222,3 +223,14 @@ class DeterministicCoefficients(nn.Module):
     @torch.no_grad()
     def coefficients(self, f0: torch.Tensor) -> torch.Tensor:
         return self.net(f0)[0]
+
+
+register_composer(
+    "variational",
+    lambda cfg, d, t, b: VariationalCoefficients(d, t, b, cfg.posterior, cfg.prior, cfg.gate, cfg.init_coef,
+                                                 cfg.concrete_temperature, cfg.hard_concrete),
+    objectives=("supervised",),
+    doc="sample-specific alpha(x) with a spike-and-slab prior and a gate",
+)
+register_composer("sample_specific", lambda cfg, d, t, b: DeterministicCoefficients(d, t, b, cfg.posterior, cfg.init_coef),
+                  doc="deterministic alpha(x) = mu(x): no prior, no gate")

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from taskvec.config import DTYPES
 from taskvec.errors import ConfigError, NonFiniteError
+from taskvec.variational import shared as _shared  # noqa: F401 (registers the 'shared' method)
 from taskvec.variational.config import ComposerConfig, ComposeTrainConfig, TrainConfig
 from taskvec.variational.data import ComposeData, sample_noise
 from taskvec.variational.engine import (
@@ -41,11 +42,8 @@ from taskvec.variational.engine import (
     TaskVectorLike,
     default_forward,
 )
-from taskvec.variational.posterior import (
-    CoefficientNet,
-    DeterministicCoefficients,
-    VariationalCoefficients,
-)
+from taskvec.variational.methods import build_coefficients
+from taskvec.variational.posterior import CoefficientNet
 
 
 class Composer(nn.Module):
@@ -59,10 +57,6 @@ class Composer(nn.Module):
         self.history: list[dict[str, float]] = []
         for p in self.heads.parameters():
             p.requires_grad_(False)
-
-    @property
-    def shared(self) -> bool:
-        return self.config.method == "shared"
 
     def coefficients(self, features: torch.Tensor) -> torch.Tensor:
         """Deterministic test-time coefficients: (N, T, B), or (T, B) for shared coefficients."""
@@ -95,18 +89,7 @@ def build_composer(
         backbone, task_vectors, blocks=blocks if blocks is not None else config.blocks, include=config.include,
         exclude=config.exclude or None, strategy=config.strategy, forward_fn=forward_fn, task_names=task_names,
     )
-    t, b = model.num_tasks, model.num_blocks
-    if config.method == "variational":
-        coef: nn.Module = VariationalCoefficients(
-            feature_dim, t, b, config.posterior, config.prior, config.gate, config.init_coef,
-            config.concrete_temperature, config.hard_concrete,
-        )
-    elif config.method == "sample_specific":
-        coef = DeterministicCoefficients(feature_dim, t, b, config.posterior, config.init_coef)
-    else:
-        from taskvec.coefficients.shared import SharedCoefficients
-
-        coef = SharedCoefficients(t, b, config.init_coef)
+    coef = build_coefficients(config, feature_dim, model.num_tasks, model.num_blocks)
     ref = next(iter(backbone.parameters()))
     return Composer(model, heads, coef.to(device=ref.device, dtype=ref.dtype), config, feature_dim).to(ref.device)
 

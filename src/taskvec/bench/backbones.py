@@ -1,0 +1,222 @@
+"""The pretrained backbone of a suite: a Hugging Face folder or a `module:function` factory, the
+pooling that turns its output into features f0(x), and the encoding of raw inputs for it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from taskvec.bench.sources import import_object, resolve
+from taskvec.config import Strict
+from taskvec.errors import ConfigError, KeyMismatchError
+
+Inputs = torch.Tensor | dict[str, torch.Tensor]
+Pool = Literal["mean", "cls", "pooler", "none"]
+
+
+class TextInputs(Strict):
+    """Texts are tokenized to a fixed length (padding is trimmed per batch)."""
+
+    max_length: int = Field(128, ge=1)
+
+
+class ImageInputs(Strict):
+    """Images are resized to size x size, scaled to [0, 1] and normalized per channel.
+    For a Hugging Face folder, mean and std default to its image processor's."""
+
+    size: int = Field(64, ge=1)
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+class BackboneSpec(Strict):
+    """The pretrained model theta0: either `hf` (a Hugging Face folder, loaded with AutoModel and its
+    tokenizer) or `factory` ('module:function' returning an nn.Module, or (module, tokenizer)),
+    optionally with a `checkpoint` loaded into it. `pool` turns the model's output into features:
+    mean over real tokens (or positions), the first token, the model's pooler output, or 'none'
+    (the model already returns features). `text` or `images` says how raw inputs are encoded."""
+
+    hf: str | None = None
+    factory: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = None
+    pool: Pool | None = Field(None, description="default: 'mean' for a Hugging Face folder, 'none' for a factory")
+    text: TextInputs | None = None
+    images: ImageInputs | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> BackboneSpec:
+        if (self.hf is None) == (self.factory is None):
+            raise ValueError("give exactly one of 'hf' (a model folder) or 'factory' ('module:function')")
+        if self.text is not None and self.images is not None:
+            raise ValueError("give 'text' or 'images' inputs, not both")
+        if self.factory is not None and self.text is None and self.images is None:
+            raise ValueError("a factory backbone needs 'text' or 'images' to say how inputs are encoded")
+        return self
+
+    @property
+    def pooling(self) -> Pool:
+        return self.pool or ("mean" if self.hf is not None else "none")
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Average token states (N, T, D) over real tokens only (the sentence-transformers pooling)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+
+class PooledEncoder(nn.Module):
+    """A model whose output is pooled into one feature vector per input."""
+
+    def __init__(self, model: nn.Module, pool: Pool):
+        super().__init__()
+        self.model, self.pool = model, pool
+
+    def forward(self, x: Inputs) -> torch.Tensor:
+        if isinstance(x, Mapping):
+            out = self.model(**x)
+            mask = x.get("attention_mask")
+        else:
+            out = self.model(pixel_values=x) if _is_hf(self.model) else self.model(x)
+            mask = None
+        if self.pool == "pooler":
+            return out.pooler_output.flatten(1)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out
+        if self.pool == "cls":
+            return hidden[:, 0]
+        if self.pool == "none":
+            return hidden
+        if mask is not None:
+            return mean_pool(hidden, mask)
+        return hidden.flatten(2).mean(2) if hidden.dim() == 4 else hidden.mean(1)  # conv maps or token sequences
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model, "base_model_prefix")
+
+
+def prepare_images(images: np.ndarray, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 images (N, H, W) or (N, H, W, 3) -> normalized float (N, 3, size, size).
+
+    Grey images are repeated on 3 channels; resizing is bilinear with antialiasing."""
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise ValueError(f"expected uint8 images (N,H,W) or (N,H,W,3), got {images.dtype} {images.shape}")
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return ((x - m) / s).contiguous()
+
+
+@dataclass
+class Backbone:
+    """A loaded backbone: `module` maps encoded inputs to features f0(x); `encode` turns raw inputs
+    (a list of texts or uint8 images) into its inputs; `hf_folder` is the folder it came from, and
+    `prefix` is what the module's state dict puts before the folder's tensor names."""
+
+    module: nn.Module
+    encode: Callable[[Any], Inputs]
+    kind: Literal["text", "images"]
+    hf_folder: Path | None = None
+    prefix: str = ""
+    tokenizer: Any = None
+
+
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def load_backbone(spec: BackboneSpec, root: Path) -> Backbone:
+    """The suite's pretrained backbone in eval mode, with its input encoder."""
+    tokenizer: Any = None
+    processor: Any = None
+    folder = None
+    if spec.hf is not None:
+        _offline()
+        import transformers
+
+        folder = resolve(root, spec.hf)
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"{folder}: not a Hugging Face model folder (no config.json)")
+        model: nn.Module = transformers.AutoModel.from_pretrained(str(folder), local_files_only=True)
+        if spec.images is None:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        elif spec.images.mean is None or spec.images.std is None:
+            processor = transformers.AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+    else:
+        assert spec.factory is not None
+        out = import_object(spec.factory)(**spec.kwargs)
+        model, tokenizer = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(
+                f"{spec.factory}: must return an nn.Module (or (module, tokenizer)), got {type(model).__name__}"
+            )
+    if spec.checkpoint is not None:
+        load_into(model, resolve(root, spec.checkpoint))
+    module = model if spec.pooling == "none" and spec.hf is None else PooledEncoder(model, spec.pooling)
+    prefix = "model." if module is not model else ""
+    if spec.images is not None:
+        size = spec.images.size
+        mean = spec.images.mean or tuple(processor.image_mean)
+        std = spec.images.std or tuple(processor.image_std)
+
+        def encode(x: Any) -> Inputs:
+            return prepare_images(np.asarray(x), size, mean, std)
+
+        return Backbone(module.eval(), encode, "images", folder, prefix)
+    if tokenizer is None:
+        raise ConfigError(f"{spec.factory}: text inputs need a tokenizer: return (module, tokenizer)")
+    max_length = spec.text.max_length if spec.text is not None else TextInputs.model_fields["max_length"].default
+
+    def encode_text(x: Any) -> Inputs:
+        enc = tokenizer(list(x), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    return Backbone(module.eval(), encode_text, "text", folder, prefix, tokenizer)
+
+
+def load_into(model: nn.Module, path: Path) -> None:
+    """Load a checkpoint file or folder (any format taskvec reads) into `model`."""
+    model.load_state_dict(match_state(model.state_dict(), path), strict=True)
+
+
+def match_state(target: Mapping[str, torch.Tensor], path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of checkpoint `path` under the names of `target`.
+
+    A name is found as is, without `prefix` (a wrapped model's checkpoint saved unwrapped), or under
+    one more leading module (e.g. 'bert.' of a task model with a classifier); extra tensors (a
+    classifier) are ignored; a missing one is an error naming the file."""
+    from taskvec.io import open_checkpoint, read
+
+    src = open_checkpoint(path)
+    have = set(src.keys())
+    out, missing = {}, []
+    for k, ref in target.items():
+        bare = k[len(prefix) :] if prefix and k.startswith(prefix) else k
+        found = next((c for c in (k, bare) if c in have), None)
+        if found is None:
+            found = next((c for c in have if c.endswith("." + bare) and c.count(".") == bare.count(".") + 1), None)
+        if found is None:
+            missing.append(k)
+            continue
+        t = read(src, found)
+        if tuple(t.shape) != tuple(ref.shape):
+            raise KeyMismatchError(
+                f"{path}: tensor {found!r} has shape {tuple(t.shape)}, the backbone's has {tuple(ref.shape)}"
+            )
+        out[k] = t.to(ref.dtype)
+    if missing:
+        raise KeyMismatchError(f"{path}: lacks {len(missing)} tensors of the backbone, e.g. {missing[:3]}")
+    return out

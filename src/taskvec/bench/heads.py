@@ -1,0 +1,145 @@
+"""Frozen task heads on top of the backbone's features: each kind is a name, a pydantic config and
+a builder. A suite picks one per task (or one for all) with `head: {kind: ...}`.
+
+    head: {kind: linear_probe, c: 1.0}              # logistic regression on frozen pretrained features
+    head: {kind: zero_shot, template: "a review that is {}."}   # text encoders: embeddings of label texts
+    head: {kind: file, path: heads/sentiment.safetensors}       # weight (C, D) and bias (C) of your own
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from safetensors.torch import load_file
+from torch import nn
+
+from taskvec.bench.cache import save_atomic
+from taskvec.bench.sources import resolve
+from taskvec.config import Strict
+from taskvec.errors import ConfigError
+from taskvec.registry import Registry
+
+
+@dataclass
+class HeadContext:
+    """What a head builder may use: the pretrained backbone, the task's data, its cache folder."""
+
+    backbone: Any  # taskvec.bench.backbones.Backbone, with pretrained weights loaded
+    task: Any  # taskvec.bench.spec.TaskData
+    cache: Path
+    root: Path
+
+
+HeadBuilder = Callable[[Any, HeadContext], nn.Module]
+HEADS: Registry[HeadBuilder] = Registry("head kind")
+"""The head kinds by name."""
+
+
+def linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    """A frozen nn.Linear holding `weight` (C, D) and `bias` (C)."""
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    return head.requires_grad_(False)
+
+
+class LinearProbe(Strict):
+    """Multinomial logistic regression fitted on frozen pretrained features of the train split."""
+
+    kind: Literal["linear_probe"]
+    c: float = Field(1.0, gt=0, description="inverse L2 strength")
+    standardize: bool = False
+
+
+def build_linear_probe(cfg: LinearProbe, ctx: HeadContext) -> nn.Module:
+    """Fitted once and cached beside the task's fine-tuned checkpoint."""
+    from taskvec.bench.models import features, fit_head
+
+    path = ctx.cache / "head.safetensors"
+    if path.exists():
+        h = load_file(path)
+        return linear(h["weight"], h["bias"])
+    train = ctx.task.train
+    head = fit_head(features(ctx.backbone.module, train), train.y, len(ctx.task.classes), cfg.c, cfg.standardize)
+    save_atomic(head.state_dict(), path)
+    return head
+
+
+HEADS.register("linear_probe", LinearProbe, build_linear_probe)
+
+
+class CosineHead(nn.Module):
+    """logits = scale * cos(f, w_c): frozen class embeddings compared with normalized features."""
+
+    def __init__(self, weight: torch.Tensor, scale: float):
+        super().__init__()
+        self.weight = nn.Parameter(F.normalize(weight, dim=-1), requires_grad=False)
+        self.scale = scale
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(f, dim=-1) @ self.weight.T
+
+
+class ZeroShot(Strict):
+    """Text encoders: each class's label text (in `template`) is embedded by the pretrained backbone."""
+
+    kind: Literal["zero_shot"]
+    template: str = "{}"
+    labels: list[str] | None = Field(None, description="label texts in class order (default: the class names)")
+    scale: float = Field(20.0, gt=0, description="logit scale (inverse temperature)")
+
+
+@torch.no_grad()
+def build_zero_shot(cfg: ZeroShot, ctx: HeadContext) -> nn.Module:
+    """Class embeddings from the label texts, through the same encoder and pooling as the inputs."""
+    if ctx.backbone.kind != "text":
+        raise ConfigError("head kind 'zero_shot' needs a text backbone")
+    labels = cfg.labels or ctx.task.classes
+    if len(labels) != len(ctx.task.classes):
+        raise ConfigError(f"head.labels: {len(labels)} texts for {len(ctx.task.classes)} classes")
+    ctx.backbone.module.eval()
+    emb = ctx.backbone.module(ctx.backbone.encode([cfg.template.format(t) for t in labels]))
+    return CosineHead(emb.float(), cfg.scale)
+
+
+HEADS.register("zero_shot", ZeroShot, build_zero_shot)
+
+
+class HeadFile(Strict):
+    """A head of your own: a safetensors file with `weight` (classes, feature dim) and `bias` (classes)."""
+
+    kind: Literal["file"]
+    path: str
+
+
+def build_head_file(cfg: HeadFile, ctx: HeadContext) -> nn.Module:
+    """Read and check against the task's classes."""
+    path = resolve(ctx.root, cfg.path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such head file")
+    h = load_file(path)
+    if "weight" not in h:
+        raise ConfigError(f"{path}: a head file needs a 'weight' tensor (classes, feature dim)")
+    w = h["weight"].float()
+    b = h.get("bias", torch.zeros(w.shape[0])).float()
+    if w.shape[0] != len(ctx.task.classes) or b.shape != (w.shape[0],):
+        raise ConfigError(
+            f"{path}: weight {tuple(w.shape)} and bias {tuple(b.shape)} do not fit {len(ctx.task.classes)} classes"
+        )
+    return linear(w, b)
+
+
+HEADS.register("file", HeadFile, build_head_file)
+
+
+def build_head(cfg: Any, ctx: HeadContext) -> nn.Module:
+    """A frozen head of a validated head config (see HEADS)."""
+    head = HEADS.get(cfg.kind).build(cfg, ctx)
+    return head.requires_grad_(False)
