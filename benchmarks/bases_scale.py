@@ -165,7 +165,7 @@ def phase(name: str, work: Path, tasks: int, m: int | None) -> dict:
         if method == "ties":
             method, merge = "cluster", "ties"
         tvs, names = load_tvs(work, tasks)
-        g = torch.load(work / "gram.pt")
+        g = torch.load(work / "gram.pt", weights_only=True)
         opts = {"merge": merge} if method == "cluster" else {}
         bank = build_bank(tvs, names, method, m, out=work / f"bank-{name[6:]}", gram_matrix=g, overwrite=True, **opts)
         errs = list(bank.relative_errors().values())

@@ -467,7 +467,7 @@ EVIL_MARK = Path("/tmp") / f"taskvec-evil-{os.getpid()}"
 
 def test_planted_pickle_in_the_resume_state_is_refused(tmp_path: Path) -> None:
     from taskvec.bench.finetune import finetune
-    from taskvec.bench.suites import FinetuneSpec, Split
+    from taskvec.bench.suite import FinetuneSpec, Split
     from taskvec.errors import CheckpointError
 
     state = tmp_path / "state.pt"
