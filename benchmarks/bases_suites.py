@@ -42,20 +42,30 @@ ADD_LAMBDAS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 1.5)
 NEG_LAMBDAS = (0.1, 0.2, 0.3, 0.5, 1.0, 2.0)
 
 
-def score(prep: Any, add_tv: TaskVector, neg_tvs: dict[str, TaskVector], pre_val: dict[str, float],
-          grids: dict[str, tuple[float, ...]]) -> dict[str, Any]:
+def score(
+    prep: Any,
+    add_tv: TaskVector,
+    neg_tvs: dict[str, TaskVector],
+    pre_val: dict[str, float],
+    grids: dict[str, tuple[float, ...]],
+) -> dict[str, Any]:
     """Addition of add_tv and negation of each target with its stand-in (a tau or its reconstruction)."""
-    return {"addition": choose_lambda(prep, add_tv, grids["addition"]),
-            "negation": {t: negate(prep, t, tv, pre_val, grids["negation"]) for t, tv in neg_tvs.items()}}
+    return {
+        "addition": choose_lambda(prep, add_tv, grids["addition"]),
+        "negation": {t: negate(prep, t, tv, pre_val, grids["negation"]) for t, tv in neg_tvs.items()},
+    }
 
 
 def markdown(r: dict[str, Any]) -> str:
     names = r["tasks"]
     pre, ft = r["pretrained"], r["finetuned"]
-    lines = [f"### {r['suite']}: bases bank ({r['method']}) vs full task vectors, test accuracy (%)", "",
-             "| task vectors | memory (MiB) | of full | addition λ | addition avg | addition normalized | "
-             "negation: target acc (mean) | negation: control kept (min) | max recon. error |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### {r['suite']}: bases bank ({r['method']}) vs full task vectors, test accuracy (%)",
+        "",
+        "| task vectors | memory (MiB) | of full | addition λ | addition avg | addition normalized | "
+        "negation: target acc (mean) | negation: control kept (min) | max recon. error |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in r["rows"]:
         add, neg = row["addition"], row["negation"]
         avg = 100 * statistics.fmean(add["test"].values())
@@ -63,15 +73,20 @@ def markdown(r: dict[str, Any]) -> str:
         tgt = 100 * statistics.fmean(n["target"] for n in neg.values())
         kept = 100 * min(n["controls"][c] / pre[c] for n in neg.values() for c in n["controls"])
         err = max(row["errors"].values()) if row.get("errors") else 0.0
-        lines.append(f"| {row['label']} | {row['bytes'] / 2**20:.1f} | {100 * row['bytes'] / r['full_bytes']:.0f}% | "
-                     f"{add['lambda']} | {avg:.1f} | {normd:.1f} | {tgt:.1f} | {kept:.1f}% | {err:.3f} |")
-    lines += ["", f"Pretrained accuracy (avg over tasks, = the negation targets' accuracy before negation) "
-              f"{100 * statistics.fmean(pre.values()):.1f}; fine-tuned avg {100 * statistics.fmean(ft.values()):.1f}. "
-              "Memory: bank files on disk (bases + manifest) vs T float32 task vectors. Adding all T tasks from a "
-              "bank of cluster means equals task arithmetic exactly for every M: within cluster k, "
-              "sum_i d_i s_k = <s_k, sum_i tau_i>/|s_k|^2 s_k = n_k s_k = sum_i tau_i. The bases matter for "
-              "operations on single tasks (negation) and for memory; max recon. error = the worst task's "
-              "|tau - recon(tau)| / |tau|."]
+        lines.append(
+            f"| {row['label']} | {row['bytes'] / 2**20:.1f} | {100 * row['bytes'] / r['full_bytes']:.0f}% | "
+            f"{add['lambda']} | {avg:.1f} | {normd:.1f} | {tgt:.1f} | {kept:.1f}% | {err:.3f} |"
+        )
+    lines += [
+        "",
+        f"Pretrained accuracy (avg over tasks, = the negation targets' accuracy before negation) "
+        f"{100 * statistics.fmean(pre.values()):.1f}; fine-tuned avg {100 * statistics.fmean(ft.values()):.1f}. "
+        "Memory: bank files on disk (bases + manifest) vs T float32 task vectors. Adding all T tasks from a "
+        "bank of cluster means equals task arithmetic exactly for every M: within cluster k, "
+        "sum_i d_i s_k = <s_k, sum_i tau_i>/|s_k|^2 s_k = n_k s_k = sum_i tau_i. The bases matter for "
+        "operations on single tasks (negation) and for memory; max recon. error = the worst task's "
+        "|tau - recon(tau)| / |tau|.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -121,9 +136,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--add-lambdas", type=float, nargs="+", default=None, help=f"default {ADD_LAMBDAS}")
     ap.add_argument("--neg-lambdas", type=float, nargs="+", default=None, help=f"default {NEG_LAMBDAS}")
-    ap.add_argument("--no-full", action="store_true",
-                    help="skip the full-task-vector row: with clustering, M = T (one task per basis, decoder 1) "
-                         "is the full task vectors up to float32 storage")
+    ap.add_argument(
+        "--no-full",
+        action="store_true",
+        help="skip the full-task-vector row: with clustering, M = T (one task per basis, decoder 1) "
+        "is the full task vectors up to float32 storage",
+    )
     ap.add_argument("-o", "--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args()
     if args.threads:
@@ -138,8 +156,16 @@ def main() -> None:
     numel = tvs[0].numel()
     pre_val, pre_test = prep.evaluate(prep.pretrained, "val"), prep.evaluate(prep.pretrained, "test")
     ft = prep.finetuned_accuracy()
-    r: dict[str, Any] = {"suite": args.suite, "method": args.method, "tasks": names, "numel": numel,
-                         "full_bytes": len(tvs) * numel * 4, "pretrained": pre_test, "finetuned": ft, "rows": []}
+    r: dict[str, Any] = {
+        "suite": args.suite,
+        "method": args.method,
+        "tasks": names,
+        "numel": numel,
+        "full_bytes": len(tvs) * numel * 4,
+        "pretrained": pre_test,
+        "finetuned": ft,
+        "rows": [],
+    }
     t0 = time.perf_counter()
     r["grids"] = grids
     if not args.no_full:
@@ -154,8 +180,14 @@ def main() -> None:
         if bank is None or bank.names != names or bank.method != args.method:  # missing, or left by other tasks
             bank = build_bank(tvs, names, args.method, m, out=path, dtype=torch.float32, overwrite=True, **opts)
         res = score(prep, bank.addition(names), {t: bank.reconstruct(t) for t in names}, pre_val, grids)
-        row = {"label": f"bank M = {m}", "m": m, "bytes": bank.memory().bank, "errors": bank.relative_errors(),
-               "assignments": bank.manifest.assignments, **res}
+        row = {
+            "label": f"bank M = {m}",
+            "m": m,
+            "bytes": bank.memory().bank,
+            "errors": bank.relative_errors(),
+            "assignments": bank.manifest.assignments,
+            **res,
+        }
         r["rows"].append(row)
     r["seconds"] = time.perf_counter() - t0
     write_text_atomic(args.out / f"{tag}.json", json.dumps(r, indent=1))

@@ -69,7 +69,6 @@ from taskvec.variational import (
     holdout_split,
     train_composer,
 )
-
 from taskvec.variational.config import PRESETS
 
 DEFAULT_PRESETS = ("atlas_task", "atlas_block", "variational")
@@ -88,12 +87,20 @@ def task_vectors(prep: Any, bank_m: int | None, bank_dir: Path) -> tuple[list[An
     from taskvec.bases import Bank, build_bank
 
     path = bank_dir / f"bank-m{bank_m}"
-    bank = Bank.load(path) if path.exists() else build_bank(tvs, names, "cluster", bank_m, out=path, merge="mean",
-                                                          dtype=torch.float32)
+    bank = (
+        Bank.load(path)
+        if path.exists()
+        else build_bank(tvs, names, "cluster", bank_m, out=path, merge="mean", dtype=torch.float32)
+    )
     mem = bank.memory()
-    info = {"m": bank.m, "t": bank.t, "assignments": bank.manifest.assignments,
-            "bank_bytes": mem.bank, "task_vector_bytes": len(tvs) * tvs[0].numel() * 4,  # float32, like the checkpoints
-            "relative_errors": bank.relative_errors()}
+    info = {
+        "m": bank.m,
+        "t": bank.t,
+        "assignments": bank.manifest.assignments,
+        "bank_bytes": mem.bank,
+        "task_vector_bytes": len(tvs) * tvs[0].numel() * 4,  # float32, like the checkpoints
+        "relative_errors": bank.relative_errors(),
+    }
     return [bank.basis(k) for k in range(bank.m)], [f"basis{k}" for k in range(bank.m)], info
 
 
@@ -137,12 +144,20 @@ def tuned(folder: Path, preset: str) -> dict[str, Any]:
     lab = max(order, key=lambda x: score[x])
     best = by_label[lab][0]
     cfg = best["config"]
-    return {"lr": cfg["train"]["lr"], "epochs": cfg["train"]["epochs"], "kl_weight": cfg["composer"]["kl_weight"],
-            "set": best.get("set", []), "from": lab, "heldout": score[lab], "runs": len(by_label[lab])}
+    return {
+        "lr": cfg["train"]["lr"],
+        "epochs": cfg["train"]["epochs"],
+        "kl_weight": cfg["composer"]["kl_weight"],
+        "set": best.get("set", []),
+        "from": lab,
+        "heldout": score[lab],
+        "runs": len(by_label[lab]),
+    }
 
 
-def run_one(prep: Any, tvs: list[Any], tv_names: list[str], val: Any, test: Any, name: str, seed: int,
-            args: argparse.Namespace) -> dict[str, Any]:
+def run_one(
+    prep: Any, tvs: list[Any], tv_names: list[str], val: Any, test: Any, name: str, seed: int, args: argparse.Namespace
+) -> dict[str, Any]:
     hp = args.hp.get(name, {})
     kl_weight = hp.get("kl_weight", args.kl_weight)
     over: dict[str, Any] = {"kl_weight": kl_weight} if name.startswith("variational") and kl_weight is not None else {}
@@ -156,29 +171,50 @@ def run_one(prep: Any, tvs: list[Any], tv_names: list[str], val: Any, test: Any,
     over = deep_merge(deep_merge(dict(PRESETS[name]), over), sets)
     cfg = ComposeTrainConfig(
         composer=suite_composer(name, **over),
-        train=TrainConfig(**{"epochs": hp.get("epochs", args.epochs), "batch_size": args.batch_size,
-                             "lr": hp.get("lr", args.lr), "seed": seed, **train_over}),
+        train=TrainConfig(
+            **{
+                "epochs": hp.get("epochs", args.epochs),
+                "batch_size": args.batch_size,
+                "lr": hp.get("lr", args.lr),
+                "seed": seed,
+                **train_over,
+            }
+        ),
     )
     entropy = cfg.composer.objective == "entropy"
     train_data = ComposeData(test.inputs, test.features, test.tasks) if entropy else val
     prep.backbone.load_state_dict(prep.pretrained)
     t0 = time.perf_counter()
-    comp = train_composer(prep.backbone, tvs, [prep.heads[t] for t in prep.tasks], train_data, cfg,
-                          forward_fn=forward_features, task_names=tv_names)
+    comp = train_composer(
+        prep.backbone,
+        tvs,
+        [prep.heads[t] for t in prep.tasks],
+        train_data,
+        cfg,
+        forward_fn=forward_features,
+        task_names=tv_names,
+    )
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     res = evaluate_composer(comp, test)
     eval_s = time.perf_counter() - t0
     names = list(prep.tasks)
     out: dict[str, Any] = {
-        "preset": name, "seed": seed, "train_seconds": train_s, "eval_seconds": eval_s,
+        "preset": name,
+        "seed": seed,
+        "train_seconds": train_s,
+        "eval_seconds": eval_s,
         "test": {names[i]: a for i, a in res.accuracy.items()},
         "kept": {names[i]: a for i, a in res.active.items()},
-        "coef_mean": res.coef_mean.tolist(), "blocks": list(comp.model.blocks.names),
-        "history": comp.history, "config": cfg.model_dump(),
+        "coef_mean": res.coef_mean.tolist(),
+        "blocks": list(comp.model.blocks.names),
+        "history": comp.history,
+        "config": cfg.model_dump(),
     }
     if args.mc and cfg.composer.method == "variational":
-        out["test_mc"] = {names[i]: a for i, a in evaluate_composer(comp, test, mode="mc", samples=args.mc).accuracy.items()}
+        out["test_mc"] = {
+            names[i]: a for i, a in evaluate_composer(comp, test, mode="mc", samples=args.mc).accuracy.items()
+        }
     return out
 
 
@@ -199,30 +235,53 @@ def welch_lines(runs: dict[str, list[dict[str, Any]]], ref: str = "variational")
         if p != ref and len(xs) >= 2:
             d = statistics.fmean(avg[ref]) - statistics.fmean(xs)
             pv = float(ttest_ind(avg[ref], xs, equal_var=False, alternative="greater").pvalue)
-            out.append(f"{ref} − {p}: {d:+.1f} points (one-sided Welch t-test over {len(avg[ref])} vs {len(xs)} "
-                       f"seeds, p = {pv:.3f})")
+            out.append(
+                f"{ref} − {p}: {d:+.1f} points (one-sided Welch t-test over {len(avg[ref])} vs {len(xs)} "
+                f"seeds, p = {pv:.3f})"
+            )
     return ["", "Seeds' average test accuracy compared:", ""] + [f"* {x}" for x in out] if out else []
 
 
-def summarize(suite: str, names: list[str], ft: dict[str, float], runs: dict[str, list[dict[str, Any]]],
-              static: dict[str, Any] | None, bank: dict[str, Any], holdout: float | None = None) -> str:
-    what = (f"held-out validation accuracy ({100 * holdout:.0f} % of each validation split; normalized by the "
-            "fine-tuned accuracy on the whole validation split)" if holdout else "test accuracy")
+def summarize(
+    suite: str,
+    names: list[str],
+    ft: dict[str, float],
+    runs: dict[str, list[dict[str, Any]]],
+    static: dict[str, Any] | None,
+    bank: dict[str, Any],
+    holdout: float | None = None,
+) -> str:
+    what = (
+        f"held-out validation accuracy ({100 * holdout:.0f} % of each validation split; normalized by the "
+        "fine-tuned accuracy on the whole validation split)"
+        if holdout
+        else "test accuracy"
+    )
     cv = any("fold" in r for rs in runs.values() for r in rs)
     over = "runs (seeds × cross-validation folds)" if cv else "seeds"
     head = f"| method | {'runs' if cv else 'seeds'} | " + " | ".join(names) + " | avg | avg normalized |"
-    lines = [f"### {suite}: learned composition, {what} (%), mean ± sd over {over}", "",
-             head, "|" + "---|" * (len(names) + 4)]
+    lines = [
+        f"### {suite}: learned composition, {what} (%), mean ± sd over {over}",
+        "",
+        head,
+        "|" + "---|" * (len(names) + 4),
+    ]
 
     def norm(acc: dict[str, float]) -> float:
         return 100 * statistics.fmean(acc[t] / ft[t] for t in names)
 
-    lines.append("| fine-tuned (one model per task) | – | " + " | ".join(f"{100 * ft[t]:.1f}" for t in names)
-                 + f" | {100 * statistics.fmean(ft.values()):.1f} | 100.0 |")
+    lines.append(
+        "| fine-tuned (one model per task) | – | "
+        + " | ".join(f"{100 * ft[t]:.1f}" for t in names)
+        + f" | {100 * statistics.fmean(ft.values()):.1f} | 100.0 |"
+    )
     if static:
         for m, r in static.get("methods", {}).items():
-            lines.append(f"| {m} (λ={r['lambda']}) | – | " + " | ".join(f"{100 * r['test'][t]:.1f}" for t in names)
-                         + f" | {100 * statistics.fmean(r['test'].values()):.1f} | {norm(r['test']):.1f} |")
+            lines.append(
+                f"| {m} (λ={r['lambda']}) | – | "
+                + " | ".join(f"{100 * r['test'][t]:.1f}" for t in names)
+                + f" | {100 * statistics.fmean(r['test'].values()):.1f} | {norm(r['test']):.1f} |"
+            )
     for p, rs in runs.items():
         for key, label in (("test", p), ("test_mc", f"{p} (Monte-Carlo average)")):
             rs_k = [r for r in rs if key in r]
@@ -234,23 +293,34 @@ def summarize(suite: str, names: list[str], ft: dict[str, float], runs: dict[str
                 cells.append(f"{m:.1f} ± {s:.1f}")
             m, s = mean_sd([100 * statistics.fmean(r[key].values()) for r in rs_k])
             nm, ns = mean_sd([norm(r[key]) for r in rs_k])
-            lines.append(f"| {label} | {len(rs_k)} | " + " | ".join(cells) + f" | {m:.1f} ± {s:.1f} | {nm:.1f} ± {ns:.1f} |")
-    lines += ["", "Coefficients kept at test time (%, mean over seeds; the rest are gated out), and the training "
-              "settings (KL weight: variational only):", "",
-              "| method | " + " | ".join(names) + " | lr | epochs | KL weight | other settings | train s (mean) |",
-              "|" + "---|" * (len(names) + 6)]
+            lines.append(
+                f"| {label} | {len(rs_k)} | " + " | ".join(cells) + f" | {m:.1f} ± {s:.1f} | {nm:.1f} ± {ns:.1f} |"
+            )
+    lines += [
+        "",
+        "Coefficients kept at test time (%, mean over seeds; the rest are gated out), and the training "
+        "settings (KL weight: variational only):",
+        "",
+        "| method | " + " | ".join(names) + " | lr | epochs | KL weight | other settings | train s (mean) |",
+        "|" + "---|" * (len(names) + 6),
+    ]
     for p, rs in runs.items():
         cells = [f"{100 * statistics.fmean(r['kept'].get(t, 1.0) for r in rs):.1f}" for t in names]
         tr, co = rs[0]["config"]["train"], rs[0]["config"]["composer"]
         kl = f"{co['kl_weight']:g}" if co["method"] == "variational" else "–"
         other = ", ".join(rs[0].get("set", [])) or "–"
-        lines.append(f"| {p} | " + " | ".join(cells) + f" | {tr['lr']:g} | {tr['epochs']} | {kl} | {other} | "
-                     f"{statistics.fmean(r['train_seconds'] for r in rs):.0f} |")
+        lines.append(
+            f"| {p} | " + " | ".join(cells) + f" | {tr['lr']:g} | {tr['epochs']} | {kl} | {other} | "
+            f"{statistics.fmean(r['train_seconds'] for r in rs):.0f} |"
+        )
     lines += welch_lines(runs)
     if bank:
-        lines += ["", f"Task vectors: the M = {bank['m']} bases of a cluster bank of the T = {bank['t']} task vectors "
-                  f"(assignments {bank['assignments']}; bank {bank['bank_bytes'] / 2**20:.1f} MiB vs "
-                  f"{bank['task_vector_bytes'] / 2**20:.1f} MiB of float32 task vectors)."]
+        lines += [
+            "",
+            f"Task vectors: the M = {bank['m']} bases of a cluster bank of the T = {bank['t']} task vectors "
+            f"(assignments {bank['assignments']}; bank {bank['bank_bytes'] / 2**20:.1f} MiB vs "
+            f"{bank['task_vector_bytes'] / 2**20:.1f} MiB of float32 task vectors).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -266,8 +336,13 @@ def plots(folder: Path, names: list[str], runs: dict[str, list[dict[str, Any]]])
         if not p.startswith(("variational", "sample_specific")):
             continue
         coef = np.mean([np.array(r["coef_mean"]) for r in rs], axis=0)  # (test task, T, B)
-        fig, axes = plt.subplots(len(names), 1, figsize=(12, 1.2 + 1.3 * len(names) * max(1, coef.shape[1] / 3)),
-                                 squeeze=False, layout="constrained")
+        fig, axes = plt.subplots(
+            len(names),
+            1,
+            figsize=(12, 1.2 + 1.3 * len(names) * max(1, coef.shape[1] / 3)),
+            squeeze=False,
+            layout="constrained",
+        )
         lim = float(np.abs(coef).max()) or 1.0
         for i, ax in enumerate(axes[:, 0]):
             im = ax.imshow(coef[i], aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
@@ -306,26 +381,51 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-3)
-    ap.add_argument("--init-coef", type=float, default=None,
-                    help="initial coefficient of every (task, block); default: task arithmetic's validated λ from "
-                         "--static, else the preset's 0.3")
+    ap.add_argument(
+        "--init-coef",
+        type=float,
+        default=None,
+        help="initial coefficient of every (task, block); default: task arithmetic's validated λ from "
+        "--static, else the preset's 0.3",
+    )
     ap.add_argument("--kl-weight", type=float, default=None, help="variational presets; default: the library's")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="composer option, dotted for nested ones (prior.pi=0.9, gate.kind=none), or train.KEY "
-                         "for a TrainConfig option (train.bias_lr=2e-2); repeatable")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="composer option, dotted for nested ones (prior.pi=0.9, gate.kind=none), or train.KEY "
+        "for a TrainConfig option (train.bias_lr=2e-2); repeatable",
+    )
     ap.add_argument("--tag", default="", help="names the runs of a --set variant: <preset>+<tag>")
-    ap.add_argument("--tuned", nargs="?", const="tune", default=None, metavar="FOLDER",
-                    help="per preset, the lr, epochs, KL weight and --set options of its best variant under "
-                         "compose_<suite>_FOLDER (default 'tune'; 'cv3' for --folds 3)")
-    ap.add_argument("--holdout", type=float, default=None,
-                    help="tuning: train on the rest of the validation data, score on this fraction of it "
-                         "(results under compose_<suite>_tune; test never used)")
-    ap.add_argument("--folds", type=int, default=None,
-                    help="tuning by K-fold cross-validation of the validation splits: every variant is trained "
-                         "K times, each fold held out once (results under compose_<suite>_cvK)")
+    ap.add_argument(
+        "--tuned",
+        nargs="?",
+        const="tune",
+        default=None,
+        metavar="FOLDER",
+        help="per preset, the lr, epochs, KL weight and --set options of its best variant under "
+        "compose_<suite>_FOLDER (default 'tune'; 'cv3' for --folds 3)",
+    )
+    ap.add_argument(
+        "--holdout",
+        type=float,
+        default=None,
+        help="tuning: train on the rest of the validation data, score on this fraction of it "
+        "(results under compose_<suite>_tune; test never used)",
+    )
+    ap.add_argument(
+        "--folds",
+        type=int,
+        default=None,
+        help="tuning by K-fold cross-validation of the validation splits: every variant is trained "
+        "K times, each fold held out once (results under compose_<suite>_cvK)",
+    )
     ap.add_argument("--mc", type=int, default=0, help="also score variational runs with this many posterior samples")
     ap.add_argument("--bank", type=int, default=None, help="use the M bases of a cluster bank as task vectors")
-    ap.add_argument("--static", type=Path, default=None, help="results.json of `taskvec bench run SUITE` (TA, TIES rows)")
+    ap.add_argument(
+        "--static", type=Path, default=None, help="results.json of `taskvec bench run SUITE` (TA, TIES rows)"
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--summarize-only", action="store_true", help="no training: tables and plots of every saved run")
     ap.add_argument("-o", "--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -341,8 +441,10 @@ def main() -> None:
             tune_dir = args.out / f"compose_{args.suite}_{args.tuned}"  # the full task vectors' choice
         args.hp = {p: tuned(tune_dir, p) for p in args.presets}
         for p, h in args.hp.items():
-            print(f"{p}: lr {h['lr']}, epochs {h['epochs']}, KL weight {h['kl_weight']}, set {h['set']} "
-                  f"(best held-out variant {h['from']}, {h['runs']} runs: {100 * h['heldout']:.2f} %)")
+            print(
+                f"{p}: lr {h['lr']}, epochs {h['epochs']}, KL weight {h['kl_weight']}, set {h['set']} "
+                f"(best held-out variant {h['from']}, {h['runs']} runs: {100 * h['heldout']:.2f} %)"
+            )
     static_r = json.loads(args.static.read_text()) if args.static else None
     if args.init_coef is None and static_r is not None:
         args.init_coef = float(static_r["methods"]["task_arithmetic"]["lambda"])
@@ -363,15 +465,19 @@ def main() -> None:
         for f in folds:
             splits[f] = holdout_split(val, args.holdout, f or 0) if args.holdout else (val, test)
         if args.holdout:
-            print(f"tuning: fit on {len(splits[folds[0]][0])} validation items, score on {len(splits[folds[0]][1])} "
-                  f"held-out validation items" + (f", {args.folds} folds" if args.folds else ""))
+            print(
+                f"tuning: fit on {len(splits[folds[0]][0])} validation items, score on {len(splits[folds[0]][1])} "
+                f"held-out validation items" + (f", {args.folds} folds" if args.folds else "")
+            )
     runs: dict[str, list[dict[str, Any]]] = {}
     label = {p: p + (f"+{args.tag}" if args.tag else "") for p in args.presets}
     if args.summarize_only:  # every saved run, in preset order (PRESETS), then seed and fold order
         saved = [json.loads(f.read_text()) for f in (folder / "runs").glob("*.json")]
         order = list(PRESETS)
-        plan = sorted({(r["preset"], r["seed"], r.get("label", r["preset"]), r.get("fold")) for r in saved},
-                      key=lambda ps: (order.index(ps[0]), ps[2], ps[1], ps[3] or 0))
+        plan = sorted(
+            {(r["preset"], r["seed"], r.get("label", r["preset"]), r.get("fold")) for r in saved},
+            key=lambda ps: (order.index(ps[0]), ps[2], ps[1], ps[3] or 0),
+        )
     else:
         plan = [(p, seed, label[p], f) for p in args.presets for seed in args.seeds for f in folds]
     for p, seed, lab, f in plan:
@@ -393,14 +499,23 @@ def main() -> None:
                 r["fold"] = f
             write_json(path, r)
         runs.setdefault(lab, []).append(r)
-        print(f"  {lab} s{seed}{fold_tag}: mean {100 * statistics.fmean(r['test'].values()):.2f} "
-              f"({r['train_seconds']:.0f} s train)", flush=True)
+        print(
+            f"  {lab} s{seed}{fold_tag}: mean {100 * statistics.fmean(r['test'].values()):.2f} "
+            f"({r['train_seconds']:.0f} s train)",
+            flush=True,
+        )
     static = static_r if not (args.bank or args.holdout) else None
     md = summarize(args.suite, names, ft, runs, static, bank, args.holdout)
     write_text_atomic(folder / "results.md", md)
-    write_json(folder / "results.json", {"suite": args.suite, "finetuned": ft, "bank": bank,
-                                         "runs": {p: [{k: v for k, v in r.items() if k != "coef_mean"} for r in rs]
-                                                  for p, rs in runs.items()}})
+    write_json(
+        folder / "results.json",
+        {
+            "suite": args.suite,
+            "finetuned": ft,
+            "bank": bank,
+            "runs": {p: [{k: v for k, v in r.items() if k != "coef_mean"} for r in rs] for p, rs in runs.items()},
+        },
+    )
     for p in plots(folder, names, runs):
         print(f"wrote {p}")
     print(md)

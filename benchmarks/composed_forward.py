@@ -68,8 +68,9 @@ def minilm(seq_len: int, n: int) -> tuple[nn.Module, Any, str]:
     except Exception:  # noqa: BLE001 - fall back to a random model of the same size
         import transformers
 
-        cfg = transformers.BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                                      intermediate_size=1536, vocab_size=30522)
+        cfg = transformers.BertConfig(
+            hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522
+        )
         torch.manual_seed(0)
         model, name = transformers.BertModel(cfg), "MiniLM-sized BertModel (random init)"
     g = torch.Generator().manual_seed(0)
@@ -106,13 +107,24 @@ def bench(model: nn.Module, inputs: Any, label: str, args: argparse.Namespace) -
             t_shared = best_time(lambda x=x, a=shared: cm(x, a), args.repeats)
             xk, ak = take(x, slice(0, k)), alpha[:k]
             t_naive = best_time(lambda x=xk, a=ak: cm.naive_forward(x, a), 1) / k
-        row = {"model": label, "batch": n, "base": n / t_base, "composed": n / t_comp, "shared": n / t_shared,
-               "naive": 1 / t_naive, "ratio": t_comp / t_base, "blocks": cm.num_blocks}
+        row = {
+            "model": label,
+            "batch": n,
+            "base": n / t_base,
+            "composed": n / t_comp,
+            "shared": n / t_shared,
+            "naive": 1 / t_naive,
+            "ratio": t_comp / t_base,
+            "blocks": cm.num_blocks,
+        }
         if n == args.train_batch:
             row.update(train_step(model, cm, x, alpha, args.repeats))
         rows.append(row)
-        print(f"  {label} batch {n}: base {n / t_base:8.1f}/s composed {n / t_comp:8.1f}/s "
-              f"(x{t_comp / t_base:.2f}) shared {n / t_shared:8.1f}/s naive {1 / t_naive:8.2f}/s", flush=True)
+        print(
+            f"  {label} batch {n}: base {n / t_base:8.1f}/s composed {n / t_comp:8.1f}/s "
+            f"(x{t_comp / t_base:.2f}) shared {n / t_shared:8.1f}/s naive {1 / t_naive:8.2f}/s",
+            flush=True,
+        )
     return rows
 
 
@@ -166,32 +178,40 @@ def main() -> None:
     lines = [
         "# Composed forward: per-sample coefficients vs. the base model",
         "",
-        (f"{datetime.date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-         f"{args.threads} CPU thread(s) (torch.set_num_threads), {os.cpu_count()} cores shared with other jobs "
-         f"(1-min load average {load0:.1f} at start, {load1:.1f} at end). T = {args.tasks} task vectors, one block "
-         "per tensor, inference (no_grad); least process CPU time of "
-         f"{args.repeats} runs after a warm-up. Throughput in samples/s; naive = one functional_call with merged "
-         f"weights per sample, timed on {args.naive_samples} samples. `python3 benchmarks/composed_forward.py`."),
+        (
+            f"{datetime.date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+            f"{args.threads} CPU thread(s) (torch.set_num_threads), {os.cpu_count()} cores shared with other jobs "
+            f"(1-min load average {load0:.1f} at start, {load1:.1f} at end). T = {args.tasks} task vectors, one block "
+            "per tensor, inference (no_grad); least process CPU time of "
+            f"{args.repeats} runs after a warm-up. Throughput in samples/s; naive = one functional_call with merged "
+            f"weights per sample, timed on {args.naive_samples} samples. `python3 benchmarks/composed_forward.py`."
+        ),
         "",
         "| model | blocks B | batch | base | composed, per-sample alpha | composed / base time | shared alpha (merge per batch) | naive per-sample loop | composed / naive speed-up |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['blocks']} | {r['batch']} | {r['base']:.1f} | {r['composed']:.1f} | "
-                     f"{r['ratio']:.2f}x | {r['shared']:.1f} | {r['naive']:.2f} | {r['composed'] / r['naive']:.0f}x |")
+        lines.append(
+            f"| {r['model']} | {r['blocks']} | {r['batch']} | {r['base']:.1f} | {r['composed']:.1f} | "
+            f"{r['ratio']:.2f}x | {r['shared']:.1f} | {r['naive']:.2f} | {r['composed'] / r['naive']:.0f}x |"
+        )
     train = [r for r in rows if "train" in r]
     if train:
         lines += [
             "",
-            (f"Training cost (forward + backward, batch {args.train_batch}): a composer step (gradient w.r.t. "
-             "per-sample alpha, backbone frozen) beside a fine-tuning step of the base model (gradient w.r.t. "
-             "its weights), samples/s:"),
+            (
+                f"Training cost (forward + backward, batch {args.train_batch}): a composer step (gradient w.r.t. "
+                "per-sample alpha, backbone frozen) beside a fine-tuning step of the base model (gradient w.r.t. "
+                "its weights), samples/s:"
+            ),
             "",
             "| model | composer train step | base fine-tuning step | ratio of times |",
             "|---|---:|---:|---:|",
         ]
-        lines += [f"| {r['model']} | {r['train']:.1f} | {r['finetune']:.1f} | {r['finetune'] / r['train']:.2f}x |"
-                  for r in train]
+        lines += [
+            f"| {r['model']} | {r['train']:.1f} | {r['finetune']:.1f} | {r['finetune'] / r['train']:.2f}x |"
+            for r in train
+        ]
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

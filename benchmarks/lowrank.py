@@ -111,7 +111,7 @@ def accuracy(args: argparse.Namespace) -> None:
             tvs, info = dense_tvs, {"rel_error": 0.0, "bytes": dense_bytes}
         else:
             tvs, errs, nbytes = [], [], 0
-            for t, tv in zip(names, dense_tvs):
+            for t, tv in zip(names, dense_tvs, strict=False):
                 path = work / f"r{label}" / f"{t}.safetensors"
                 rep = compress(tv, path, rank=int(label), overwrite=True)
                 errs.append(rep.rel_error)

@@ -32,8 +32,15 @@ COMMAND = "python benchmarks/reliability.py"
 def cli(folder: Path, *args: object) -> tuple[int, str, str]:
     """Run `taskvec ARGS` in `folder`: (exit code, stdout, stderr)."""
     env = {**os.environ, "COLUMNS": "1000"}
-    p = subprocess.run([sys.executable, "-m", "taskvec", *map(str, args)], cwd=folder, env=env,
-                       capture_output=True, text=True, timeout=600, check=False)
+    p = subprocess.run(
+        [sys.executable, "-m", "taskvec", *map(str, args)],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     return p.returncode, p.stdout, p.stderr
 
 
@@ -49,7 +56,11 @@ def shown(code: int, out: str, err: str, folder: Path, grep: str | None = None) 
 
 
 def digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def loss(before: dict[str, str], after: dict[str, str], outputs: tuple[str, ...] = ()) -> str:
@@ -59,10 +70,14 @@ def loss(before: dict[str, str], after: dict[str, str], outputs: tuple[str, ...]
     new = [f for f in after if f not in before and not f.startswith(outputs)]
     if not (gone or changed or new):
         return f"nothing ({len(before)} files, sha256 equal; no stray output)"
-    return "LOST: " + "; ".join([*(f"{f} deleted" for f in gone), *(f"{f} changed" for f in changed), *(f"{f} left behind" for f in new)])
+    return "LOST: " + "; ".join(
+        [*(f"{f} deleted" for f in gone), *(f"{f} changed" for f in changed), *(f"{f} left behind" for f in new)]
+    )
 
 
-def run_case(folder: Path, *args: object, grep: str | None = None, outputs: tuple[str, ...] = ()) -> tuple[str, str, int]:
+def run_case(
+    folder: Path, *args: object, grep: str | None = None, outputs: tuple[str, ...] = ()
+) -> tuple[str, str, int]:
     before = digest(folder)
     code, out, err = cli(folder, *args)
     return shown(code, out, err, folder, grep), loss(before, digest(folder), outputs), code
@@ -71,12 +86,17 @@ def run_case(folder: Path, *args: object, grep: str | None = None, outputs: tupl
 # ---------------------------------------------------------------- inputs
 def models(d: Path) -> None:
     g = torch.Generator().manual_seed(0)
-    base = {"embed.weight": torch.randn(50, 8, generator=g), "head.weight": torch.randn(3, 8, generator=g),
-            "bn.num_batches_tracked": torch.tensor(3)}
+    base = {
+        "embed.weight": torch.randn(50, 8, generator=g),
+        "head.weight": torch.randn(3, 8, generator=g),
+        "bn.num_batches_tracked": torch.tensor(3),
+    }
     save_file(base, d / "base.safetensors")
     for i in range(2):
-        save_file({k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in base.items()},
-                  d / f"ft{i}.safetensors")
+        save_file(
+            {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in base.items()},
+            d / f"ft{i}.safetensors",
+        )
 
 
 def with_header(src: Path, dst: Path, edit: Callable[[dict], object]) -> None:
@@ -89,8 +109,10 @@ def with_header(src: Path, dst: Path, edit: Callable[[dict], object]) -> None:
 
 
 def config(d: Path, extra: str = "", weight: str = "1.0", ft: str = "ft0.safetensors") -> Path:
-    (d / "merge.yaml").write_text(f"method: ties\nbase: base.safetensors\nmodels:\n  - {{finetuned: {ft}, weight: {weight}}}\n"
-                                  f"  - {{finetuned: ft1.safetensors}}\n{extra}")
+    (d / "merge.yaml").write_text(
+        f"method: ties\nbase: base.safetensors\nmodels:\n  - {{finetuned: {ft}, weight: {weight}}}\n"
+        f"  - {{finetuned: ft1.safetensors}}\n{extra}"
+    )
     return d / "merge.yaml"
 
 
@@ -113,7 +135,9 @@ def header_case(fault: str, edit: Callable[[dict], object]) -> Callable[[Path], 
 
 
 def _overlap(h: dict) -> None:
-    h["head.weight"]["data_offsets"] = list(h["embed.weight"]["data_offsets"][:1]) + [h["embed.weight"]["data_offsets"][0] + 96]
+    h["head.weight"]["data_offsets"] = list(h["embed.weight"]["data_offsets"][:1]) + [
+        h["embed.weight"]["data_offsets"][0] + 96
+    ]
 
 
 def _reverse(h: dict) -> None:
@@ -152,7 +176,10 @@ def _sharded(d: Path, weight_map: object) -> None:
     (d / "m").mkdir()
     t = load_file(d / "ft0.safetensors")
     save_file({"embed.weight": t["embed.weight"]}, d / "m" / "a.safetensors")
-    save_file({"head.weight": t["head.weight"], "bn.num_batches_tracked": t["bn.num_batches_tracked"]}, d / "m" / "b.safetensors")
+    save_file(
+        {"head.weight": t["head.weight"], "bn.num_batches_tracked": t["bn.num_batches_tracked"]},
+        d / "m" / "b.safetensors",
+    )
     (d / "m" / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
@@ -212,7 +239,9 @@ def nan_allowed(d: Path) -> Result:
     models(d)
     nan_ft(d)
     config(d, ft="nan.safetensors")
-    seen, lost, code = run_case(d, "merge", "merge.yaml", "-o", "out", "--allow-nonfinite", grep="merged", outputs=("out",))
+    seen, lost, code = run_case(
+        d, "merge", "merge.yaml", "-o", "out", "--allow-nonfinite", grep="merged", outputs=("out",)
+    )
     return "the same, with `--allow-nonfinite`", seen, lost
 
 
@@ -228,7 +257,9 @@ def nan_bases_build(d: Path) -> Result:
 def fp16_overflow(d: Path) -> Result:
     save_file({"w": torch.zeros(4)}, d / "pre.safetensors")
     save_file({"w": torch.tensor([0.0, 1.0, -70000.0, 2.0])}, d / "ft.safetensors")
-    seen, lost, _ = run_case(d, "extract", "pre.safetensors", "ft.safetensors", "-o", "tv.safetensors", "--dtype", "float16")
+    seen, lost, _ = run_case(
+        d, "extract", "pre.safetensors", "ft.safetensors", "-o", "tv.safetensors", "--dtype", "float16"
+    )
     return "`extract --dtype float16` of a difference that overflows fp16", seen, lost
 
 
@@ -264,7 +295,9 @@ def zero_cosine(d: Path) -> Result:
 def legacy_torch(d: Path) -> Result:
     models(d)
     torch.save(load_file(d / "base.safetensors"), d / "base.pth", _use_new_zipfile_serialization=False)
-    seen, lost, _ = run_case(d, "extract", "base.pth", "ft0.safetensors", "-o", "tv.safetensors", outputs=("tv.safetensors",))
+    seen, lost, _ = run_case(
+        d, "extract", "base.pth", "ft0.safetensors", "-o", "tv.safetensors", outputs=("tv.safetensors",)
+    )
     ok = (d / "tv.safetensors").exists()
     return "legacy (non-zip) `torch.save` checkpoint", seen + (" and the task vector is written" if ok else ""), lost
 
@@ -282,7 +315,11 @@ def pickle_in_checkpoint(d: Path) -> Result:
     marker = d / "code-ran"
     torch.save({"w": torch.ones(2), "x": _Plant(str(marker))}, d / "evil.pth", _use_new_zipfile_serialization=False)
     seen, lost, _ = run_case(d, "info", "evil.pth")
-    return "a `.pth` whose pickle runs code when loaded", seen, lost + ("; the planted code RAN" if marker.exists() else "; the planted code did not run")
+    return (
+        "a `.pth` whose pickle runs code when loaded",
+        seen,
+        lost + ("; the planted code RAN" if marker.exists() else "; the planted code did not run"),
+    )
 
 
 CASES: list[Callable[[Path], Result]] = [
@@ -296,15 +333,31 @@ CASES: list[Callable[[Path], Result]] = [
     duplicate_names,
     truncated,
     index_case("shard index: `weight_map` is a list", ["a.safetensors", "b.safetensors"]),
-    index_case("shard index: a tensor in a null shard", {"embed.weight": "a.safetensors", "head.weight": None, "bn.num_batches_tracked": "b.safetensors"}),
-    index_case("shard index omits a tensor that a shard holds", {"embed.weight": "a.safetensors", "bn.num_batches_tracked": "b.safetensors"}),
-    index_case("shard index names a file outside the folder", {"embed.weight": "../ft0.safetensors", "head.weight": "b.safetensors", "bn.num_batches_tracked": "b.safetensors"}),
+    index_case(
+        "shard index: a tensor in a null shard",
+        {"embed.weight": "a.safetensors", "head.weight": None, "bn.num_batches_tracked": "b.safetensors"},
+    ),
+    index_case(
+        "shard index omits a tensor that a shard holds",
+        {"embed.weight": "a.safetensors", "bn.num_batches_tracked": "b.safetensors"},
+    ),
+    index_case(
+        "shard index names a file outside the folder",
+        {
+            "embed.weight": "../ft0.safetensors",
+            "head.weight": "b.safetensors",
+            "bn.num_batches_tracked": "b.safetensors",
+        },
+    ),
     config_case("merge config `scale: .nan`", extra="scale: .nan\n"),
     config_case("merge config `weight: .inf`", weight=".inf"),
     config_case("merge config `params: {density: .nan}`", extra="params: {density: .nan}\n"),
     config_case("merge config `shard_size: infGB`", extra="shard_size: infGB\n"),
     config_case("per-layer weights whose `'*'` comes first", weight="{'*': 0.5, 'head.*': 0.0}"),
-    config_case("per-layer weights: a later pattern covered by earlier ones", weight="{'*.weight': 1.0, 'head.*': 0.0, '*': 1.0}"),
+    config_case(
+        "per-layer weights: a later pattern covered by earlier ones",
+        weight="{'*.weight': 1.0, 'head.*': 0.0, '*': 1.0}",
+    ),
     apply_coef_nan,
     bases_compose_coef_nan,
     nan_extract,
@@ -346,10 +399,11 @@ def main() -> None:
         "# Reliability: bad input and faults, tried through the real CLI",
         "",
         f"Generated by `{COMMAND}` (each case runs `python -m taskvec ...` in a fresh process on files it",
-        "sets up in an empty folder; \"nothing lost\" compares the sha256 of every file in that folder before and",
+        'sets up in an empty folder; "nothing lost" compares the sha256 of every file in that folder before and',
         "after the command, and lists any stray file left behind).",
         "",
-        f"{len(rows)} cases; {len(rows) - len(bad)} lose nothing" + (f"; {len(bad)} do not: see the rows marked LOST." if bad else "."),
+        f"{len(rows)} cases; {len(rows) - len(bad)} lose nothing"
+        + (f"; {len(bad)} do not: see the rows marked LOST." if bad else "."),
         "",
         "| case | what the user sees | nothing lost |",
         "| --- | --- | --- |",

@@ -57,8 +57,15 @@ def ceiling(suite: str, lam: float | None) -> dict[str, object]:
     train = suite_data(prep, "train", labels=False)
     clf = LogisticRegression(C=1.0, max_iter=5000).fit(train.features.numpy(), train.tasks.numpy())
     tvs, heads = task_parts(prep)
-    composer = build_composer(prep.backbone, tvs, heads, train.features.shape[1], suite_composer("atlas_block"),
-                              forward_fn=forward_features, task_names=list(prep.tasks))
+    composer = build_composer(
+        prep.backbone,
+        tvs,
+        heads,
+        train.features.shape[1],
+        suite_composer("atlas_block"),
+        forward_fn=forward_features,
+        task_names=list(prep.tasks),
+    )
     rows: dict[str, dict[str, list[float]]] = {}
     routing: dict[str, float] = {}
     for split in ("val", "test"):
@@ -77,25 +84,48 @@ def ceiling(suite: str, lam: float | None) -> dict[str, object]:
     routed = [n for n in steps if n != "task arithmetic"]
     chosen = max(routed, key=lambda n: (avg[n]["val"], -steps[n]))  # ties: the weaker routing
     best_test = max(routed, key=lambda n: avg[n]["test"])
-    return {"suite": suite, "tasks": list(prep.tasks), "lambda": lam, "routing_accuracy": routing,
-            "n_train": len(train.tasks), "rows": rows, "avg": avg, "chosen_on_val": chosen, "best_on_test": best_test}
+    return {
+        "suite": suite,
+        "tasks": list(prep.tasks),
+        "lambda": lam,
+        "routing_accuracy": routing,
+        "n_train": len(train.tasks),
+        "rows": rows,
+        "avg": avg,
+        "chosen_on_val": chosen,
+        "best_on_test": best_test,
+    }
 
 
 def markdown(r: dict[str, object]) -> list[str]:
     rows, avg, tasks = r["rows"], r["avg"], r["tasks"]
     ta = avg["task arithmetic"]["test"]  # type: ignore[index]
-    lines = [(f"### {r['suite']}: routing by a task classifier (fitted on {r['n_train']} training items; task "
-              f"identified on test {r['routing_accuracy']['test']:.1f} %), λ = {r['lambda']:g}"), "",
-             "| α(x) | val avg | " + " | ".join(f"test {t}" for t in tasks) + " | test avg | test − task arithmetic |",
-             "|---|---|" + "---|" * len(tasks) + "---|---|"]
+    lines = [
+        (
+            f"### {r['suite']}: routing by a task classifier (fitted on {r['n_train']} training items; task "
+            f"identified on test {r['routing_accuracy']['test']:.1f} %), λ = {r['lambda']:g}"
+        ),
+        "",
+        "| α(x) | val avg | " + " | ".join(f"test {t}" for t in tasks) + " | test avg | test − task arithmetic |",
+        "|---|---|" + "---|" * len(tasks) + "---|---|",
+    ]
     for name, split in rows.items():  # type: ignore[union-attr]
         tag = " (chosen on val)" if name == r["chosen_on_val"] else ""
-        lines.append(f"| {name}{tag} | {avg[name]['val']:.2f} | " + " | ".join(f"{a:.1f}" for a in split["test"])
-                     + f" | {avg[name]['test']:.2f} | {avg[name]['test'] - ta:+.2f} |")
+        lines.append(
+            f"| {name}{tag} | {avg[name]['val']:.2f} | "
+            + " | ".join(f"{a:.1f}" for a in split["test"])
+            + f" | {avg[name]['test']:.2f} | {avg[name]['test'] - ta:+.2f} |"
+        )
     best, chosen = r["best_on_test"], r["chosen_on_val"]
-    lines += ["", (f"Best routed variant on test: {best}, {avg[best]['test'] - ta:+.2f} points over task arithmetic "
-                   f"(an optimistic bound: picked on test); chosen on validation: {chosen}, "
-                   f"{avg[chosen]['test'] - ta:+.2f}."), ""]
+    lines += [
+        "",
+        (
+            f"Best routed variant on test: {best}, {avg[best]['test'] - ta:+.2f} points over task arithmetic "
+            f"(an optimistic bound: picked on test); chosen on validation: {chosen}, "
+            f"{avg[chosen]['test'] - ta:+.2f}."
+        ),
+        "",
+    ]
     return lines
 
 

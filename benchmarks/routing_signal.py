@@ -39,8 +39,15 @@ def task_id_accuracy(suite: str, cs: tuple[float, ...]) -> dict[str, object]:
     train = suite_data(prep, "train", labels=False)
     on_train = LogisticRegression(C=1.0, max_iter=5000).fit(train.features.numpy(), train.tasks.numpy()).score(xt, yt)
     chance = float(np.bincount(yt).max() / len(yt))
-    return {"tasks": list(prep.tasks), "scores": scores, "chance": chance, "n_val": len(yv), "n_test": len(yt),
-            "on_train": on_train, "n_train": len(train.tasks)}
+    return {
+        "tasks": list(prep.tasks),
+        "scores": scores,
+        "chance": chance,
+        "n_val": len(yv),
+        "n_test": len(yt),
+        "on_train": on_train,
+        "n_train": len(train.tasks),
+    }
 
 
 def main() -> None:
@@ -51,16 +58,23 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cs = (0.1, 1.0, 10.0)
-    lines = ["# Task identity from frozen pretrained features", "",
-             "Logistic regression f0(x) → task index, fitted on the validation splits, test accuracy (%).", "",
-             "| suite | tasks | val / test items | majority class | " + " | ".join(f"C = {c:g}" for c in cs)
-             + " | fitted on the training splits instead (items), C = 1 |",
-             "|---|---|---|---|" + "---|" * (len(cs) + 1)]
+    lines = [
+        "# Task identity from frozen pretrained features",
+        "",
+        "Logistic regression f0(x) → task index, fitted on the validation splits, test accuracy (%).",
+        "",
+        "| suite | tasks | val / test items | majority class | "
+        + " | ".join(f"C = {c:g}" for c in cs)
+        + " | fitted on the training splits instead (items), C = 1 |",
+        "|---|---|---|---|" + "---|" * (len(cs) + 1),
+    ]
     for s in args.suites:
         r = task_id_accuracy(s, cs)
-        lines.append(f"| {s} | {', '.join(r['tasks'])} | {r['n_val']} / {r['n_test']} | {100 * r['chance']:.1f} | "
-                     + " | ".join(f"{100 * r['scores'][c]:.1f}" for c in cs)
-                     + f" | {100 * r['on_train']:.1f} ({r['n_train']}) |")
+        lines.append(
+            f"| {s} | {', '.join(r['tasks'])} | {r['n_val']} / {r['n_test']} | {100 * r['chance']:.1f} | "
+            + " | ".join(f"{100 * r['scores'][c]:.1f}" for c in cs)
+            + f" | {100 * r['on_train']:.1f} ({r['n_train']}) |"
+        )
         print(lines[-1], flush=True)
     write_text_atomic(args.out, "\n".join(lines) + "\n")
     print(f"wrote {args.out}")

@@ -40,7 +40,6 @@ import psutil
 import torch
 
 from measure import drop_caches, sequential_read, sequential_write
-
 from taskvec.io import CheckpointWriter, TensorSpec, open_checkpoint, read
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -67,8 +66,12 @@ def ensure_mergekit_env(venv: Path) -> str:
         constraints = venv / "constraints.txt"
         constraints.write_text(f"torch=={torch.__version__}\n")
         subprocess.run([str(py), "-m", "pip", "install", "--quiet", "-c", str(constraints), "mergekit"], check=True)
-    r = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'))"],
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [str(py), "-c", "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return r.stdout.strip()
 
 
@@ -88,12 +91,27 @@ def llama_config(target_params: float) -> dict:
         layers = 2
     vocab = max(1024, int(round((target_params - layers * per_layer - hidden) / (2 * hidden) / 64)) * 64)
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv,
-        "head_dim": hidden // heads, "num_hidden_layers": layers, "vocab_size": vocab,
-        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
-        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02,
-        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16", "use_cache": True,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": hidden // heads,
+        "num_hidden_layers": layers,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float16",
+        "use_cache": True,
     }
 
 
@@ -103,10 +121,17 @@ def llama_specs(cfg: dict) -> dict[str, TensorSpec]:
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}."
-        shapes |= {p + "input_layernorm.weight": (h,), p + "self_attn.q_proj.weight": (h, h),
-                   p + "self_attn.k_proj.weight": (kvd, h), p + "self_attn.v_proj.weight": (kvd, h),
-                   p + "self_attn.o_proj.weight": (h, h), p + "post_attention_layernorm.weight": (h,),
-                   p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i)}
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.k_proj.weight": (kvd, h),
+            p + "self_attn.v_proj.weight": (kvd, h),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (i, h),
+            p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+        }
     shapes |= {"model.norm.weight": (h,), "lm_head.weight": (v, h)}
     return {k: TensorSpec(s, torch.float16) for k, s in shapes.items()}
 
@@ -132,19 +157,24 @@ def generate_model(out: Path, cfg: dict, model_idx: int, base: Path | None, shar
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")  # last: marks the folder complete
 
 
-def generate_all(work: Path, n_models: int, params: float, shard_bytes: int, delta_std: float) -> tuple[Path, list[Path], dict]:
+def generate_all(
+    work: Path, n_models: int, params: float, shard_bytes: int, delta_std: float
+) -> tuple[Path, list[Path], dict]:
     cfg = llama_config(params)
     models = work / "models"
     stamp = models / "generation.json"
     meta = {"config": cfg, "n_models": n_models, "shard_bytes": shard_bytes, "delta_std": delta_std, "version": 1}
-    if stamp.exists() and {k: v for k, v in json.loads(stamp.read_text()).items() if k != "n_models"} != \
-            {k: v for k, v in meta.items() if k != "n_models"}:
+    if stamp.exists() and {k: v for k, v in json.loads(stamp.read_text()).items() if k != "n_models"} != {
+        k: v for k, v in meta.items() if k != "n_models"
+    }:
         log(f"generation parameters changed: removing {models}")
         shutil.rmtree(models)
     models.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(meta, indent=2) + "\n")
     n = sum(s.numel for s in llama_specs(cfg).values())
-    log(f"synthetic Llama: {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}: {n:,} params = {n * 2 / GiB:.3f} GiB fp16")
+    log(
+        f"synthetic Llama: {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}: {n:,} params = {n * 2 / GiB:.3f} GiB fp16"
+    )
     dirs = [models / "base"] + [models / f"ft{k}" for k in range(1, n_models + 1)]
     for k, d in enumerate(dirs):
         generate_model(d, cfg, k, None if k == 0 else dirs[0], shard_bytes, delta_std)
@@ -191,12 +221,21 @@ def run_measured(cmd: list[str], log_path: Path, env: dict | None = None, poll_s
         wall = time.perf_counter() - t0
         stop.set()
         th.join()
-    res = RunResult(cmd=cmd, rc=rc, wall_s=wall, peak_rss=peak[0], log=str(log_path),
-                    loadavg=" / ".join(f"{x:.1f}" for x in os.getloadavg()))
+    res = RunResult(
+        cmd=cmd,
+        rc=rc,
+        wall_s=wall,
+        peak_rss=peak[0],
+        log=str(log_path),
+        loadavg=" / ".join(f"{x:.1f}" for x in os.getloadavg()),
+    )
     if timev.exists():
         txt = timev.read_text()
-        for attr, pat, mul in (("peak_rss", r"Maximum resident set size \(kbytes\): (\d+)", 1024),
-                               ("user_s", r"User time \(seconds\): ([\d.]+)", 1), ("sys_s", r"System time \(seconds\): ([\d.]+)", 1)):
+        for attr, pat, mul in (
+            ("peak_rss", r"Maximum resident set size \(kbytes\): (\d+)", 1024),
+            ("user_s", r"User time \(seconds\): ([\d.]+)", 1),
+            ("sys_s", r"System time \(seconds\): ([\d.]+)", 1),
+        ):
             m = re.search(pat, txt)
             if m:
                 v = float(m.group(1)) * mul
@@ -219,12 +258,31 @@ def mergekit_config(method: str, base: Path, fts: list[Path], density: float, dt
         lines += [f"  - model: {ft}", f"    parameters: {{{params}}}"]
     # ties: TIES-paper sign election and disjoint mean (normalize: true); task arithmetic: plain sum
     normalize = "true" if method == "ties" else "false"
-    return "\n".join(lines + [f"dtype: {dtype}", "out_dtype: float16", "parameters:", f"  normalize: {normalize}", "  lambda: 1.0"]) + "\n"
+    return (
+        "\n".join(
+            lines
+            + [f"dtype: {dtype}", "out_dtype: float16", "parameters:", f"  normalize: {normalize}", "  lambda: 1.0"]
+        )
+        + "\n"
+    )
 
 
 def mergekit_cmd(venv: Path, cfg_path: Path, out: Path, shard_params: str) -> list[str]:
-    return [str(venv / "bin" / "mergekit-yaml"), str(cfg_path), str(out), "--lazy-unpickle", "--no-cuda", "--device", "cpu",
-            "--out-shard-size", shard_params, "--no-copy-tokenizer", "--no-write-model-card", "--no-async-write", "--quiet"]
+    return [
+        str(venv / "bin" / "mergekit-yaml"),
+        str(cfg_path),
+        str(out),
+        "--lazy-unpickle",
+        "--no-cuda",
+        "--device",
+        "cpu",
+        "--out-shard-size",
+        shard_params,
+        "--no-copy-tokenizer",
+        "--no-write-model-card",
+        "--no-async-write",
+        "--quiet",
+    ]
 
 
 # ------------------------------------------------------------------ correctness
@@ -236,7 +294,12 @@ def compare_outputs(ours: Path, theirs: Path, keys: list[str]) -> dict:
         x, y = read(a, k).float(), read(b, k).float()
         d = float((x - y).abs().max())
         tol = 2 * torch.finfo(torch.float16).eps * float(y.abs().max())
-        out["tensors"][k] = {"max_abs_diff": d, "frac_differing": float((x != y).float().mean()), "tol": tol, "ok": d <= tol}
+        out["tensors"][k] = {
+            "max_abs_diff": d,
+            "frac_differing": float((x != y).float().mean()),
+            "tol": tol,
+            "ok": d <= tol,
+        }
         out["ok"] &= d <= tol
     return out
 
@@ -269,7 +332,10 @@ def ties_reference(base: Path, fts: list[Path], outputs: dict[str, Path], keys: 
             agree = tr.sign() == torch.where(tr.sum(0) >= 0, 1.0, -1.0)
             refs[rule] = (b + (tr * agree).sum(0) / agree.sum(0).clamp(min=1)).half()
         res[key] = {"n": n, "k": k} | {
-            tool: {rule: float((read(open_checkpoint(p), key).reshape(-1).float() - r.float()).abs().max()) for rule, r in refs.items()}
+            tool: {
+                rule: float((read(open_checkpoint(p), key).reshape(-1).float() - r.float()).abs().max())
+                for rule, r in refs.items()
+            }
             for tool, p in outputs.items()
         }
     return res
@@ -279,7 +345,8 @@ def ties_reference(base: Path, fts: list[Path], outputs: dict[str, Path], keys: 
 def fmt_report(ctx: dict, seq: dict, results: dict, checks: dict, ties_ref: dict) -> str:
     limit = seq["read_s"] + seq["write_s"]
     lines = [
-        "# Streaming merge benchmark", "",
+        "# Streaming merge benchmark",
+        "",
         f"- {ctx['date']}; {ctx['cpus']} CPU cores, {ctx['ram_gib']:.1f} GiB RAM; load average (1/5/15 min) at start: {ctx['loadavg']}",
         f"- checkpoint: synthetic LlamaForCausalLM, {ctx['n_params']:,} parameters ({ctx['model_gib']:.2f} GiB fp16, "
         f"{ctx['n_shards']} shards per model); N = {ctx['n_models']} fine-tuned + base = {ctx['input_gib']:.2f} GiB of inputs",
@@ -302,26 +369,46 @@ def fmt_report(ctx: dict, seq: dict, results: dict, checks: dict, ties_ref: dict
                 continue
             rel = f"{r.wall_s / ta.wall_s:.2f}" if ta is not None and ta.rc == 0 else ""
             status = "ok" if r.rc == 0 else f"FAILED rc={r.rc}"
-            lines.append(f"| {method} | {tool} | {r.wall_s:.1f} | {r.wall_s / limit:.2f} | {rel} | {r.user_s + r.sys_s:.0f} "
-                         f"| {r.peak_rss / GiB:.2f} | {r.loadavg} | {status} |")
-    lines += ["", "peak RSS: the larger of the polled sum over the process tree (every 50 ms) and the kernel's high-water mark "
-              "(`/usr/bin/time -v`). Load average: 1/5/15-minute averages when the step ended; the machine's 2 cores are shared "
-              "with other jobs, which lengthens CPU-bound steps."]
+            lines.append(
+                f"| {method} | {tool} | {r.wall_s:.1f} | {r.wall_s / limit:.2f} | {rel} | {r.user_s + r.sys_s:.0f} "
+                f"| {r.peak_rss / GiB:.2f} | {r.loadavg} | {status} |"
+            )
+    lines += [
+        "",
+        "peak RSS: the larger of the polled sum over the process tree (every 50 ms) and the kernel's high-water mark "
+        "(`/usr/bin/time -v`). Load average: 1/5/15-minute averages when the step ended; the machine's 2 cores are shared "
+        "with other jobs, which lengthens CPU-bound steps.",
+    ]
     if checks:
-        lines += ["", "## taskvec vs mergekit on the same inputs", "",
-                  "| method | tensor | max abs diff | fraction of elements differing | tol (2 fp16 ulp) |", "|---|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "## taskvec vs mergekit on the same inputs",
+            "",
+            "| method | tensor | max abs diff | fraction of elements differing | tol (2 fp16 ulp) |",
+            "|---|---|---:|---:|---:|",
+        ]
         for method, c in checks.items():
             for k, e in c["tensors"].items():
-                lines.append(f"| {method} | `{k}` | {e['max_abs_diff']:.3g} | {e['frac_differing']:.2e} | {e['tol']:.3g} |")
-        lines += ["", "Task arithmetic must agree within fp16 rounding. TIES keeps exactly k entries per task in both tools, but "
-                  "breaks ties at the threshold differently (deltas of fp16 weights are quantized, so equal values are common): "
-                  "taskvec by flat position (independent of how a tensor is sliced), mergekit in `torch.argsort` order."]
+                lines.append(
+                    f"| {method} | `{k}` | {e['max_abs_diff']:.3g} | {e['frac_differing']:.2e} | {e['tol']:.3g} |"
+                )
+        lines += [
+            "",
+            "Task arithmetic must agree within fp16 rounding. TIES keeps exactly k entries per task in both tools, but "
+            "breaks ties at the threshold differently (deltas of fp16 weights are quantized, so equal values are common): "
+            "taskvec by flat position (independent of how a tensor is sliced), mergekit in `torch.argsort` order.",
+        ]
     if ties_ref:
         tools = sorted({t for e in ties_ref.values() for t in e if t not in ("n", "k")})
-        lines += ["", "## TIES recomputed from the inputs", "",
-                  "Max abs difference of each output against TIES recomputed in float32 with each tie rule.", "",
-                  "| tensor | n | k | " + " | ".join(f"{t} vs k-pos | {t} vs k-argsort" for t in tools) + " |",
-                  "|---|---:|---:|" + "---:|---:|" * len(tools)]
+        lines += [
+            "",
+            "## TIES recomputed from the inputs",
+            "",
+            "Max abs difference of each output against TIES recomputed in float32 with each tie rule.",
+            "",
+            "| tensor | n | k | " + " | ".join(f"{t} vs k-pos | {t} vs k-argsort" for t in tools) + " |",
+            "|---|---:|---:|" + "---:|---:|" * len(tools),
+        ]
         for key, e in ties_ref.items():
             cells = " | ".join(f"{e[t]['k-pos']:.3g} | {e[t]['k-argsort']:.3g}" for t in tools)
             lines.append(f"| `{key}` | {e['n']} | {e['k']} | {cells} |")
@@ -337,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--mergekit-venv", type=Path, default=DEFAULT_MERGEKIT_VENV)
-    ap.add_argument("--mergekit-dtype", default="float32", help="mergekit's compute dtype (float32: the same arithmetic as taskvec)")
+    ap.add_argument(
+        "--mergekit-dtype", default="float32", help="mergekit's compute dtype (float32: the same arithmetic as taskvec)"
+    )
     ap.add_argument("--density", type=float, default=0.2)
     ap.add_argument("--delta-std", type=float, default=1e-3)
     ap.add_argument("--shard-bytes", type=float, default=1e9, help="input shard size in bytes")
@@ -348,9 +437,15 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir.resolve()
     if str(work).startswith(str(REPO_ROOT)):
         ap.error("--workdir must be outside the repository")
-    ctx: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(), "cpus": os.cpu_count(),
-                 "ram_gib": psutil.virtual_memory().total / GiB, "n_models": args.n_models, "mergekit_dtype": args.mergekit_dtype,
-                 "loadavg": " / ".join(f"{x:.1f}" for x in os.getloadavg())}
+    ctx: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "ram_gib": psutil.virtual_memory().total / GiB,
+        "n_models": args.n_models,
+        "mergekit_dtype": args.mergekit_dtype,
+        "loadavg": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
+    }
     if not args.skip_mergekit:
         mk, tv = ensure_mergekit_env(args.mergekit_venv).split()
         ctx["mergekit_version"] = f"{mk} (torch {tv})"
@@ -360,8 +455,13 @@ def main(argv: list[str] | None = None) -> int:
     inputs = [f for d in [base, *fts] for f in sorted(d.glob("*.safetensors"))]
     specs = llama_specs(cfg)
     n_params = sum(s.numel for s in specs.values())
-    ctx |= {"n_params": n_params, "model_gib": n_params * 2 / GiB, "n_shards": len(list(base.glob("*.safetensors"))),
-            "input_gib": sum(f.stat().st_size for f in inputs) / GiB, "input_gb": sum(f.stat().st_size for f in inputs) / GB}
+    ctx |= {
+        "n_params": n_params,
+        "model_gib": n_params * 2 / GiB,
+        "n_shards": len(list(base.glob("*.safetensors"))),
+        "input_gib": sum(f.stat().st_size for f in inputs) / GiB,
+        "input_gb": sum(f.stat().st_size for f in inputs) / GB,
+    }
     outdir, cfgdir, logdir = work / "out", work / "configs", work / "logs"
     for d in (outdir, cfgdir, logdir):
         d.mkdir(parents=True, exist_ok=True)
@@ -375,36 +475,78 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     shard_params = str(int(args.shard_bytes // 2))
     for method in methods:
-        runs = [("taskvec", [shutil.which("taskvec") or "taskvec", "merge"], taskvec_config(method, base, fts, args.density),
-                 [sys.executable, "-c", "import taskvec.merge, taskvec.cli"], None)]
+        runs = [
+            (
+                "taskvec",
+                [shutil.which("taskvec") or "taskvec", "merge"],
+                taskvec_config(method, base, fts, args.density),
+                [sys.executable, "-c", "import taskvec.merge, taskvec.cli"],
+                None,
+            )
+        ]
         if not args.skip_mergekit and method in MERGEKIT_METHODS:
             env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
-            runs.append(("mergekit", None, mergekit_config(method, base, fts, args.density, args.mergekit_dtype),
-                         [str(args.mergekit_venv / "bin" / "python"), "-c", "import mergekit.merge, mergekit.scripts.run_yaml"], env))
+            runs.append(
+                (
+                    "mergekit",
+                    None,
+                    mergekit_config(method, base, fts, args.density, args.mergekit_dtype),
+                    [
+                        str(args.mergekit_venv / "bin" / "python"),
+                        "-c",
+                        "import mergekit.merge, mergekit.scripts.run_yaml",
+                    ],
+                    env,
+                )
+            )
         for tool, prefix, config, warm, env in runs:
             cp, out = cfgdir / f"{tool}-{method}.yaml", outdir / f"{tool}-{method}"
             cp.write_text(config)
             shutil.rmtree(out, ignore_errors=True)
-            cmd = prefix + [str(cp), "-o", str(out)] if prefix else mergekit_cmd(args.mergekit_venv, cp, out, shard_params)
+            cmd = (
+                prefix + [str(cp), "-o", str(out)]
+                if prefix
+                else mergekit_cmd(args.mergekit_venv, cp, out, shard_params)
+            )
             if tool == "mergekit":
                 ctx["mergekit_opts"] = " ".join(cmd[3:])
             drop_caches(inputs)
             subprocess.run(warm, capture_output=True, check=False)
             log(f"{tool} {method} ...")
             r = results[(tool, method)] = run_measured(cmd, logdir / f"{tool}-{method}.log", env=env)
-            log(f"{tool} {method}: rc={r.rc} {r.wall_s:.1f} s, {r.user_s + r.sys_s:.0f} CPU s, peak RSS {r.peak_rss / GiB:.2f} GiB")
+            log(
+                f"{tool} {method}: rc={r.rc} {r.wall_s:.1f} s, {r.user_s + r.sys_s:.0f} CPU s, peak RSS {r.peak_rss / GiB:.2f} GiB"
+            )
 
     ok = lambda tool, m: (tool, m) in results and results[(tool, m)].rc == 0  # noqa: E731
     layers = cfg["num_hidden_layers"]
-    keys = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", f"model.layers.{layers // 2}.mlp.down_proj.weight",
-            f"model.layers.{layers - 1}.post_attention_layernorm.weight", "model.norm.weight", "lm_head.weight"]
-    checks = {m: compare_outputs(outdir / f"taskvec-{m}", outdir / f"mergekit-{m}", keys)
-              for m in MERGEKIT_METHODS if ok("taskvec", m) and ok("mergekit", m)}
+    keys = [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        f"model.layers.{layers // 2}.mlp.down_proj.weight",
+        f"model.layers.{layers - 1}.post_attention_layernorm.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ]
+    checks = {
+        m: compare_outputs(outdir / f"taskvec-{m}", outdir / f"mergekit-{m}", keys)
+        for m in MERGEKIT_METHODS
+        if ok("taskvec", m) and ok("mergekit", m)
+    }
     ties_ref = {}
     tie_outs = {t: outdir / f"{t}-ties" for t in ("taskvec", "mergekit") if ok(t, "ties")}
     if tie_outs:
-        ties_ref = ties_reference(base, fts, tie_outs, ["model.norm.weight", f"model.layers.{layers - 1}.input_layernorm.weight",
-                                                        "model.layers.0.self_attn.k_proj.weight"], args.density)
+        ties_ref = ties_reference(
+            base,
+            fts,
+            tie_outs,
+            [
+                "model.norm.weight",
+                f"model.layers.{layers - 1}.input_layernorm.weight",
+                "model.layers.0.self_attn.k_proj.weight",
+            ],
+            args.density,
+        )
     for method in methods:
         for tool in ("taskvec", "mergekit"):
             shutil.rmtree(outdir / f"{tool}-{method}", ignore_errors=True)

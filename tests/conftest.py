@@ -23,7 +23,10 @@ def random_state(seed: int, dtype: torch.dtype = torch.float64) -> dict[str, tor
 
 def finetune(base: dict[str, torch.Tensor], seed: int, scale: float = 0.05) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + seed)
-    return {k: (v + scale * torch.randn(v.shape, generator=g, dtype=v.dtype)) if v.is_floating_point() else v.clone() for k, v in base.items()}
+    return {
+        k: (v + scale * torch.randn(v.shape, generator=g, dtype=v.dtype)) if v.is_floating_point() else v.clone()
+        for k, v in base.items()
+    }
 
 
 @pytest.fixture
@@ -37,7 +40,9 @@ def finetuned64(base64: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]
 
 
 @pytest.fixture
-def files(tmp_path: Path, base64: dict[str, torch.Tensor], finetuned64: list[dict[str, torch.Tensor]]) -> dict[str, Path]:
+def files(
+    tmp_path: Path, base64: dict[str, torch.Tensor], finetuned64: list[dict[str, torch.Tensor]]
+) -> dict[str, Path]:
     """base and three fine-tuned models as float32 safetensors files."""
     paths = {"base": tmp_path / "base.safetensors"}
     save_file({k: v.float() if v.is_floating_point() else v for k, v in base64.items()}, paths["base"])

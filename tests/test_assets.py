@@ -47,7 +47,7 @@ def test_efficientnet_lite0_features_on_real_images(effnet: torch.nn.Module) -> 
     X, _, _ = _load(A.load_fashion_mnist, "test")
     x = A.prepare_images(X[:2], size=64)
     assert x.shape == (2, 3, 64, 64) and x.dtype == torch.float32
-    assert -1.0 <= x.min() and x.max() <= 1.0  # (v - 127/255) / (128/255) on [0, 1]
+    assert x.min() >= -1.0 and x.max() <= 1.0  # (v - 127/255) / (128/255) on [0, 1]
     with torch.no_grad():
         feats = effnet(x)
     assert feats.shape == (2, A.EFFICIENTNET_LITE0_DIM) == (2, 1280)
@@ -164,7 +164,7 @@ def test_fortunes_and_two_task_split() -> None:
 
     first, second = A.split_categories(y, names, min_items=100)
     assert not set(first) & set(second)
-    counts = dict(zip(names, np.bincount(y).tolist()))
+    counts = dict(zip(names, np.bincount(y).tolist(), strict=False))
     assert all(counts[n] >= 100 for n in first + second)
     sizes = [sum(counts[n] for n in g) for g in (first, second)]
     assert abs(sizes[0] - sizes[1]) < 0.05 * sum(sizes)
@@ -182,7 +182,7 @@ def test_fortunes_and_two_task_split() -> None:
     a, b = A.split_categories(y, names, min_items=300, per_group=4)
     assert set(a) | set(b) == set(ranked[:8])
     assert ranked[8:12] == ["science", "men-women", "zippy", "knghtbrd"]
-    for t, label in zip(sub[:5], sub_y[:5].tolist()):
+    for t, label in zip(sub[:5], sub_y[:5].tolist(), strict=False):
         assert names[y[texts.index(t)]] == four_a[label]
 
 

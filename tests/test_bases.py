@@ -157,7 +157,9 @@ def test_reconstruct_tasks_api(data) -> None:
 @pytest.mark.parametrize("merge,params", [("mean", {}), ("task_arithmetic", {}), ("ties", {"density": 0.5})])
 def test_cluster_bases_are_the_chosen_merge(tmp_path: Path, data, merge: str, params: dict) -> None:
     tvs, _, g = data
-    bank = build_bank(tvs, method="cluster", m=K, out=tmp_path / "bank", gram_matrix=g, merge=merge, merge_params=params)
+    bank = build_bank(
+        tvs, method="cluster", m=K, out=tmp_path / "bank", gram_matrix=g, merge=merge, merge_params=params
+    )
     for k in range(bank.m):
         members = [tvs[i] for i, a in enumerate(bank.manifest.assignments) if a == k]
         if merge == "mean":
@@ -238,7 +240,9 @@ def test_arithmetic_through_reconstructions(tmp_path: Path, data) -> None:
         torch.testing.assert_close(applied[n], base[n] + 0.4 * ref[n], rtol=1e-12, atol=1e-12)
     neg = bank.negation("c1t1")
     torch.testing.assert_close(neg["layers.0.w"], -bank.reconstruct("c1t1")["layers.0.w"], rtol=0, atol=1e-15)
-    torch.testing.assert_close(bank.addition(["c1t1"])["layers.0.b"], bank.reconstruct("c1t1")["layers.0.b"], rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        bank.addition(["c1t1"])["layers.0.b"], bank.reconstruct("c1t1")["layers.0.b"], rtol=0, atol=1e-15
+    )
     with pytest.raises(ConfigError, match="'nope' is not in the bank"):
         bank.combine(add=["nope"])
     with pytest.raises(ConfigError, match="both added and negated"):
@@ -387,8 +391,24 @@ def test_cli_build_info_compose(tmp_path: Path, data) -> None:
     from safetensors.torch import save_file
 
     save_file(base, tmp_path / "base.safetensors")
-    r = runner.invoke(app, ["bases", "compose", str(bank), "--add", "c0t0,c1t1", "--negate", "c0t2", "--base",
-                            str(tmp_path / "base.safetensors"), "-o", str(tmp_path / "out.safetensors"), "--coef", "0.5"])
+    r = runner.invoke(
+        app,
+        [
+            "bases",
+            "compose",
+            str(bank),
+            "--add",
+            "c0t0,c1t1",
+            "--negate",
+            "c0t2",
+            "--base",
+            str(tmp_path / "base.safetensors"),
+            "-o",
+            str(tmp_path / "out.safetensors"),
+            "--coef",
+            "0.5",
+        ],
+    )
     assert r.exit_code == 0, r.output
     b = Bank.load(bank)
     ref = b.combine(add=["c0t0", "c1t1"], negate=["c0t2"])
@@ -400,7 +420,9 @@ def test_cli_build_info_compose(tmp_path: Path, data) -> None:
     assert r.exit_code == 0 and "added c1t2 to least-squares coefficients" in r.output, r.output
     r = runner.invoke(app, ["bases", "compose", str(bank), "--negate", "c0t2", "-o", str(tmp_path / "neg.safetensors")])
     assert r.exit_code == 0, r.output
-    torch.testing.assert_close(load_file(tmp_path / "neg.safetensors")["layers.0.w"], -b.reconstruct("c0t2")["layers.0.w"].float())
+    torch.testing.assert_close(
+        load_file(tmp_path / "neg.safetensors")["layers.0.w"], -b.reconstruct("c0t2")["layers.0.w"].float()
+    )
     # a YAML config, with ties merge
     cfg = tmp_path / "bases.yaml"
     tasks = "\n".join(f"  - {{name: t{i}, task_vector: tvs/{Path(f).name}}}" for i, f in enumerate(files))

@@ -87,7 +87,9 @@ def test_rerun_after_interrupted_finetuning_resumes(tmp_path: Path) -> None:
     head = fit_head(features(backbone, data.train), data.train.y, 10)
     spec = FinetuneSpec(epochs=1, batch_size=64, lr=1e-4)
     torch.manual_seed(0)
-    full = finetune(backbone, head, data.train, spec, seed=0, state_path=tmp_path / "a.pt", progress=False, save_every=100)
+    full = finetune(
+        backbone, head, data.train, spec, seed=0, state_path=tmp_path / "a.pt", progress=False, save_every=100
+    )
     # interrupted after 2 of 4 steps: a state file at step 2 exists; rerunning finishes the same run
     backbone.load_state_dict(pre)
 
@@ -106,12 +108,16 @@ def test_rerun_after_interrupted_finetuning_resumes(tmp_path: Path) -> None:
     torch.optim.AdamW.step = step  # type: ignore[method-assign]
     try:
         with pytest.raises(Stop):
-            finetune(backbone, head, data.train, spec, seed=0, state_path=tmp_path / "b.pt", progress=False, save_every=2)
+            finetune(
+                backbone, head, data.train, spec, seed=0, state_path=tmp_path / "b.pt", progress=False, save_every=2
+            )
     finally:
         torch.optim.AdamW.step = orig  # type: ignore[method-assign]
     assert (tmp_path / "b.pt").exists()
     backbone.load_state_dict(pre)
-    resumed = finetune(backbone, head, data.train, spec, seed=0, state_path=tmp_path / "b.pt", progress=False, save_every=2)
+    resumed = finetune(
+        backbone, head, data.train, spec, seed=0, state_path=tmp_path / "b.pt", progress=False, save_every=2
+    )
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=1e-5, atol=1e-6)
 
@@ -122,7 +128,9 @@ def test_variational_composer_on_tiny_saves_and_reloads(tiny, tmp_path: Path) ->
     from taskvec.bench.compose import ComposeRunConfig, evaluate_on_suite, load_on_suite, train_on_suite
 
     cache, _, _ = tiny
-    cfg = ComposeRunConfig(suite="tiny", preset="variational", train={"epochs": 1, "batch_size": 64, "progress": False}, cache=str(cache))
+    cfg = ComposeRunConfig(
+        suite="tiny", preset="variational", train={"epochs": 1, "batch_size": 64, "progress": False}, cache=str(cache)
+    )
     _, result, _ = train_on_suite(cfg, tmp_path / "composer")
     assert set(result.accuracy) == {0, 1, 2} and all(0.0 <= a <= 1.0 for a in result.accuracy.values())
     assert all(0.0 <= v <= 1.0 for v in result.active.values())
@@ -141,7 +149,9 @@ def test_predict_an_image_folder_with_the_tiny_composer(tiny, tmp_path: Path) ->
     from taskvec.variational import evaluate_composer
 
     cache, _, _ = tiny
-    cfg = ComposeRunConfig(suite="tiny", preset="variational", train={"epochs": 1, "batch_size": 64, "progress": False}, cache=str(cache))
+    cfg = ComposeRunConfig(
+        suite="tiny", preset="variational", train={"epochs": 1, "batch_size": 64, "progress": False}, cache=str(cache)
+    )
     train_on_suite(cfg, tmp_path / "composer")
     composer, prep = load_on_suite(tmp_path / "composer")
     raw = raw_splits(prep.suite, prep.suite.task("digits"))["test"]
@@ -154,6 +164,9 @@ def test_predict_an_image_folder_with_the_tiny_composer(tiny, tmp_path: Path) ->
     result = evaluate_composer(composer, data)
     alpha = composer.coefficients(data.features[:6])
     for i, r in enumerate(records):
-        assert r["class_index"] == int(result.predictions[i]) and r["prediction"] == prep.tasks["digits"].classes[r["class_index"]]
+        assert (
+            r["class_index"] == int(result.predictions[i])
+            and r["prediction"] == prep.tasks["digits"].classes[r["class_index"]]
+        )
         got = torch.tensor([r["coefficients"][t] for t in prep.tasks], dtype=torch.float64)
         torch.testing.assert_close(got, alpha[i].double(), rtol=1e-5, atol=1e-6)

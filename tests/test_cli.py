@@ -21,7 +21,18 @@ def _cfg(tmp_path: Path, text: str) -> Path:
 
 
 def test_extract_info_and_apply(tmp_path: Path, files) -> None:
-    r = runner.invoke(app, ["extract", str(files["base"]), str(files["ft0"]), "-o", str(tmp_path / "tv0.safetensors"), "--dtype", "float16"])
+    r = runner.invoke(
+        app,
+        [
+            "extract",
+            str(files["base"]),
+            str(files["ft0"]),
+            "-o",
+            str(tmp_path / "tv0.safetensors"),
+            "--dtype",
+            "float16",
+        ],
+    )
     assert r.exit_code == 0, r.output
     tv = load_file(tmp_path / "tv0.safetensors")
     base, ft = load_file(files["base"]), load_file(files["ft0"])
@@ -29,12 +40,25 @@ def test_extract_info_and_apply(tmp_path: Path, files) -> None:
     assert "bn.num_batches_tracked" not in tv
     r = runner.invoke(app, ["info", str(tmp_path / "tv0.safetensors")])
     assert r.exit_code == 0 and "parameters" in r.output and f"{sum(v.numel() for v in tv.values()):,}" in r.output
-    r = runner.invoke(app, ["apply", str(files["base"]), str(tmp_path / "tv0.safetensors"), "-o", str(tmp_path / "neg.safetensors"), "--coef", "-1"])
+    r = runner.invoke(
+        app,
+        [
+            "apply",
+            str(files["base"]),
+            str(tmp_path / "tv0.safetensors"),
+            "-o",
+            str(tmp_path / "neg.safetensors"),
+            "--coef",
+            "-1",
+        ],
+    )
     assert r.exit_code == 0, r.output
     neg = load_file(tmp_path / "neg.safetensors")
     assert torch.equal(neg["head.weight"], base["head.weight"] - tv["head.weight"].float())
     # rerunning without --force refuses, and leaves the first output as it was
-    r = runner.invoke(app, ["apply", str(files["base"]), str(tmp_path / "tv0.safetensors"), "-o", str(tmp_path / "neg.safetensors")])
+    r = runner.invoke(
+        app, ["apply", str(files["base"]), str(tmp_path / "tv0.safetensors"), "-o", str(tmp_path / "neg.safetensors")]
+    )
     # Rich wraps the message at the console width after a possibly long temporary path: compare words
     assert r.exit_code == 2 and "already exists (pass overwrite/--force to replace it)" in " ".join(r.output.split())
 
@@ -42,19 +66,22 @@ def test_extract_info_and_apply(tmp_path: Path, files) -> None:
 def test_merge_from_config_matches_api(tmp_path: Path, files) -> None:
     from taskvec import TaskVector, compose
 
-    cfg = _cfg(tmp_path, f"""
+    cfg = _cfg(
+        tmp_path,
+        f"""
 method: ties
-base: {files['base'].name}
+base: {files["base"].name}
 models:
-  - finetuned: {files['ft0'].name}
+  - finetuned: {files["ft0"].name}
     weight: 1.0
-  - finetuned: {files['ft1'].name}
+  - finetuned: {files["ft1"].name}
     weight: {{"layers.*": 0.5, "*": 1.0}}
-  - finetuned: {files['ft2'].name}
+  - finetuned: {files["ft2"].name}
 params: {{density: 0.3}}
 scale: 0.8
 shard_size: 1KB
-""")
+""",
+    )
     cfg.rename(files["base"].parent / "merge.yaml")  # paths are relative to the config file
     r = runner.invoke(app, ["merge", str(files["base"].parent / "merge.yaml"), "-o", str(tmp_path / "merged")])
     assert r.exit_code == 0, r.output
@@ -63,7 +90,9 @@ shard_size: 1KB
 
     out = open_checkpoint(tmp_path / "merged")
     tvs = [TaskVector.from_checkpoints(files["base"], files[f"ft{i}"]) for i in range(3)]
-    ref = compose(tvs, "ties", [1.0, {"layers.*": 0.5, "*": 1.0}, 1.0], density=0.3).apply_to(load_file(files["base"]), 0.8)
+    ref = compose(tvs, "ties", [1.0, {"layers.*": 0.5, "*": 1.0}, 1.0], density=0.3).apply_to(
+        load_file(files["base"]), 0.8
+    )
     for k, v in ref.items():
         assert torch.equal(read(out, k), v), k
 
@@ -84,7 +113,15 @@ def test_bad_configs_name_the_fault(tmp_path: Path, files) -> None:
         assert needle in " ".join(r.output.split()), (text, r.output)
         assert not (tmp_path / "o").exists()
     # a config pointing at a missing checkpoint names the file
-    r = runner.invoke(app, ["merge", str(_cfg(tmp_path, f"base: {files['base']}\nmodels: [{{finetuned: /nope/ft.safetensors}}]\n")), "-o", str(tmp_path / "o")])
+    r = runner.invoke(
+        app,
+        [
+            "merge",
+            str(_cfg(tmp_path, f"base: {files['base']}\nmodels: [{{finetuned: /nope/ft.safetensors}}]\n")),
+            "-o",
+            str(tmp_path / "o"),
+        ],
+    )
     assert r.exit_code == 2 and "/nope/ft.safetensors" in r.output
 
 

@@ -24,7 +24,6 @@ TRAIN = TrainConfig(epochs=6, batch_size=32, lr=2e-2, progress=False, dtype="flo
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
 def _entropy(composer, data: ComposeData) -> float:
     total = 0.0
     with torch.no_grad():
@@ -48,8 +47,9 @@ def test_shared_forward_is_task_arithmetic() -> None:
 
 def test_atlas_learns_from_labels() -> None:
     toy = toy_problem()
-    before = evaluate_composer(build_composer(copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, 16,
-                                              preset("atlas_block")), toy.test).mean_accuracy
+    before = evaluate_composer(
+        build_composer(copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, 16, preset("atlas_block")), toy.test
+    ).mean_accuracy
     for level, blocks in (("task", 1), ("block", 6)):
         c = train_atlas(copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, toy.train, level=level, train=TRAIN)
         assert c.coef.alpha.shape == (2, blocks)

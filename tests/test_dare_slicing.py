@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from taskvec import TaskVector, compose
-from taskvec.core.taskvector import apply_streaming
 from taskvec.config import load_merge_config
+from taskvec.core.taskvector import apply_streaming
 from taskvec.io import open_checkpoint
 from taskvec.merge import merge_checkpoints
 from taskvec.methods.dare import MASK_BLOCK
@@ -56,7 +56,9 @@ def test_dare_same_bits_for_every_path_and_slice_size(setup, method: str) -> Non
     for size in (MASK_BLOCK - 1, MASK_BLOCK, (1 << 20) + 3, 1 << 21):
         parts = torch.cat([src.read_flat("w", s, min(s + size, N)) for s in range(0, N, size)])
         assert torch.equal(parts, whole), size
-    assert torch.equal(src.read_flat("w", MASK_BLOCK - 5, 3 * MASK_BLOCK + 5), whole[MASK_BLOCK - 5 : 3 * MASK_BLOCK + 5])
+    assert torch.equal(
+        src.read_flat("w", MASK_BLOCK - 5, 3 * MASK_BLOCK + 5), whole[MASK_BLOCK - 5 : 3 * MASK_BLOCK + 5]
+    )
     # in memory: a module and a state dict
     module = Big()
     module.load_state_dict(base)
@@ -66,14 +68,26 @@ def test_dare_same_bits_for_every_path_and_slice_size(setup, method: str) -> Non
     assert torch.equal(merged.apply_to(dict(base), 1.0)["w"], expect)
     # streamed to disk with several slice sizes
     for chunk in (1 << 21, (1 << 20) + 7, 12_345):
-        out = apply_streaming(open_checkpoint(root / "base.safetensors"), merged, 1.0, root / f"out-{method}-{chunk}.safetensors", chunk_elems=chunk)
+        out = apply_streaming(
+            open_checkpoint(root / "base.safetensors"),
+            merged,
+            1.0,
+            root / f"out-{method}-{chunk}.safetensors",
+            chunk_elems=chunk,
+        )
         assert torch.equal(load_file(out)["w"], expect), chunk
     # the `taskvec merge` path, from a config
     cfg_path = root / f"{method}.yaml"
-    cfg_path.write_text(yaml.safe_dump({
-        "method": method, "base": "base.safetensors", "params": {"density": 0.3, "seed": 5},
-        "models": [{"finetuned": fts[0].name, "weight": 0.7}, {"finetuned": fts[1].name, "weight": 1.1}],
-    }))
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "method": method,
+                "base": "base.safetensors",
+                "params": {"density": 0.3, "seed": 5},
+                "models": [{"finetuned": fts[0].name, "weight": 0.7}, {"finetuned": fts[1].name, "weight": 1.1}],
+            }
+        )
+    )
     out = merge_checkpoints(load_merge_config(cfg_path), root / f"merged-{method}.safetensors")
     assert torch.equal(load_file(out)["w"], expect)
 

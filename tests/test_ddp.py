@@ -42,15 +42,14 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 
 def test_two_process_steps_equal_single_process(tmp_path: Path) -> None:
     out = str(tmp_path / "result")
-    mp.start_processes(_worker, args=(2, f"file://{tmp_path / 'init'}", out), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(_worker, args=(2, f"file://{tmp_path / 'init'}", out), nprocs=2, join=True, start_method="spawn")
     ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
     n = torch.get_num_threads()
     try:
         singles = [_run(*case) for case in CASES]
     finally:
         torch.set_num_threads(n)
-    for case, single, r0, r1 in zip(CASES, singles, *ranks):
+    for case, single, r0, r1 in zip(CASES, singles, *ranks, strict=False):
         assert set(single) == set(r0), case
         for k, v in single.items():
             torch.testing.assert_close(r0[k], r1[k], atol=0, rtol=0)  # the ranks agree exactly

@@ -23,9 +23,18 @@ Header = dict[str, object]
 def _originals() -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     return [
-        {"a": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g).half(), "c": torch.arange(6).reshape(2, 3)},
-        {"w": torch.randn(2, 2, 2, generator=g).bfloat16(), "empty": torch.zeros(0, 3), "s": torch.tensor(1.5, dtype=torch.float64),
-         "m": torch.tensor([True, False, True]), "i8": torch.arange(-3, 4, dtype=torch.int8)},
+        {
+            "a": torch.randn(3, 4, generator=g),
+            "b": torch.randn(5, generator=g).half(),
+            "c": torch.arange(6).reshape(2, 3),
+        },
+        {
+            "w": torch.randn(2, 2, 2, generator=g).bfloat16(),
+            "empty": torch.zeros(0, 3),
+            "s": torch.tensor(1.5, dtype=torch.float64),
+            "m": torch.tensor([True, False, True]),
+            "i8": torch.arange(-3, 4, dtype=torch.int8),
+        },
         {"one": torch.randn(7, generator=g)},
         {"x": torch.randn(4, 4, generator=g).half(), "y": torch.randn(8, generator=g).half()},  # same-size dtypes
     ]
@@ -192,16 +201,29 @@ def extra_field(rng: random.Random, h: Header) -> None:
 
 
 MUTATIONS: list[Mutation] = [
-    _edit(swap_offsets), _edit(shift), _edit(overlap), _edit(reverse), _edit(same_offsets), _edit(shape_edit),
-    _edit(dtype_edit), _edit(type_change), _edit(metadata_edit), _edit(extra_field),
-    duplicate, truncate, trailing, bad_length, padding, invalid_json,
+    _edit(swap_offsets),
+    _edit(shift),
+    _edit(overlap),
+    _edit(reverse),
+    _edit(same_offsets),
+    _edit(shape_edit),
+    _edit(dtype_edit),
+    _edit(type_change),
+    _edit(metadata_edit),
+    _edit(extra_field),
+    duplicate,
+    truncate,
+    trailing,
+    bad_length,
+    padding,
+    invalid_json,
 ]
 
 
 def _theirs(path: Path) -> dict[str, torch.Tensor] | Exception:
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f}
     except Exception as e:  # the library raises several types
         return e
 
@@ -210,7 +232,7 @@ def _ours(path: Path) -> dict[str, torch.Tensor] | Exception:
     try:
         f = SafetensorsFile(path)
         try:
-            return {k: f.read(k) for k in f.keys()}
+            return {k: f.read(k) for k in f}
         finally:
             f.close()
     except Exception as e:
@@ -218,7 +240,11 @@ def _ours(path: Path) -> dict[str, torch.Tensor] | Exception:
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -245,7 +271,9 @@ def test_mutated_headers(tmp_path: Path, which: int) -> None:
             assert "\n" not in msg and str(path) in msg, msg
             counts["both reject" if isinstance(theirs, Exception) else "only taskvec rejects"] += 1
             continue
-        assert not isinstance(theirs, Exception), f"case {i} ({mutation}): safetensors rejects ({theirs}) but taskvec reads it"
+        assert not isinstance(theirs, Exception), (
+            f"case {i} ({mutation}): safetensors rejects ({theirs}) but taskvec reads it"
+        )
         assert list(ours) == list(theirs) or set(ours) == set(theirs)
         for k in theirs:
             assert ours[k].dtype == theirs[k].dtype and ours[k].shape == theirs[k].shape, k

@@ -39,8 +39,15 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "cat", "dog",
 
 
 def _config(**kw: object) -> BertConfig:
-    return BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=24, max_position_embeddings=32, **kw)
+    return BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+        **kw,
+    )
 
 
 def _save_hf(model: torch.nn.Module, folder: Path, tokenizer: BertTokenizer | None = None) -> Path:
@@ -55,8 +62,10 @@ def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """A 'fine-tuned' variant: every floating parameter moved by seeded noise."""
     g = torch.Generator().manual_seed(seed)
     ft = type(model)(model.config)
-    sd = {k: v + 0.02 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
-          for k, v in model.state_dict().items()}
+    sd = {
+        k: v + 0.02 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+        for k, v in model.state_dict().items()
+    }
     ft.load_state_dict(sd)
     return ft
 
@@ -106,8 +115,12 @@ def _check_loads(
 @pytest.mark.parametrize("dtype", [None, "float16"])
 def test_merge_output_loads_with_from_pretrained(hf: dict, dtype: str | None) -> None:
     base, fts, tmp = hf["base"], hf["fts"], hf["tmp"]
-    cfg = {"method": "task_arithmetic", "base": str(base), "scale": 0.7,
-           "models": [{"finetuned": str(fts[0]), "weight": 1.0}, {"finetuned": str(fts[1]), "weight": 0.5}]}
+    cfg = {
+        "method": "task_arithmetic",
+        "base": str(base),
+        "scale": 0.7,
+        "models": [{"finetuned": str(fts[0]), "weight": 1.0}, {"finetuned": str(fts[1]), "weight": 0.5}],
+    }
     if dtype:
         cfg["dtype"] = dtype
     (tmp / "merge.yaml").write_text(yaml.safe_dump(cfg))
@@ -130,8 +143,9 @@ def test_apply_and_sharded_output(hf: dict) -> None:
     tv = load_file(tmp / "tv.safetensors")
     b = _sd64(base)
     out = tmp / "negated"
-    r = runner.invoke(app, ["apply", str(base), str(tmp / "tv.safetensors"), "-o", str(out),
-                            "--coef", "-1", "--dtype", "float16"])
+    r = runner.invoke(
+        app, ["apply", str(base), str(tmp / "tv.safetensors"), "-o", str(out), "--coef", "-1", "--dtype", "float16"]
+    )
     assert r.exit_code == 0, r.output
     expected = {k: b[k] - tv[k].double() if k in tv else b[k] for k in b}
     _check_loads(out, hf["auto"], expected, torch.float16, hf["tok"])
@@ -153,12 +167,45 @@ def test_bases_compose_output_loads(hf: dict) -> None:
         r = runner.invoke(app, ["extract", str(base), str(ft), "-o", str(tmp / f"t{i}.safetensors")])
         assert r.exit_code == 0, r.output
     # M = T: each task is its own basis, so the bank reconstructs every task vector exactly
-    r = runner.invoke(app, ["bases", "build", str(tmp / "t0.safetensors"), str(tmp / "t1.safetensors"),
-                            "-o", str(tmp / "bank"), "--method", "cluster", "--m", "2", "--names", "a,b"])
+    r = runner.invoke(
+        app,
+        [
+            "bases",
+            "build",
+            str(tmp / "t0.safetensors"),
+            str(tmp / "t1.safetensors"),
+            "-o",
+            str(tmp / "bank"),
+            "--method",
+            "cluster",
+            "--m",
+            "2",
+            "--names",
+            "a,b",
+        ],
+    )
     assert r.exit_code == 0, r.output
     out = tmp / "edited"
-    r = runner.invoke(app, ["bases", "compose", str(tmp / "bank"), "--add", "a", "--negate", "b", "--base", str(base),
-                            "--coef", "0.8", "-o", str(out), "--dtype", "bfloat16"])
+    r = runner.invoke(
+        app,
+        [
+            "bases",
+            "compose",
+            str(tmp / "bank"),
+            "--add",
+            "a",
+            "--negate",
+            "b",
+            "--base",
+            str(base),
+            "--coef",
+            "0.8",
+            "-o",
+            str(out),
+            "--dtype",
+            "bfloat16",
+        ],
+    )
     assert r.exit_code == 0, r.output
     b, f0, f1 = _sd64(base), _sd64(fts[0]), _sd64(fts[1])
     t0, t1 = load_file(tmp / "t0.safetensors"), load_file(tmp / "t1.safetensors")
@@ -182,7 +229,9 @@ def test_model_files_never_include_weights(hf: dict) -> None:
     assert copied == {**json.loads((base / "config.json").read_text()), "dtype": "bfloat16"}
     # nested configs are updated; a config naming no dtype gets the key every transformers version reads
     assert set_config_dtype({"text_config": {"torch_dtype": "float32", "n": 1}, "dtype": "float32"}, torch.float16) == {
-        "text_config": {"torch_dtype": "float16", "n": 1}, "dtype": "float16"}
+        "text_config": {"torch_dtype": "float16", "n": 1},
+        "dtype": "float16",
+    }
     assert set_config_dtype({"model_type": "bert"}, torch.float16) == {"model_type": "bert", "torch_dtype": "float16"}
 
 

@@ -10,11 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from conftest import random_state
 from taskvec.core.stream import write_checkpoint
 from taskvec.errors import CheckpointError, ConfigError
 from taskvec.io import CheckpointWriter, TensorSpec, open_checkpoint, parse_size, read
-
-from conftest import random_state
 
 
 def _mixed() -> dict[str, torch.Tensor]:
@@ -96,9 +95,8 @@ def test_writer_rejects_out_of_order_and_overflow(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="expected tensor 'a'"):
         with CheckpointWriter(tmp_path / "o.safetensors", specs) as w:
             w.write("b", torch.zeros(2))
-    with pytest.raises(Exception, match="more data"):
-        with CheckpointWriter(tmp_path / "o.safetensors", specs) as w:
-            w.write("a", torch.zeros(3))
+    with pytest.raises(Exception, match="more data"), CheckpointWriter(tmp_path / "o.safetensors", specs) as w:
+        w.write("a", torch.zeros(3))
     assert not (tmp_path / "o.safetensors").exists()
 
 

@@ -45,7 +45,7 @@ def test_task_arithmetic_and_negation_exact() -> None:
     w = [0.3, -0.5, 1.2, 0.0]
     ta, neg = compose(tvs, "task_arithmetic", w), compose(tvs, "negation", w)
     for k in SHAPES:
-        ref = sum(wi * r[k] for wi, r in zip(w, raw))
+        ref = sum(wi * r[k] for wi, r in zip(w, raw, strict=False))
         np.testing.assert_allclose(ta[k].numpy(), ref, rtol=1e-13, atol=1e-15)
         np.testing.assert_allclose(neg[k].numpy(), -ref, rtol=1e-13, atol=1e-15)
 
@@ -67,7 +67,7 @@ def test_magnitude_exact(density: float) -> None:
     w = [0.7, 1.0, -0.2, 0.4]
     merged = compose(tvs, "magnitude", w, density=density)
     for k in SHAPES:
-        ref = sum(wi * ref_trim(r[k], density) for wi, r in zip(w, raw))
+        ref = sum(wi * ref_trim(r[k], density) for wi, r in zip(w, raw, strict=False))
         np.testing.assert_allclose(merged[k].numpy(), ref, rtol=1e-13, atol=1e-15)
 
 
@@ -78,10 +78,14 @@ def test_dare_exact_given_its_masks() -> None:
     merged = compose(tvs, "dare", w, density=p, seed=seed)
     for k in SHAPES:
         masks = [
-            torch.bernoulli(torch.full(SHAPES[k], p), generator=torch.Generator().manual_seed(block_seed(seed, k, t, 0))).double().numpy()
+            torch.bernoulli(
+                torch.full(SHAPES[k], p), generator=torch.Generator().manual_seed(block_seed(seed, k, t, 0))
+            )
+            .double()
+            .numpy()
             for t in range(len(raw))
         ]
-        ref = sum(wi * m * r[k] / p for wi, m, r in zip(w, masks, raw))
+        ref = sum(wi * m * r[k] / p for wi, m, r in zip(w, masks, raw, strict=False))
         np.testing.assert_allclose(merged[k].numpy(), ref, rtol=1e-13, atol=1e-15)
         if k == "w":  # 4 x 1200 draws keep about `density` of the entries
             assert abs(np.mean([m.mean() for m in masks]) - p) < 0.03
@@ -106,7 +110,9 @@ def test_ties_matches_peft(majority: str) -> None:
 
 def test_magnitude_and_task_arithmetic_match_peft() -> None:
     tvs, xs, w = _peft_inputs("w")
-    torch.testing.assert_close(compose(tvs, "magnitude", w.tolist(), density=0.4)["w"], peft.magnitude_prune(xs, w, density=0.4))
+    torch.testing.assert_close(
+        compose(tvs, "magnitude", w.tolist(), density=0.4)["w"], peft.magnitude_prune(xs, w, density=0.4)
+    )
     torch.testing.assert_close(compose(tvs, "task_arithmetic", w.tolist())["w"], peft.task_arithmetic(xs, w))
 
 
@@ -164,7 +170,14 @@ def test_ties_at_threshold_keep_exactly_k(method: str) -> None:
     parts = torch.cat([src.read_flat("w", s, min(s + 77, n)) for s in range(0, n, 77)])
     assert torch.equal(whole, parts)
     if method == "magnitude":
-        ref = sum(r.reshape(-1) * ((r.abs().reshape(-1) > src.thresholds("w")[i, 0]) | ((r.abs().reshape(-1) == src.thresholds("w")[i, 0]) & (torch.arange(n) <= src.thresholds("w")[i, 1]))) for i, r in enumerate(raw))
+        ref = sum(
+            r.reshape(-1)
+            * (
+                (r.abs().reshape(-1) > src.thresholds("w")[i, 0])
+                | ((r.abs().reshape(-1) == src.thresholds("w")[i, 0]) & (torch.arange(n) <= src.thresholds("w")[i, 1]))
+            )
+            for i, r in enumerate(raw)
+        )
         assert torch.equal(whole, ref)
 
 

@@ -52,8 +52,9 @@ def test_core_imports_and_runs_without_optional_packages(tmp_path: Path) -> None
     ft = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
     save_file(base, tmp_path / "base.safetensors")
     save_file(ft, tmp_path / "ft.safetensors")
-    (tmp_path / "m.yaml").write_text("method: ties\nbase: base.safetensors\nmodels: [{finetuned: ft.safetensors}]\n"
-                                     "params: {density: 0.5}\n")
+    (tmp_path / "m.yaml").write_text(
+        "method: ties\nbase: base.safetensors\nmodels: [{finetuned: ft.safetensors}]\nparams: {density: 0.5}\n"
+    )
     code = f"""
 import sys
 for m in {OPTIONAL!r}:
@@ -103,8 +104,16 @@ def test_cli_similarity_png_fails_cleanly_without_matplotlib(monkeypatch: pytest
     for i in range(2):
         save_file({"w": torch.randn(5, generator=g)}, tmp_path / f"t{i}.safetensors")
     _block(monkeypatch, "matplotlib")
-    r = CliRunner().invoke(app, ["similarity", str(tmp_path / "t0.safetensors"), str(tmp_path / "t1.safetensors"),
-                                 "--png", str(tmp_path / "s.png")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "similarity",
+            str(tmp_path / "t0.safetensors"),
+            str(tmp_path / "t1.safetensors"),
+            "--png",
+            str(tmp_path / "s.png"),
+        ],
+    )
     assert r.exit_code == 2 and r.exception is not None and not isinstance(r.exception, MissingDependencyError)
     assert "pip install 'taskvec[plot]'" in " ".join(r.output.split()), r.output
     assert not (tmp_path / "s.png").exists()
@@ -146,7 +155,7 @@ def _installed(module: str) -> bool:
 
 # --------------------------------------------------------------------------- merge methods of other packages
 
-PLUGIN = '''
+PLUGIN = """
 from taskvec.methods.registry import MergeMethod, MethodParams, weighted_sum
 
 
@@ -159,7 +168,7 @@ def merge(deltas, weights, params, ctx):
 
 
 METHOD = MergeMethod("scaled_mean", "factor times the weighted mean of the task vectors", Params, merge)
-'''
+"""
 
 
 def _distribution(root: Path, name: str, entry_points: str, module: str | None = None) -> None:
@@ -198,8 +207,10 @@ def test_merge_method_from_an_installed_package(
 
     _distribution(plugin_path, "tvplug", "scaled_mean = tvplug:METHOD", PLUGIN)
     g = torch.Generator().manual_seed(3)
-    base = {"a": torch.randn(6, 4, generator=g, dtype=torch.float64),
-            "b": torch.randn(5, generator=g, dtype=torch.float64)}
+    base = {
+        "a": torch.randn(6, 4, generator=g, dtype=torch.float64),
+        "b": torch.randn(5, generator=g, dtype=torch.float64),
+    }
     fts = [{k: v + torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in base.items()} for _ in range(2)]
     tvs = [TaskVector.from_checkpoints(base, ft) for ft in fts]
     merged = compose(tvs, "scaled_mean", [1.0, 0.5], factor=0.3)
@@ -218,8 +229,10 @@ def test_merge_method_from_an_installed_package(
     assert "taskvec" in next(line for line in r.output.splitlines() if " ties " in line)
     save_file({k: v.float() for k, v in base.items()}, tmp_path / "base.safetensors")
     save_file({k: v.float() for k, v in fts[0].items()}, tmp_path / "ft.safetensors")
-    (tmp_path / "m.yaml").write_text("method: scaled_mean\nbase: base.safetensors\n"
-                                     "models: [{finetuned: ft.safetensors}]\nparams: {factor: 0.25}\nscale: 2.0\n")
+    (tmp_path / "m.yaml").write_text(
+        "method: scaled_mean\nbase: base.safetensors\n"
+        "models: [{finetuned: ft.safetensors}]\nparams: {factor: 0.25}\nscale: 2.0\n"
+    )
     r = CliRunner().invoke(app, ["merge", str(tmp_path / "m.yaml"), "-o", str(tmp_path / "out.safetensors")])
     assert r.exit_code == 0, r.output
     from safetensors.torch import load_file

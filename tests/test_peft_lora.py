@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from taskvec import TaskVector
 from taskvec.config import load_merge_config
+from taskvec.core.lowrank import is_factored
 from taskvec.errors import (
     ConfigError,
     KeyMismatchError,
@@ -23,7 +24,6 @@ from taskvec.errors import (
     TaskVecError,
 )
 from taskvec.io import open_checkpoint
-from taskvec.core.lowrank import is_factored
 from taskvec.io.lowrank import FactoredSource
 from taskvec.merge import merge_checkpoints
 
@@ -139,7 +139,7 @@ def test_lora_matches_peft_merge(kind: str, tmp_path: Path) -> None:
     peft64 = (
         peft.PeftModel.from_pretrained(copy.deepcopy(base).double(), adapter).double().merge_and_unload().state_dict()
     )
-    for k in tv.keys():
+    for k in tv:
         ref = peft64[k] - base.state_dict()[k].double()
         assert torch.allclose(tv[k].double(), ref, rtol=1e-5, atol=1e-7), k
     model = tv.apply_to(base)
@@ -151,7 +151,7 @@ def test_lora_slices_and_load_without_base(tmp_path: Path) -> None:
     _, _, base_path, adapter, _ = _make("gpt2", tmp_path)
     tv = TaskVector.load(adapter)  # no whole tensors saved: the base is not needed
     ref = TaskVector.from_lora(adapter, base_path)
-    for k in ref.keys():
+    for k in ref:
         full = ref[k].reshape(-1)
         n = full.numel()
         for s, e in [(0, n), (3, n // 2 + 5), (n // 3, n - 1), (n - 2, n)]:
@@ -202,7 +202,8 @@ def test_lora_per_sample_composition_matches_peft(tmp_path: Path) -> None:
     merged1 = pm.merge_and_unload()
     tvs = [TaskVector.from_lora(adapter0, base_path), TaskVector.from_lora(tmp_path / "adapter1", base_path)]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    fwd = lambda m, x: m(**x).logits
+    def fwd(m, x):
+        return m(**x).logits
     cm = ComposedModel(copy.deepcopy(base), tvs, forward_fn=fwd)
     assert "bert.encoder.layer.0.attention.self.query.weight" in cm.lowrank_keys
     n = inputs["input_ids"].shape[0]

@@ -114,7 +114,9 @@ def test_cli_coef_nan_is_refused(tmp_path: Path, files) -> None:
     tv2 = tmp_path / "tv2.safetensors"
     assert _run("extract", str(files["base"]), str(files["ft1"]), "-o", str(tv2))[0] == 0
     assert _run("bases", "build", str(tvp), str(tv2), "-o", str(bank), "--m", "1")[0] == 0
-    code, out = _run("bases", "compose", str(bank), "--add", "tv", "-o", str(tmp_path / "c.safetensors"), "--coef", "nan")
+    code, out = _run(
+        "bases", "compose", str(bank), "--add", "tv", "-o", str(tmp_path / "c.safetensors"), "--coef", "nan"
+    )
     assert code == 2 and "--coef" in out and "not a finite number" in out, out
     assert not (tmp_path / "c.safetensors").exists()
 
@@ -127,8 +129,11 @@ def nan_files(tmp_path: Path, files) -> dict[str, Path]:
     base = load_file(files["base"])
     base["embed.weight"][7, 1] = float("inf")
     return {
-        "base": files["base"], "ft1": files["ft1"], "ft2": files["ft2"],
-        "nan_ft": _write(tmp_path / "nan_ft.safetensors", ft), "inf_base": _write(tmp_path / "inf_base.safetensors", base),
+        "base": files["base"],
+        "ft1": files["ft1"],
+        "ft2": files["ft2"],
+        "nan_ft": _write(tmp_path / "nan_ft.safetensors", ft),
+        "inf_base": _write(tmp_path / "inf_base.safetensors", base),
     }
 
 
@@ -136,7 +141,10 @@ def nan_files(tmp_path: Path, files) -> dict[str, Path]:
 def test_nan_in_finetuned_is_refused_by_name(nan_files, method: str) -> None:
     tvs = [TaskVector.from_checkpoints(nan_files["base"], nan_files[k]) for k in ("nan_ft", "ft1")]
     merged = compose(tvs, method, **({} if method == "task_arithmetic" else {"density": 0.5}))
-    with pytest.raises(NonFiniteError, match=r"nan_ft\.safetensors: tensor 'layers\.1\.mlp\.weight' has 1 NaN/infinite .* index 26.*allow_nonfinite"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"nan_ft\.safetensors: tensor 'layers\.1\.mlp\.weight' has 1 NaN/infinite .* index 26.*allow_nonfinite",
+    ):
         merged.to_state_dict()
 
 
@@ -178,7 +186,9 @@ def test_cli_refuses_nan_checkpoints_and_allows_on_request(tmp_path: Path, nan_f
     code, text = _run("extract", str(nan_files["base"]), str(nan_files["nan_ft"]), "-o", str(out))
     assert code == 2 and "'layers.1.mlp.weight'" in text and "--allow-nonfinite" in text
     assert not out.exists()
-    assert _run("extract", str(nan_files["base"]), str(nan_files["nan_ft"]), "-o", str(out), "--allow-nonfinite")[0] == 0
+    assert (
+        _run("extract", str(nan_files["base"]), str(nan_files["nan_ft"]), "-o", str(out), "--allow-nonfinite")[0] == 0
+    )
     assert torch.isnan(load_file(out)["layers.1.mlp.weight"][3, 2])
     # bases build on a NaN task vector: one line naming the tensor
     tv1 = tmp_path / "tv1.safetensors"
@@ -189,7 +199,9 @@ def test_cli_refuses_nan_checkpoints_and_allows_on_request(tmp_path: Path, nan_f
     assert not (tmp_path / "bank").exists()
     # merge, apply: refused, and allowed with the option
     cfg = tmp_path / "m.yaml"
-    cfg.write_text(f"method: ties\nbase: {nan_files['base']}\nmodels: [{{finetuned: {nan_files['nan_ft']}}}, {{finetuned: {nan_files['ft1']}}}]\n")
+    cfg.write_text(
+        f"method: ties\nbase: {nan_files['base']}\nmodels: [{{finetuned: {nan_files['nan_ft']}}}, {{finetuned: {nan_files['ft1']}}}]\n"
+    )
     code, text = _run("merge", str(cfg), "-o", str(tmp_path / "merged"))
     assert code == 2 and "'layers.1.mlp.weight'" in text and not (tmp_path / "merged").exists()
     assert _run("merge", str(cfg), "-o", str(tmp_path / "merged"), "--allow-nonfinite")[0] == 0
@@ -215,7 +227,9 @@ def test_nan_composer_coefficients_are_an_error(one_thread) -> None:
     from taskvec.variational.toy import toy_problem
 
     toy = toy_problem(n=32, steps=5)
-    c = build_composer(copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, toy.train.features.shape[1], preset("variational"))
+    c = build_composer(
+        copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, toy.train.features.shape[1], preset("variational")
+    )
     t, b = c.model.num_tasks, c.model.num_blocks
     with pytest.raises(NonFiniteError, match="NaN or infinite"):
         evaluate_composer(c, toy.test, coefficients=torch.full((t, b), float("nan")))
@@ -230,9 +244,14 @@ def test_nan_composer_coefficients_are_an_error(one_thread) -> None:
     ("weights", "needle"),
     [
         ({"*": 1.0, "layers.*": 2.0}, r"'layers\.\*' can never match: the earlier pattern '\*'"),
-        ({"layers.*": 2.0, "layers.0.*": 3.0, "*": 1.0}, r"'layers\.0\.\*' can never match.*taken first by 'layers\.\*'"),
-        ({"*.weight": 1.0, "*bias": 0.5, "layers.0.attn.*": 2.0, "*": 0.0},
-         r"'layers\.0\.attn\.\*' can never match.*'\*\.weight', '\*bias'"),
+        (
+            {"layers.*": 2.0, "layers.0.*": 3.0, "*": 1.0},
+            r"'layers\.0\.\*' can never match.*taken first by 'layers\.\*'",
+        ),
+        (
+            {"*.weight": 1.0, "*bias": 0.5, "layers.0.attn.*": 2.0, "*": 0.0},
+            r"'layers\.0\.attn\.\*' can never match.*'\*\.weight', '\*bias'",
+        ),
     ],
 )
 def test_dead_weight_patterns_are_refused(files, weights: dict[str, float], needle: str) -> None:
@@ -255,10 +274,14 @@ def test_live_weight_patterns_are_accepted(files) -> None:
 
 def test_cli_dead_pattern_in_merge_config(tmp_path: Path, files) -> None:
     cfg = tmp_path / "m.yaml"
-    cfg.write_text(f"base: {files['base']}\nmodels: [{{finetuned: {files['ft0']}, weight: {{'*': 0.5, 'head.*': 0.0}}}}]\n")
+    cfg.write_text(
+        f"base: {files['base']}\nmodels: [{{finetuned: {files['ft0']}, weight: {{'*': 0.5, 'head.*': 0.0}}}}]\n"
+    )
     code, text = _run("merge", str(cfg), "-o", str(tmp_path / "o"))
     assert code == 2 and "'head.*' can never match" in text and "'*'" in text
-    cfg.write_text(f"base: {files['base']}\nmodels: [{{finetuned: {files['ft0']}}}]\nscale: {{'*': 0.5, 'head.*': 0.0}}\n")
+    cfg.write_text(
+        f"base: {files['base']}\nmodels: [{{finetuned: {files['ft0']}}}]\nscale: {{'*': 0.5, 'head.*': 0.0}}\n"
+    )
     code, text = _run("merge", str(cfg), "-o", str(tmp_path / "o"))
     assert code == 2 and "'head.*' can never match" in text
     assert not (tmp_path / "o").exists()
@@ -303,7 +326,9 @@ def test_efficientnet_lite0_weights_of_the_bench_extra(tmp_path: Path) -> None:
     ref = torch.load(path, map_location="cpu", weights_only=True)
     r = runner.invoke(app, ["info", str(path)])
     assert r.exit_code == 0, r.output
-    assert f"{sum(v.numel() for v in ref.values()):,}" in r.output and "legacy (non-zip) torch checkpoint" in " ".join(r.output.split())
+    assert f"{sum(v.numel() for v in ref.values()):,}" in r.output and "legacy (non-zip) torch checkpoint" in " ".join(
+        r.output.split()
+    )
     src = open_checkpoint(path)
     assert set(src.keys()) == set(ref) and all(torch.equal(read(src, k), v) for k, v in ref.items())
 
@@ -347,7 +372,10 @@ def _sharded(tmp_path: Path) -> Path:
         (["s1.safetensors"], "no 'weight_map' object"),
         ({"a": "s1.safetensors", "b": None, "c": "s2.safetensors"}, "tensor 'b' names shard None"),
         ({"a": "s1.safetensors", "b": "../s1.safetensors", "c": "s2.safetensors"}, "not a file name in the folder"),
-        ({"a": "s1.safetensors", "c": "s2.safetensors"}, "shard s1.safetensors holds 1 tensor(s) the index does not list"),
+        (
+            {"a": "s1.safetensors", "c": "s2.safetensors"},
+            "shard s1.safetensors holds 1 tensor(s) the index does not list",
+        ),
     ],
 )
 def test_cli_bad_shard_index(tmp_path: Path, weight_map: object, needle: str) -> None:
@@ -360,7 +388,9 @@ def test_cli_bad_shard_index(tmp_path: Path, weight_map: object, needle: str) ->
 # ---------------------------------------------------------------- options validated before any work
 @pytest.mark.parametrize("size", ["0", "infGB", "-1MB", "nanGB", "lots"])
 def test_bad_shard_sizes(tmp_path: Path, files, size: str) -> None:
-    code, text = _run("extract", str(files["base"]), str(files["ft0"]), "-o", str(tmp_path / "tv"), "--shard-size", size)
+    code, text = _run(
+        "extract", str(files["base"]), str(files["ft0"]), "-o", str(tmp_path / "tv"), "--shard-size", size
+    )
     assert code == 2 and "--shard-size" in text, text
     assert not (tmp_path / "tv").exists()
     cfg = tmp_path / "m.yaml"
@@ -432,8 +462,11 @@ def test_handler_turns_every_error_kind_into_one_line(tmp_path: Path) -> None:
         pass
 
     guard_app(demo)
-    for kind, needle in [("os", "missing/f: No such file or directory"), ("pydantic", "x: Input should be a valid integer"),
-                         ("taskvec", "option --x: is bad")]:
+    for kind, needle in [
+        ("os", "missing/f: No such file or directory"),
+        ("pydantic", "x: Input should be a valid integer"),
+        ("taskvec", "option --x: is bad"),
+    ]:
         r = runner.invoke(demo, ["boom", kind])
         assert r.exit_code == 2, (kind, r.output)
         assert needle in _one_error_line(r.output), r.output

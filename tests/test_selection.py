@@ -135,7 +135,10 @@ def test_merged_model_bit_identical_to_previous_implementation(method: str, dtyp
     g = torch.Generator().manual_seed(4)
     shapes = {"emb": (257, 64), "w": (64, 64), "norm": (64,)}
     base = {k: (torch.randn(s, generator=g) * 0.02).to(dtype) for k, s in shapes.items()}
-    fts = [{k: (v.float() + torch.randn(v.shape, generator=g) * 1e-3 * (i + 1)).to(dtype) for k, v in base.items()} for i in range(4)]
+    fts = [
+        {k: (v.float() + torch.randn(v.shape, generator=g) * 1e-3 * (i + 1)).to(dtype) for k, v in base.items()}
+        for i in range(4)
+    ]
     tvs = [TaskVector.from_checkpoints(base, ft) for ft in fts]
     weights = [1.0, 0.7, 1.3, 1.0]
     merged = compose(tvs, method, weights, density=0.2)
@@ -147,14 +150,13 @@ def test_merged_model_bit_identical_to_previous_implementation(method: str, dtyp
         thresholds = torch.tensor([ref_magnitude_threshold(d, 0.2) for d in deltas], dtype=torch.float64)
         w = torch.tensor(weights)
         trimmed = ref_trim(deltas, thresholds)
-        if method == "ties":
-            want = ref_elect_and_merge(trimmed, w, "total")
-        else:
-            want = torch.einsum("t,tn->n", w, trimmed)
+        want = ref_elect_and_merge(trimmed, w, "total") if method == "ties" else torch.einsum("t,tn->n", w, trimmed)
         got = torch.cat([src.read_flat(key, s, min(n, s + 1000)) for s in range(0, n, 1000)])
         assert torch.equal(got, want)
         applied = (base[key].float().reshape(-1) + got).to(dtype)
-        assert torch.equal(applied.view(torch.int16), (base[key].float().reshape(-1) + want).to(dtype).view(torch.int16))
+        assert torch.equal(
+            applied.view(torch.int16), (base[key].float().reshape(-1) + want).to(dtype).view(torch.int16)
+        )
 
 
 def test_device_cpu_is_the_same_path_and_cuda_is_checked() -> None:

@@ -58,7 +58,9 @@ def test_apply_to_module_dict_and_file_agree(tmp_path: Path, base64, finetuned64
     tv = TaskVector.from_checkpoints(base64, finetuned64[1])
     new = tv.apply_to(base64, coef=0.7)
     for k in FLOAT_KEYS:
-        np.testing.assert_allclose(new[k].numpy(), base64[k].numpy() + 0.7 * (finetuned64[1][k].numpy() - base64[k].numpy()), rtol=1e-13)
+        np.testing.assert_allclose(
+            new[k].numpy(), base64[k].numpy() + 0.7 * (finetuned64[1][k].numpy() - base64[k].numpy()), rtol=1e-13
+        )
     assert torch.equal(new["bn.num_batches_tracked"], base64["bn.num_batches_tracked"])
     # coefficient 1 gives back the fine-tuned weights; 0 gives the base
     back = tv.apply_to(base64, 1.0)
@@ -77,13 +79,13 @@ def test_apply_to_module_dict_and_file_agree(tmp_path: Path, base64, finetuned64
 
 def test_save_load_roundtrip_and_storage_dtype(tmp_path: Path, files) -> None:
     tv = TaskVector.from_checkpoints(files["base"], files["ft0"], exclude=["head.*"])
-    assert "head.weight" not in tv.keys()
+    assert "head.weight" not in tv
     tv.save(tmp_path / "tv32.safetensors")
     tv.save(tmp_path / "tv16", dtype=torch.float16, shard_size=200)
     t32 = TaskVector.load(tmp_path / "tv32.safetensors")
     t16 = TaskVector.load(tmp_path / "tv16")
     assert len(list((tmp_path / "tv16").glob("*.safetensors"))) > 1
-    for k in tv.keys():
+    for k in tv:
         assert torch.equal(t32[k], tv[k])
         assert t16[k].dtype == torch.float32  # stored fp16, computed in fp32
         assert torch.equal(t16[k], tv[k].half().float())
@@ -104,7 +106,7 @@ def test_missing_key_is_named(base64, finetuned64) -> None:
     with pytest.raises(KeyMismatchError, match="extra"):
         TaskVector.from_checkpoints(base64, ft2)
     # excluding the offending tensor is the way out
-    assert "extra" not in TaskVector.from_checkpoints(base64, ft2, exclude=["extra"]).keys()
+    assert "extra" not in TaskVector.from_checkpoints(base64, ft2, exclude=["extra"])
 
 
 def test_shape_mismatch_names_tensor_and_both_shapes(files, base64, finetuned64) -> None:
@@ -112,7 +114,7 @@ def test_shape_mismatch_names_tensor_and_both_shapes(files, base64, finetuned64)
     with pytest.raises(ShapeMismatchError, match=r"'layers.0.attn.weight': shape \[8, 8\] in .* but \[8, 9\]"):
         TaskVector.from_checkpoints(base64, ft)
     t0 = TaskVector.from_checkpoints(files["base"], files["ft0"])
-    t1 = TaskVector.from_tensors({k: torch.zeros(2) for k in t0.keys()})
+    t1 = TaskVector.from_tensors({k: torch.zeros(2) for k in t0})
     with pytest.raises(ShapeMismatchError, match="embed.weight"):
         t0 + t1
 

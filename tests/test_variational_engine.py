@@ -15,16 +15,19 @@ T = 3
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
 def _taus(model: nn.Module, seed: int, scale: float = 0.1, offset: float = 0.1) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     sd = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
     # relative perturbations keep composed BatchNorm variances positive
-    return [{k: scale * torch.randn(v.shape, generator=g, dtype=v.dtype) * (v.abs() + offset) for k, v in sd.items()}
-            for _ in range(T)]
+    return [
+        {k: scale * torch.randn(v.shape, generator=g, dtype=v.dtype) * (v.abs() + offset) for k, v in sd.items()}
+        for _ in range(T)
+    ]
 
 
-def _check(model: nn.Module, inputs, n: int, strategy: str = "auto", blocks="tensor", seed: int = 0, atol: float = 1e-11):
+def _check(
+    model: nn.Module, inputs, n: int, strategy: str = "auto", blocks="tensor", seed: int = 0, atol: float = 1e-11
+):
     model = model.double().eval()
     cm = ComposedModel(model, _taus(model, seed), strategy=strategy, blocks=blocks)
     g = torch.Generator().manual_seed(seed + 1)
@@ -139,8 +142,15 @@ def test_small_cnn(strategy: str) -> None:
 
 def _tiny_bert():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=24, max_position_embeddings=16, pad_token_id=0)
+    cfg = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=16,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     return transformers.BertModel(cfg)
 

@@ -29,7 +29,6 @@ D64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
 def _params(n: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     mu = torch.randn(n, generator=g, dtype=D64)
@@ -105,7 +104,9 @@ def test_gate_rule() -> None:
 
 def _posterior(**kw: object) -> VariationalCoefficients:
     torch.manual_seed(0)
-    return VariationalCoefficients(6, 3, 4, PosteriorConfig(hidden=8), PriorConfig(), GateConfig(**kw), init_coef=0.3).double()
+    return VariationalCoefficients(
+        6, 3, 4, PosteriorConfig(hidden=8), PriorConfig(), GateConfig(**kw), init_coef=0.3
+    ).double()
 
 
 def test_initial_coefficients_are_task_arithmetic() -> None:

@@ -29,21 +29,23 @@ from taskvec.variational.toy import toy_problem
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
 @pytest.fixture(scope="module")
 def toy(one_thread):
     return toy_problem(n=256)
 
 
 def _train(toy, name: str, epochs: int = 8, **train: object):
-    cfg = ComposeTrainConfig(composer=preset(name),
-                             train=TrainConfig(epochs=epochs, batch_size=32, lr=1e-2, progress=False, dtype="float64", **train))
+    cfg = ComposeTrainConfig(
+        composer=preset(name),
+        train=TrainConfig(epochs=epochs, batch_size=32, lr=1e-2, progress=False, dtype="float64", **train),
+    )
     return train_composer(copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, toy.train, cfg)
 
 
 def test_variational_training_improves_on_task_arithmetic(toy) -> None:
-    untrained = build_composer(copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, toy.train.features.shape[1],
-                               preset("variational"))
+    untrained = build_composer(
+        copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, toy.train.features.shape[1], preset("variational")
+    )
     before = evaluate_composer(untrained, toy.test).mean_accuracy
     c = _train(toy, "variational")
     after = evaluate_composer(c, toy.test)
@@ -56,8 +58,9 @@ def test_variational_training_improves_on_task_arithmetic(toy) -> None:
     assert mc.mean_accuracy > before - 0.02
 
 
-@pytest.mark.parametrize("name", ["variational_no_gate", "variational_gate_uncertainty", "sample_specific",
-                                  "variational_no_prior"])
+@pytest.mark.parametrize(
+    "name", ["variational_no_gate", "variational_gate_uncertainty", "sample_specific", "variational_no_prior"]
+)
 def test_ablations_train(toy, name: str) -> None:
     c = _train(toy, name, epochs=3)
     assert evaluate_composer(c, toy.test).mean_accuracy > 0.6
@@ -65,10 +68,12 @@ def test_ablations_train(toy, name: str) -> None:
 
 def _one_step(toy, name: str, **train: object):
     """Composer before and after exactly one optimizer step on the toy data."""
-    cfg = ComposeTrainConfig(composer=preset(name),
-                             train=TrainConfig(epochs=1, batch_size=32, progress=False, dtype="float64", **train))
-    before = build_composer(copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, toy.train.features.shape[1],
-                            cfg.composer)
+    cfg = ComposeTrainConfig(
+        composer=preset(name), train=TrainConfig(epochs=1, batch_size=32, progress=False, dtype="float64", **train)
+    )
+    before = build_composer(
+        copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, toy.train.features.shape[1], cfg.composer
+    )
     torch.manual_seed(cfg.train.seed)  # the same seed before each build: the same initial network
     after = train_composer(copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, toy.train, cfg, max_steps=1)
     return before.coef, after.coef
@@ -102,12 +107,19 @@ def test_weight_decay_only_on_weight_matrices(toy) -> None:
 
 def test_dropout_trains_and_evaluates_deterministically(toy) -> None:
     cfg = preset("variational", posterior={"dropout": 0.5})
-    c = build_composer(copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, toy.train.features.shape[1],
-                       preset("variational"))
+    c = build_composer(
+        copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, toy.train.features.shape[1], preset("variational")
+    )
     assert c.coef.net.drop.p == 0.0  # off by default
-    cd = train_composer(copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, toy.train,
-                        ComposeTrainConfig(composer=cfg, train=TrainConfig(epochs=4, batch_size=32, lr=1e-2,
-                                                                           progress=False, dtype="float64")))
+    cd = train_composer(
+        copy.deepcopy(toy.backbone),
+        toy.task_vectors,
+        toy.heads,
+        toy.train,
+        ComposeTrainConfig(
+            composer=cfg, train=TrainConfig(epochs=4, batch_size=32, lr=1e-2, progress=False, dtype="float64")
+        ),
+    )
     assert cd.coef.net.drop.p == 0.5
     a, b = evaluate_composer(cd, toy.test), evaluate_composer(cd, toy.test)
     assert torch.equal(a.predictions, b.predictions) and a.mean_accuracy > 0.6
@@ -137,8 +149,10 @@ def test_save_reload_same_predictions(toy, tmp_path: Path) -> None:
 
 def test_yaml_config(tmp_path: Path) -> None:
     p = tmp_path / "c.yaml"
-    p.write_text("composer:\n  method: variational\n  gate: {kind: importance, min_rho: 0.6}\n"
-                 "  blocks: ['*.weight', '*']\ntrain: {epochs: 3, lr: 0.01}\n")
+    p.write_text(
+        "composer:\n  method: variational\n  gate: {kind: importance, min_rho: 0.6}\n"
+        "  blocks: ['*.weight', '*']\ntrain: {epochs: 3, lr: 0.01}\n"
+    )
     cfg = load_yaml_config(p, ComposeTrainConfig)
     assert cfg.composer.gate.min_rho == 0.6 and cfg.train.epochs == 3 and cfg.composer.blocks == ["*.weight", "*"]
     p.write_text("composer:\n  gate: {kind: importance, min_rhoo: 0.6}\n")
@@ -163,8 +177,15 @@ def test_text_backbone_end_to_end() -> None:
     """A tiny BertModel with dict inputs, mean-pooled features and padding trimmed per batch."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=16, max_position_embeddings=12, pad_token_id=0)
+    cfg = transformers.BertConfig(
+        vocab_size=30,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=12,
+        pad_token_id=0,
+    )
     bert = transformers.BertModel(cfg).double().eval()
     sd = {k: v for k, v in bert.state_dict().items() if v.is_floating_point()}
     tvs = [{k: 0.05 * torch.randn_like(v) for k, v in sd.items()} for _ in range(2)]
@@ -175,8 +196,10 @@ def test_text_backbone_end_to_end() -> None:
     tasks = torch.arange(16) % 2
     labels = torch.where(tasks == 0, torch.arange(16) % 3, torch.arange(16) % 2)
     data = ComposeData(inputs, torch.randn(16, 5, dtype=torch.float64), tasks, labels)
-    conf = ComposeTrainConfig(composer=preset("variational", blocks="module"),
-                              train=TrainConfig(epochs=1, batch_size=8, progress=False, dtype="float64"))
+    conf = ComposeTrainConfig(
+        composer=preset("variational", blocks="module"),
+        train=TrainConfig(epochs=1, batch_size=8, progress=False, dtype="float64"),
+    )
     c = train_composer(bert, tvs, heads, data, conf)
     r = evaluate_composer(c, data, batch_size=5)
     assert set(r.accuracy) == {0, 1} and r.predictions.shape == (16,)
@@ -225,15 +248,20 @@ def test_evaluate_given_coefficients(toy) -> None:
     c = _train(toy, "variational", epochs=2)
     n, t, b = len(toy.test), c.model.num_tasks, c.model.num_blocks
     own = c.coefficients(toy.test.features)
-    assert torch.equal(evaluate_composer(c, toy.test, coefficients=own).predictions,
-                       evaluate_composer(c, toy.test).predictions)
+    assert torch.equal(
+        evaluate_composer(c, toy.test, coefficients=own).predictions, evaluate_composer(c, toy.test).predictions
+    )
     with torch.no_grad():
         f = toy.backbone(toy.test.inputs)
         base = torch.stack([toy.heads[k](f[i]).argmax() for i, k in enumerate(toy.test.tasks.tolist())])
         theta0 = toy.backbone.state_dict()
         finetuned = [{key: w + tv[key] for key, w in theta0.items()} for tv in toy.task_vectors]
-        tuned = torch.stack([toy.heads[k](torch.func.functional_call(toy.backbone, finetuned[k], (toy.test.inputs[i],)))
-                             .argmax() for i, k in enumerate(toy.test.tasks.tolist())])
+        tuned = torch.stack(
+            [
+                toy.heads[k](torch.func.functional_call(toy.backbone, finetuned[k], (toy.test.inputs[i],))).argmax()
+                for i, k in enumerate(toy.test.tasks.tolist())
+            ]
+        )
     assert torch.equal(evaluate_composer(c, toy.test, coefficients=torch.zeros(t, b)).predictions, base)
     onehot = torch.nn.functional.one_hot(toy.test.tasks, t).double()[:, :, None].expand(n, t, b)
     assert torch.equal(evaluate_composer(c, toy.test, coefficients=onehot).predictions, tuned)

@@ -34,7 +34,12 @@ def merge_checkpoints(
     for m in cfg.models:
         if m.finetuned is not None:
             tv = TaskVector.from_checkpoints(
-                base, m.finetuned, include=cfg.include, exclude=cfg.exclude, name=m.name, allow_nonfinite=allow_nonfinite
+                base,
+                m.finetuned,
+                include=cfg.include,
+                exclude=cfg.exclude,
+                name=m.name,
+                allow_nonfinite=allow_nonfinite,
             )
         elif m.lora is not None:
             tv = TaskVector.from_lora(m.lora, base, name=m.name, allow_nonfinite=allow_nonfinite).filter(
@@ -42,14 +47,22 @@ def merge_checkpoints(
             )
         else:
             assert m.task_vector is not None
-            tv = TaskVector.load(m.task_vector, allow_nonfinite=allow_nonfinite).filter(cfg.include, cfg.exclude or None)
+            tv = TaskVector.load(m.task_vector, allow_nonfinite=allow_nonfinite).filter(
+                cfg.include, cfg.exclude or None
+            )
         tvs.append(tv)
     merged = compose(tvs, cfg.method, [m.weight for m in cfg.models], device=device, **cfg.params)
     dtype = DTYPES[cfg.dtype] if cfg.dtype else None
     metadata = {"taskvec_method": cfg.method, "taskvec_models": str(len(tvs))}
     return apply_streaming(
-        base, merged, cfg.scale, out,
-        dtype=dtype, shard_size=parse_size(cfg.shard_size),
-        overwrite=overwrite, progress=progress, metadata=metadata,
+        base,
+        merged,
+        cfg.scale,
+        out,
+        dtype=dtype,
+        shard_size=parse_size(cfg.shard_size),
+        overwrite=overwrite,
+        progress=progress,
+        metadata=metadata,
         extra_files=hf_output_files(cfg.base, out, dtype),
     )

@@ -16,7 +16,9 @@ def _atomic_savefig(fig, path: Path) -> None:  # type: ignore[no-untyped-def]
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
 
 
-def heatmap(values: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str | os.PathLike[str], title: str = "") -> Path:
+def heatmap(
+    values: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str | os.PathLike[str], title: str = ""
+) -> Path:
     """A labelled heatmap with the value printed in each cell."""
     from taskvec._optional import require
 
@@ -30,7 +32,15 @@ def heatmap(values: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: 
     ax.set_yticks(range(len(rows)), rows)
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
-            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", color="w" if values[i, j] < values.mean() else "k", fontsize=8)
+            ax.text(
+                j,
+                i,
+                f"{values[i, j]:.2f}",
+                ha="center",
+                va="center",
+                color="w" if values[i, j] < values.mean() else "k",
+                fontsize=8,
+            )
     fig.colorbar(im, ax=ax)
     ax.set_title(title)
     _atomic_savefig(fig, path)

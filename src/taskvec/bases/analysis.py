@@ -15,6 +15,8 @@ from taskvec.errors import ConfigError
 
 AFFINITIES = ("clip", "shift")
 auto_chunk = gram_chunk  # slice length of the streamed passes over many task vectors
+
+
 def gram(tvs: Sequence[TaskVector], *, chunk_elems: int | None = None, progress: bool = False) -> torch.Tensor:
     """G[i, j] = <tau_i, tau_j> in float64, streamed (see `core.similarity.gram_matrix`)."""
     if not tvs:

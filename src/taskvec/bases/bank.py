@@ -108,7 +108,7 @@ class Manifest(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
         t, m = len(self.names), len(self.bases)
-        if (self.T, self.M) != (t, m):
+        if (t, m) != (self.T, self.M):
             raise ValueError(f"T={self.T}, M={self.M} but the manifest lists {t} names and {m} bases")
 
         def shape(field: str, rows: int, cols: int) -> None:
@@ -183,8 +183,10 @@ def _check_inside(bank: Path, entry: BasisEntry, mpath: Path) -> Path:
     for p in [f, *(f.rglob("*") if f.is_dir() and not f.is_symlink() else [])]:
         r = p.resolve()
         if p.is_symlink() or (r != root and root not in r.parents):
-            raise CheckpointError(f"{mpath}: corrupt manifest: basis file {entry.file!r} leads outside the bank "
-                                  f"({p} -> {r}); the bank is refused")
+            raise CheckpointError(
+                f"{mpath}: corrupt manifest: basis file {entry.file!r} leads outside the bank "
+                f"({p} -> {r}); the bank is refused"
+            )
     return f
 
 
@@ -199,7 +201,7 @@ def storage_dtype(tv: TaskVector, key: str) -> torch.dtype:
 
 def task_bytes(tv: TaskVector) -> int:
     """Bytes of the full task vector's tensor data at its storage dtype."""
-    return sum(tv.spec(k).numel * dtype_size(storage_dtype(tv, k)) for k in tv.keys())
+    return sum(tv.spec(k).numel * dtype_size(storage_dtype(tv, k)) for k in tv)
 
 
 def source_path(tv: TaskVector) -> str | None:
@@ -277,9 +279,11 @@ class Bank:
             if not f.exists():
                 raise CheckpointError(f"{mpath}: basis {k} file {entry.file!r} is missing from the bank")
             if entry.sha256 is None and not unverified:
-                raise IntegrityError(f"{mpath}: basis {k} ({entry.file}) has no recorded sha256 (a bank written by an "
-                                     f"older taskvec); if you trust its files, record them with "
-                                     f"`taskvec bases verify --rehash {path}`")
+                raise IntegrityError(
+                    f"{mpath}: basis {k} ({entry.file}) has no recorded sha256 (a bank written by an "
+                    f"older taskvec); if you trust its files, record them with "
+                    f"`taskvec bases verify --rehash {path}`"
+                )
             size = disk_bytes(f)
             if size != entry.bytes:
                 raise IntegrityError(
@@ -287,14 +291,18 @@ class Bank:
                 )
             tv = bank.basis(k, verify=False)
             src = tv.source
-            numel = sum(src.spec(key).numel for key in src.keys())
+            numel = sum(src.spec(key).numel for key in src)
             if numel != manifest.numel or len(src.keys()) != manifest.n_tensors:
-                raise CheckpointError(f"{f}: holds {len(src.keys())} tensors of {numel:,} parameters, the manifest says "
-                                      f"{manifest.n_tensors} of {manifest.numel:,}")
-            dtypes = {DTYPE_NAMES.get(storage_dtype(tv, key), str(storage_dtype(tv, key))) for key in src.keys()}
+                raise CheckpointError(
+                    f"{f}: holds {len(src.keys())} tensors of {numel:,} parameters, the manifest says "
+                    f"{manifest.n_tensors} of {manifest.numel:,}"
+                )
+            dtypes = {DTYPE_NAMES.get(storage_dtype(tv, key), str(storage_dtype(tv, key))) for key in src}
             if dtypes - {manifest.dtype}:
-                raise IntegrityError(f"{f}: holds {', '.join(sorted(dtypes))} tensors, the manifest says "
-                                     f"{manifest.dtype}; the bank is corrupt")
+                raise IntegrityError(
+                    f"{f}: holds {', '.join(sorted(dtypes))} tensors, the manifest says "
+                    f"{manifest.dtype}; the bank is corrupt"
+                )
         return bank
 
     def verify_basis(self, k: int, *, force: bool = False) -> None:
@@ -310,8 +318,10 @@ class Bank:
             )
         digest = file_digest(f)
         if digest != entry.sha256:
-            raise IntegrityError(f"{f}: sha256 {digest[:16]}... does not match the manifest's {entry.sha256[:16]}... "
-                                 f"(basis {k} was changed, replaced or swapped); the bank is corrupt")
+            raise IntegrityError(
+                f"{f}: sha256 {digest[:16]}... does not match the manifest's {entry.sha256[:16]}... "
+                f"(basis {k} was changed, replaced or swapped); the bank is corrupt"
+            )
         _VERIFIED.add(key)
 
     def verify(self) -> None:
@@ -361,7 +371,7 @@ class Bank:
     def relative_errors(self) -> dict[str, float]:
         """||tau_i - reconstruct(i)|| / ||tau_i|| of every task, exact from the stored statistics."""
         errs = relative_errors(self.gram.diagonal(), self.cross, self.basis_gram, self.decoder)
-        return dict(zip(self.names, errs.tolist()))
+        return dict(zip(self.names, errs.tolist(), strict=False))
 
     def memory(self) -> Memory:
         mf = self.manifest
@@ -443,8 +453,14 @@ class Bank:
             fresh = Bank.load(self.path)  # what another process committed before we took the lock
             self.__dict__.update(fresh.__dict__)
             self._remove_orphans()
-            return self._add(task_vector, name, members=members, new_basis_below=new_basis_below,
-                             chunk_elems=chunk_elems, progress=progress)
+            return self._add(
+                task_vector,
+                name,
+                members=members,
+                new_basis_below=new_basis_below,
+                chunk_elems=chunk_elems,
+                progress=progress,
+            )
 
     def _remove_orphans(self) -> None:
         """Remove basis files an interrupted `add` wrote but never committed to the manifest."""
@@ -494,14 +510,26 @@ class Bank:
             basis = merged_basis(cluster, mf.merge or "mean", mf.merge_params)
             f = self._new_file(k)
             chunk = chunk_elems or auto_chunk(len(cluster) + 1)
-            h, c, lg = cluster_pass(basis, cluster, self.dtype, chunk_elems=chunk, out=self.path / f,
-                                    shard_size=mf.shard_size, progress=progress, description=f"re-merging basis {k}")
+            h, c, lg = cluster_pass(
+                basis,
+                cluster,
+                self.dtype,
+                chunk_elems=chunk,
+                out=self.path / f,
+                shard_size=mf.shard_size,
+                progress=progress,
+                description=f"re-merging basis {k}",
+            )
             idx.append(t)
             assignments.append(k)
             gram_[t, idx[:-1]] = lg[-1, :-1]
             gram_[idx[:-1], t] = lg[-1, :-1]
             if k == m:
-                cross, hgram, decoder = _pad(cross, m + 1, t + 1), _pad(hgram, m + 1, m + 1), _pad(decoder, m + 1, t + 1, fill=0.0)
+                cross, hgram, decoder = (
+                    _pad(cross, m + 1, t + 1),
+                    _pad(hgram, m + 1, m + 1),
+                    _pad(decoder, m + 1, t + 1, fill=0.0),
+                )
                 bases.append(BasisEntry(file=f, bytes=0))
             else:
                 old_file = bases[k].file
@@ -512,19 +540,33 @@ class Bank:
             hgram[k, k] = h
             decoder[:, idx] = 0.0
             decoder[k, idx] = c / h
-            bases[k] = BasisEntry(file=f, bytes=disk_bytes(self.path / f),
-                                  members=[*(mf.names[i] for i in idx[:-1]), name], sha256=file_digest(self.path / f))
+            bases[k] = BasisEntry(
+                file=f,
+                bytes=disk_bytes(self.path / f),
+                members=[*(mf.names[i] for i in idx[:-1]), name],
+                sha256=file_digest(self.path / f),
+            )
         else:
             k = None
             decoder[:, t] = lsq(hgram, cnew[:, None])[:, 0]
         info = dict(mf.info)
         info["added"] = [*info.get("added", []), name]
-        new = mf.model_copy(update={
-            "T": t + 1, "M": len(bases), "names": [*mf.names, name], "sources": [*mf.sources, source_path(task_vector)],
-            "task_bytes": [*mf.task_bytes, task_bytes(task_vector)], "bases": bases, "gram": _mat(gram_),
-            "cross": _mat(cross), "basis_gram": _mat(hgram), "decoder": decoder.tolist(),
-            "assignments": assignments, "info": info,
-        })
+        new = mf.model_copy(
+            update={
+                "T": t + 1,
+                "M": len(bases),
+                "names": [*mf.names, name],
+                "sources": [*mf.sources, source_path(task_vector)],
+                "task_bytes": [*mf.task_bytes, task_bytes(task_vector)],
+                "bases": bases,
+                "gram": _mat(gram_),
+                "cross": _mat(cross),
+                "basis_gram": _mat(hgram),
+                "decoder": decoder.tolist(),
+                "assignments": assignments,
+                "info": info,
+            }
+        )
         Manifest(**new.model_dump())  # validate before committing
         write_text_atomic(self.path / MANIFEST, manifest_text(new.model_dump()))
         if old_file is not None:
@@ -539,11 +581,15 @@ class Bank:
             return members[name]
         src = self.manifest.sources[i]
         if src is None:
-            raise ConfigError(f"add: re-merging needs the task vector of member {name!r}, which has no recorded source "
-                              f"file; pass members={{{name!r}: task_vector}}")
+            raise ConfigError(
+                f"add: re-merging needs the task vector of member {name!r}, which has no recorded source "
+                f"file; pass members={{{name!r}: task_vector}}"
+            )
         if not Path(src).exists():
-            raise CheckpointError(f"add: the task vector of member {name!r} recorded at {src} is gone; "
-                                  f"pass members={{{name!r}: task_vector}}")
+            raise CheckpointError(
+                f"add: the task vector of member {name!r} recorded at {src} is gone; "
+                f"pass members={{{name!r}: task_vector}}"
+            )
         return TaskVector.load(src)
 
 
@@ -599,7 +645,9 @@ def build_bank(
     check_m(m, len(tvs))
     unknown = set(options) - FIT_OPTIONS
     if unknown:
-        raise ConfigError(f"build_bank: unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(FIT_OPTIONS))}")
+        raise ConfigError(
+            f"build_bank: unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(FIT_OPTIONS))}"
+        )
     if method == "cluster":
         check_merge(options.get("merge", "mean"), dict(options.get("merge_params") or {}))
     out = check_output(out, overwrite=overwrite, inputs=[source_path(tv) for tv in tvs])  # before the expensive work
@@ -616,7 +664,11 @@ def build_bank(
             dtype = torch.promote_types(dtype, d)
     if dtype not in DTYPE_NAMES:
         raise ConfigError(f"dtype: bases cannot be stored as {dtype}; choose one of {', '.join(DTYPES)}")
-    g = gram_matrix.to(torch.float64) if gram_matrix is not None else gram(tvs, chunk_elems=chunk_elems, progress=progress)
+    g = (
+        gram_matrix.to(torch.float64)
+        if gram_matrix is not None
+        else gram(tvs, chunk_elems=chunk_elems, progress=progress)
+    )
     if g.shape != (len(tvs), len(tvs)):
         raise ConfigError(f"gram_matrix: shape {list(g.shape)} does not match {len(tvs)} task vectors")
     fit = fit_structure(g, names_, method, m, **options)
@@ -627,39 +679,79 @@ def build_bank(
     with atomic_path(out, overwrite=overwrite, folder=True, marker=False, inputs=inputs) as tmp:
         _write_bases(fit, tvs, tmp, files, dtype, shard_size, chunk_elems, progress)
         manifest = Manifest(
-            format=BANK_FORMAT, version=1, method=method, dtype=DTYPE_NAMES[dtype], shard_size=shard_size,  # type: ignore[arg-type]
-            T=len(tvs), M=fit.m,
-            n_tensors=len(keys), numel=numel, names=names_, sources=[source_path(tv) for tv in tvs],
+            format=BANK_FORMAT,
+            version=1,
+            method=method,
+            dtype=DTYPE_NAMES[dtype],
+            shard_size=shard_size,  # type: ignore[arg-type]
+            T=len(tvs),
+            M=fit.m,
+            n_tensors=len(keys),
+            numel=numel,
+            names=names_,
+            sources=[source_path(tv) for tv in tvs],
             task_bytes=[task_bytes(tv) for tv in tvs],
-            bases=[BasisEntry(file=f, bytes=disk_bytes(tmp / f),
-                              members=[names_[i] for i in fit.members(k)] if fit.assignments else None,
-                              sha256=file_digest(tmp / f))
-                   for k, f in enumerate(files)],
-            gram=_mat(g), cross=_mat(fit.cross), basis_gram=_mat(fit.basis_gram), decoder=fit.decoder.tolist(),
-            mixing=fit.mixing.tolist() if fit.mixing is not None else None, assignments=fit.assignments,
-            merge=fit.merge, merge_params=fit.merge_params, info=fit.info,
+            bases=[
+                BasisEntry(
+                    file=f,
+                    bytes=disk_bytes(tmp / f),
+                    members=[names_[i] for i in fit.members(k)] if fit.assignments else None,
+                    sha256=file_digest(tmp / f),
+                )
+                for k, f in enumerate(files)
+            ],
+            gram=_mat(g),
+            cross=_mat(fit.cross),
+            basis_gram=_mat(fit.basis_gram),
+            decoder=fit.decoder.tolist(),
+            mixing=fit.mixing.tolist() if fit.mixing is not None else None,
+            assignments=fit.assignments,
+            merge=fit.merge,
+            merge_params=fit.merge_params,
+            info=fit.info,
         )
         (tmp / MANIFEST).write_text(manifest_text(manifest.model_dump()))
     return Bank.load(out)
 
 
-def _write_bases(fit: BasisFit, tvs: list[TaskVector], folder: Path, files: list[str], dtype: torch.dtype,
-                 shard_size: int, chunk_elems: int | None, progress: bool) -> None:
+def _write_bases(
+    fit: BasisFit,
+    tvs: list[TaskVector],
+    folder: Path,
+    files: list[str],
+    dtype: torch.dtype,
+    shard_size: int,
+    chunk_elems: int | None,
+    progress: bool,
+) -> None:
     """Compute, write and measure the bases; fills the fit's decoder and statistics."""
     if fit.mixing is None:  # cluster: one basis at a time; the clusters partition the tasks, so each is read once
         for k, f in enumerate(files):
             cluster = [tapped(tvs[i]) for i in fit.members(k)]
             basis = merged_basis(cluster, fit.merge or "mean", fit.merge_params)
-            h, c, _ = cluster_pass(basis, cluster, dtype, chunk_elems=chunk_elems or auto_chunk(len(cluster) + 1),
-                                   out=folder / f, shard_size=shard_size, progress=progress,
-                                   description=f"basis {k} ({len(cluster)} tasks)")
+            h, c, _ = cluster_pass(
+                basis,
+                cluster,
+                dtype,
+                chunk_elems=chunk_elems or auto_chunk(len(cluster) + 1),
+                out=folder / f,
+                shard_size=shard_size,
+                progress=progress,
+                description=f"basis {k} ({len(cluster)} tasks)",
+            )
             set_cluster_stats(fit, k, h, c)
     else:  # linear: every basis mixes all tasks, so all M are written together in one read of the T task vectors
-        cross, hgram = linear_pass(tvs, fit.mixing, dtype, chunk_elems=chunk_elems or auto_chunk(len(tvs) + fit.m),
-                                   outs=[folder / f for f in files], shard_size=shard_size, progress=progress)
+        cross, hgram = linear_pass(
+            tvs,
+            fit.mixing,
+            dtype,
+            chunk_elems=chunk_elems or auto_chunk(len(tvs) + fit.m),
+            outs=[folder / f for f in files],
+            shard_size=shard_size,
+            progress=progress,
+        )
         fit.cross, fit.basis_gram = cross, (hgram + hgram.T) / 2
         fit.decoder = lsq(fit.basis_gram, cross)
-
 
 
 def verify_bank(path: str | os.PathLike[str], *, rehash: bool = False) -> Bank:

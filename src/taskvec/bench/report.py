@@ -32,24 +32,42 @@ def accuracy_rows(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, list[fl
 
 def markdown(r: dict[str, Any]) -> str:
     tasks, rows = accuracy_rows(r)
-    lines = [f"### {r['suite']['name']}: test accuracy (%)", "",
-             "| method | " + " | ".join(tasks) + " | avg | avg normalized |",
-             "|---" * (len(tasks) + 3) + "|"]
+    lines = [
+        f"### {r['suite']['name']}: test accuracy (%)",
+        "",
+        "| method | " + " | ".join(tasks) + " | avg | avg normalized |",
+        "|---" * (len(tasks) + 3) + "|",
+    ]
     for label, vals, avg, norm in rows:
-        lines.append(f"| {label} | " + " | ".join(f"{100 * v:.1f}" for v in vals) + f" | {100 * avg:.1f} | {'' if norm is None else f'{100 * norm:.1f}'} |")
+        lines.append(
+            f"| {label} | "
+            + " | ".join(f"{100 * v:.1f}" for v in vals)
+            + f" | {100 * avg:.1f} | {'' if norm is None else f'{100 * norm:.1f}'} |"
+        )
     if "negation" in r:
-        lines += ["", "Task negation (θ0 − λ·τ_target; λ chosen on validation with every control task ≥ 95% of its pretrained accuracy):", "",
-                  "| target | λ | target acc pretrained → negated | control acc pretrained → negated (mean) | control kept |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Task negation (θ0 − λ·τ_target; λ chosen on validation with every control task ≥ 95% of its pretrained accuracy):",
+            "",
+            "| target | λ | target acc pretrained → negated | control acc pretrained → negated (mean) | control kept |",
+            "|---|---|---|---|---|",
+        ]
         for t, n in r["negation"].items():
             cs = n["controls"]
             pre_c = sum(r["pretrained"][c] for c in cs) / len(cs)
             neg_c = sum(cs.values()) / len(cs)
             kept = min(cs[c] / r["pretrained"][c] for c in cs)
-            lines.append(f"| {t} | {n['lambda']:g} | {100 * r['pretrained'][t]:.1f} → {100 * n['target']:.1f} | {100 * pre_c:.1f} → {100 * neg_c:.1f} | min {100 * kept:.1f}% |")
+            lines.append(
+                f"| {t} | {n['lambda']:g} | {100 * r['pretrained'][t]:.1f} → {100 * n['target']:.1f} | {100 * pre_c:.1f} → {100 * neg_c:.1f} | min {100 * kept:.1f}% |"
+            )
     secs = r.get("finetune_seconds") or {}
     if secs:
         lines += ["", "Fine-tuning time (s): " + ", ".join(f"{t} {s:.0f}" for t, s in secs.items())]
-    lines += ["", "Composition time (s): " + ", ".join(f"{m} {res['seconds']:.1f}" for m, res in r["methods"].items()), ""]
+    lines += [
+        "",
+        "Composition time (s): " + ", ".join(f"{m} {res['seconds']:.1f}" for m, res in r["methods"].items()),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -85,7 +103,9 @@ def print_table(r: dict[str, Any], console: Console) -> None:
     for name in [*tasks, "avg", "avg norm."]:
         t.add_column(name, justify="right")
     for label, vals, avg, norm in rows:
-        t.add_row(label, *(f"{100 * v:.1f}" for v in vals), f"{100 * avg:.1f}", "" if norm is None else f"{100 * norm:.1f}")
+        t.add_row(
+            label, *(f"{100 * v:.1f}" for v in vals), f"{100 * avg:.1f}", "" if norm is None else f"{100 * norm:.1f}"
+        )
     console.print(t)
 
 

@@ -26,7 +26,11 @@ from taskvec.errors import ConfigError
 from taskvec.methods import compose
 
 DEFAULT_METHODS = ("task_arithmetic", "ties", "dare", "magnitude")
-DEFAULT_PARAMS: dict[str, dict[str, object]] = {"ties": {"density": 0.2}, "dare": {"density": 0.5, "seed": 0}, "magnitude": {"density": 0.2}}
+DEFAULT_PARAMS: dict[str, dict[str, object]] = {
+    "ties": {"density": 0.2},
+    "dare": {"density": 0.5, "seed": 0},
+    "magnitude": {"density": 0.2},
+}
 LAMBDAS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5)
 NEG_LAMBDAS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 1.5, 2.0)
 CONTROL_KEEP = 0.95
@@ -50,7 +54,9 @@ class Prepared:
         """tau_task in float64, so theta0 + 1 * tau gives the fine-tuned float32 weights bit for bit."""
         return TaskVector.from_checkpoints(self.pretrained, self.finetuned[task], dtype=torch.float64, name=task)
 
-    def evaluate(self, state: dict[str, torch.Tensor], split: str = "test", tasks: Sequence[str] | None = None) -> dict[str, float]:
+    def evaluate(
+        self, state: dict[str, torch.Tensor], split: str = "test", tasks: Sequence[str] | None = None
+    ) -> dict[str, float]:
         """Accuracy of backbone weights `state` on each task's `split`, through its frozen head."""
         self.backbone.load_state_dict(state)
         return {t: accuracy(self.backbone, self.heads[t], getattr(self.tasks[t], split)) for t in (tasks or self.tasks)}
@@ -67,8 +73,10 @@ def _check_recipe(folder: Path, suite: SuiteSpec, task: TaskSpec) -> None:
     if stamp.exists():
         have = json.loads(stamp.read_text()).get("hash")
         if have != want:
-            raise ConfigError(f"{folder}: cached for a different recipe of task {task.name!r} ({have}, now {want}); "
-                              "remove the task's cache_key or that folder")
+            raise ConfigError(
+                f"{folder}: cached for a different recipe of task {task.name!r} ({have}, now {want}); "
+                "remove the task's cache_key or that folder"
+            )
         return
     folder.mkdir(parents=True, exist_ok=True)
     tmp = stamp.with_name(f".{stamp.name}.tmp")
@@ -76,8 +84,9 @@ def _check_recipe(folder: Path, suite: SuiteSpec, task: TaskSpec) -> None:
     tmp.replace(stamp)
 
 
-def prepare(suite: SuiteSpec | str | Path, cache: Path | None = None, *, progress: bool = True,
-            console: Console | None = None) -> Prepared:
+def prepare(
+    suite: SuiteSpec | str | Path, cache: Path | None = None, *, progress: bool = True, console: Console | None = None
+) -> Prepared:
     """Load the backbone and data, build each task's head, and fine-tune each task without a given
     checkpoint (cached under `cache`, default $TASKVEC_CACHE or ~/.cache/taskvec)."""
     suite = suite if isinstance(suite, SuiteSpec) else load_suite(suite)
@@ -105,8 +114,14 @@ def prepare(suite: SuiteSpec | str | Path, cache: Path | None = None, *, progres
             backbone.load_state_dict(pretrained)
             t0 = time.perf_counter()
             state = finetune(
-                backbone, heads[spec.name], data.train, suite.finetune, seed=suite.seed, state_path=folder / "state.pt",
-                description=f"fine-tuning {spec.name}", progress=progress,
+                backbone,
+                heads[spec.name],
+                data.train,
+                suite.finetune,
+                seed=suite.seed,
+                state_path=folder / "state.pt",
+                description=f"fine-tuning {spec.name}",
+                progress=progress,
             )
             seconds[spec.name] = time.perf_counter() - t0
             save_atomic(state, ft_path)
@@ -130,8 +145,9 @@ def choose_lambda(prep: Prepared, tv: TaskVector, lambdas: Sequence[float] = LAM
     return {"lambda": best, "val": {str(k): v for k, v in val.items()}, "test": test}
 
 
-def negate(prep: Prepared, target: str, tv: TaskVector, pre_val: dict[str, float],
-           lambdas: Sequence[float] = NEG_LAMBDAS) -> dict[str, object]:
+def negate(
+    prep: Prepared, target: str, tv: TaskVector, pre_val: dict[str, float], lambdas: Sequence[float] = NEG_LAMBDAS
+) -> dict[str, object]:
     """theta0 - lambda * tv (tv: the target's task vector or a stand-in for it), lambda chosen on
     validation as the largest drop of the target while every other (control) task keeps >= 95% of
     its pretrained accuracy; 0 if none does."""
@@ -143,19 +159,33 @@ def negate(prep: Prepared, target: str, tv: TaskVector, pre_val: dict[str, float
         if all(v[c] >= CONTROL_KEEP * pre_val[c] for c in controls) and v[target] < best_val[target]:
             best, best_val = lam, v
     test = prep.evaluate(delta.apply_to(prep.pretrained, -best), "test")
-    return {"lambda": best, "target": test[target], "controls": {c: test[c] for c in controls},
-            "val": {"target": best_val[target], "controls": {c: best_val[c] for c in controls}}}
+    return {
+        "lambda": best,
+        "target": test[target],
+        "controls": {c: test[c] for c in controls},
+        "val": {"target": best_val[target], "controls": {c: best_val[c] for c in controls}},
+    }
 
 
-def run_method(prep: Prepared, method: str, params: dict[str, object], lambdas: Sequence[float] = LAMBDAS) -> dict[str, object]:
+def run_method(
+    prep: Prepared, method: str, params: dict[str, object], lambdas: Sequence[float] = LAMBDAS
+) -> dict[str, object]:
     """Compose all task vectors once, pick lambda on validation (mean accuracy), report test."""
     t0 = time.perf_counter()
     merged = compose([prep.task_vector(t) for t in prep.tasks], method, **params)
     r = choose_lambda(prep, merged, lambdas)
-    return {"lambda": r["lambda"], "params": params, "val": r["val"], "test": r["test"], "seconds": time.perf_counter() - t0}
+    return {
+        "lambda": r["lambda"],
+        "params": params,
+        "val": r["val"],
+        "test": r["test"],
+        "seconds": time.perf_counter() - t0,
+    }
 
 
-def run_negation(prep: Prepared, pre_val: dict[str, float], lambdas: Sequence[float] = NEG_LAMBDAS) -> dict[str, dict[str, object]]:
+def run_negation(
+    prep: Prepared, pre_val: dict[str, float], lambdas: Sequence[float] = NEG_LAMBDAS
+) -> dict[str, dict[str, object]]:
     """Task negation of every task with its own task vector (see `negate`)."""
     return {t: negate(prep, t, prep.task_vector(t), pre_val, lambdas) for t in prep.tasks}
 
@@ -181,7 +211,12 @@ def run_suite(
     ft_test = prep.finetuned_accuracy()
     results: dict[str, object] = {
         "suite": suite.model_dump(mode="json"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(), "device": "cpu"},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "threads": torch.get_num_threads(),
+            "device": "cpu",
+        },
         "batchnorm": "frozen at pretrained statistics during fine-tuning (backbone in eval mode); no re-estimation after composing",
         "selection": "lambda chosen on validation splits (mean accuracy); test reported once",
         "pretrained": pre_test,

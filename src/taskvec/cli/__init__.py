@@ -7,7 +7,9 @@ import typer
 from taskvec.cli import bases, bench, compose, lowrank, main
 from taskvec.cli.common import guard_app
 
-app = typer.Typer(help="Task vector composition: extract, merge, inspect and compare task vectors.", no_args_is_help=True)
+app = typer.Typer(
+    help="Task vector composition: extract, merge, inspect and compare task vectors.", no_args_is_help=True
+)
 app.registered_commands += main.app.registered_commands
 app.registered_commands += lowrank.app.registered_commands  # taskvec compress
 # command groups: `app.add_typer(<module>.app, name="<group>")`, one line per file in this folder

@@ -14,7 +14,9 @@ from taskvec.errors import ConfigError, TaskVecError, format_validation_error
 if TYPE_CHECKING:
     from taskvec.bases.bank import Bank
 
-app = typer.Typer(help="Task vector bases: keep M << T bases of many task vectors and compose from them.", no_args_is_help=True)
+app = typer.Typer(
+    help="Task vector bases: keep M << T bases of many task vectors and compose from them.", no_args_is_help=True
+)
 
 
 def _split(text: str | None) -> list[str]:
@@ -50,7 +52,10 @@ def print_bank(bank: Bank, top: int = 20) -> None:
     t.add_row("tensors / parameters per basis", f"{mf.n_tensors:,} / {mf.numel:,}")
     ev = mf.info.get("laplacian_eigenvalues")
     if ev:
-        t.add_row("Laplacian eigenvalues", ", ".join(f"{x:.3f}" for x in ev[: min(len(ev), bank.m + 3)]) + (" ..." if len(ev) > bank.m + 3 else ""))
+        t.add_row(
+            "Laplacian eigenvalues",
+            ", ".join(f"{x:.3f}" for x in ev[: min(len(ev), bank.m + 3)]) + (" ..." if len(ev) > bank.m + 3 else ""),
+        )
     console.print(t)
     tb = Table(title="bases")
     for c in ("basis", "file", "bytes", "tasks"):
@@ -93,17 +98,28 @@ def build(
     method: Annotated[str | None, typer.Option(help="cluster | learned | pca  [default: cluster]")] = None,
     m: Annotated[int | None, typer.Option("--m", "-m", help="number of bases M [default: from the eigengap]")] = None,
     names: Annotated[str | None, typer.Option(help="comma-separated task names [default: file names]")] = None,
-    merge: Annotated[str | None, typer.Option(help="cluster: merge of each cluster: mean, task_arithmetic, ties, ... [default: mean]")] = None,
-    merge_param: Annotated[list[str] | None, typer.Option(help="cluster: merge parameter KEY=VALUE, e.g. density=0.2 (repeatable)")] = None,
-    affinity: Annotated[str | None, typer.Option(help="clip (max(cos, 0)) | shift ((cos + 1) / 2)  [default: clip]")] = None,
+    merge: Annotated[
+        str | None,
+        typer.Option(help="cluster: merge of each cluster: mean, task_arithmetic, ties, ... [default: mean]"),
+    ] = None,
+    merge_param: Annotated[
+        list[str] | None, typer.Option(help="cluster: merge parameter KEY=VALUE, e.g. density=0.2 (repeatable)")
+    ] = None,
+    affinity: Annotated[
+        str | None, typer.Option(help="clip (max(cos, 0)) | shift ((cos + 1) / 2)  [default: clip]")
+    ] = None,
     max_m: Annotated[int | None, typer.Option(help="largest M the eigengap may choose")] = None,
     temperature: Annotated[float | None, typer.Option(help="learned: softmax temperature [default: 1]")] = None,
     steps: Annotated[int | None, typer.Option(help="learned: Adam steps [default: 1000]")] = None,
     lr: Annotated[float | None, typer.Option(help="learned: Adam learning rate [default: 0.05]")] = None,
-    normalize: Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="learned: fit unit-norm task vectors")] = None,
+    normalize: Annotated[
+        bool | None, typer.Option("--normalize/--no-normalize", help="learned: fit unit-norm task vectors")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="random seed [default: 0]")] = None,
     dtype: Annotated[str | None, typer.Option(help="storage dtype of the bases [default: the task vectors']")] = None,
-    shard_size: Annotated[str | None, typer.Option(help="a basis larger than this becomes a shard folder [default: 2GB]")] = None,
+    shard_size: Annotated[
+        str | None, typer.Option(help="a basis larger than this becomes a shard folder [default: 2GB]")
+    ] = None,
     force: Force = False,
 ) -> None:
     """Fit M bases to many task vectors and write them as a bank (one safetensors file per basis + manifest.json)."""
@@ -113,9 +129,21 @@ def build(
     from taskvec.io import parse_size
     from taskvec.io.atomic import check_output
 
-    given = {"method": method, "m": m, "merge": merge, "merge_params": _params(merge_param) or None, "affinity": affinity,
-             "max_m": max_m, "temperature": temperature, "steps": steps, "lr": lr, "normalize": normalize, "seed": seed,
-             "dtype": dtype, "shard_size": shard_size}
+    given = {
+        "method": method,
+        "m": m,
+        "merge": merge,
+        "merge_params": _params(merge_param) or None,
+        "affinity": affinity,
+        "max_m": max_m,
+        "temperature": temperature,
+        "steps": steps,
+        "lr": lr,
+        "normalize": normalize,
+        "seed": seed,
+        "dtype": dtype,
+        "shard_size": shard_size,
+    }
     given = {k: v for k, v in given.items() if v is not None}
     try:
         if len(inputs) == 1 and Path(inputs[0]).suffix in (".yaml", ".yml"):
@@ -138,11 +166,21 @@ def build(
                 if isinstance(e, ValidationError):
                     raise ConfigError(format_validation_error(e, option=True)) from None
                 raise
-        check_output(out, overwrite=force, inputs=[*inputs, cfg.base, *(t.task_vector or t.finetuned for t in cfg.tasks)])
+        check_output(
+            out, overwrite=force, inputs=[*inputs, cfg.base, *(t.task_vector or t.finetuned for t in cfg.tasks)]
+        )
         tvs, labels = task_vectors_of(cfg)
         bank = build_bank(
-            tvs, labels, cfg.method, cfg.m, out=out, dtype=DTYPES[cfg.dtype] if cfg.dtype else None,
-            shard_size=parse_size(cfg.shard_size), overwrite=force, progress=True, **cfg.options(),
+            tvs,
+            labels,
+            cfg.method,
+            cfg.m,
+            out=out,
+            dtype=DTYPES[cfg.dtype] if cfg.dtype else None,
+            shard_size=parse_size(cfg.shard_size),
+            overwrite=force,
+            progress=True,
+            **cfg.options(),
         )
     except TaskVecError as e:
         _fail(e)
@@ -170,7 +208,9 @@ def add(
     bank_path: Annotated[Path, typer.Argument(metavar="BANK", help="a bank folder")],
     task_vector: Annotated[str, typer.Argument(help="saved task vector to add")],
     name: Annotated[str | None, typer.Option(help="task name [default: the file name]")] = None,
-    new_basis_below: Annotated[float | None, typer.Option(help="cluster: open a new basis if the best cosine is below this")] = None,
+    new_basis_below: Annotated[
+        float | None, typer.Option(help="cluster: open a new basis if the best cosine is below this")
+    ] = None,
 ) -> None:
     """Continual mode: add a task vector (cluster: joins and re-merges its most similar basis)."""
     from taskvec.bases.bank import Bank
@@ -192,7 +232,9 @@ def compose(
     out: Annotated[Path, typer.Option("-o", "--out", help="output model (with --base) or task vector")],
     add: Annotated[str | None, typer.Option(help="comma-separated tasks to add")] = None,
     negate: Annotated[str | None, typer.Option(help="comma-separated tasks to negate (forget)")] = None,
-    base: Annotated[str | None, typer.Option(help="base checkpoint to apply to; without it OUT is the composed task vector")] = None,
+    base: Annotated[
+        str | None, typer.Option(help="base checkpoint to apply to; without it OUT is the composed task vector")
+    ] = None,
     coef: Annotated[float, typer.Option(help="scaling coefficient lambda", callback=finite)] = 1.0,
     dtype: Annotated[str | None, typer.Option(help="output dtype [default: the base's, or the bank's]")] = None,
     force: Force = False,
@@ -221,8 +263,14 @@ def compose(
 @app.command()
 def verify(
     bank_path: Annotated[Path, typer.Argument(metavar="BANK", help="a bank folder")],
-    rehash: Annotated[bool, typer.Option("--rehash", help="record the sha256 of the basis files as they are now "
-                                         "(banks written without checksums; only for a bank you trust)")] = False,
+    rehash: Annotated[
+        bool,
+        typer.Option(
+            "--rehash",
+            help="record the sha256 of the basis files as they are now "
+            "(banks written without checksums; only for a bank you trust)",
+        ),
+    ] = False,
 ) -> None:
     """Check every basis file of a bank against the sha256, size and dtype in its manifest."""
     from taskvec.bases.bank import verify_bank

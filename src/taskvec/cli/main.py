@@ -16,7 +16,6 @@ from taskvec.cli.common import AllowNonfinite, Force, console, finite
 from taskvec.errors import ConfigError
 from taskvec.io.atomic import check_output
 
-
 app = typer.Typer()
 
 
@@ -48,7 +47,9 @@ def extract(
 
     dt, size = _dtype(dtype), positive_size(shard_size, "--shard-size")
     check_output(out, overwrite=force, inputs=[pretrained, finetuned])
-    tv = TaskVector.from_checkpoints(pretrained, finetuned, include=include, exclude=exclude, allow_nonfinite=allow_nonfinite)
+    tv = TaskVector.from_checkpoints(
+        pretrained, finetuned, include=include, exclude=exclude, allow_nonfinite=allow_nonfinite
+    )
     path = tv.save(out, dtype=dt, shard_size=size, overwrite=force, progress=True)
     console.print(f"wrote task vector of {len(tv)} tensors, {tv.numel():,} parameters to [bold]{path}[/]")
 
@@ -60,8 +61,12 @@ def merge(
     allow_nonfinite: AllowNonfinite = False,
     force: Force = False,
     device: Annotated[str, typer.Option(help="where the per-slice arithmetic runs: cpu or cuda")] = "cpu",
-    tune_on: Annotated[str | None, typer.Option(help="choose the scale (and density) on this suite's validation data: "
-                                                "a suite YAML file or a built-in name")] = None,
+    tune_on: Annotated[
+        str | None,
+        typer.Option(
+            help="choose the scale (and density) on this suite's validation data: a suite YAML file or a built-in name"
+        ),
+    ] = None,
     cache: Annotated[Path | None, typer.Option(help="--tune-on: cache of the suite's heads and checkpoints")] = None,
 ) -> None:
     """Merge task vectors into the base model as CONFIG says, streamed and atomic."""
@@ -69,7 +74,9 @@ def merge(
     from taskvec.merge import merge_checkpoints
 
     cfg = load_merge_config(config)
-    check_output(out, overwrite=force, inputs=[config, cfg.base, *(m.finetuned or m.task_vector or m.lora for m in cfg.models)])
+    check_output(
+        out, overwrite=force, inputs=[config, cfg.base, *(m.finetuned or m.task_vector or m.lora for m in cfg.models)]
+    )
     if tune_on is not None:
         from taskvec.bench.suite import suite_path
         from taskvec.tune import tune_merge, tuned_config
@@ -95,7 +102,9 @@ def _show_grid(result) -> None:  # type: ignore[no-untyped-def]
         t.add_row(f"{s:g}", *(f"{100 * val[(d, s)]:.2f}" if (d, s) in val else "" for d in dens))
     console.print(t)
     chosen = ", ".join(f"{k}={v}" for k, v in result.params.items())
-    console.print(f"chosen: scale {result.scale:g}{', ' + chosen if chosen else ''} (validation {100 * result.val:.2f} %)")
+    console.print(
+        f"chosen: scale {result.scale:g}{', ' + chosen if chosen else ''} (validation {100 * result.val:.2f} %)"
+    )
 
 
 @app.command()
@@ -142,7 +151,13 @@ def info(
     for c in ("tensor", "shape", "dtype", "norm", "sparsity"):
         tt.add_column(c, justify="left" if c == "tensor" else "right")
     for r in sorted(s.tensors, key=lambda r: -r.norm)[:top]:
-        tt.add_row(r.key, str(list(r.shape)), str(r.dtype).replace("torch.", ""), f"{r.norm:.4g}", f"{r.zeros / max(r.numel, 1):.2%}")
+        tt.add_row(
+            r.key,
+            str(list(r.shape)),
+            str(r.dtype).replace("torch.", ""),
+            f"{r.norm:.4g}",
+            f"{r.zeros / max(r.numel, 1):.2%}",
+        )
     console.print(tt)
 
 
@@ -177,8 +192,10 @@ def similarity(
     console.print(t)
     zero = [n for i, n in enumerate(names) if bool(cos[i, i].isnan())]
     if zero:
-        console.print(f"nan: {', '.join(zero)} {'is a zero task vector' if len(zero) == 1 else 'are zero task vectors'}; "
-                      "the cosine with a zero vector is undefined")
+        console.print(
+            f"nan: {', '.join(zero)} {'is a zero task vector' if len(zero) == 1 else 'are zero task vectors'}; "
+            "the cosine with a zero vector is undefined"
+        )
     if png is not None:
         heatmap(cos.numpy(), names, names, png, title="cosine similarity of task vectors")
         console.print(f"heatmap written to [bold]{png}[/]")

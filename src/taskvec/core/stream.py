@@ -83,7 +83,13 @@ def byte_progress(total: int, description: str, enabled: bool) -> Iterator[Calla
     if not enabled:
         yield lambda n: None
         return
-    columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
@@ -166,9 +172,12 @@ def write_checkpoint(
     """
     out = Path(out)
     total = sum(s.nbytes for s in specs.values())
-    with keep_freed_memory(), CheckpointWriter(
-        out, specs, max_shard_bytes=max_shard_bytes, metadata=metadata, overwrite=overwrite, extra_files=extra_files
-    ) as w:
+    with (
+        keep_freed_memory(),
+        CheckpointWriter(
+            out, specs, max_shard_bytes=max_shard_bytes, metadata=metadata, overwrite=overwrite, extra_files=extra_files
+        ) as w,
+    ):
         jobs = [(key, s, e) for key in w.order for s, e in chunks(specs[key].numel, chunk_elems)]
 
         def start(i: int) -> None:  # job i is about to be computed: start reading a later one

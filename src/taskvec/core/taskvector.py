@@ -102,9 +102,11 @@ class DiffSource:
         self.allow_nonfinite = allow_nonfinite
         self.name = f"{finetuned.name} - {pretrained.name}"
         pk = set(pretrained.keys())
-        check_patterns([*pretrained.keys(), *(k for k in finetuned.keys() if k not in pk)], include, exclude, pretrained.name)
-        wanted = [k for k in pretrained.keys() if matches(k, include, exclude)]
-        wanted += [k for k in finetuned.keys() if k not in pk and matches(k, include, exclude)]
+        check_patterns(
+            [*pretrained.keys(), *(k for k in finetuned if k not in pk)], include, exclude, pretrained.name
+        )
+        wanted = [k for k in pretrained if matches(k, include, exclude)]
+        wanted += [k for k in finetuned if k not in pk and matches(k, include, exclude)]
         check_same_tensors(pretrained, finetuned, wanted)
         self._keys: list[str] = []
         self._dtype: dict[str, torch.dtype] = {}
@@ -155,7 +157,9 @@ class FloatSource:
         self._keys = keys if keys is not None else source.keys()
         for k in self._keys:
             if not source.spec(k).dtype.is_floating_point:
-                raise DtypeError(f"{source.name}: tensor {k!r} has dtype {source.spec(k).dtype}; task vectors are floating")
+                raise DtypeError(
+                    f"{source.name}: tensor {k!r} has dtype {source.spec(k).dtype}; task vectors are floating"
+                )
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -239,7 +243,9 @@ class TaskVector:
         return cls(DiffSource(pre, ft, include, exclude, dtype, allow_nonfinite), name=name)
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], name: str = "<task vector>", *, allow_nonfinite: bool = False) -> TaskVector:
+    def from_tensors(
+        cls, tensors: Mapping[str, torch.Tensor], name: str = "<task vector>", *, allow_nonfinite: bool = False
+    ) -> TaskVector:
         return cls(FloatSource(DictSource(tensors, name=name), allow_nonfinite=allow_nonfinite), name=name)
 
     @classmethod
@@ -252,7 +258,11 @@ class TaskVector:
 
     @classmethod
     def from_lora(
-        cls, adapter: str | os.PathLike[str], base: CheckpointLike | None = None, *, name: str | None = None,
+        cls,
+        adapter: str | os.PathLike[str],
+        base: CheckpointLike | None = None,
+        *,
+        name: str | None = None,
         allow_nonfinite: bool = False,
     ) -> TaskVector:
         """A PEFT LoRA adapter folder as a task vector (scale * B @ A per adapted weight), lazy.
@@ -332,7 +342,7 @@ class TaskVector:
         weights = list(weights) if weights is not None else [1.0] * len(task_vectors)
         if len(weights) != len(task_vectors):
             raise ValueError(f"{len(task_vectors)} task vectors but {len(weights)} weights")
-        terms = [t for tv, w in zip(task_vectors, weights) for t in tv._terms(w)]
+        terms = [t for tv, w in zip(task_vectors, weights, strict=False) for t in tv._terms(w)]
         return TaskVector(LinearSource(terms), name=f"sum of {len(task_vectors)}")
 
     def filter(self, include: list[str] | None = None, exclude: list[str] | None = None) -> TaskVector:
@@ -392,7 +402,14 @@ class TaskVector:
             raise ValueError("apply_to a checkpoint on disk needs `out`, the path to write to")
         src = open_checkpoint(base)
         return apply_streaming(
-            src, self, coef, out, dtype=dtype, shard_size=shard_size, overwrite=overwrite, progress=progress,
+            src,
+            self,
+            coef,
+            out,
+            dtype=dtype,
+            shard_size=shard_size,
+            overwrite=overwrite,
+            progress=progress,
             extra_files=hf_output_files(base, out, dtype),
         )
 
@@ -481,7 +498,7 @@ def apply_streaming(
     check_same_tensors(base, tv.source, sorted(delta_keys))
     check_coef_map(coef, tv.keys(), "coefficient (scale) map")
     specs: dict[str, TensorSpec] = {}
-    for k in base.keys():
+    for k in base:
         s = base.spec(k)
         specs[k] = TensorSpec(s.shape, dtype if (dtype is not None and s.dtype.is_floating_point) else s.dtype)
 
@@ -498,7 +515,15 @@ def apply_streaming(
             prefetch(tv.source, k, s, e)
 
     return write_checkpoint(
-        out, specs, slice_fn, max_shard_bytes=shard_size, overwrite=overwrite, progress=progress,
-        chunk_elems=chunk_elems, metadata=metadata, description="writing model", extra_files=extra_files,
+        out,
+        specs,
+        slice_fn,
+        max_shard_bytes=shard_size,
+        overwrite=overwrite,
+        progress=progress,
+        chunk_elems=chunk_elems,
+        metadata=metadata,
+        description="writing model",
+        extra_files=extra_files,
         prefetch_fn=prefetch_fn,
     )

@@ -82,7 +82,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     if st.exists():
         f = SafetensorsFile(st)
         try:
-            return {k: f.read(k) for k in f.keys()}
+            return {k: f.read(k) for k in f}
         finally:
             f.close()
     binp = folder / WEIGHTS_NAMES[1]

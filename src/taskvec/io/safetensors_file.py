@@ -8,6 +8,7 @@ Files are still written and checked by the `safetensors` library's format (see t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -124,13 +125,17 @@ def validate_header(header: object, data_size: int) -> tuple[dict[str, dict], di
             raise _Corrupt(f"tensor {key!r}: data_offsets {[s, end]} end before they start")
         if s != pos:
             how = "overlap the previous tensor's bytes" if s < pos else "leave a gap after the previous tensor"
-            raise _Corrupt(f"tensor {key!r}: data_offsets {[s, end]} {how} (tensors must lie back to back; the previous ends at byte {pos})")
+            raise _Corrupt(
+                f"tensor {key!r}: data_offsets {[s, end]} {how} (tensors must lie back to back; the previous ends at byte {pos})"
+            )
         n = 1
         for d in e["shape"]:
             n *= d
         want = n * dtype_size(ST_DTYPES[e["dtype"]])
         if end - s != want:
-            raise _Corrupt(f"tensor {key!r}: data_offsets span {end - s} bytes, shape {e['shape']} of {e['dtype']} needs {want}")
+            raise _Corrupt(
+                f"tensor {key!r}: data_offsets span {end - s} bytes, shape {e['shape']} of {e['dtype']} needs {want}"
+            )
         pos = end
     if pos > data_size:
         raise _Truncated(f"truncated safetensors file: tensors need {pos} bytes of data, the file holds {data_size}")
@@ -150,7 +155,9 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
                 raise CheckpointError(f"{path}: truncated safetensors file (no header length)")
             (n,) = struct.unpack("<Q", raw)
             if n > MAX_HEADER or 8 + n > size:
-                raise CheckpointError(f"{path}: truncated or corrupt safetensors header ({n} bytes announced, file is {size})")
+                raise CheckpointError(
+                    f"{path}: truncated or corrupt safetensors header ({n} bytes announced, file is {size})"
+                )
             text = f.read(n).decode("utf-8")
         header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
         entries, meta = validate_header(header, size - 8 - n)
@@ -231,10 +238,8 @@ class SafetensorsFile:
             self._fd = None
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
 
 def encode_header(specs: dict[str, TensorSpec], metadata: dict[str, str] | None = None) -> bytes:
@@ -246,7 +251,11 @@ def encode_header(specs: dict[str, TensorSpec], metadata: dict[str, str] | None 
     for key, spec in specs.items():
         if spec.dtype not in TORCH_TO_ST:
             raise DtypeError(f"tensor {key!r}: dtype {spec.dtype} cannot be stored in safetensors")
-        header[key] = {"dtype": TORCH_TO_ST[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        header[key] = {
+            "dtype": TORCH_TO_ST[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
         offset += spec.nbytes
     body = json.dumps(header, separators=(",", ":")).encode()
     body += b" " * (-len(body) % 8)

@@ -82,7 +82,9 @@ def _weight_map(index: Path) -> dict[str, str]:
         raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index}: not a valid safetensors index (no 'weight_map' object of tensor -> shard file)")
+        raise CheckpointError(
+            f"{index}: not a valid safetensors index (no 'weight_map' object of tensor -> shard file)"
+        )
     for key, fname in weight_map.items():
         if not isinstance(fname, str) or not fname or Path(fname).name != fname or fname in (".", ".."):
             raise CheckpointError(f"{index}: tensor {key!r} names shard {fname!r}, not a file name in the folder")
@@ -107,11 +109,11 @@ class ShardedSource:
                     if not path.is_file():
                         raise CheckpointError(f"{index}: shard {fname} listed for tensor {key!r} is missing")
                     files[fname] = SafetensorsFile(path)
-                if key not in files[fname].keys():
+                if key not in files[fname]:
                     raise CheckpointError(f"{self.folder / fname}: index says it holds {key!r}, but it does not")
                 self._where[key] = files[fname]
             for fname, f in files.items():
-                unlisted = [k for k in f.keys() if weight_map.get(k) != fname]
+                unlisted = [k for k in f if weight_map.get(k) != fname]
                 if unlisted:
                     raise CheckpointError(
                         f"{index}: shard {fname} holds {len(unlisted)} tensor(s) the index does not list for it, "
@@ -123,7 +125,7 @@ class ShardedSource:
                 raise CheckpointError(f"{self.folder}: no *.safetensors files and no index")
             for path in shards:
                 f = SafetensorsFile(path)
-                for key in f.keys():
+                for key in f:
                     if key in self._where:
                         raise CheckpointError(f"{self.folder}: tensor {key!r} is in two shards")
                     self._where[key] = f
@@ -187,13 +189,19 @@ def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", mmap=not legacy, weights_only=True)
     except pickle.UnpicklingError as e:
-        what = str(e).split("Unsupported global: ")[-1].split("\n")[0].strip() if "Unsupported global" in str(e) else "objects"
+        what = (
+            str(e).split("Unsupported global: ")[-1].split("\n")[0].strip()
+            if "Unsupported global" in str(e)
+            else "objects"
+        )
         raise CheckpointError(
             f"{path}: refused: its pickle holds {what} beyond tensors and plain containers, and loading it "
             "could run code (only weights are unpickled)"
         ) from None
     except Exception as e:  # torch raises many types for a bad file
-        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {' '.join(str(e).split())})") from None
+        raise CheckpointError(
+            f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {' '.join(str(e).split())})"
+        ) from None
     if legacy and path.resolve() not in _WARNED:
         _WARNED.add(path.resolve())
         warnings.warn(f"{path}: legacy (non-zip) torch checkpoint, loaded whole into memory", stacklevel=3)

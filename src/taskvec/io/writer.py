@@ -89,9 +89,13 @@ class CheckpointWriter:
         check_output(self.out, overwrite=overwrite, inputs=self.inputs)
         self.shards = [list(self.specs)] if self.single_file else plan_shards(self.specs, max_shard_bytes)
         n = len(self.shards)
-        self.names = [self.out.name] if self.single_file else [
-            f"{prefix}.safetensors" if n == 1 else f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
-        ]
+        self.names = (
+            [self.out.name]
+            if self.single_file
+            else [
+                f"{prefix}.safetensors" if n == 1 else f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
+            ]
+        )
         self.index_name = index_name
         self._atomic: AbstractContextManager[Path] | None = None
         self.extra_files = extra_files
@@ -109,8 +113,9 @@ class CheckpointWriter:
         return list(self._order)
 
     def __enter__(self) -> CheckpointWriter:
-        self._atomic = atomic_path(self.out, overwrite=self.overwrite, folder=not self.single_file, marker=False,
-                                   inputs=self.inputs)  # the index marks the folder and lists its files
+        self._atomic = atomic_path(
+            self.out, overwrite=self.overwrite, folder=not self.single_file, marker=False, inputs=self.inputs
+        )  # the index marks the folder and lists its files
         self.tmp = self._atomic.__enter__()
         self._fh = None
         return self
@@ -164,14 +169,17 @@ class CheckpointWriter:
             files = sorted({*files, self.index_name})
             index = {
                 "metadata": {
-                    "total_size": sum(s.nbytes for s in self.specs.values()), **self.metadata,
+                    "total_size": sum(s.nbytes for s in self.specs.values()),
+                    **self.metadata,
                     "taskvec_files": json.dumps(files),
                 },
                 "weight_map": {k: self.names[self._shard_of[k]] for k in self._order},
             }
             (self.tmp / self.index_name).write_text(json.dumps(index, indent=2))
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> bool | None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
         """Finish and rename into place (through `atomic_path`), or remove the temporary on error."""
         assert self._atomic is not None
         atomic, self._atomic = self._atomic, None

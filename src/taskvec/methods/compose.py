@@ -9,11 +9,20 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from taskvec.core.coef import Coef, check_coef_map, resolve
-from taskvec.core.taskvector import TaskVector, _compute_dtype, check_same_tensors
 from taskvec.core.stream import chunks, prefetch
+from taskvec.core.taskvector import TaskVector, _compute_dtype, check_same_tensors
 from taskvec.errors import ConfigError
 from taskvec.io import Source, TensorSpec
-from taskvec.methods.registry import MergeMethod, MethodParams, SliceContext, BLOCK, get_method, magnitude_threshold, parse_params, select_threshold
+from taskvec.methods.registry import (
+    BLOCK,
+    MergeMethod,
+    MethodParams,
+    SliceContext,
+    get_method,
+    magnitude_threshold,
+    parse_params,
+    select_threshold,
+)
 
 
 def _nan_as_zero(x: torch.Tensor) -> torch.Tensor:
@@ -26,7 +35,11 @@ class ComposedSource:
     """The merged delta, computed slice by slice from the task vectors' slices."""
 
     def __init__(
-        self, tvs: Sequence[TaskVector], method: MergeMethod, params: MethodParams, weights: Sequence[Coef],
+        self,
+        tvs: Sequence[TaskVector],
+        method: MergeMethod,
+        params: MethodParams,
+        weights: Sequence[Coef],
         device: torch.device | None = None,
     ):
         if not tvs:
@@ -37,7 +50,9 @@ class ComposedSource:
         for w, tv in zip(self.weights, self.tvs, strict=True):
             check_coef_map(w, tvs[0].keys(), f"weight map of {tv.name}")
         self.device = device or torch.device("cpu")  # where the per-slice arithmetic runs
-        self.name = f"{method.name}({', '.join(tv.name for tv in tvs)})" if len(tvs) < 4 else f"{method.name} of {len(tvs)}"
+        self.name = (
+            f"{method.name}({', '.join(tv.name for tv in tvs)})" if len(tvs) < 4 else f"{method.name} of {len(tvs)}"
+        )
         self._thresholds: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
 
@@ -104,7 +119,9 @@ def _scratch(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     return buf[:n].view(shape)
 
 
-def tensor_threshold(source: Source, key: str, density: float, device: torch.device | None = None) -> tuple[float, float]:
+def tensor_threshold(
+    source: Source, key: str, density: float, device: torch.device | None = None
+) -> tuple[float, float]:
     """`magnitude_threshold` of tensor `key` of `source`, read slice by slice: into one buffer of
     the whole tensor (on `device`) when it is small enough, else re-read on each pass."""
     spec = source.spec(key)

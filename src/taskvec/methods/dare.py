@@ -79,4 +79,6 @@ def merge_ties(deltas: torch.Tensor, weights: torch.Tensor, params: MethodParams
 
 
 METHOD = register(MergeMethod("dare", "drop and rescale, then sum", DareParams, merge))
-METHOD_TIES = register(MergeMethod("dare_ties", "drop and rescale, then TIES sign election", DareTiesParams, merge_ties))
+METHOD_TIES = register(
+    MergeMethod("dare_ties", "drop and rescale, then TIES sign election", DareTiesParams, merge_ties)
+)

@@ -19,7 +19,10 @@ def merge(deltas: torch.Tensor, weights: torch.Tensor, params: MethodParams, ctx
 
 METHOD = register(
     MergeMethod(
-        "magnitude", "keep the largest entries of each task vector, then sum", MagnitudeParams, merge,
+        "magnitude",
+        "keep the largest entries of each task vector, then sum",
+        MagnitudeParams,
+        merge,
         magnitude_density=lambda p: p.density,  # type: ignore[attr-defined]
     )
 )

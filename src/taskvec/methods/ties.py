@@ -38,7 +38,10 @@ def merge(deltas: torch.Tensor, weights: torch.Tensor, params: MethodParams, ctx
 
 METHOD = register(
     MergeMethod(
-        "ties", "trim, elect sign, disjoint mean", TiesParams, merge,
+        "ties",
+        "trim, elect sign, disjoint mean",
+        TiesParams,
+        merge,
         magnitude_density=lambda p: p.density,  # type: ignore[attr-defined]
     )
 )

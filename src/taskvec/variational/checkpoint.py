@@ -36,8 +36,9 @@ def _norms(composer: Composer) -> list[float]:
     return [math.sqrt(sum(float(m.tau(k)[i].double().square().sum()) for k in m.keys)) for i in range(m.num_tasks)]
 
 
-def save_composer(composer: Composer, path: str | os.PathLike[str], *, overwrite: bool = False,
-                  run: dict[str, object] | None = None) -> Path:
+def save_composer(
+    composer: Composer, path: str | os.PathLike[str], *, overwrite: bool = False, run: dict[str, object] | None = None
+) -> Path:
     """Write `path/` = config.json + coefficients.safetensors, atomically. `run` records where the
     composer comes from (e.g. its suite), so later commands can rebuild it without being told."""
     out = Path(path)
@@ -77,16 +78,26 @@ def load_composer(
     path = Path(path)
     meta = read_composer_info(path)
     config = ComposerConfig(**meta["composer"])
-    composer = build_composer(backbone, task_vectors, heads, meta["feature_dim"], config, forward_fn=forward_fn,
-                              task_names=meta["task_names"], blocks=BlockSpec.from_json(meta["blocks"]))
+    composer = build_composer(
+        backbone,
+        task_vectors,
+        heads,
+        meta["feature_dim"],
+        config,
+        forward_fn=forward_fn,
+        task_names=meta["task_names"],
+        blocks=BlockSpec.from_json(meta["blocks"]),
+    )
     m = composer.model
     base = m.named_base()
     saved = meta["tensors"]
     if set(saved) != set(m.keys) or any(list(base[k].shape) != saved[k] for k in m.keys):
-        raise KeyMismatchError(f"{path}: the backbone/task vectors do not hold the tensors this composer was trained on")
+        raise KeyMismatchError(
+            f"{path}: the backbone/task vectors do not hold the tensors this composer was trained on"
+        )
     if len(heads) != meta["num_heads"]:
         raise KeyMismatchError(f"{path}: trained with {meta['num_heads']} heads, got {len(heads)}")
-    for i, (a, b) in enumerate(zip(_norms(composer), meta["task_vector_norms"])):
+    for i, (a, b) in enumerate(zip(_norms(composer), meta["task_vector_norms"], strict=False)):
         if not math.isclose(a, b, rel_tol=rtol, abs_tol=1e-12):
             raise KeyMismatchError(f"{path}: task vector {i} has norm {a:.6g}, the composer was trained with {b:.6g}")
     try:
@@ -94,8 +105,10 @@ def load_composer(
     except (SafetensorError, OSError) as e:
         raise ConfigError(f"{path / 'coefficients.safetensors'}: unreadable ({e})") from None
     if set(state) != set(composer.coef.state_dict()):
-        raise KeyMismatchError(f"{path / 'coefficients.safetensors'}: holds {sorted(state)[:4]}, "
-                               f"the composer needs {sorted(composer.coef.state_dict())[:4]}")
+        raise KeyMismatchError(
+            f"{path / 'coefficients.safetensors'}: holds {sorted(state)[:4]}, "
+            f"the composer needs {sorted(composer.coef.state_dict())[:4]}"
+        )
     ref = next(iter(composer.coef.parameters()))
     composer.coef.load_state_dict({k: v.to(device=ref.device, dtype=ref.dtype) for k, v in state.items()})
     composer.history = list(meta.get("history", []))
@@ -116,8 +129,11 @@ def read_composer_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"{path / 'config.json'}: corrupt ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ConfigError(f"{path}: config.json is not a taskvec composer")
-    missing = [k for k in ("composer", "feature_dim", "task_names", "num_heads", "blocks", "tensors", "task_vector_norms")
-               if k not in meta]
+    missing = [
+        k
+        for k in ("composer", "feature_dim", "task_names", "num_heads", "blocks", "tensors", "task_vector_norms")
+        if k not in meta
+    ]
     if missing:
         raise ConfigError(f"{path / 'config.json'}: lacks {', '.join(missing)}")
     if not (path / "coefficients.safetensors").is_file():

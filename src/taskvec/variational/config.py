@@ -42,8 +42,13 @@ class PosteriorConfig(Strict):
     init_sigma: float = Field(0.05, gt=0.0)
     init_rho: float = Field(0.9, gt=0.0, lt=1.0)
     feature_norm: bool = True
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the hidden layer while training "
-                           "(regularizes the input dependence on small training sets)")
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="dropout on the hidden layer while training "
+        "(regularizes the input dependence on small training sets)",
+    )
 
 
 class ComposerConfig(Strict):
@@ -63,8 +68,11 @@ class ComposerConfig(Strict):
     posterior: PosteriorConfig = Field(default_factory=PosteriorConfig)
     concrete_temperature: float = Field(0.5, gt=0.0)
     hard_concrete: bool = False
-    kl_weight: float = Field(1e-4, ge=0.0, description="lambda_KL; the KL is summed over the T*B coefficients, "
-                             "so a larger value gates out more of them")
+    kl_weight: float = Field(
+        1e-4,
+        ge=0.0,
+        description="lambda_KL; the KL is summed over the T*B coefficients, so a larger value gates out more of them",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ComposerConfig:
@@ -76,7 +84,9 @@ class ComposerConfig(Strict):
         if self.method not in COMPOSERS:
             raise ValueError(f"method: unknown composer method {self.method!r}; known: {', '.join(COMPOSERS.names())}")
         if self.objective not in OBJECTIVES[self.method]:
-            raise ValueError(f"the {self.method} composer is trained with objective {' or '.join(map(repr, OBJECTIVES[self.method]))}")
+            raise ValueError(
+                f"the {self.method} composer is trained with objective {' or '.join(map(repr, OBJECTIVES[self.method]))}"
+            )
         return self
 
 
@@ -86,10 +96,18 @@ class TrainConfig(Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0.0)
-    bias_lr: float | None = Field(None, gt=0.0, description="learning rate of the amortized network's output "
-                                  "biases, the input-independent part of every coefficient (None: lr)")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decay of the coefficient network's weight "
-                                "matrices only (its input dependence), never of biases or shared coefficients")
+    bias_lr: float | None = Field(
+        None,
+        gt=0.0,
+        description="learning rate of the amortized network's output "
+        "biases, the input-independent part of every coefficient (None: lr)",
+    )
+    weight_decay: float = Field(
+        0.0,
+        ge=0.0,
+        description="AdamW decay of the coefficient network's weight "
+        "matrices only (its input dependence), never of biases or shared coefficients",
+    )
     grad_clip: float | None = Field(1.0, gt=0.0)
     seed: int = 0
     train_samples: int = Field(1, ge=1, description="Monte-Carlo samples of alpha per input in the ELBO")

@@ -36,7 +36,9 @@ class ComposeData:
     def __len__(self) -> int:
         return len(self.features)
 
-    def batch(self, index: torch.Tensor, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> ComposeData:
+    def batch(
+        self, index: torch.Tensor, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> ComposeData:
         """Rows `index`, moved to `device` (floating inputs and features cast to `dtype`), with
         all-padding columns of tokenized text dropped."""
         inputs = trim_padding(take(self.inputs, index))
@@ -92,8 +94,14 @@ def trim_padding(inputs: Any) -> Any:
 
 
 def sample_noise(
-    index: torch.Tensor, epoch: int, seed: int, samples: int, channels: int, shape: tuple[int, ...],
-    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    index: torch.Tensor,
+    epoch: int,
+    seed: int,
+    samples: int,
+    channels: int,
+    shape: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor | None:
     """(samples, channels, len(index), *shape) noise: channel 0 standard normal, channel 1 uniform.
 
@@ -112,7 +120,11 @@ def sample_noise(
 
 @torch.no_grad()
 def compute_features(
-    backbone: torch.nn.Module, inputs: Any, *, forward_fn: Any = None, batch_size: int = 256,
+    backbone: torch.nn.Module,
+    inputs: Any,
+    *,
+    forward_fn: Any = None,
+    batch_size: int = 256,
 ) -> torch.Tensor:
     """f0(x): the frozen pretrained backbone's output for every input, in batches (eval mode, no
     gradients, padding trimmed per batch), on the backbone's device; returned on CPU."""
@@ -127,4 +139,3 @@ def compute_features(
         outs.append(fn(backbone, to_device(trim_padding(take(inputs, index)), device)).cpu())
     backbone.train(was_training)
     return torch.cat(outs)
-

@@ -135,9 +135,11 @@ class ComposedModel(nn.Module):
         if set(self.blocks.index) != set(keys):
             raise KeyMismatchError("the block spec does not cover exactly the composed tensors")
         self.num_tasks = len(task_vectors)
-        self.task_names = list(task_names) if task_names is not None else [
-            getattr(tv, "name", f"task{i}") for i, tv in enumerate(task_vectors)
-        ]
+        self.task_names = (
+            list(task_names)
+            if task_names is not None
+            else [getattr(tv, "name", f"task{i}") for i, tv in enumerate(task_vectors)]
+        )
         self._slot: dict[str, int] = {}
         self._lowrank: set[str] = set()
         for i, k in enumerate(keys):
@@ -148,7 +150,9 @@ class ComposedModel(nn.Module):
             for tv in task_vectors:
                 t = _read(tv, k)
                 if tuple(t.shape) != tuple(ref.shape):
-                    raise ShapeMismatchError(f"tensor {k!r}: task vector shape {list(t.shape)}, backbone {list(ref.shape)}")
+                    raise ShapeMismatchError(
+                        f"tensor {k!r}: task vector shape {list(t.shape)}, backbone {list(ref.shape)}"
+                    )
                 taus.append(t.to(device=ref.device, dtype=ref.dtype))
             # stored as [theta0; tau_1..T] (T+1, *shape): the batched per-sample forward builds
             # W_n = [1, c_n] @ stack in one GEMM; tau(k) is a view of rows 1..T
@@ -188,8 +192,12 @@ class ComposedModel(nn.Module):
     def factors(self, key: str) -> ops.Factored:
         """(u, s, v, col) of a low-rank tensor: tau_k = u[:, col==k] diag(s[col==k]) v[:, col==k]^T."""
         i = self._slot[key]
-        return (getattr(self, f"lr_u_{i}"), getattr(self, f"lr_s_{i}"), getattr(self, f"lr_v_{i}"),
-                getattr(self, f"lr_col_{i}"))
+        return (
+            getattr(self, f"lr_u_{i}"),
+            getattr(self, f"lr_s_{i}"),
+            getattr(self, f"lr_v_{i}"),
+            getattr(self, f"lr_col_{i}"),
+        )
 
     def tau(self, key: str) -> torch.Tensor:
         """Stacked task vectors of tensor `key`: (T, *shape) (a low-rank tensor's formed from its factors, each call)."""
@@ -246,8 +254,12 @@ class ComposedModel(nn.Module):
         self._check(alpha, shared=True)
         c1 = torch.cat([alpha.new_ones(1, alpha.shape[1]), alpha]).T  # (B, T+1): [1, alpha_b]
         base = self.named_base() if self._lowrank else {}
-        return {k: ops.lowrank_merged(base[k], alpha[:, self.blocks.index[k]], self.factors(k)) if k in self._lowrank
-                else ops.build(c1[self.blocks.index[k]].unsqueeze(0), self.stack(k))[0] for k in self.keys}
+        return {
+            k: ops.lowrank_merged(base[k], alpha[:, self.blocks.index[k]], self.factors(k))
+            if k in self._lowrank
+            else ops.build(c1[self.blocks.index[k]].unsqueeze(0), self.stack(k))[0]
+            for k in self.keys
+        }
 
     def forward(self, inputs: Any, alpha: torch.Tensor) -> torch.Tensor:
         """Backbone output under coefficients alpha: (T, B) shared by all samples or (N, T, B) per sample."""
@@ -310,7 +322,8 @@ class _EvalBatchNorm(TorchFunctionMode):
             training = _get(args, kwargs, 5, "training", False)
             if not training and rm is not None and rv is not None and (rm.requires_grad or rv.requires_grad):
                 x, w, b = _get(args, kwargs, 0, "input"), _get(args, kwargs, 3, "weight"), _get(args, kwargs, 4, "bias")
-                f = lambda t: None if t is None else t.unsqueeze(0)
+                def f(t):
+                    return None if t is None else t.unsqueeze(0)
                 return ops.batch_norm_eval(x, f(rm), f(rv), f(w), f(b), _get(args, kwargs, 7, "eps", 1e-5), x.shape[0])
         return func(*args, **kwargs)
 
@@ -371,11 +384,16 @@ class _PerSampleMode(TorchFunctionMode):
                         )
         return out
 
-    def _stacked(self, key: str | None, w: torch.Tensor, tau: torch.Tensor | None) -> Callable[[str], torch.Tensor] | None:
+    def _stacked(
+        self, key: str | None, w: torch.Tensor, tau: torch.Tensor | None
+    ) -> Callable[[str], torch.Tensor] | None:
         if key is None or tau is None:
             return None
-        return lambda layout: self.model.stack(key) if layout == "stack" else \
-            self.model.cached(layout, key, lambda: ops.stack_weights(w, tau, layout))
+        return lambda layout: (
+            self.model.stack(key)
+            if layout == "stack"
+            else self.model.cached(layout, key, lambda: ops.stack_weights(w, tau, layout))
+        )
 
     # ----- handlers: return NotImplemented when no argument is composed
     def linear(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
@@ -399,12 +417,37 @@ class _PerSampleMode(TorchFunctionMode):
         dilation, groups = _get(args, kwargs, 5, "dilation", 1), _get(args, kwargs, 6, "groups", 1)
         if cw is not None and tw is None:
             if groups == 1:  # low-rank task vectors: never form the weights
-                return ops.lowrank_conv2d(x, w, b, cw, self.model.factors(kw), cb, tb, self.n,  # type: ignore[arg-type]
-                                          stride, padding, dilation)
+                return ops.lowrank_conv2d(
+                    x,
+                    w,
+                    b,
+                    cw,
+                    self.model.factors(kw),
+                    cb,
+                    tb,
+                    self.n,  # type: ignore[arg-type]
+                    stride,
+                    padding,
+                    dilation,
+                )
             tw = self.model.stack(kw)[1:]  # type: ignore[arg-type]
         stacked = self._stacked(kw, w, tw)
-        return ops.conv2d(x, w, b, cw, tw, cb, tb, self.n, stride, padding, dilation, groups,
-                          self.model.strategy_for(kw or ""), stacked)
+        return ops.conv2d(
+            x,
+            w,
+            b,
+            cw,
+            tw,
+            cb,
+            tb,
+            self.n,
+            stride,
+            padding,
+            dilation,
+            groups,
+            self.model.strategy_for(kw or ""),
+            stacked,
+        )
 
     def embedding(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         idx, w = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "weight")
@@ -412,7 +455,9 @@ class _PerSampleMode(TorchFunctionMode):
         if kw is None:
             return NotImplemented
         if _get(args, kwargs, 3, "max_norm") is not None:
-            raise TaskVecError(f"embedding {kw!r} uses max_norm (renormalises weights in place): not composable per sample")
+            raise TaskVecError(
+                f"embedding {kw!r} uses max_norm (renormalises weights in place): not composable per sample"
+            )
         if tw is None:  # low-rank task vectors: never form the weights
             pad = _get(args, kwargs, 2, "padding_idx")
             return ops.lowrank_embedding(idx, w, cw, self.model.factors(kw), self.n, pad)  # type: ignore[arg-type]
@@ -434,7 +479,11 @@ class _PerSampleMode(TorchFunctionMode):
         return ops.group_norm(x, g, self._full(w), self._full(b), eps, self.n)
 
     def batch_norm(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
-        x, rm, rv = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "running_mean"), _get(args, kwargs, 2, "running_var")
+        x, rm, rv = (
+            _get(args, kwargs, 0, "input"),
+            _get(args, kwargs, 1, "running_mean"),
+            _get(args, kwargs, 2, "running_var"),
+        )
         w, b = _get(args, kwargs, 3, "weight"), _get(args, kwargs, 4, "bias")
         training, eps = _get(args, kwargs, 5, "training", False), _get(args, kwargs, 7, "eps", 1e-5)
         if all(self._ct(t)[2] is None for t in (rm, rv, w, b)):

@@ -96,8 +96,9 @@ def release_workspace() -> None:
     _WORKSPACE.clear()
 
 
-def _chunked(apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, c1: torch.Tensor,
-             stack: torch.Tensor) -> torch.Tensor:
+def _chunked(
+    apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, c1: torch.Tensor, stack: torch.Tensor
+) -> torch.Tensor:
     """apply(x_chunk, W_chunk) over chunks of samples with W built per chunk, concatenated.
 
     Without gradients the weights go to a reused workspace; with gradients, batches whose
@@ -112,7 +113,8 @@ def _chunked(apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: tor
             outs.append(apply(x[s : s + size], build(c1[s : s + size], stack, buf)))
     else:
         ckpt = n * numel > CHECKPOINT_ELEMS
-        fn = lambda xs, cs, st: apply(xs, build(cs, st))
+        def fn(xs, cs, st):
+            return apply(xs, build(cs, st))
         for s in range(0, n, size):
             xs, cs = x[s : s + size], c1[s : s + size]
             outs.append(checkpoint(_plain, fn, xs, cs, stack, use_reentrant=False) if ckpt else fn(xs, cs, stack))
@@ -237,8 +239,13 @@ def _is_pointwise(w0: torch.Tensor, padding: object, dilation: object, groups: i
 
 
 def _conv_batched(
-    x: torch.Tensor, w: torch.Tensor, w0: torch.Tensor, stride: tuple[int, int],
-    padding: object, dilation: tuple[int, int], groups: int,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w0: torch.Tensor,
+    stride: tuple[int, int],
+    padding: object,
+    dilation: tuple[int, int],
+    groups: int,
 ) -> torch.Tensor:
     n = x.shape[0]  # w: (n, out, in/g, kh, kw)
     if _is_pointwise(w0, padding, dilation, groups):  # 1x1: a batched matmul per sample
@@ -247,7 +254,9 @@ def _conv_batched(
         h, wd = x.shape[-2:]
         y = torch.bmm(w.reshape(n, w0.shape[0], w0.shape[1]), x.reshape(n, x.shape[1], h * wd))
         return y.reshape(n, w0.shape[0], h, wd)
-    y = F.conv2d(x.reshape(1, -1, *x.shape[-2:]), w.reshape(-1, *w0.shape[1:]), None, stride, padding, dilation, groups * n)
+    y = F.conv2d(
+        x.reshape(1, -1, *x.shape[-2:]), w.reshape(-1, *w0.shape[1:]), None, stride, padding, dilation, groups * n
+    )
     return y.reshape(n, w0.shape[0], *y.shape[-2:])
 
 
@@ -358,10 +367,12 @@ def _no_pad_grad(mix: torch.Tensor, idx: torch.Tensor, padding_idx: int | None, 
 def _affine(y: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, channel_dims: int) -> torch.Tensor:
     """y * w + b with w, b of shape (N|1, *channel shape) placed right after the batch axis
     (channel_dims=1 for BatchNorm/GroupNorm) or at the end (channel_dims=0, LayerNorm)."""
+
     def shape(v: torch.Tensor) -> torch.Tensor:
         if channel_dims:
             return v.reshape(v.shape[0], -1, *([1] * (y.dim() - 2)))
         return v.reshape(v.shape[0], *([1] * (y.dim() - v.dim())), *v.shape[1:])
+
     if w is not None and b is not None:
         return torch.addcmul(shape(b), y, shape(w))  # one pass over y
     if w is not None:
@@ -427,8 +438,14 @@ v (in, R), col (R,) the task of each column; tau_k = u[:, col==k] diag(s[col==k]
 
 
 def lowrank_linear(
-    x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor | None, cw: torch.Tensor, fac: Factored,
-    cb: torch.Tensor | None, tb: torch.Tensor | None, n: int,
+    x: torch.Tensor,
+    w0: torch.Tensor,
+    b0: torch.Tensor | None,
+    cw: torch.Tensor,
+    fac: Factored,
+    cb: torch.Tensor | None,
+    tb: torch.Tensor | None,
+    n: int,
 ) -> torch.Tensor:
     """F.linear(x_n, W0 + sum_k c_nk U_k diag(s_k) V_k^T, b_n) without forming any weight:
     y = b_n + x W0^T + ((x V) * (c_n[col] s)) U^T, with the task factors concatenated along the
@@ -463,9 +480,17 @@ def lowrank_embedding(
 
 
 def lowrank_conv2d(
-    x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor | None, cw: torch.Tensor, fac: Factored,
-    cb: torch.Tensor | None, tb: torch.Tensor | None, n: int,
-    stride: object = 1, padding: object = 0, dilation: object = 1,
+    x: torch.Tensor,
+    w0: torch.Tensor,
+    b0: torch.Tensor | None,
+    cw: torch.Tensor,
+    fac: Factored,
+    cb: torch.Tensor | None,
+    tb: torch.Tensor | None,
+    n: int,
+    stride: object = 1,
+    padding: object = 0,
+    dilation: object = 1,
 ) -> torch.Tensor:
     """F.conv2d (groups = 1) with per-sample W0 + sum_k c_nk U_k diag(s_k) V_k^T, the factors of
     the (out, in*kh*kw) matrix: a conv with the R kernels V^T, a per-sample scale of its R

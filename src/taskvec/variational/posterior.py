@@ -66,7 +66,9 @@ def relaxed_bernoulli(logit: torch.Tensor, u: torch.Tensor, temperature: float, 
 # --------------------------------------------------------------------------- the gate
 
 
-def gate(mu: torch.Tensor, logvar: torch.Tensor, logit: torch.Tensor, cfg: GateConfig, spike: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def gate(
+    mu: torch.Tensor, logvar: torch.Tensor, logit: torch.Tensor, cfg: GateConfig, spike: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(hard gate in {0,1}, soft surrogate in (0,1)) per coefficient.
 
     importance:  rho >= min_rho  and  rho*|mu| >= min_importance   (rho = 1 without a spike)
@@ -124,8 +126,16 @@ class CoefficientNet(nn.Module):
     solution) and its weights the input dependence: training can give them different step sizes
     (TrainConfig.bias_lr) and decays only the weights."""
 
-    def __init__(self, feature_dim: int, num_tasks: int, num_blocks: int, hidden: int, init_bias: list[float],
-                 feature_norm: bool = True, dropout: float = 0.0):
+    def __init__(
+        self,
+        feature_dim: int,
+        num_tasks: int,
+        num_blocks: int,
+        hidden: int,
+        init_bias: list[float],
+        feature_norm: bool = True,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.shape = (num_tasks, num_blocks)
         k = len(init_bias)
@@ -153,17 +163,30 @@ class VariationalCoefficients(nn.Module):
 
     noise_channels = 2
 
-    def __init__(self, feature_dim: int, num_tasks: int, num_blocks: int, posterior: PosteriorConfig,
-                 prior: PriorConfig, gate_cfg: GateConfig, init_coef: float = 0.3, concrete_temperature: float = 0.5,
-                 hard_concrete: bool = False):
+    def __init__(
+        self,
+        feature_dim: int,
+        num_tasks: int,
+        num_blocks: int,
+        posterior: PosteriorConfig,
+        prior: PriorConfig,
+        gate_cfg: GateConfig,
+        init_coef: float = 0.3,
+        concrete_temperature: float = 0.5,
+        hard_concrete: bool = False,
+    ):
         super().__init__()
         self.prior, self.gate_cfg, self.posterior_cfg = prior, gate_cfg, posterior
         self.temperature, self.hard_concrete = concrete_temperature, hard_concrete
         rho = posterior.init_rho
         self.net = CoefficientNet(
-            feature_dim, num_tasks, num_blocks, posterior.hidden,
+            feature_dim,
+            num_tasks,
+            num_blocks,
+            posterior.hidden,
             [init_coef, 2 * math.log(posterior.init_sigma), math.log(rho / (1 - rho))],
-            posterior.feature_norm, posterior.dropout,
+            posterior.feature_norm,
+            posterior.dropout,
         )
 
     @property
@@ -211,10 +234,13 @@ class DeterministicCoefficients(nn.Module):
 
     noise_channels = 0
 
-    def __init__(self, feature_dim: int, num_tasks: int, num_blocks: int, posterior: PosteriorConfig, init_coef: float = 0.3):
+    def __init__(
+        self, feature_dim: int, num_tasks: int, num_blocks: int, posterior: PosteriorConfig, init_coef: float = 0.3
+    ):
         super().__init__()
-        self.net = CoefficientNet(feature_dim, num_tasks, num_blocks, posterior.hidden, [init_coef],
-                                  posterior.feature_norm, posterior.dropout)
+        self.net = CoefficientNet(
+            feature_dim, num_tasks, num_blocks, posterior.hidden, [init_coef], posterior.feature_norm, posterior.dropout
+        )
 
     def forward(self, f0: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         mu = self.net(f0)[0]
@@ -227,10 +253,14 @@ class DeterministicCoefficients(nn.Module):
 
 register_composer(
     "variational",
-    lambda cfg, d, t, b: VariationalCoefficients(d, t, b, cfg.posterior, cfg.prior, cfg.gate, cfg.init_coef,
-                                                 cfg.concrete_temperature, cfg.hard_concrete),
+    lambda cfg, d, t, b: VariationalCoefficients(
+        d, t, b, cfg.posterior, cfg.prior, cfg.gate, cfg.init_coef, cfg.concrete_temperature, cfg.hard_concrete
+    ),
     objectives=("supervised",),
     doc="sample-specific alpha(x) with a spike-and-slab prior and a gate",
 )
-register_composer("sample_specific", lambda cfg, d, t, b: DeterministicCoefficients(d, t, b, cfg.posterior, cfg.init_coef),
-                  doc="deterministic alpha(x) = mu(x): no prior, no gate")
+register_composer(
+    "sample_specific",
+    lambda cfg, d, t, b: DeterministicCoefficients(d, t, b, cfg.posterior, cfg.init_coef),
+    doc="deterministic alpha(x) = mu(x): no prior, no gate",
+)

@@ -31,11 +31,14 @@ def _task_data(task: int, n: int, dim: int, seed: int, dtype: torch.dtype) -> tu
     return x, (x @ w > 0).long()
 
 
-def toy_problem(tasks: int = 2, dim: int = 10, hidden: int = 16, n: int = 128, dtype: torch.dtype = torch.float64,
-                steps: int = 100) -> ToyProblem:
+def toy_problem(
+    tasks: int = 2, dim: int = 10, hidden: int = 16, n: int = 128, dtype: torch.dtype = torch.float64, steps: int = 100
+) -> ToyProblem:
     """`tasks` binary tasks, `n` train and `n` test samples per task; features f0 = pretrained output."""
     torch.manual_seed(0)
-    backbone = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.LayerNorm(hidden)).to(dtype)
+    backbone = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.LayerNorm(hidden)).to(
+        dtype
+    )
     base = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
     tvs, heads = [], []
     for t in range(tasks):

@@ -49,8 +49,14 @@ from taskvec.variational.posterior import CoefficientNet
 class Composer(nn.Module):
     """A composed backbone, frozen per-task heads and the learned coefficient model."""
 
-    def __init__(self, model: ComposedModel, heads: Sequence[nn.Module], coef: nn.Module, config: ComposerConfig,
-                 feature_dim: int):
+    def __init__(
+        self,
+        model: ComposedModel,
+        heads: Sequence[nn.Module],
+        coef: nn.Module,
+        config: ComposerConfig,
+        feature_dim: int,
+    ):
         super().__init__()
         self.model, self.heads, self.coef = model, nn.ModuleList(heads), coef
         self.config, self.feature_dim = config, feature_dim
@@ -62,7 +68,9 @@ class Composer(nn.Module):
         """Deterministic test-time coefficients: (N, T, B), or (T, B) for shared coefficients."""
         return self.coef.coefficients(features)
 
-    def logits(self, inputs: Any, alpha: torch.Tensor, tasks: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    def logits(
+        self, inputs: Any, alpha: torch.Tensor, tasks: torch.Tensor
+    ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """(task, sample positions, logits of that task's head) for each task present in the batch."""
         feats = self.model(inputs, alpha)
         return [(t, idx, self.heads[t](feats[idx])) for t, idx in _groups(tasks)]
@@ -86,8 +94,14 @@ def build_composer(
     """Untrained composer; the backbone is put in eval mode and frozen (it is not copied)."""
     backbone.eval()
     model = ComposedModel(
-        backbone, task_vectors, blocks=blocks if blocks is not None else config.blocks, include=config.include,
-        exclude=config.exclude or None, strategy=config.strategy, forward_fn=forward_fn, task_names=task_names,
+        backbone,
+        task_vectors,
+        blocks=blocks if blocks is not None else config.blocks,
+        include=config.include,
+        exclude=config.exclude or None,
+        strategy=config.strategy,
+        forward_fn=forward_fn,
+        task_names=task_names,
     )
     coef = build_coefficients(config, feature_dim, model.num_tasks, model.num_blocks)
     ref = next(iter(backbone.parameters()))
@@ -165,8 +179,14 @@ def train_step(
 
 def _progress(enabled: bool) -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
     )
 
 
@@ -188,8 +208,14 @@ def param_groups(coef: nn.Module, config: TrainConfig) -> list[dict[str, object]
     return [g for g in groups.values() if g["params"]]
 
 
-def fit(composer: Composer, data: ComposeData, config: TrainConfig, *, val_data: ComposeData | None = None,
-        max_steps: int | None = None) -> Composer:
+def fit(
+    composer: Composer,
+    data: ComposeData,
+    config: TrainConfig,
+    *,
+    val_data: ComposeData | None = None,
+    max_steps: int | None = None,
+) -> Composer:
     """Train composer.coef in place (AdamW, gradient clipping); history goes to composer.history."""
     rank, world, device = dist_setup(config.device)
     dtype = DTYPES[config.dtype]
@@ -200,8 +226,9 @@ def fit(composer: Composer, data: ComposeData, config: TrainConfig, *, val_data:
     params = [p for p in composer.coef.parameters() if p.requires_grad]
     coef: nn.Module = composer.coef
     if world > 1:
-        coef = DistributedDataParallel(composer.coef, device_ids=[device.index] if device.type == "cuda" else None,
-                                       broadcast_buffers=False)
+        coef = DistributedDataParallel(
+            composer.coef, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
     opt = torch.optim.AdamW(param_groups(composer.coef, config), lr=config.lr)
     channels = getattr(composer.coef, "noise_channels", 0)
     shape = (composer.model.num_tasks, composer.model.num_blocks)
@@ -230,13 +257,21 @@ def fit(composer: Composer, data: ComposeData, config: TrainConfig, *, val_data:
                 sums["data"] += stats.data
                 sums["kl"] += stats.kl
                 sums["n"] += stats.n
-                bar.update(job, advance=1, info=f"epoch {epoch + 1}/{config.epochs} "
-                           f"loss {stats.data / max(stats.n, 1):.4f} kl {stats.kl / max(stats.n, 1):.2f}")
+                bar.update(
+                    job,
+                    advance=1,
+                    info=f"epoch {epoch + 1}/{config.epochs} "
+                    f"loss {stats.data / max(stats.n, 1):.4f} kl {stats.kl / max(stats.n, 1):.2f}",
+                )
             record = _reduce(sums, device, world)
             if val_data is not None:
-                record["val_accuracy"] = evaluate_composer(composer, val_data, mode=config.eval_mode,
-                                                           samples=config.eval_samples,
-                                                           batch_size=config.eval_batch_size).mean_accuracy
+                record["val_accuracy"] = evaluate_composer(
+                    composer,
+                    val_data,
+                    mode=config.eval_mode,
+                    samples=config.eval_samples,
+                    batch_size=config.eval_batch_size,
+                ).mean_accuracy
             record["epoch"] = epoch + 1
             composer.history.append(record)
             if step >= total:
@@ -272,8 +307,15 @@ def train_composer(
     config = config or ComposeTrainConfig()
     dtype = DTYPES[config.train.dtype]
     backbone.to(dtype=dtype)
-    composer = build_composer(backbone, task_vectors, [h.to(dtype=dtype) for h in heads], data.features.shape[1],
-                              config.composer, forward_fn=forward_fn, task_names=task_names)
+    composer = build_composer(
+        backbone,
+        task_vectors,
+        [h.to(dtype=dtype) for h in heads],
+        data.features.shape[1],
+        config.composer,
+        forward_fn=forward_fn,
+        task_names=task_names,
+    )
     return fit(composer, data, config.train, val_data=val_data, max_steps=max_steps)
 
 
@@ -325,8 +367,10 @@ def evaluate_composer(
     count = torch.zeros(n_heads, dtype=torch.float64)
     channels = getattr(composer.coef, "noise_channels", 0)
     if coefficients is not None and tuple(coefficients.shape) not in ((t, b), (n, t, b)):
-        raise ConfigError(f"evaluate_composer: coefficients of shape {tuple(coefficients.shape)}; expected "
-                          f"({t}, {b}) shared or ({n}, {t}, {b}) per sample (tasks, blocks, samples of the data)")
+        raise ConfigError(
+            f"evaluate_composer: coefficients of shape {tuple(coefficients.shape)}; expected "
+            f"({t}, {b}) shared or ({n}, {t}, {b}) per sample (tasks, blocks, samples of the data)"
+        )
     for index in torch.arange(n).split(batch_size):
         batch = data.batch(index, device, dtype)
         if coefficients is None:
