@@ -223,7 +223,7 @@ MUTATIONS: list[Mutation] = [
 def _theirs(path: Path) -> dict[str, torch.Tensor] | Exception:
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f}
+            return {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # the library raises several types
         return e
 
@@ -232,7 +232,7 @@ def _ours(path: Path) -> dict[str, torch.Tensor] | Exception:
     try:
         f = SafetensorsFile(path)
         try:
-            return {k: f.read(k) for k in f}
+            return {k: f.read(k) for k in f.keys()}
         finally:
             f.close()
     except Exception as e:

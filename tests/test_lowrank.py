@@ -120,10 +120,10 @@ def test_methods_read_lowrank_transparently(tmp_path: Path) -> None:
         compress(TaskVector.from_tensors(_tensors(i)), tmp_path / f"{i}.safetensors", rank=3, dtype=torch.float64)
         lr = TaskVector.load(tmp_path / f"{i}.safetensors")
         lrs.append(lr)
-        dense.append(TaskVector.from_tensors({k: lr[k] for k in lr}))
+        dense.append(TaskVector.from_tensors({k: lr[k] for k in lr.keys()}))
     for method, kw in [("task_arithmetic", {}), ("ties", {"density": 0.3})]:
         a, b = compose(lrs, method, **kw), compose(dense, method, **kw)
-        for k in a:
+        for k in a.keys():
             assert torch.allclose(a[k], b[k], atol=1e-12), (method, k)
 
 
@@ -134,7 +134,7 @@ def test_gram_from_factors_matches_dense(tmp_path: Path) -> None:
         tvs.append(TaskVector.load(tmp_path / f"{i}.safetensors"))
     tvs.append(TaskVector.from_tensors(_tensors(9)))  # a dense one among them
     tvs.append(-0.5 * tvs[0])  # a scaled low-rank one
-    flat = torch.stack([torch.cat([tv[k].reshape(-1).to(torch.float64) for k in tvs[0]]) for tv in tvs])
+    flat = torch.stack([torch.cat([tv[k].reshape(-1).to(torch.float64) for k in tvs[0].keys()]) for tv in tvs])
     ref = flat @ flat.T
     for g in (factored_gram(tvs), gram_matrix(tvs), gram(tvs)):
         assert torch.allclose(g, ref, rtol=1e-12, atol=1e-10)
@@ -218,7 +218,7 @@ def test_lowrank_composed_forward_exact() -> None:
     lr = ComposedModel(model, tvs, blocks="tensor")
     assert {"conv1.weight", "pw.weight", "fc1.weight", "fc2.weight", "dw.weight"} <= set(lr.lowrank_keys)
     dense = ComposedModel(
-        model, [TaskVector.from_tensors({k: tv[k] for k in tv}) for tv in tvs], blocks="tensor"
+        model, [TaskVector.from_tensors({k: tv[k] for k in tv.keys()}) for tv in tvs], blocks="tensor"
     )
     assert dense.lowrank_keys == []
     x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
@@ -257,7 +257,7 @@ def test_lowrank_embedding_composed_exact() -> None:
     model = _EmbNet().double().eval()
     tvs = _lowrank_tvs(model, 4)
     lr = ComposedModel(model, tvs)
-    dense = ComposedModel(model, [TaskVector.from_tensors({k: tv[k] for k in tv}) for tv in tvs])
+    dense = ComposedModel(model, [TaskVector.from_tensors({k: tv[k] for k in tv.keys()}) for tv in tvs])
     assert "emb.weight" in lr.lowrank_keys
     idx = torch.randint(0, 30, (6, 7))
     idx[:, -1] = 0  # padding positions

@@ -139,7 +139,7 @@ def test_lora_matches_peft_merge(kind: str, tmp_path: Path) -> None:
     peft64 = (
         peft.PeftModel.from_pretrained(copy.deepcopy(base).double(), adapter).double().merge_and_unload().state_dict()
     )
-    for k in tv:
+    for k in tv.keys():
         ref = peft64[k] - base.state_dict()[k].double()
         assert torch.allclose(tv[k].double(), ref, rtol=1e-5, atol=1e-7), k
     model = tv.apply_to(base)
@@ -151,7 +151,7 @@ def test_lora_slices_and_load_without_base(tmp_path: Path) -> None:
     _, _, base_path, adapter, _ = _make("gpt2", tmp_path)
     tv = TaskVector.load(adapter)  # no whole tensors saved: the base is not needed
     ref = TaskVector.from_lora(adapter, base_path)
-    for k in ref:
+    for k in ref.keys():
         full = ref[k].reshape(-1)
         n = full.numel()
         for s, e in [(0, n), (3, n // 2 + 5), (n // 3, n - 1), (n - 2, n)]:

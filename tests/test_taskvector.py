@@ -79,13 +79,13 @@ def test_apply_to_module_dict_and_file_agree(tmp_path: Path, base64, finetuned64
 
 def test_save_load_roundtrip_and_storage_dtype(tmp_path: Path, files) -> None:
     tv = TaskVector.from_checkpoints(files["base"], files["ft0"], exclude=["head.*"])
-    assert "head.weight" not in tv
+    assert "head.weight" not in tv.keys()
     tv.save(tmp_path / "tv32.safetensors")
     tv.save(tmp_path / "tv16", dtype=torch.float16, shard_size=200)
     t32 = TaskVector.load(tmp_path / "tv32.safetensors")
     t16 = TaskVector.load(tmp_path / "tv16")
     assert len(list((tmp_path / "tv16").glob("*.safetensors"))) > 1
-    for k in tv:
+    for k in tv.keys():
         assert torch.equal(t32[k], tv[k])
         assert t16[k].dtype == torch.float32  # stored fp16, computed in fp32
         assert torch.equal(t16[k], tv[k].half().float())
@@ -114,7 +114,7 @@ def test_shape_mismatch_names_tensor_and_both_shapes(files, base64, finetuned64)
     with pytest.raises(ShapeMismatchError, match=r"'layers.0.attn.weight': shape \[8, 8\] in .* but \[8, 9\]"):
         TaskVector.from_checkpoints(base64, ft)
     t0 = TaskVector.from_checkpoints(files["base"], files["ft0"])
-    t1 = TaskVector.from_tensors({k: torch.zeros(2) for k in t0})
+    t1 = TaskVector.from_tensors({k: torch.zeros(2) for k in t0.keys()})
     with pytest.raises(ShapeMismatchError, match="embed.weight"):
         t0 + t1
 

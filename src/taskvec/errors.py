@@ -70,8 +70,8 @@ def format_validation_error(e: object, option: bool = False) -> str:
     parts = []
     for group in groups.values():
         for err in [g for g in group if not str(g["type"]).endswith("_type")] or group:
-            loc = ".".join(str(x) for x in err["loc"] if not _is_union_tag(x))
+            field = ".".join(str(x) for x in err["loc"] if not _is_union_tag(x))
             if option:
-                loc = "--" + loc.replace("_", "-")
-            parts.append(f"{loc or '(top level)'}: {str(err['msg']).removeprefix('Value error, ')}")
+                field = "--" + field.replace("_", "-")
+            parts.append(f"{field or '(top level)'}: {str(err['msg']).removeprefix('Value error, ')}")
     return "; ".join(dict.fromkeys(parts))

@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from taskvec.io.atomic import atomic_path
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def _atomic_savefig(fig, path: Path) -> None:  # type: ignore[no-untyped-def]
+
+def _atomic_savefig(fig: Figure, path: Path) -> None:
     with atomic_path(path, overwrite=True, owned=lambda p: None) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
 

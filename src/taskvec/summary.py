@@ -40,7 +40,7 @@ def summarize(path: CheckpointLike) -> Summary:
     out = Summary()
     dtypes: Counter[str] = Counter()
     sq = 0.0
-    for key in src:
+    for key in src.keys():
         spec = src.spec(key)
         zeros, tsq, tmax = 0, 0.0, 0.0
         for s, e in chunks(spec.numel):

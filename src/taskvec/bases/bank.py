@@ -29,7 +29,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal, cast
 
 import torch
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -56,7 +56,7 @@ from taskvec.io.atomic import atomic_path, check_output, path_lock, write_text_a
 from taskvec.io.safetensors_file import dtype_size
 from taskvec.io.writer import DEFAULT_SHARD_BYTES
 
-BANK_FORMAT = "taskvec/bases-bank"
+BANK_FORMAT: Final = "taskvec/bases-bank"
 MANIFEST = "manifest.json"
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 Matrix = list[list[float | None]]
@@ -79,12 +79,15 @@ class BasisEntry(Strict):
         return v
 
 
+BankMethod = Literal["cluster", "learned", "pca"]
+
+
 class Manifest(Strict):
     """The bank's JSON manifest. Matrices are row lists; null marks an unknown inner product."""
 
     format: Literal["taskvec/bases-bank"]
     version: Literal[1]
-    method: Literal["cluster", "learned", "pca"]
+    method: BankMethod
     dtype: DtypeName
     shard_size: int = Field(gt=0)
     T: int = Field(ge=1, description="number of tasks")
@@ -201,14 +204,15 @@ def storage_dtype(tv: TaskVector, key: str) -> torch.dtype:
 
 def task_bytes(tv: TaskVector) -> int:
     """Bytes of the full task vector's tensor data at its storage dtype."""
-    return sum(tv.spec(k).numel * dtype_size(storage_dtype(tv, k)) for k in tv)
+    return sum(tv.spec(k).numel * dtype_size(storage_dtype(tv, k)) for k in tv.keys())
 
 
 def source_path(tv: TaskVector) -> str | None:
     """The file or folder a task vector was loaded from (whole, unfiltered), else None."""
     src = tv.source
-    whole_file = isinstance(src, FloatSource) and isinstance(src.source, (SafetensorsSource, ShardedSource))
-    if whole_file and set(src.keys()) == set(src.source.keys()):
+    if not isinstance(src, FloatSource) or not isinstance(src.source, (SafetensorsSource, ShardedSource)):
+        return None
+    if set(src.keys()) == set(src.source.keys()):
         return str(Path(src.source.name).resolve())
     return None
 
@@ -291,13 +295,13 @@ class Bank:
                 )
             tv = bank.basis(k, verify=False)
             src = tv.source
-            numel = sum(src.spec(key).numel for key in src)
+            numel = sum(src.spec(key).numel for key in src.keys())
             if numel != manifest.numel or len(src.keys()) != manifest.n_tensors:
                 raise CheckpointError(
                     f"{f}: holds {len(src.keys())} tensors of {numel:,} parameters, the manifest says "
                     f"{manifest.n_tensors} of {manifest.numel:,}"
                 )
-            dtypes = {DTYPE_NAMES.get(storage_dtype(tv, key), str(storage_dtype(tv, key))) for key in src}
+            dtypes = {DTYPE_NAMES.get(storage_dtype(tv, key), str(storage_dtype(tv, key))) for key in src.keys()}
             if dtypes - {manifest.dtype}:
                 raise IntegrityError(
                     f"{f}: holds {', '.join(sorted(dtypes))} tensors, the manifest says "
@@ -681,9 +685,9 @@ def build_bank(
         manifest = Manifest(
             format=BANK_FORMAT,
             version=1,
-            method=method,
-            dtype=DTYPE_NAMES[dtype],
-            shard_size=shard_size,  # type: ignore[arg-type]
+            method=cast(BankMethod, method),  # validated by the model
+            dtype=cast(DtypeName, DTYPE_NAMES[dtype]),
+            shard_size=shard_size,
             T=len(tvs),
             M=fit.m,
             n_tensors=len(keys),

@@ -104,8 +104,9 @@ def task_vectors_of(cfg: BasesConfig) -> tuple[list[TaskVector], list[str]]:
             tv = TaskVector.from_checkpoints(cfg.base, t.finetuned, include=cfg.include, exclude=cfg.exclude)
             path = t.finetuned
         else:
-            path = t.task_vector or t.lora
-            assert path is not None
+            given = t.task_vector or t.lora
+            assert given is not None
+            path = given
             tv = TaskVector.load(path) if t.lora is None else TaskVector.from_lora(path, cfg.base)
             if cfg.include or cfg.exclude:
                 tv = tv.filter(cfg.include, cfg.exclude)

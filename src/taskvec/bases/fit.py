@@ -143,8 +143,9 @@ def fit_learned(
 
     Loss ||V - V W D||_F^2 / tr(G) = (tr G - 2 tr(G W D) + tr(D^T W^T G W D)) / tr G, with D the
     exact least-squares decoder for the current W (solved in closed form inside the loss, so Adam
-    only moves A); it stops early after `patience` steps without improvement. `normalize` uses unit-norm task vectors (the cosine matrix) instead, so every
-    task weighs the same; the returned W is then expressed on the raw task vectors.
+    only moves A); it stops early after `patience` steps without improvement. `normalize` uses
+    unit-norm task vectors (the cosine matrix) instead, so every task weighs the same; the returned
+    W is then expressed on the raw task vectors.
     """
     t = g.shape[0]
     if temperature <= 0:

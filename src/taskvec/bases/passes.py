@@ -8,6 +8,7 @@ import os
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ def tapped(tv: TaskVector) -> TaskVector:
     return TaskVector(LastSliceCache(tv.source), name=tv.name)
 
 
-def merged_basis(members: Sequence[TaskVector], merge: str, params: dict[str, object]) -> TaskVector:
+def merged_basis(members: Sequence[TaskVector], merge: str, params: dict[str, Any]) -> TaskVector:
     """One cluster's basis: 'mean' is task arithmetic with weights 1/n; any registered method otherwise."""
     if merge == "mean":
         return compose(members, "task_arithmetic", [1.0 / len(members)] * len(members))
@@ -34,7 +35,7 @@ def merged_basis(members: Sequence[TaskVector], merge: str, params: dict[str, ob
 
 
 def basis_specs(tv: TaskVector, dtype: torch.dtype) -> dict[str, TensorSpec]:
-    return {k: TensorSpec(tv.spec(k).shape, dtype) for k in tv}
+    return {k: TensorSpec(tv.spec(k).shape, dtype) for k in tv.keys()}
 
 
 def cluster_pass(

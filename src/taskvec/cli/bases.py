@@ -159,7 +159,7 @@ def build(
                 raise ConfigError(f"--names: {len(labels)} names for {len(inputs)} task vectors")
             tasks = [{"task_vector": p, **({"name": labels[i]} if labels else {})} for i, p in enumerate(inputs)]
             try:
-                cfg = BasesConfig(tasks=tasks, **given)
+                cfg = BasesConfig.model_validate({"tasks": tasks, **given})
             except Exception as e:  # pydantic's message names the option
                 from pydantic import ValidationError
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from taskvec.cli.common import _fail, console
 from taskvec.errors import TaskVecError
+
+if TYPE_CHECKING:
+    from taskvec.bench.suite import TaskSpec
 
 app = typer.Typer(
     help="Real benchmark suites: fine-tune per task, compose with every method, report.", no_args_is_help=True
@@ -67,7 +70,7 @@ def list_suites() -> None:
     console.print(t)
 
 
-def _split(task) -> str:  # type: ignore[no-untyped-def]
+def _split(task: TaskSpec) -> str:
     if task.split is None:
         return "given"
     return "/".join(str(v) for v in (task.split.train, task.split.val, task.split.test))

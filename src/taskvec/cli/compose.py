@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from taskvec.cli.common import Force, _fail, console
 from taskvec.errors import ConfigError, TaskVecError
+
+if TYPE_CHECKING:
+    from taskvec.variational.train import EvalResult
 
 app = typer.Typer(
     help="Learned composition: variational (sample-specific) and shared coefficients.", no_args_is_help=True
@@ -23,7 +27,7 @@ Suite = Annotated[
 Cache = Annotated[Path | None, typer.Option(help="cache of fine-tuned checkpoints (default: the one used in training)")]
 
 
-def _show(result, names: list[str], title: str) -> None:  # type: ignore[no-untyped-def]
+def _show(result: EvalResult, names: list[str], title: str) -> None:
     t = Table(title=title)
     for c in ("task", "test accuracy (%)", "coefficients kept (%)"):
         t.add_column(c, justify="right" if c != "task" else "left")
@@ -38,7 +42,7 @@ def _check_mode(mode: str) -> None:
         raise ConfigError(f"--mode: {mode!r} is not one of {', '.join(MODES)}")
 
 
-def _copy_model_files():  # type: ignore[no-untyped-def]
+def _copy_model_files() -> Callable[..., list[str]] | None:
     """The function that makes an output folder loadable with from_pretrained, where installed."""
     try:
         from taskvec.io.hf import copy_model_files

@@ -7,7 +7,7 @@ shows it as one line and exits with status 2, so commands need no error handling
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -15,6 +15,9 @@ from rich.table import Table
 from taskvec.cli.common import AllowNonfinite, Force, console, finite
 from taskvec.errors import ConfigError
 from taskvec.io.atomic import check_output
+
+if TYPE_CHECKING:
+    from taskvec.tune import TuneResult
 
 app = typer.Typer()
 
@@ -89,9 +92,9 @@ def merge(
     console.print(f"merged {len(cfg.models)} task vectors with [bold]{cfg.method}[/] into [bold]{path}[/]")
 
 
-def _show_grid(result) -> None:  # type: ignore[no-untyped-def]
+def _show_grid(result: TuneResult) -> None:
     """The searched grid: mean validation accuracy per scale (rows) and density (columns)."""
-    dens = result.densities or [None]
+    dens: list[float | None] = [*result.densities] if result.densities else [None]
     scales = sorted({r["scale"] for r in result.grid})
     t = Table(title="validation accuracy (%) searched by --tune-on")
     t.add_column("scale λ", justify="right")

@@ -211,9 +211,9 @@ def compress(
     stored: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
     reports: list[TensorReport] = []
-    total = sum(tv.spec(k).numel * 4 for k in tv)
+    total = sum(tv.spec(k).numel * 4 for k in tv.keys())
     with byte_progress(total, f"compressing {tv.name}", progress) as advance:
-        for key in tv:
+        for key in tv.keys():
             t = tv[key]
             f, dense = compress_tensor(t, rank, energy, dtype)
             ref = t.to(torch.float64)
@@ -282,7 +282,7 @@ def factored_gram(tvs: Sequence[TaskVector]) -> torch.Tensor:
         check_same_tensors(tvs[0].source, tv.source)
     t = len(tvs)
     g = torch.zeros(t, t, dtype=torch.float64)
-    for key in tvs[0]:
+    for key in tvs[0].keys():
         fs = [factors_of(tv, key) for tv in tvs]
         dense: dict[int, torch.Tensor] = {
             i: as_matrix(tv[key].to(torch.float64))

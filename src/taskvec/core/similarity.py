@@ -61,18 +61,21 @@ def gram_matrix(
                 prefetch(tv.source, *jobs[i])
 
     description = description or f"Gram matrix of {t} task vectors"
-    with keep_freed_memory(), byte_progress(total, description, progress) as advance:
-        with ThreadPoolExecutor(1, thread_name_prefix="taskvec-gram-read") as reader:
-            for i in range(min(2, len(jobs))):
-                announce(i)
-            nxt: Future[torch.Tensor] | None = reader.submit(fill, 0) if jobs else None
-            for i in range(len(jobs)):
-                assert nxt is not None
-                x = nxt.result()
-                announce(i + 2)
-                nxt = reader.submit(fill, i + 1) if i + 1 < len(jobs) else None
-                g.addmm_(x, x.T)
-                advance((jobs[i][2] - jobs[i][1]) * t * 4)
+    with (
+        keep_freed_memory(),
+        byte_progress(total, description, progress) as advance,
+        ThreadPoolExecutor(1, thread_name_prefix="taskvec-gram-read") as reader,
+    ):
+        for i in range(min(2, len(jobs))):
+            announce(i)
+        nxt: Future[torch.Tensor] | None = reader.submit(fill, 0) if jobs else None
+        for i in range(len(jobs)):
+            assert nxt is not None
+            x = nxt.result()
+            announce(i + 2)
+            nxt = reader.submit(fill, i + 1) if i + 1 < len(jobs) else None
+            g.addmm_(x, x.T)
+            advance((jobs[i][2] - jobs[i][1]) * t * 4)
     return (g + g.T) / 2
 
 

@@ -159,7 +159,7 @@ def write_checkpoint(
     description: str = "writing",
     workers: int = PIPELINE_WORKERS,
     extra_files: Callable[[Path], None] | None = None,
-    prefetch_fn: SliceFn | None = None,
+    prefetch_fn: Callable[[str, int, int], None] | None = None,
 ) -> Path:
     """Write every tensor of `specs`, asking `slice_fn(key, start, stop)` for each flat slice.
 

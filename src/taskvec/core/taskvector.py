@@ -11,6 +11,7 @@ import copy
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import overload
 
 import torch
 from torch import nn
@@ -103,10 +104,10 @@ class DiffSource:
         self.name = f"{finetuned.name} - {pretrained.name}"
         pk = set(pretrained.keys())
         check_patterns(
-            [*pretrained.keys(), *(k for k in finetuned if k not in pk)], include, exclude, pretrained.name
+            [*pretrained.keys(), *(k for k in finetuned.keys() if k not in pk)], include, exclude, pretrained.name
         )
-        wanted = [k for k in pretrained if matches(k, include, exclude)]
-        wanted += [k for k in finetuned if k not in pk and matches(k, include, exclude)]
+        wanted = [k for k in pretrained.keys() if matches(k, include, exclude)]
+        wanted += [k for k in finetuned.keys() if k not in pk and matches(k, include, exclude)]
         check_same_tensors(pretrained, finetuned, wanted)
         self._keys: list[str] = []
         self._dtype: dict[str, torch.dtype] = {}
@@ -372,6 +373,45 @@ class TaskVector:
     def to_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         return {k: (v.to(dtype) if dtype else v) for k, v in self.items()}
 
+    @overload
+    def apply_to(
+        self,
+        base: nn.Module,
+        coef: Coef = 1.0,
+        *,
+        out: str | os.PathLike[str] | None = None,
+        dtype: torch.dtype | None = None,
+        shard_size: int = DEFAULT_SHARD_BYTES,
+        overwrite: bool = False,
+        progress: bool = False,
+    ) -> nn.Module: ...
+
+    @overload
+    def apply_to(
+        self,
+        base: Mapping[str, torch.Tensor],
+        coef: Coef = 1.0,
+        *,
+        out: None = None,
+        dtype: torch.dtype | None = None,
+        shard_size: int = DEFAULT_SHARD_BYTES,
+        overwrite: bool = False,
+        progress: bool = False,
+    ) -> dict[str, torch.Tensor]: ...
+
+    @overload
+    def apply_to(
+        self,
+        base: str | os.PathLike[str] | Mapping[str, torch.Tensor] | Source,
+        coef: Coef = 1.0,
+        *,
+        out: str | os.PathLike[str],
+        dtype: torch.dtype | None = None,
+        shard_size: int = DEFAULT_SHARD_BYTES,
+        overwrite: bool = False,
+        progress: bool = False,
+    ) -> Path: ...
+
     def apply_to(
         self,
         base: CheckpointLike,
@@ -498,7 +538,7 @@ def apply_streaming(
     check_same_tensors(base, tv.source, sorted(delta_keys))
     check_coef_map(coef, tv.keys(), "coefficient (scale) map")
     specs: dict[str, TensorSpec] = {}
-    for k in base:
+    for k in base.keys():
         s = base.spec(k)
         specs[k] = TensorSpec(s.shape, dtype if (dtype is not None and s.dtype.is_floating_point) else s.dtype)
 

@@ -186,7 +186,7 @@ def open_lowrank(source: object) -> FactoredSource:
     specs: dict[str, TensorSpec] = {}
     factored: set[str] = set()
     parts = {part_key(k, p) for k in shapes for p in PARTS}
-    for key in src:  # type: ignore[attr-defined]
+    for key in src.keys():  # type: ignore[attr-defined]
         if SEP in key:
             base, _, p = key.rpartition(SEP)
             if key not in parts:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import warnings
 from collections.abc import Mapping
@@ -82,7 +83,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     if st.exists():
         f = SafetensorsFile(st)
         try:
-            return {k: f.read(k) for k in f}
+            return {k: f.read(k) for k in f.keys()}
         finally:
             f.close()
     binp = folder / WEIGHTS_NAMES[1]
@@ -129,7 +130,7 @@ def _lora_factors(
     return Factors(bm, s, am.T, tuple(shape))
 
 
-def open_lora(adapter: str | Path, base: Any | None = None) -> FactoredSource:
+def open_lora(adapter: str | os.PathLike[str], base: Any | None = None) -> FactoredSource:
     """A PEFT LoRA adapter folder as a factored source of deltas, keyed by the base model's names.
 
     `base` (any `Source`) is checked against the adapter: every adapted tensor must exist in it
@@ -254,7 +255,8 @@ def _check_base(
             )
         if tuple(base.spec(k).shape) != tuple(shape):
             raise ShapeMismatchError(
-                f"{folder}: tensor {k!r} has shape {list(shape)} in the adapter but {list(base.spec(k).shape)} in the base {base.name}"
+                f"{folder}: tensor {k!r} has shape {list(shape)} in the adapter "
+                f"but {list(base.spec(k).shape)} in the base {base.name}"
             )
         if not base.spec(k).dtype.is_floating_point:
             raise KeyMismatchError(

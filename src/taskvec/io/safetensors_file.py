@@ -126,7 +126,8 @@ def validate_header(header: object, data_size: int) -> tuple[dict[str, dict], di
         if s != pos:
             how = "overlap the previous tensor's bytes" if s < pos else "leave a gap after the previous tensor"
             raise _Corrupt(
-                f"tensor {key!r}: data_offsets {[s, end]} {how} (tensors must lie back to back; the previous ends at byte {pos})"
+                f"tensor {key!r}: data_offsets {[s, end]} {how} "
+                f"(tensors must lie back to back; the previous ends at byte {pos})"
             )
         n = 1
         for d in e["shape"]:
@@ -207,7 +208,7 @@ class SafetensorsFile:
         begin = self._data_start + self._entries[key]["data_offsets"][0] + start * item
         nbytes = (stop - start) * item
         buf = torch.empty(nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy()).cast("B")
+        view = memoryview(buf.numpy()).cast("B")  # type: ignore[arg-type]  # numpy stubs: ndarray is a buffer
         got = 0
         fd = self._fileno()
         while got < nbytes:

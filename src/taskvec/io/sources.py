@@ -109,11 +109,11 @@ class ShardedSource:
                     if not path.is_file():
                         raise CheckpointError(f"{index}: shard {fname} listed for tensor {key!r} is missing")
                     files[fname] = SafetensorsFile(path)
-                if key not in files[fname]:
+                if key not in files[fname].keys():
                     raise CheckpointError(f"{self.folder / fname}: index says it holds {key!r}, but it does not")
                 self._where[key] = files[fname]
             for fname, f in files.items():
-                unlisted = [k for k in f if weight_map.get(k) != fname]
+                unlisted = [k for k in f.keys() if weight_map.get(k) != fname]
                 if unlisted:
                     raise CheckpointError(
                         f"{index}: shard {fname} holds {len(unlisted)} tensor(s) the index does not list for it, "
@@ -125,7 +125,7 @@ class ShardedSource:
                 raise CheckpointError(f"{self.folder}: no *.safetensors files and no index")
             for path in shards:
                 f = SafetensorsFile(path)
-                for key in f:
+                for key in f.keys():
                     if key in self._where:
                         raise CheckpointError(f"{self.folder}: tensor {key!r} is in two shards")
                     self._where[key] = f

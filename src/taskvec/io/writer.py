@@ -124,7 +124,7 @@ class CheckpointWriter:
         if self._fh is not None:
             self._fh.close()
         path = self.tmp if self.single_file else self.tmp / self.names[i]
-        self._fh = open(path, "wb")
+        self._fh = open(path, "wb")  # noqa: SIM115  # stays open across write() calls; closed by _close
         self._fh.write(encode_header({k: self.specs[k] for k in self.shards[i]}, self.metadata))
         self._shard = i
 
@@ -142,7 +142,7 @@ class CheckpointWriter:
         if self._written + raw.nbytes > spec.nbytes:
             raise ShapeMismatchError(f"tensor {key!r}: more data written than its shape {spec.shape} holds")
         assert self._fh is not None
-        self._fh.write(memoryview(raw))
+        self._fh.write(memoryview(raw))  # type: ignore[arg-type]  # numpy stubs: ndarray is a buffer
         self._written += raw.nbytes
         if self._written == spec.nbytes:
             self._pos += 1
@@ -166,12 +166,12 @@ class CheckpointWriter:
                 self.extra_files(self.tmp)
             # every file taskvec put in the folder is listed, so that --force can later replace it
             files = {p.relative_to(self.tmp).as_posix() for p in self.tmp.rglob("*") if p.is_file()}
-            files = sorted({*files, self.index_name})
+            listed = sorted({*files, self.index_name})
             index = {
                 "metadata": {
                     "total_size": sum(s.nbytes for s in self.specs.values()),
                     **self.metadata,
-                    "taskvec_files": json.dumps(files),
+                    "taskvec_files": json.dumps(listed),
                 },
                 "weight_map": {k: self.names[self._shard_of[k]] for k in self._order},
             }

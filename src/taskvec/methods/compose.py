@@ -160,7 +160,7 @@ def compose(
     elif isinstance(weights, Sequence) and not isinstance(weights, str):
         ws = list(weights)
     else:
-        ws = [weights] * len(task_vectors)  # type: ignore[list-item]
+        ws = [weights] * len(task_vectors)
     if len(ws) != len(task_vectors):
         raise ValueError(f"{len(task_vectors)} task vectors but {len(ws)} weights")
     return TaskVector(ComposedSource(task_vectors, m, p, ws, resolve_device(device)))
