@@ -440,36 +440,12 @@ class _PerSampleMode(TorchFunctionMode):
             assert kw is not None  # a weight's coefficients come with its key
             if groups == 1:  # low-rank task vectors: never form the weights
                 return ops.lowrank_conv2d(
-                    x,
-                    w,
-                    b,
-                    cw,
-                    self.model.factors(kw),
-                    cb,
-                    tb,
-                    self.n,
-                    stride,
-                    padding,
-                    dilation,
+                    x, w, b, cw, self.model.factors(kw), cb, tb, self.n, stride, padding, dilation
                 )
             tw = self.model.stack(kw)[1:]
         stacked = self._stacked(kw, w, tw)
-        return ops.conv2d(
-            x,
-            w,
-            b,
-            cw,
-            tw,
-            cb,
-            tb,
-            self.n,
-            stride,
-            padding,
-            dilation,
-            groups,
-            self.model.strategy_for(kw or ""),
-            stacked,
-        )
+        strategy = self.model.strategy_for(kw or "")
+        return ops.conv2d(x, w, b, cw, tw, cb, tb, self.n, stride, padding, dilation, groups, strategy, stacked)
 
     def embedding(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         idx, w = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "weight")
