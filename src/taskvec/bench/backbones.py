@@ -26,14 +26,14 @@ Pool = Literal["mean", "cls", "pooler", "none"]
 class TextInputs(Strict):
     """Texts are tokenized to a fixed length (padding is trimmed per batch)."""
 
-    max_length: int = Field(128, ge=1)
+    max_length: int = Field(default=128, ge=1)
 
 
 class ImageInputs(Strict):
     """Images are resized to size x size, scaled to [0, 1] and normalized per channel.
     For a Hugging Face folder, mean and std default to its image processor's."""
 
-    size: int = Field(64, ge=1)
+    size: int = Field(default=64, ge=1)
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
 
@@ -49,7 +49,9 @@ class BackboneSpec(Strict):
     factory: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
-    pool: Pool | None = Field(None, description="default: 'mean' for a Hugging Face folder, 'none' for a factory")
+    pool: Pool | None = Field(
+        default=None, description="default: 'mean' for a Hugging Face folder, 'none' for a factory"
+    )
     text: TextInputs | None = None
     images: ImageInputs | None = None
 

@@ -100,7 +100,7 @@ class ComposeRunConfig(Strict):
 
 
 def load_run_config(path: str | Path) -> ComposeRunConfig:
-    return load_yaml_config(path, ComposeRunConfig)  # type: ignore[no-any-return]
+    return load_yaml_config(path, ComposeRunConfig)
 
 
 def stack_data(prep: Prepared, parts: list[Any], tasks: torch.Tensor, labels: torch.Tensor | None) -> ComposeData:

@@ -54,7 +54,7 @@ class LinearProbe(Strict):
     """Multinomial logistic regression fitted on frozen pretrained features of the train split."""
 
     kind: Literal["linear_probe"]
-    c: float = Field(1.0, gt=0, description="inverse L2 strength")
+    c: float = Field(default=1.0, gt=0, description="inverse L2 strength")
     standardize: bool = False
 
 
@@ -92,8 +92,8 @@ class ZeroShot(Strict):
 
     kind: Literal["zero_shot"]
     template: str = "{}"
-    labels: list[str] | None = Field(None, description="label texts in class order (default: the class names)")
-    scale: float = Field(20.0, gt=0, description="logit scale (inverse temperature)")
+    labels: list[str] | None = Field(default=None, description="label texts in class order (default: the class names)")
+    scale: float = Field(default=20.0, gt=0, description="logit scale (inverse temperature)")
 
 
 @torch.no_grad()

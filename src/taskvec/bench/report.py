@@ -47,7 +47,8 @@ def markdown(r: dict[str, Any]) -> str:
     if "negation" in r:
         lines += [
             "",
-            "Task negation (θ0 − λ·τ_target; λ chosen on validation with every control task ≥ 95% of its pretrained accuracy):",
+            "Task negation (θ0 − λ·τ_target; λ chosen on validation with every control task ≥ 95% "
+            "of its pretrained accuracy):",
             "",
             "| target | λ | target acc pretrained → negated | control acc pretrained → negated (mean) | control kept |",
             "|---|---|---|---|---|",
@@ -58,7 +59,8 @@ def markdown(r: dict[str, Any]) -> str:
             neg_c = sum(cs.values()) / len(cs)
             kept = min(cs[c] / r["pretrained"][c] for c in cs)
             lines.append(
-                f"| {t} | {n['lambda']:g} | {100 * r['pretrained'][t]:.1f} → {100 * n['target']:.1f} | {100 * pre_c:.1f} → {100 * neg_c:.1f} | min {100 * kept:.1f}% |"
+                f"| {t} | {n['lambda']:g} | {100 * r['pretrained'][t]:.1f} → {100 * n['target']:.1f} "
+                f"| {100 * pre_c:.1f} → {100 * neg_c:.1f} | min {100 * kept:.1f}% |"
             )
     secs = r.get("finetune_seconds") or {}
     if secs:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -135,13 +136,20 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
 
 
+def _applied(delta: TaskVector, prep: Prepared, lam: float) -> dict[str, torch.Tensor]:
+    """theta0 + lam * delta as a state dict (the pretrained weights are one)."""
+    out = delta.apply_to(prep.pretrained, lam)
+    assert isinstance(out, dict)
+    return out
+
+
 def choose_lambda(prep: Prepared, tv: TaskVector, lambdas: Sequence[float] = LAMBDAS) -> dict[str, object]:
     """theta0 + lambda * tv, lambda chosen on validation (mean accuracy over tasks; ties to the
     smaller lambda), then scored once on test."""
     delta = TaskVector.from_tensors(tv.to_state_dict())  # materialise once, reuse for every lambda
-    val = {lam: prep.evaluate(delta.apply_to(prep.pretrained, lam), "val") for lam in lambdas}
+    val = {lam: prep.evaluate(_applied(delta, prep, lam), "val") for lam in lambdas}
     best = max(lambdas, key=lambda lam: (_mean(list(val[lam].values())), -lam))
-    test = prep.evaluate(delta.apply_to(prep.pretrained, best), "test")
+    test = prep.evaluate(_applied(delta, prep, best), "test")
     return {"lambda": best, "val": {str(k): v for k, v in val.items()}, "test": test}
 
 
@@ -155,10 +163,10 @@ def negate(
     delta = TaskVector.from_tensors(tv.to_state_dict())
     best, best_val = 0.0, dict(pre_val)
     for lam in lambdas:
-        v = prep.evaluate(delta.apply_to(prep.pretrained, -lam), "val")
+        v = prep.evaluate(_applied(delta, prep, -lam), "val")
         if all(v[c] >= CONTROL_KEEP * pre_val[c] for c in controls) and v[target] < best_val[target]:
             best, best_val = lam, v
-    test = prep.evaluate(delta.apply_to(prep.pretrained, -best), "test")
+    test = prep.evaluate(_applied(delta, prep, -best), "test")
     return {
         "lambda": best,
         "target": test[target],
@@ -168,7 +176,7 @@ def negate(
 
 
 def run_method(
-    prep: Prepared, method: str, params: dict[str, object], lambdas: Sequence[float] = LAMBDAS
+    prep: Prepared, method: str, params: dict[str, Any], lambdas: Sequence[float] = LAMBDAS
 ) -> dict[str, object]:
     """Compose all task vectors once, pick lambda on validation (mean accuracy), report test."""
     t0 = time.perf_counter()
@@ -217,7 +225,8 @@ def run_suite(
             "threads": torch.get_num_threads(),
             "device": "cpu",
         },
-        "batchnorm": "frozen at pretrained statistics during fine-tuning (backbone in eval mode); no re-estimation after composing",
+        "batchnorm": "frozen at pretrained statistics during fine-tuning (backbone in eval mode); "
+        "no re-estimation after composing",
         "selection": "lambda chosen on validation splits (mean accuracy); test reported once",
         "pretrained": pre_test,
         "finetuned": ft_test,

@@ -105,7 +105,7 @@ class TableSource(Strict):
     path: str
     text: str = "text"
     label: str = "label"
-    classes: list[str] | None = Field(None, description="class names in label order (default: sorted labels)")
+    classes: list[str] | None = Field(default=None, description="class names in label order (default: sorted labels)")
 
 
 def read_table(path: Path, fmt: str) -> list[dict[str, Any]]:
@@ -125,10 +125,10 @@ def read_table(path: Path, fmt: str) -> list[dict[str, Any]]:
                     raise ConfigError(f"{path}:{i}: not valid JSON ({e.msg})") from None
         return rows
     try:
-        import pandas as pd
+        import pandas as pd  # type: ignore[import-untyped]
     except ImportError:
         raise ConfigError(f"{path}: reading parquet needs pandas and pyarrow (pip install pandas pyarrow)") from None
-    return pd.read_parquet(path).to_dict("records")  # type: ignore[no-any-return]
+    return pd.read_parquet(path).to_dict("records")
 
 
 def column(rows: list[dict[str, Any]], name: str, path: Path) -> list[Any]:
@@ -168,9 +168,9 @@ class ImageFolderSource(Strict):
 
     kind: Literal["images"]
     path: str
-    size: int | None = Field(None, ge=1, description="resize every image to size x size on load")
+    size: int | None = Field(default=None, ge=1, description="resize every image to size x size on load")
     mode: Literal["rgb", "grey"] = "rgb"
-    classes: list[str] | None = Field(None, description="class sub-folders in label order (default: sorted)")
+    classes: list[str] | None = Field(default=None, description="class sub-folders in label order (default: sorted)")
 
 
 def load_image_folder(cfg: ImageFolderSource, root: Path) -> RawData:
@@ -218,7 +218,7 @@ class NpzSource(Strict):
     path: str
     x: str = "x"
     y: str = "y"
-    classes: list[str] | str | None = Field("classes", description="class names, or the array holding them")
+    classes: list[str] | str | None = Field(default="classes", description="class names, or the array holding them")
 
 
 def from_arrays(x: Any, y: Any, classes: Sequence[str] | None, where: str) -> RawData:
@@ -272,7 +272,7 @@ class DiskDatasetSource(Strict):
 def load_disk_dataset(cfg: DiskDatasetSource, root: Path) -> RawData:
     """Columns `text` and `label` of a saved data set; class names from its ClassLabel feature."""
     try:
-        import datasets
+        import datasets  # type: ignore[import-not-found]
     except ImportError:
         raise ConfigError("data kind 'hf_disk' needs the datasets package (pip install datasets)") from None
     path = resolve(root, cfg.path)
@@ -325,4 +325,4 @@ SOURCES.register("function", FunctionSource, load_function)
 
 def load_source(cfg: Any, root: Path) -> RawData:
     """Load a validated source config (see SOURCES)."""
-    return SOURCES.get(cfg.kind).build(cfg, root)  # type: ignore[no-any-return]
+    return SOURCES.get(cfg.kind).build(cfg, root)

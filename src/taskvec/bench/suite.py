@@ -67,12 +67,12 @@ class SplitSpec(Strict):
 class FinetuneSpec(Strict):
     """Recipe of the fine-tuning the tool runs (and caches) for a task without `finetuned:`."""
 
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_frac: float = Field(0.1, ge=0, le=1)
-    max_grad_norm: float = Field(1.0, gt=0)
+    epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_frac: float = Field(default=0.1, ge=0, le=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
 
 
 def _head(v: Any) -> Any:
@@ -87,8 +87,10 @@ class TaskSpec(Strict):
     data: SerializeAsAny[BaseModel] | dict[str, SerializeAsAny[BaseModel]]
     split: SplitSpec | None = None
     head: SerializeAsAny[BaseModel] | None = None
-    finetuned: str | None = Field(None, description="checkpoint of the fine-tuned backbone (file or folder)")
-    cache_key: str | None = Field(None, description="name of this task's cache entry (default: a hash of its recipe)")
+    finetuned: str | None = Field(default=None, description="checkpoint of the fine-tuned backbone (file or folder)")
+    cache_key: str | None = Field(
+        default=None, description="name of this task's cache entry (default: a hash of its recipe)"
+    )
 
     @field_validator("data", mode="before")
     @classmethod
@@ -99,10 +101,7 @@ class TaskSpec(Strict):
             raise ValueError(f"per-split data needs all of train, val and test; got {', '.join(v)}")
         return SOURCES.parse(v)
 
-    @field_validator("head", mode="before")
-    @classmethod
-    def _task_head(cls, v: Any) -> Any:
-        return _head(v)
+    _task_head = field_validator("head", mode="before")(_head)
 
     @model_validator(mode="after")
     def _split(self) -> TaskSpec:
@@ -126,10 +125,7 @@ class SuiteSpec(Strict):
     _root: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr(default="")
 
-    @field_validator("head", mode="before")
-    @classmethod
-    def _suite_head(cls, v: Any) -> Any:
-        return _head(v)
+    _suite_head = field_validator("head", mode="before")(_head)
 
     @model_validator(mode="after")
     def _unique(self) -> SuiteSpec:

@@ -37,7 +37,10 @@ class BlockSpec:
 
     @classmethod
     def from_json(cls, d: Mapping[str, object]) -> BlockSpec:
-        return cls(tuple(d["names"]), dict(d["index"]))  # type: ignore[arg-type]
+        names, index = d["names"], d["index"]
+        if not isinstance(names, Sequence) or not isinstance(index, Mapping):
+            raise ConfigError(f"block spec needs a 'names' list and an 'index' map, got {sorted(d)}")
+        return cls(tuple(names), dict(index))
 
 
 def make_blocks(keys: Sequence[str], rule: BlockRule = "tensor") -> BlockSpec:

@@ -19,8 +19,8 @@ class PriorConfig(Strict):
     """p(gamma, beta) = Bern(pi) N(0, slab_sigma^2); 'gaussian' drops the spike, 'none' drops the KL term."""
 
     kind: Literal["spike_slab", "gaussian", "none"] = "spike_slab"
-    pi: float = Field(0.5, gt=0.0, lt=1.0, description="prior inclusion probability")
-    slab_sigma: float = Field(1.0, gt=0.0, description="prior std of the slab")
+    pi: float = Field(default=0.5, gt=0.0, lt=1.0, description="prior inclusion probability")
+    slab_sigma: float = Field(default=1.0, gt=0.0, description="prior std of the slab")
 
 
 class GateConfig(Strict):
@@ -28,22 +28,22 @@ class GateConfig(Strict):
     uncertainty (sigma/|mu| <= max_uncertainty); 'none' keeps every coefficient."""
 
     kind: Literal["both", "importance", "uncertainty", "none"] = "both"
-    min_rho: float = Field(0.5, gt=0.0, lt=1.0)
-    min_importance: float = Field(0.01, gt=0.0)
-    max_uncertainty: float = Field(1.0, gt=0.0)
-    temperature: float = Field(0.1, gt=0.0, description="of the sigmoid surrogate in log-margin units")
-    straight_through: bool = Field(True, description="hard gate forward, surrogate gradient backward")
+    min_rho: float = Field(default=0.5, gt=0.0, lt=1.0)
+    min_importance: float = Field(default=0.01, gt=0.0)
+    max_uncertainty: float = Field(default=1.0, gt=0.0)
+    temperature: float = Field(default=0.1, gt=0.0, description="of the sigmoid surrogate in log-margin units")
+    straight_through: bool = Field(default=True, description="hard gate forward, surrogate gradient backward")
 
 
 class PosteriorConfig(Strict):
     """The amortized network f0(x) -> (mu, log sigma^2, logit) and its initial outputs."""
 
-    hidden: int = Field(128, ge=1)
-    init_sigma: float = Field(0.05, gt=0.0)
-    init_rho: float = Field(0.9, gt=0.0, lt=1.0)
+    hidden: int = Field(default=128, ge=1)
+    init_sigma: float = Field(default=0.05, gt=0.0)
+    init_rho: float = Field(default=0.9, gt=0.0, lt=1.0)
     feature_norm: bool = True
     dropout: float = Field(
-        0.0,
+        default=0.0,
         ge=0.0,
         lt=1.0,
         description="dropout on the hidden layer while training "
@@ -56,20 +56,22 @@ class ComposerConfig(Strict):
     no prior or gate) or 'shared' (one alpha for all samples: aTLAS with objective 'supervised',
     AdaMerging with 'entropy'). blocks: 'tensor', 'module', 'all' (task-level), globs or a map."""
 
-    method: str = Field("variational", description="a registered composer method (taskvec.variational.COMPOSERS)")
+    method: str = Field(
+        default="variational", description="a registered composer method (taskvec.variational.COMPOSERS)"
+    )
     objective: Literal["supervised", "entropy"] = "supervised"
     blocks: str | list[str] | dict[str, list[str]] = "tensor"
     include: list[str] | None = None
     exclude: list[str] = Field(default_factory=list)
     strategy: Strategy | dict[str, Strategy] = "auto"
-    init_coef: float = Field(0.3, description="initial coefficient of every task vector and block")
+    init_coef: float = Field(default=0.3, description="initial coefficient of every task vector and block")
     prior: PriorConfig = Field(default_factory=PriorConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     posterior: PosteriorConfig = Field(default_factory=PosteriorConfig)
-    concrete_temperature: float = Field(0.5, gt=0.0)
+    concrete_temperature: float = Field(default=0.5, gt=0.0)
     hard_concrete: bool = False
     kl_weight: float = Field(
-        1e-4,
+        default=1e-4,
         ge=0.0,
         description="lambda_KL; the KL is summed over the T*B coefficients, so a larger value gates out more of them",
     )
@@ -84,36 +86,35 @@ class ComposerConfig(Strict):
         if self.method not in COMPOSERS:
             raise ValueError(f"method: unknown composer method {self.method!r}; known: {', '.join(COMPOSERS.names())}")
         if self.objective not in OBJECTIVES[self.method]:
-            raise ValueError(
-                f"the {self.method} composer is trained with objective {' or '.join(map(repr, OBJECTIVES[self.method]))}"
-            )
+            wanted = " or ".join(map(repr, OBJECTIVES[self.method]))
+            raise ValueError(f"the {self.method} composer is trained with objective {wanted}")
         return self
 
 
 class TrainConfig(Strict):
     """How it is learned. batch_size is global (split over DDP ranks)."""
 
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=1e-3, gt=0.0)
     bias_lr: float | None = Field(
-        None,
+        default=None,
         gt=0.0,
         description="learning rate of the amortized network's output "
         "biases, the input-independent part of every coefficient (None: lr)",
     )
     weight_decay: float = Field(
-        0.0,
+        default=0.0,
         ge=0.0,
         description="AdamW decay of the coefficient network's weight "
         "matrices only (its input dependence), never of biases or shared coefficients",
     )
-    grad_clip: float | None = Field(1.0, gt=0.0)
+    grad_clip: float | None = Field(default=1.0, gt=0.0)
     seed: int = 0
-    train_samples: int = Field(1, ge=1, description="Monte-Carlo samples of alpha per input in the ELBO")
+    train_samples: int = Field(default=1, ge=1, description="Monte-Carlo samples of alpha per input in the ELBO")
     eval_mode: Literal["deterministic", "mc"] = "deterministic"
-    eval_samples: int = Field(8, ge=1, description="samples averaged by eval_mode 'mc'")
-    eval_batch_size: int = Field(256, ge=1)
+    eval_samples: int = Field(default=8, ge=1, description="samples averaged by eval_mode 'mc'")
+    eval_batch_size: int = Field(default=256, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: DtypeName = "float32"
     progress: bool = True
@@ -145,4 +146,4 @@ def preset(name: str, **overrides: object) -> ComposerConfig:
     """A named ComposerConfig (see PRESETS), with top-level fields overridden."""
     if name not in PRESETS:
         raise KeyError(f"unknown composer preset {name!r}; known: {', '.join(PRESETS)}")
-    return ComposerConfig(**{**PRESETS[name], **overrides})
+    return ComposerConfig.model_validate({**PRESETS[name], **overrides})

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -114,7 +114,7 @@ class ComposedModel(nn.Module):
             p.requires_grad_(False)
         self.forward_fn = forward_fn
         self.strategy = strategy
-        own = dict(backbone.named_parameters(remove_duplicate=False))
+        own: dict[str, torch.Tensor] = dict(backbone.named_parameters(remove_duplicate=False))
         own.update(dict(backbone.named_buffers(remove_duplicate=False)))
         common = set(_keys(task_vectors[0]))
         for tv in task_vectors[1:]:
@@ -200,7 +200,8 @@ class ComposedModel(nn.Module):
         )
 
     def tau(self, key: str) -> torch.Tensor:
-        """Stacked task vectors of tensor `key`: (T, *shape) (a low-rank tensor's formed from its factors, each call)."""
+        """Stacked task vectors of tensor `key`: (T, *shape) (a low-rank tensor's formed from its
+        factors, each call)."""
         if key in self._lowrank:  # formed on demand, not kept
             return self._dense_stack(key)[1:]
         return getattr(self, f"stack_{self._slot[key]}")[1:]
@@ -223,11 +224,11 @@ class ComposedModel(nn.Module):
         self._cache.clear()
 
     def named_base(self) -> dict[str, torch.Tensor]:
-        own = dict(self.backbone.named_parameters(remove_duplicate=False))
+        own: dict[str, torch.Tensor] = dict(self.backbone.named_parameters(remove_duplicate=False))
         own.update(dict(self.backbone.named_buffers(remove_duplicate=False)))
         return own
 
-    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> ComposedModel:  # type: ignore[override]
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> ComposedModel:
         self._cache.clear()
         return super()._apply(fn, recurse)
 
@@ -322,8 +323,10 @@ class _EvalBatchNorm(TorchFunctionMode):
             training = _get(args, kwargs, 5, "training", False)
             if not training and rm is not None and rv is not None and (rm.requires_grad or rv.requires_grad):
                 x, w, b = _get(args, kwargs, 0, "input"), _get(args, kwargs, 3, "weight"), _get(args, kwargs, 4, "bias")
+
                 def f(t):
                     return None if t is None else t.unsqueeze(0)
+
                 return ops.batch_norm_eval(x, f(rm), f(rv), f(w), f(b), _get(args, kwargs, 7, "eps", 1e-5), x.shape[0])
         return func(*args, **kwargs)
 
@@ -335,6 +338,11 @@ def _get(args: tuple[Any, ...], kwargs: Mapping[str, Any], i: int, name: str, de
     if len(args) > i:
         return args[i]
     return kwargs.get(name, default)
+
+
+_Weighted = tuple[
+    Any, Any, Any, torch.Tensor | None, torch.Tensor | None, str | None, torch.Tensor | None, torch.Tensor | None
+]
 
 
 class _PerSampleMode(TorchFunctionMode):
@@ -356,6 +364,10 @@ class _PerSampleMode(TorchFunctionMode):
         tau = self.model.tau(k)
         return self.coef[self.model.blocks.index[k]], tau, k
 
+    @overload
+    def _full(self, t: torch.Tensor) -> torch.Tensor: ...
+    @overload
+    def _full(self, t: None) -> None: ...
     def _full(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """(N|1, *shape) per-sample tensor (composed) or the base with a leading 1."""
         if t is None:
@@ -395,72 +407,59 @@ class _PerSampleMode(TorchFunctionMode):
             else self.model.cached(layout, key, lambda: ops.stack_weights(w, tau, layout))
         )
 
-    # ----- handlers: return NotImplemented when no argument is composed
-    def linear(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    def _weighted(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> _Weighted | None:
+        """Input, weight, bias, with the weight's (coefficients, taus, key) and the bias's (coefficients,
+        taus) of a linear or conv call; None when neither weight nor bias is composed."""
         x, w, b = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "weight"), _get(args, kwargs, 2, "bias")
         cw, tw, kw = self._ct(w, dense=False)
         cb, tb, _ = self._ct(b)
         if kw is None and cb is None:
+            return None
+        return x, w, b, cw, tw, kw, cb, tb
+
+    # ----- handlers: return NotImplemented when no argument is composed
+    def linear(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+        got = self._weighted(args, kwargs)
+        if got is None:
             return NotImplemented
+        x, w, b, cw, tw, kw, cb, tb = got
         if cw is not None and tw is None:  # low-rank task vectors: never form the weights
-            return ops.lowrank_linear(x, w, b, cw, self.model.factors(kw), cb, tb, self.n)  # type: ignore[arg-type]
+            assert kw is not None  # a weight's coefficients come with its key
+            return ops.lowrank_linear(x, w, b, cw, self.model.factors(kw), cb, tb, self.n)
         stacked = self._stacked(kw, w, tw)
         return ops.linear(x, w, b, cw, tw, cb, tb, self.n, self.model.strategy_for(kw or ""), stacked)
 
     def conv2d(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
-        x, w, b = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "weight"), _get(args, kwargs, 2, "bias")
-        cw, tw, kw = self._ct(w, dense=False)
-        cb, tb, _ = self._ct(b)
-        if kw is None and cb is None:
+        got = self._weighted(args, kwargs)
+        if got is None:
             return NotImplemented
+        x, w, b, cw, tw, kw, cb, tb = got
         stride, padding = _get(args, kwargs, 3, "stride", 1), _get(args, kwargs, 4, "padding", 0)
         dilation, groups = _get(args, kwargs, 5, "dilation", 1), _get(args, kwargs, 6, "groups", 1)
         if cw is not None and tw is None:
+            assert kw is not None  # a weight's coefficients come with its key
             if groups == 1:  # low-rank task vectors: never form the weights
                 return ops.lowrank_conv2d(
-                    x,
-                    w,
-                    b,
-                    cw,
-                    self.model.factors(kw),
-                    cb,
-                    tb,
-                    self.n,  # type: ignore[arg-type]
-                    stride,
-                    padding,
-                    dilation,
+                    x, w, b, cw, self.model.factors(kw), cb, tb, self.n, stride, padding, dilation
                 )
-            tw = self.model.stack(kw)[1:]  # type: ignore[arg-type]
+            tw = self.model.stack(kw)[1:]
         stacked = self._stacked(kw, w, tw)
-        return ops.conv2d(
-            x,
-            w,
-            b,
-            cw,
-            tw,
-            cb,
-            tb,
-            self.n,
-            stride,
-            padding,
-            dilation,
-            groups,
-            self.model.strategy_for(kw or ""),
-            stacked,
-        )
+        strategy = self.model.strategy_for(kw or "")
+        return ops.conv2d(x, w, b, cw, tw, cb, tb, self.n, stride, padding, dilation, groups, strategy, stacked)
 
     def embedding(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         idx, w = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "weight")
         cw, tw, kw = self._ct(w, dense=False)
         if kw is None:
             return NotImplemented
+        assert cw is not None  # a composed weight has coefficients
         if _get(args, kwargs, 3, "max_norm") is not None:
             raise TaskVecError(
                 f"embedding {kw!r} uses max_norm (renormalises weights in place): not composable per sample"
             )
         if tw is None:  # low-rank task vectors: never form the weights
             pad = _get(args, kwargs, 2, "padding_idx")
-            return ops.lowrank_embedding(idx, w, cw, self.model.factors(kw), self.n, pad)  # type: ignore[arg-type]
+            return ops.lowrank_embedding(idx, w, cw, self.model.factors(kw), self.n, pad)
         rows = self.model.cached("rows", kw, lambda: tw.transpose(0, 1).reshape(tw.shape[1], -1).contiguous())
         return ops.embedding(idx, w, cw, rows, self.n, _get(args, kwargs, 2, "padding_idx"))
 

@@ -29,6 +29,8 @@ from torch.utils.checkpoint import checkpoint
 from taskvec.errors import TaskVecError
 
 Strategy = Literal["auto", "linear", "batched"]
+IntPair = int | tuple[int, ...]
+"""A conv stride, dilation or padding: one int for both spatial axes, or one per axis."""
 
 CHUNK_ELEMS = 1 << 22
 """Per-sample weights are built for chunks of samples holding at most this many elements (16 MB f32)."""
@@ -113,8 +115,10 @@ def _chunked(
             outs.append(apply(x[s : s + size], build(c1[s : s + size], stack, buf)))
     else:
         ckpt = n * numel > CHECKPOINT_ELEMS
+
         def fn(xs, cs, st):
             return apply(xs, build(cs, st))
+
         for s in range(0, n, size):
             xs, cs = x[s : s + size], c1[s : s + size]
             outs.append(checkpoint(_plain, fn, xs, cs, stack, use_reentrant=False) if ckpt else fn(xs, cs, stack))
@@ -228,14 +232,14 @@ def linear(
 # --------------------------------------------------------------------------- conv2d
 
 
-def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+def _pair(v: IntPair) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _is_pointwise(w0: torch.Tensor, padding: object, dilation: object, groups: int) -> bool:
+def _is_pointwise(w0: torch.Tensor, padding: str | IntPair, dilation: IntPair, groups: int) -> bool:
     if groups != 1 or w0.shape[-2:] != (1, 1):
         return False
-    return padding in ("valid", "same") or _pair(padding) == (0, 0)  # type: ignore[arg-type]
+    return padding in ("valid", "same") if isinstance(padding, str) else _pair(padding) == (0, 0)
 
 
 def _conv_batched(
@@ -243,7 +247,7 @@ def _conv_batched(
     w: torch.Tensor,
     w0: torch.Tensor,
     stride: tuple[int, int],
-    padding: object,
+    padding: str | tuple[int, int],
     dilation: tuple[int, int],
     groups: int,
 ) -> torch.Tensor:
@@ -269,9 +273,9 @@ def conv2d(
     cb: torch.Tensor | None,
     tb: torch.Tensor | None,
     n: int,
-    stride: object = 1,
-    padding: object = 0,
-    dilation: object = 1,
+    stride: IntPair = 1,
+    padding: str | IntPair = 0,
+    dilation: IntPair = 1,
     groups: int = 1,
     strategy: Strategy = "auto",
     stacked: Callable[[str], torch.Tensor] | None = None,
@@ -281,8 +285,8 @@ def conv2d(
     x = batch_first(x, n, "a conv2d layer")
     if x.dim() != 4:
         raise TaskVecError(f"per-sample conv2d needs (N, C, H, W) inputs, got shape {tuple(x.shape)}")
-    st, dl = _pair(stride), _pair(dilation)  # type: ignore[arg-type]
-    pad = padding if isinstance(padding, str) else _pair(padding)  # type: ignore[arg-type]
+    st, dl = _pair(stride), _pair(dilation)
+    pad = padding if isinstance(padding, str) else _pair(padding)
     if cw is None or tw is None:
         y = F.conv2d(x, w0, None, st, pad, dl, groups)
     else:
@@ -488,17 +492,17 @@ def lowrank_conv2d(
     cb: torch.Tensor | None,
     tb: torch.Tensor | None,
     n: int,
-    stride: object = 1,
-    padding: object = 0,
-    dilation: object = 1,
+    stride: IntPair = 1,
+    padding: str | IntPair = 0,
+    dilation: IntPair = 1,
 ) -> torch.Tensor:
     """F.conv2d (groups = 1) with per-sample W0 + sum_k c_nk U_k diag(s_k) V_k^T, the factors of
     the (out, in*kh*kw) matrix: a conv with the R kernels V^T, a per-sample scale of its R
     channels, and a 1x1 conv with U (LoRA's form)."""
     u, s, v, col = fac
     x = batch_first(x, n, "a conv2d layer")
-    st, dl = _pair(stride), _pair(dilation)  # type: ignore[arg-type]
-    pad = padding if isinstance(padding, str) else _pair(padding)  # type: ignore[arg-type]
+    st, dl = _pair(stride), _pair(dilation)
+    pad = padding if isinstance(padding, str) else _pair(padding)
     r = v.shape[1]
     z = F.conv2d(x, v.T.reshape(r, *w0.shape[1:]), None, st, pad, dl)  # (n, R, h, w)
     z = z * lowrank_coef(cw, s, col).reshape(n, r, 1, 1)

@@ -40,7 +40,8 @@ def toy_problem(
         dtype
     )
     base = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
-    tvs, heads = [], []
+    tvs: list[dict[str, torch.Tensor]] = []
+    heads: list[nn.Module] = []
     for t in range(tasks):
         model, head = copy.deepcopy(backbone), nn.Linear(hidden, 2).to(dtype)
         x, y = _task_data(t, 4 * n, dim, 10 + t, dtype)

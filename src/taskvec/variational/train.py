@@ -15,7 +15,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,14 @@ from taskvec.variational.methods import build_coefficients
 from taskvec.variational.posterior import CoefficientNet
 
 
+class CoefficientModel(Protocol):
+    """What training and evaluation use of a coefficient module (an nn.Module built by a method)."""
+
+    def coefficients(self, f0: torch.Tensor) -> torch.Tensor: ...
+
+    def sample(self, f0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
+
+
 class Composer(nn.Module):
     """A composed backbone, frozen per-task heads and the learned coefficient model."""
 
@@ -66,7 +74,7 @@ class Composer(nn.Module):
 
     def coefficients(self, features: torch.Tensor) -> torch.Tensor:
         """Deterministic test-time coefficients: (N, T, B), or (T, B) for shared coefficients."""
-        return self.coef.coefficients(features)
+        return cast(CoefficientModel, self.coef).coefficients(features)
 
     def logits(
         self, inputs: Any, alpha: torch.Tensor, tasks: torch.Tensor
@@ -379,7 +387,8 @@ def evaluate_composer(
             alpha = (coefficients if coefficients.dim() == 2 else coefficients[index]).to(device, dtype)
         if mode == "mc" and channels:
             noise = sample_noise(index, -1, seed, samples, channels, (t, b), dtype, device)
-            draws = list(composer.coef.sample(batch.features, noise).unbind(0))
+            assert noise is not None  # channels > 0
+            draws = list(cast(CoefficientModel, composer.coef).sample(batch.features, noise).unbind(0))
         else:
             draws = [alpha]
         for a in draws:
@@ -391,7 +400,7 @@ def evaluate_composer(
                 )
         probs: dict[int, torch.Tensor] = {}
         for a in draws:
-            for task, idx, logits in composer.logits(batch.inputs, a, batch.tasks):
+            for task, _idx, logits in composer.logits(batch.inputs, a, batch.tasks):
                 p = logits.softmax(-1)
                 probs[task] = probs[task] + p if task in probs else p
         for task, idx in _groups(batch.tasks):
