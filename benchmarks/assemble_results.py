@@ -55,7 +55,8 @@ starts at task arithmetic's validated λ, so each learned method starts where ta
 ends; AdamW, batch 64, 5 epochs, gate defaults (ρ ≥ 0.5, ρ|μ| ≥ 0.01, σ/|μ| ≤ 1), prior
 π = 0.5, σ_p = 1. The learning rate of every method, and the KL weight, π and regularizers of
 the variational composer, were chosen per suite on held-out validation data (vision-4: one
-held-out split, section 2b; text-3: 3-fold cross-validation, section 2c), never on test; the chosen values are in the second table of each suite (`--tuned` reads them from the
+held-out split, section 2b; text-3: 3-fold cross-validation, section 2c), never on test; the chosen
+values are in the second table of each suite (`--tuned` reads them from the
 tuning runs). The comparison lines under each table (difference of the seeds' average accuracy,
 one-sided Welch t-test) are computed by the same script.
 
@@ -82,7 +83,8 @@ test, a loss cross-validation did not show (held out: 82.51 against block-level'
 Settings chosen on one held-out split instead (section 2b) give the same picture (83.3 ± 0.2 against
 83.8 ± 0.1, three seeds). Why, measured in the table below: a logistic regression on the
 frozen features f₀(x) names the task of a vision-4 input 99.8 % of the time but of a text-3 input
-only 58.8 % (chance 33 %; still 65.6 % when fitted on all 4,450 training items instead), since text-3's three tasks are disjoint groups of categories from one
+only 58.8 % (chance 33 %; still 65.6 % when fitted on all 4,450 training items instead), since
+text-3's three tasks are disjoint groups of categories from one
 source of short texts. A per-input α(x) then has little to route on, and with 200 labelled items
 per task its input dependence fits noise. On this suite no learned method, shared or per input,
 improves on task arithmetic. The last tables of this section measure why: routing text-3's inputs
@@ -133,11 +135,13 @@ Each method was trained on 70 % of every task's validation split and scored on t
 (the same cut for all methods, seed 0); `--tuned` then takes, per method, the settings of its
 best run here and trains on the whole validation splits. vision-4's final runs use this table;
 text-3's use the cross-validation of section 2c (this text-3 table is shown for comparison). One
-seed per setting, so small differences are noise (text-3: 60 held-out items per task, one item = 1.7 points on a task and
+seed per setting, so small differences are noise (text-3: 60 held-out items per task,
+one item = 1.7 points on a task and
 0.56 on the average). Ties go to the run with the fewest extra options (`--tuned`). Settings are
 chosen per method because one shared setting (learning rate 5e-3 and KL weight 1e-3 for every
 method) makes the variational composer look no better than the learned coefficients: at 5e-3
-the amortized network's output layer (128 inputs per coefficient) moves its coefficients ~0.3 per step, two orders larger than the task arithmetic start (0.05 on vision-4),
+the amortized network's output layer (128 inputs per coefficient) moves its coefficients ~0.3 per
+step, two orders larger than the task arithmetic start (0.05 on vision-4),
 and with KL weight 1e-3 the KL (summed over T·B ≈ 300–600 coefficients) outweighs the
 cross-entropy, so it gates out 85–90 % of the coefficients.
 """

@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
 from taskvec.bases import Bank, build_bank
 from taskvec.bench.run import choose_lambda, negate, prepare
 from taskvec.core import TaskVector
 from taskvec.io.atomic import write_text_atomic
+
+REPO = Path(__file__).resolve().parents[1]
 
 ADD_LAMBDAS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 1.5)
 NEG_LAMBDAS = (0.1, 0.2, 0.3, 0.5, 1.0, 2.0)

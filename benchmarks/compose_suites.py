@@ -55,8 +55,6 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
 from taskvec.bench.compose import suite_composer, suite_data
 from taskvec.bench.models import forward_features
 from taskvec.bench.run import prepare
@@ -70,6 +68,8 @@ from taskvec.variational import (
     train_composer,
 )
 from taskvec.variational.config import PRESETS
+
+REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_PRESETS = ("atlas_task", "atlas_block", "variational")
 

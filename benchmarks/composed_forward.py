@@ -187,7 +187,8 @@ def main() -> None:
             f"weights per sample, timed on {args.naive_samples} samples. `python3 benchmarks/composed_forward.py`."
         ),
         "",
-        "| model | blocks B | batch | base | composed, per-sample alpha | composed / base time | shared alpha (merge per batch) | naive per-sample loop | composed / naive speed-up |",
+        "| model | blocks B | batch | base | composed, per-sample alpha | composed / base time | shared alpha (merge "
+        "per batch) | naive per-sample loop | composed / naive speed-up |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

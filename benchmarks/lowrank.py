@@ -138,13 +138,13 @@ def accuracy_table(args: argparse.Namespace, rows: dict[str, Any], dense_bytes: 
         "",
         (
             f"{datetime.date.today()}, CPU ({os.cpu_count()} cores shared), torch {torch.__version__}. Tasks: "
-            f"{', '.join(names)}. Each fine-tuned task vector stored by `taskvec.core.lowrank.compress` at rank r (float32 "
-            "factors of every matrix and conv kernel; 1-D tensors and tensors whose factors would be larger stay dense). "
-            "Test accuracy (%), mean over tasks; task arithmetic and TIES (density 0.2) with lambda chosen on validation; "
-            f"variational composer (KL weight 1e-4, {args.epochs} epochs, batch 64, lr 2e-3, seed 0) trained on validation. "
-            f"Relative error = ||tau - tau_r|| / ||tau||, mean over tasks. Memory = stored bytes / dense float32 bytes "
-            f"({dense_bytes / 1e6:.1f} MB for {len(names)} task vectors). "
-            f"`python3 benchmarks/lowrank.py accuracy {args.suite} --ranks {' '.join(map(str, ranks))}`."
+            f"{', '.join(names)}. Each fine-tuned task vector stored by `taskvec.core.lowrank.compress` at rank r "
+            "(float32 factors of every matrix and conv kernel; 1-D tensors and tensors whose factors would be larger "
+            "stay dense). Test accuracy (%), mean over tasks; task arithmetic and TIES (density 0.2) with lambda "
+            f"chosen on validation; variational composer (KL weight 1e-4, {args.epochs} epochs, batch 64, lr 2e-3, "
+            "seed 0) trained on validation. Relative error = ||tau - tau_r|| / ||tau||, mean over tasks. Memory = "
+            f"stored bytes / dense float32 bytes ({dense_bytes / 1e6:.1f} MB for {len(names)} task vectors). `python3 "
+            f"benchmarks/lowrank.py accuracy {args.suite} --ranks {' '.join(map(str, ranks))}`."
         ),
         "",
         (
@@ -152,15 +152,16 @@ def accuracy_table(args: argparse.Namespace, rows: dict[str, Any], dense_bytes: 
             f"fine-tuned models (one per task) {rows['reference']['finetuned']:.1f}."
         ),
         "",
-        "| task vectors | relative error | memory | task arithmetic | TIES | variational | variational: tensors composed from factors | variational train s |",
+        "| task vectors | relative error | memory | task arithmetic | TIES | variational | variational: tensors "
+        "composed from factors | variational train s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label in ["dense", *map(str, ranks)]:
         r = rows[label]
         lines.append(
-            f"| {'dense' if label == 'dense' else 'rank ' + label} | {r['rel_error']:.3f} | {r['bytes'] / dense_bytes:.1%} | "
-            f"{r['task_arithmetic']:.1f} | {r['ties']:.1f} | {r['variational']:.1f} | {r['lowrank_tensors']} | "
-            f"{r['variational_seconds']:.0f} |"
+            f"| {'dense' if label == 'dense' else 'rank ' + label} | {r['rel_error']:.3f} | "
+            f"{r['bytes'] / dense_bytes:.1%} | {r['task_arithmetic']:.1f} | {r['ties']:.1f} | {r['variational']:.1f} | "
+            f"{r['lowrank_tensors']} | {r['variational_seconds']:.0f} |"
         )
     lines.append("")
     pre = rows["reference"]["pretrained"]
@@ -170,9 +171,9 @@ def accuracy_table(args: argparse.Namespace, rows: dict[str, Any], dense_bytes: 
         + ", ".join(f"{m.replace('_', ' ')} {g:+.1f}" for m, g in gains.items())
         + " points."
         + (
-            " With gains under 2 points the suite cannot tell ranks apart (the largest gap to dense at any rank tried is "
-            f"{max(abs(rows[str(r)][m] - d[m]) for r in ranks for m in methods):.1f} points, in either direction): the rank "
-            "below reflects this suite's noise rather than a measured need."
+            " With gains under 2 points the suite cannot tell ranks apart (the largest gap to dense at any rank tried "
+            f"is {max(abs(rows[str(r)][m] - d[m]) for r in ranks for m in methods):.1f} points, in either direction): "
+            "the rank below reflects this suite's noise rather than a measured need."
             if max(abs(g) for g in gains.values()) < 2
             else ""
         )
@@ -183,10 +184,10 @@ def accuracy_table(args: argparse.Namespace, rows: dict[str, Any], dense_bytes: 
     else:
         b = rows[str(best)]
         lines.append(
-            f"Smallest rank from which every rank tried keeps >= 99 % of the dense result of all three methods: **r = {best}** "
-            f"(task arithmetic {b['task_arithmetic'] / d['task_arithmetic']:.1%}, TIES {b['ties'] / d['ties']:.1%}, "
-            f"variational {b['variational'] / d['variational']:.1%} of dense), memory {b['bytes'] / dense_bytes:.1%} of the "
-            "dense task vectors."
+            "Smallest rank from which every rank tried keeps >= 99 % of the dense result of all three methods: **r = "
+            f"{best}** (task arithmetic {b['task_arithmetic'] / d['task_arithmetic']:.1%}, TIES "
+            f"{b['ties'] / d['ties']:.1%}, variational {b['variational'] / d['variational']:.1%} of dense), memory "
+            f"{b['bytes'] / dense_bytes:.1%} of the dense task vectors."
         )
     return "\n".join(lines) + "\n"
 
@@ -278,16 +279,16 @@ def forward(args: argparse.Namespace) -> None:
         "",
         (
             f"{datetime.date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-            f"{args.threads} CPU thread(s), {os.cpu_count()} cores shared with other jobs (1-min load average {load0:.1f} at "
-            f"start, {load1:.1f} at end). all-MiniLM-L6-v2, {args.seq_len} tokens, mean pooled; per-sample alpha, one block "
-            f"per tensor; inference (no_grad); least process CPU time of {args.repeats} rounds after a warm-up, each round "
-            "running base, low-rank and dense in turn. Task vectors: "
-            f"random factors of rank r for every matrix ({rows[0]['lr_keys']} of {rows[0]['keys']} composed "
-            "tensors; the embeddings included), 1-D tensors dense. The dense forward is timed once per T and batch (beside the "
-            "first rank) and shown against the base model of its own rounds. "
-            "Dense = the same task vectors as dense tensors (the batched per-sample forward). Samples/s; ratios are "
-            f"times against the base model. No GPU on this machine: GPU rows not measured. "
-            f"`python3 benchmarks/lowrank.py forward --ranks {' '.join(map(str, args.ranks))} --tasks {' '.join(map(str, args.tasks))}`."
+            f"{args.threads} CPU thread(s), {os.cpu_count()} cores shared with other jobs (1-min load average "
+            f"{load0:.1f} at start, {load1:.1f} at end). all-MiniLM-L6-v2, {args.seq_len} tokens, mean pooled; "
+            f"per-sample alpha, one block per tensor; inference (no_grad); least process CPU time of {args.repeats} "
+            "rounds after a warm-up, each round running base, low-rank and dense in turn. Task vectors: random "
+            f"factors of rank r for every matrix ({rows[0]['lr_keys']} of {rows[0]['keys']} composed tensors; the "
+            "embeddings included), 1-D tensors dense. The dense forward is timed once per T and batch (beside the "
+            "first rank) and shown against the base model of its own rounds. Dense = the same task vectors as dense "
+            "tensors (the batched per-sample forward). Samples/s; ratios are times against the base model. No GPU on "
+            "this machine: GPU rows not measured. `python3 benchmarks/lowrank.py forward --ranks "
+            f"{' '.join(map(str, args.ranks))} --tasks {' '.join(map(str, args.tasks))}`."
         ),
         "",
         "| T | rank r | batch | base | low-rank composed | low-rank / base time | dense composed | dense / base time |",

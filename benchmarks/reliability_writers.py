@@ -422,8 +422,9 @@ def malicious_pickle(d: Path) -> Result:
         f"import torch, sys\nfrom pathlib import Path\nfrom taskvec.bench.finetune import finetune\n"
         f"from taskvec.bench.suites import FinetuneSpec, Split\nfrom taskvec.errors import TaskVecError\n"
         f"try:\n    finetune(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2),"
-        f" Split(torch.randn(8, 4), torch.zeros(8, dtype=torch.long)), FinetuneSpec(), seed=0, state_path=Path({str(state)!r}), progress=False)\n"
-        f"except TaskVecError as e:\n    print(f'error: {{e}}', file=sys.stderr); sys.exit(2)\n"
+        " Split(torch.randn(8, 4), torch.zeros(8, dtype=torch.long)), FinetuneSpec(), seed=0, "
+        f"state_path=Path({str(state)!r}), progress=False)\nexcept TaskVecError as e:\n    print(f'error: {{e}}', "
+        "file=sys.stderr); sys.exit(2)\n"
     )
     before = snapshot(d)
     r = subprocess.run([sys.executable, "-c", run], check=False, capture_output=True, text=True, env=ENV)

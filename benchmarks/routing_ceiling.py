@@ -26,14 +26,14 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
 from taskvec.bench.compose import suite_composer, suite_data, task_parts
 from taskvec.bench.models import forward_features
 from taskvec.bench.run import prepare
 from taskvec.io.atomic import write_text_atomic
 from taskvec.variational import evaluate_composer
 from taskvec.variational.train import build_composer
+
+REPO = Path(__file__).resolve().parents[1]
 
 STEPS = (0.25, 0.5, 1.0, 2.0)
 

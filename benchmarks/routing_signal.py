@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
 from taskvec.bench.compose import suite_data
 from taskvec.bench.run import prepare
 from taskvec.io.atomic import write_text_atomic
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def task_id_accuracy(suite: str, cs: tuple[float, ...]) -> dict[str, object]:

@@ -173,7 +173,8 @@ def generate_all(
     stamp.write_text(json.dumps(meta, indent=2) + "\n")
     n = sum(s.numel for s in llama_specs(cfg).values())
     log(
-        f"synthetic Llama: {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}: {n:,} params = {n * 2 / GiB:.3f} GiB fp16"
+        f"synthetic Llama: {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}: {n:,} params = "
+        f"{n * 2 / GiB:.3f} GiB fp16"
     )
     dirs = [models / "base"] + [models / f"ft{k}" for k in range(1, n_models + 1)]
     for k, d in enumerate(dirs):
@@ -347,18 +348,22 @@ def fmt_report(ctx: dict, seq: dict, results: dict, checks: dict, ties_ref: dict
     lines = [
         "# Streaming merge benchmark",
         "",
-        f"- {ctx['date']}; {ctx['cpus']} CPU cores, {ctx['ram_gib']:.1f} GiB RAM; load average (1/5/15 min) at start: {ctx['loadavg']}",
+        f"- {ctx['date']}; {ctx['cpus']} CPU cores, {ctx['ram_gib']:.1f} GiB RAM; load average (1/5/15 min) at start: "
+        f"{ctx['loadavg']}",
         f"- checkpoint: synthetic LlamaForCausalLM, {ctx['n_params']:,} parameters ({ctx['model_gib']:.2f} GiB fp16, "
-        f"{ctx['n_shards']} shards per model); N = {ctx['n_models']} fine-tuned + base = {ctx['input_gib']:.2f} GiB of inputs",
-        f"- taskvec: `taskvec merge CONFIG.yaml -o OUT`; mergekit {ctx.get('mergekit_version', 'not run')} (compute dtype "
-        f"{ctx['mergekit_dtype']}): `{ctx.get('mergekit_opts', '')}`",
-        f"- page cache dropped before every step ({ctx['cache_mode']}); each tool's modules are imported once beforehand, untimed",
+        f"{ctx['n_shards']} shards per model); N = {ctx['n_models']} fine-tuned + base = {ctx['input_gib']:.2f} GiB of "
+        "inputs",
+        f"- taskvec: `taskvec merge CONFIG.yaml -o OUT`; mergekit {ctx.get('mergekit_version', 'not run')} (compute "
+        f"dtype {ctx['mergekit_dtype']}): `{ctx.get('mergekit_opts', '')}`",
+        f"- page cache dropped before every step ({ctx['cache_mode']}); each tool's modules are imported once "
+        "beforehand, untimed",
         "",
         f"**Limits measured in the same run, cold cache:** sequential read of the {ctx['input_gb']:.2f} GB of inputs "
-        f"{seq['read_s']:.1f} s ({ctx['input_gb'] / seq['read_s']:.2f} GB/s); sequential write of one {ctx['model_gib']:.2f} GiB "
-        f"output {seq['write_s']:.1f} s; read + write = **{limit:.1f} s**.",
+        f"{seq['read_s']:.1f} s ({ctx['input_gb'] / seq['read_s']:.2f} GB/s); sequential write of one "
+        f"{ctx['model_gib']:.2f} GiB output {seq['write_s']:.1f} s; read + write = **{limit:.1f} s**.",
         "",
-        "| method | tool | wall s | wall / (read + write) | wall / taskvec task arithmetic | CPU s (user+sys) | peak RSS GiB | load avg at end | status |",
+        "| method | tool | wall s | wall / (read + write) | wall / taskvec task arithmetic | CPU s (user+sys) | peak "
+        "RSS GiB | load avg at end | status |",
         "|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     ta = results.get(("taskvec", "task_arithmetic"))
@@ -376,8 +381,8 @@ def fmt_report(ctx: dict, seq: dict, results: dict, checks: dict, ties_ref: dict
     lines += [
         "",
         "peak RSS: the larger of the polled sum over the process tree (every 50 ms) and the kernel's high-water mark "
-        "(`/usr/bin/time -v`). Load average: 1/5/15-minute averages when the step ended; the machine's 2 cores are shared "
-        "with other jobs, which lengthens CPU-bound steps.",
+        "(`/usr/bin/time -v`). Load average: 1/5/15-minute averages when the step ended; the machine's 2 cores are "
+        "shared with other jobs, which lengthens CPU-bound steps.",
     ]
     if checks:
         lines += [
@@ -395,8 +400,9 @@ def fmt_report(ctx: dict, seq: dict, results: dict, checks: dict, ties_ref: dict
         lines += [
             "",
             "Task arithmetic must agree within fp16 rounding. TIES keeps exactly k entries per task in both tools, but "
-            "breaks ties at the threshold differently (deltas of fp16 weights are quantized, so equal values are common): "
-            "taskvec by flat position (independent of how a tensor is sliced), mergekit in `torch.argsort` order.",
+            "breaks ties at the threshold differently (deltas of fp16 weights are quantized, so equal values are "
+            "common): taskvec by flat position (independent of how a tensor is sliced), mergekit in `torch.argsort` "
+            "order.",
         ]
     if ties_ref:
         tools = sorted({t for e in ties_ref.values() for t in e if t not in ("n", "k")})
@@ -515,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{tool} {method} ...")
             r = results[(tool, method)] = run_measured(cmd, logdir / f"{tool}-{method}.log", env=env)
             log(
-                f"{tool} {method}: rc={r.rc} {r.wall_s:.1f} s, {r.user_s + r.sys_s:.0f} CPU s, peak RSS {r.peak_rss / GiB:.2f} GiB"
+                f"{tool} {method}: rc={r.rc} {r.wall_s:.1f} s, {r.user_s + r.sys_s:.0f} CPU s, peak RSS "
+                f"{r.peak_rss / GiB:.2f} GiB"
             )
 
     ok = lambda tool, m: (tool, m) in results and results[(tool, m)].rc == 0  # noqa: E731

@@ -11,6 +11,8 @@ import torch
 from taskvec.bench.run import prepare, run_suite
 from taskvec.bench.suite import load_suite
 
+pytestmark = pytest.mark.suite
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]

@@ -92,9 +92,11 @@ def test_rerun_replaces_only_with_force(tmp_path: Path) -> None:
 
 def test_writer_rejects_out_of_order_and_overflow(tmp_path: Path) -> None:
     specs = {"a": TensorSpec((2,), torch.float32), "b": TensorSpec((2,), torch.float32)}
-    with pytest.raises(ValueError, match="expected tensor 'a'"):
-        with CheckpointWriter(tmp_path / "o.safetensors", specs) as w:
-            w.write("b", torch.zeros(2))
+    with (
+        pytest.raises(ValueError, match="expected tensor 'a'"),
+        CheckpointWriter(tmp_path / "o.safetensors", specs) as w,
+    ):
+        w.write("b", torch.zeros(2))
     with pytest.raises(Exception, match="more data"), CheckpointWriter(tmp_path / "o.safetensors", specs) as w:
         w.write("a", torch.zeros(3))
     assert not (tmp_path / "o.safetensors").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -201,6 +203,6 @@ def test_bad_method_and_params_are_named() -> None:
 
 
 def test_every_registered_method_is_tested() -> None:
-    here = open(__file__).read()
+    here = Path(__file__).read_text()
     for m in list_methods():
         assert f'"{m.name}"' in here, f"method {m.name} has no test"

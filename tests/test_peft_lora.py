@@ -11,9 +11,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-
 from taskvec import TaskVector
 from taskvec.config import load_merge_config
 from taskvec.core.lowrank import is_factored
@@ -26,6 +23,9 @@ from taskvec.errors import (
 from taskvec.io import open_checkpoint
 from taskvec.io.lowrank import FactoredSource
 from taskvec.merge import merge_checkpoints
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
 
 
 class ConvNet(nn.Module):

@@ -200,7 +200,8 @@ def test_cli_refuses_nan_checkpoints_and_allows_on_request(tmp_path: Path, nan_f
     # merge, apply: refused, and allowed with the option
     cfg = tmp_path / "m.yaml"
     cfg.write_text(
-        f"method: ties\nbase: {nan_files['base']}\nmodels: [{{finetuned: {nan_files['nan_ft']}}}, {{finetuned: {nan_files['ft1']}}}]\n"
+        f"method: ties\nbase: {nan_files['base']}\n"
+        f"models: [{{finetuned: {nan_files['nan_ft']}}}, {{finetuned: {nan_files['ft1']}}}]\n"
     )
     code, text = _run("merge", str(cfg), "-o", str(tmp_path / "merged"))
     assert code == 2 and "'layers.1.mlp.weight'" in text and not (tmp_path / "merged").exists()
@@ -449,7 +450,7 @@ def test_handler_turns_every_error_kind_into_one_line(tmp_path: Path) -> None:
     @demo.command()
     def boom(kind: str) -> None:
         if kind == "os":
-            open(tmp_path / "missing" / "f")
+            (tmp_path / "missing" / "f").read_text()
         if kind == "pydantic":
             M(x="many")  # type: ignore[arg-type]
         if kind == "taskvec":
