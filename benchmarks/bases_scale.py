@@ -298,7 +298,7 @@ def report(args: argparse.Namespace, gen: dict, gen_res: dict, results: list[dic
         "| phase | wall time (s) | peak RSS (GiB) | load avg after | result |",
         "|---|---:|---:|---|---|",
         (
-            f"| generate {args.tasks + 1} task vectors + base (not part of the requirement) | "
+            f"| generate {args.tasks + 1} task vectors + base (input set-up, not a bases phase) | "
             f"{gen_res.get('wall_s', 0):.1f} | {gen_res.get('peak_rss', 0) / GiB:.2f} | | {numel:,} parameters per "
             "task "
             f"vector{' (files already on disk from an earlier run: only checked)' if gen_res.get('skipped') else ''} |"
@@ -361,7 +361,7 @@ def report(args: argparse.Namespace, gen: dict, gen_res: dict, results: list[dic
     peak = max(r["peak_rss"] for r in results)
     lines += [
         "",
-        f"Largest peak RSS of any bases phase: {peak / GiB:.2f} GiB (requirement: < 4 GiB) -> "
+        f"Largest peak RSS of any bases phase: {peak / GiB:.2f} GiB (goal: < 4 GiB) -> "
         f"{'PASS' if peak < 4 * GiB else 'FAIL'}.",
     ]
     return "\n".join(lines) + "\n"
