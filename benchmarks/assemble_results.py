@@ -339,6 +339,12 @@ def main() -> None:
             "python3 benchmarks/streaming_merge.py",
         ),
         (
+            "4b. The same merges on a quiet machine (taskvec alone)",
+            "streaming_merge_quiet",
+            "python3 benchmarks/streaming_merge.py --skip-mergekit --methods task_arithmetic,ties,magnitude "
+            "--results benchmarks/results/streaming_merge_quiet.md",
+        ),
+        (
             "5. Composed forward with per-sample coefficients",
             "composed_forward",
             "python3 benchmarks/composed_forward.py",
