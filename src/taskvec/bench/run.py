@@ -136,20 +136,13 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def _applied(delta: TaskVector, prep: Prepared, lam: float) -> dict[str, torch.Tensor]:
-    """theta0 + lam * delta as a state dict (the pretrained weights are one)."""
-    out = delta.apply_to(prep.pretrained, lam)
-    assert isinstance(out, dict)
-    return out
-
-
 def choose_lambda(prep: Prepared, tv: TaskVector, lambdas: Sequence[float] = LAMBDAS) -> dict[str, object]:
     """theta0 + lambda * tv, lambda chosen on validation (mean accuracy over tasks; ties to the
     smaller lambda), then scored once on test."""
     delta = TaskVector.from_tensors(tv.to_state_dict())  # materialise once, reuse for every lambda
-    val = {lam: prep.evaluate(_applied(delta, prep, lam), "val") for lam in lambdas}
+    val = {lam: prep.evaluate(delta.apply_to(prep.pretrained, lam), "val") for lam in lambdas}
     best = max(lambdas, key=lambda lam: (_mean(list(val[lam].values())), -lam))
-    test = prep.evaluate(_applied(delta, prep, best), "test")
+    test = prep.evaluate(delta.apply_to(prep.pretrained, best), "test")
     return {"lambda": best, "val": {str(k): v for k, v in val.items()}, "test": test}
 
 
@@ -163,10 +156,10 @@ def negate(
     delta = TaskVector.from_tensors(tv.to_state_dict())
     best, best_val = 0.0, dict(pre_val)
     for lam in lambdas:
-        v = prep.evaluate(_applied(delta, prep, -lam), "val")
+        v = prep.evaluate(delta.apply_to(prep.pretrained, -lam), "val")
         if all(v[c] >= CONTROL_KEEP * pre_val[c] for c in controls) and v[target] < best_val[target]:
             best, best_val = lam, v
-    test = prep.evaluate(_applied(delta, prep, -best), "test")
+    test = prep.evaluate(delta.apply_to(prep.pretrained, -best), "test")
     return {
         "lambda": best,
         "target": test[target],
