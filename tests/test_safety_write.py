@@ -547,3 +547,25 @@ def test_force_replaces_a_folder_with_the_base_model_files_taskvec_copied(tmp_pa
     (out / "notes.txt").write_text("mine")
     r = runner.invoke(app, ["merge", str(cfg), "-o", str(out), "--force"])
     assert r.exit_code != 0 and (out / "notes.txt").read_text() == "mine"
+
+
+def test_compose_predict_and_export_refuse_user_files_before_any_work(tmp_path: Path) -> None:
+    # the output rule is checked before the composer or its suite is read: a composer folder that
+    # does not exist is never reached, and the user's files keep their bytes
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"mine": 1}\n')
+    inputs = tmp_path / "new.csv"
+    inputs.write_text("text\nhello\n")
+    before = {p: p.read_bytes() for p in (notes, inputs)}
+    missing = tmp_path / "no-composer"
+    r = cli("compose", "predict", missing, inputs, "--task", "t", "-o", notes, "--force")
+    assert r.returncode == 2 and "notes.jsonl: is a file that taskvec did not write" in one_line(r)
+    r = cli("compose", "predict", missing, inputs, "--task", "t", "-o", inputs, "--force")
+    assert r.returncode == 2 and "is (or contains, or lies inside) the input" in one_line(r)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("keep")
+    r = cli("compose", "export", missing, "--task", "t", "-o", folder, "--force")
+    assert r.returncode == 2 and "mine: is a folder that taskvec did not write" in one_line(r)
+    assert {p: p.read_bytes() for p in (notes, inputs)} == before
+    assert (folder / "keep.txt").read_text() == "keep"

@@ -136,9 +136,7 @@ def train_on_suite(
     cfg: ComposeRunConfig, out: str | Path, *, overwrite: bool = False
 ) -> tuple[Composer, EvalResult, Prepared]:
     """Train the configured composer on the suite and save it; returns it with its test result."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out}: already exists (pass overwrite/--force to replace it)")
+    out = check_output(out, overwrite=overwrite)  # before the suite is prepared and the composer trained
     tcfg = cfg.train_config()
     prep = prepare(cfg.suite, Path(cfg.cache) if cfg.cache else None)
     entropy = tcfg.composer.objective == "entropy"
@@ -257,7 +255,7 @@ def predict(
     return records
 
 
-def _predictions_owned(path: Path) -> str | None:
+def predictions_owned(path: Path) -> str | None:
     """None if `path` is a predictions file taskvec wrote (JSON lines of its prediction records)."""
     try:
         with open(path) as f:
@@ -271,7 +269,7 @@ def _predictions_owned(path: Path) -> str | None:
 
 def write_jsonl(records: list[dict[str, Any]], out: Path, *, overwrite: bool = False) -> Path:
     """Write records one JSON object per line, atomically."""
-    with atomic_path(out, overwrite=overwrite, owned=_predictions_owned) as tmp:
+    with atomic_path(out, overwrite=overwrite, owned=predictions_owned) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     return out
 

@@ -111,12 +111,19 @@ def predict(
     force: Force = False,
 ) -> None:
     """Predict new inputs of a task; write one JSON line per input."""
-    from taskvec.bench.compose import composer_suite, load_on_suite, predict, read_inputs, write_jsonl
+    from taskvec.bench.compose import (
+        composer_suite,
+        load_on_suite,
+        predict,
+        predictions_owned,
+        read_inputs,
+        write_jsonl,
+    )
+    from taskvec.io.atomic import check_output
 
     try:
         _check_mode(mode)
-        if out.exists() and not force:
-            raise ConfigError(f"{out}: already exists (pass --force to replace it)")
+        check_output(out, overwrite=force, inputs=[inputs, composer], owned=predictions_owned)
         if not inputs.exists():
             raise ConfigError(f"{inputs}: no such input file or folder")
         composer_suite(composer, suite)
@@ -149,13 +156,13 @@ def export(
 ) -> None:
     """Write a static model for one task: theta0 + sum of its mean coefficients times the task vectors."""
     from taskvec.bench.compose import composer_suite, dtype_of, export_task, load_on_suite
+    from taskvec.io.atomic import check_output
 
     try:
         if split not in ("train", "val"):
             raise ConfigError(f"--split: {split!r} is not train or val (coefficients are never chosen on test data)")
         torch_dtype = dtype_of(dtype)
-        if out.exists() and not force:
-            raise ConfigError(f"{out}: already exists (pass --force to replace it)")
+        check_output(out, overwrite=force, inputs=[composer])
         composer_suite(composer, suite)
         comp, prep = load_on_suite(composer, suite, cache)
         path, alpha = export_task(
