@@ -319,7 +319,7 @@ def test_bad_inputs_give_one_line_errors_before_loading(walked: Path, tmp_path: 
 
 
 def test_extend_search_walks_past_the_grid_edges() -> None:
-    from taskvec.tune import extend_search
+    from taskvec.grid import extend_search
 
     calls: list[float] = []
 

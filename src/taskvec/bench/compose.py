@@ -354,3 +354,52 @@ def dtype_of(name: str | None) -> torch.dtype | None:
     if name not in DTYPES:
         raise ConfigError(f"--dtype: unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+# --------------------------------------------------------------------------- bench run
+
+
+def learned_config(prep: Prepared, name: str, seed: int, init_coef: float | None, progress: bool) -> ComposeTrainConfig:
+    """Preset `name` with the suite's `compose` settings (every preset's, then its own)."""
+    spec = prep.suite.compose
+    own = spec.presets.get(name)
+    over: dict[str, Any] = dict(own.composer) if own else {}
+    if init_coef is not None:
+        over.setdefault("init_coef", init_coef)
+    train = {**spec.train, **(own.train if own else {}), "seed": seed, "progress": progress}
+    return ComposeTrainConfig(composer=suite_composer(name, **over), train=TrainConfig(**train))
+
+
+def run_learned(
+    prep: Prepared,
+    name: str,
+    seed: int,
+    val: ComposeData,
+    test: ComposeData,
+    *,
+    init_coef: float | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train preset `name` on the validation splits (or, for an entropy objective, on the unlabeled
+    test inputs, as AdaMerging does) and score it on the test splits."""
+    import time
+
+    cfg = learned_config(prep, name, seed, init_coef, progress)
+    entropy = cfg.composer.objective == "entropy"
+    data = ComposeData(test.inputs, test.features, test.tasks) if entropy else val
+    tvs, heads = task_parts(prep)
+    prep.backbone.load_state_dict(prep.pretrained)
+    t0 = time.perf_counter()
+    comp = train_composer(prep.backbone, tvs, heads, data, cfg, forward_fn=forward_features, task_names=list(prep.tasks))
+    seconds = time.perf_counter() - t0
+    res = evaluate_composer(comp, test, batch_size=cfg.train.eval_batch_size)
+    prep.backbone.float().load_state_dict(prep.pretrained)
+    names = list(prep.tasks)
+    return {
+        "preset": name,
+        "seed": seed,
+        "test": {names[i]: a for i, a in res.accuracy.items()},
+        "kept": {names[i]: a for i, a in res.active.items()},
+        "seconds": seconds,
+        "config": cfg.model_dump(mode="json"),
+    }

@@ -3,6 +3,7 @@ a builder. A suite picks one per task (or one for all) with `head: {kind: ...}`.
 
     head: {kind: linear_probe, c: 1.0}              # logistic regression on frozen pretrained features
     head: {kind: zero_shot, template: "a review that is {}."}   # text encoders: embeddings of label texts
+    head: {kind: prototype, shots: 16}              # any encoder: class means of a few labelled examples
     head: {kind: file, path: heads/sentiment.safetensors}       # weight (C, D) and bias (C) of your own
 """
 
@@ -76,15 +77,19 @@ HEADS.register("linear_probe", LinearProbe, build_linear_probe)
 
 
 class CosineHead(nn.Module):
-    """logits = scale * cos(f, w_c): frozen class embeddings compared with normalized features."""
+    """logits = scale * cos(f - center, w_c): frozen class embeddings compared with features, both
+    taken relative to an optional frozen `center` (for features that are all positive, such as
+    pooled ReLU activations, whose raw cosines all sit near 1)."""
 
-    def __init__(self, weight: torch.Tensor, scale: float):
+    def __init__(self, weight: torch.Tensor, scale: float, center: torch.Tensor | None = None):
         super().__init__()
-        self.weight = nn.Parameter(F.normalize(weight, dim=-1), requires_grad=False)
+        center = torch.zeros(weight.shape[1]) if center is None else center.float()
+        self.center = nn.Parameter(center, requires_grad=False)
+        self.weight = nn.Parameter(F.normalize(weight.float() - self.center, dim=-1), requires_grad=False)
         self.scale = scale
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.normalize(f, dim=-1) @ self.weight.T
+        return self.scale * F.normalize(f - self.center, dim=-1) @ self.weight.T
 
 
 class ZeroShot(Strict):
@@ -110,6 +115,41 @@ def build_zero_shot(cfg: ZeroShot, ctx: HeadContext) -> nn.Module:
 
 
 HEADS.register("zero_shot", ZeroShot, build_zero_shot)
+
+
+class Prototype(Strict):
+    """Any encoder: each class is the mean pretrained feature of its first `shots` training
+    examples (nearest-class-mean, as in few-shot learning), compared by cosine. It needs no
+    training, so the pretrained model keeps much less of the fine-tuned accuracy than a linear
+    probe fitted on all of the training split: composition methods have room to differ."""
+
+    kind: Literal["prototype"]
+    shots: int = Field(default=16, ge=1, description="labelled training examples per class")
+    scale: float = Field(default=16.0, gt=0, description="logit scale (inverse temperature)")
+    center: bool = Field(default=True, description="measure cosines around the shots' mean feature")
+
+
+@torch.no_grad()
+def build_prototype(cfg: Prototype, ctx: HeadContext) -> nn.Module:
+    """Class means of the first `shots` examples of each class in the (seeded) training split."""
+    from taskvec.bench.models import features
+
+    train = ctx.task.train
+    picks: list[int] = []
+    for c in range(len(ctx.task.classes)):
+        idx = torch.nonzero(train.y == c).flatten()[: cfg.shots]
+        if len(idx) == 0:
+            raise ConfigError(f"task {ctx.task.spec.name!r}: class {ctx.task.classes[c]!r} has no training example")
+        picks += idx.tolist()
+    sub = train.take(torch.tensor(picks))
+    f = features(ctx.backbone.module, sub).double()
+    y = sub.y
+    center = f.mean(0) if cfg.center else torch.zeros(f.shape[1], dtype=f.dtype)
+    means = torch.stack([f[y == c].mean(0) for c in range(len(ctx.task.classes))])
+    return CosineHead(means.float(), cfg.scale, center.float())
+
+
+HEADS.register("prototype", Prototype, build_prototype)
 
 
 class HeadFile(Strict):

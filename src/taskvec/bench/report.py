@@ -1,8 +1,18 @@
-"""Tables (rich, Markdown), JSON and a bar chart of a suite's results; every file written atomically."""
+"""Tables (rich, Markdown), JSON and a bar chart of a suite's results; every file written atomically.
+
+Three measures per method: test accuracy; normalized accuracy, merged / fine-tuned; and the share
+of the fine-tuning gain kept, (merged - pretrained) / (fine-tuned - pretrained), which is 0 for
+the pretrained model and 1 for the fine-tuned ones. Per task, and on average: the average
+normalized accuracy is the mean of the tasks' ratios; the average gain kept is the gain of the
+average accuracy, (mean merged - mean pretrained) / (mean fine-tuned - mean pretrained), which a
+task whose fine-tuning gained almost nothing cannot blow up.
+"""
 
 from __future__ import annotations
 
 import json
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,38 +22,138 @@ from rich.table import Table
 from taskvec.io.atomic import write_text_atomic
 
 
-def accuracy_rows(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, list[float], float, float | None]]]:
-    """(task names, rows of (label, per-task accuracy, mean accuracy, mean normalized accuracy))."""
-    tasks = list(r["finetuned"])
-    ft = r["finetuned"]
-    rows: list[tuple[str, list[float], float, float | None]] = []
+@dataclass
+class Row:
+    """One method's results: a list of runs (one per seed; static methods have one)."""
 
-    def row(label: str, accs: dict[str, float], normalized: bool = True) -> None:
-        vals = [accs[t] for t in tasks]
-        norm = sum(accs[t] / ft[t] for t in tasks) / len(tasks) if normalized else None
-        rows.append((label, vals, sum(vals) / len(vals), norm))
+    label: str
+    runs: list[dict[str, float]]
+    kind: str = "static"
 
-    row("pretrained (frozen-feature head)", r["pretrained"])
-    row("fine-tuned (one model per task)", ft)
+    def per_task(self, t: str) -> tuple[float, float]:
+        return _mean_sd([r[t] for r in self.runs])
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def scores(acc: dict[str, float], pre: dict[str, float], ft: dict[str, float]) -> dict[str, float]:
+    """Average accuracy, average normalized accuracy and average gain kept of one run."""
+    tasks = list(ft)
+    avg = statistics.fmean(acc[t] for t in tasks)
+    pre_avg, ft_avg = statistics.fmean(pre[t] for t in tasks), statistics.fmean(ft.values())
+    return {
+        "avg": avg,
+        "norm": statistics.fmean(acc[t] / ft[t] for t in tasks),
+        "gain": (avg - pre_avg) / (ft_avg - pre_avg) if ft_avg != pre_avg else float("nan"),
+    }
+
+
+def gain_kept(acc: float, pre: float, ft: float) -> float:
+    """(merged - pretrained) / (fine-tuned - pretrained) of one task (nan if fine-tuning gained nothing)."""
+    return (acc - pre) / (ft - pre) if ft != pre else float("nan")
+
+
+def rows(r: dict[str, Any]) -> list[Row]:
+    """Every method of a results dict, in the order: references, static merges, bank, learned."""
+    out = [Row("pretrained", [r["pretrained"]], "reference"), Row("fine-tuned (one model per task)", [r["finetuned"]], "reference")]
     for m, res in r["methods"].items():
-        row(f"{m} (λ={res['lambda']:g})", res["test"])
-    return tasks, rows
+        out.append(Row(f"{m} (λ={res['lambda']:g})", [res["test"]]))
+    if "bases" in r:
+        b = r["bases"]
+        out.append(Row(f"bank of M = {b['m']} bases (λ={b['lambda']:g})", [b["test"]], "bank"))
+    for name, runs in (r.get("learned") or {}).items():
+        out.append(Row(name, [x["test"] for x in runs], "learned"))
+    return out
+
+
+def _cell(m: float, s: float, n: int, scale: float = 100.0) -> str:
+    return f"{scale * m:.1f} ± {scale * s:.1f}" if n > 1 else f"{scale * m:.1f}"
+
+
+def summary(r: dict[str, Any], row: Row) -> dict[str, tuple[float, float]]:
+    """Mean and sd over the row's runs of avg, norm and gain."""
+    per = [scores(run, r["pretrained"], r["finetuned"]) for run in row.runs]
+    return {k: _mean_sd([p[k] for p in per]) for k in ("avg", "norm", "gain")}
+
+
+def welch(r: dict[str, Any], ref: str = "variational") -> list[tuple[str, float, float, str]]:
+    """(method, mean difference in average accuracy points, p, test) of `ref` against every other
+    shared-coefficient method: a one-sided Welch t-test over the seeds when both have several, a
+    one-sided one-sample t-test against a deterministic method's single value."""
+    from taskvec._optional import require
+
+    stats = require("scipy.stats", "bench")
+    learned = r.get("learned") or {}
+    if len(learned.get(ref, [])) < 2:
+        return []
+    mine = [100 * scores(x["test"], r["pretrained"], r["finetuned"])["avg"] for x in learned[ref]]
+    out = []
+    for row in rows(r):
+        if row.kind == "reference" or row.label == ref:
+            continue
+        other = [100 * scores(x, r["pretrained"], r["finetuned"])["avg"] for x in row.runs]
+        diff = statistics.fmean(mine) - statistics.fmean(other)
+        if len(other) > 1:
+            p = float(stats.ttest_ind(mine, other, equal_var=False, alternative="greater").pvalue)
+            how = f"Welch, {len(mine)} vs {len(other)} seeds"
+        else:
+            p = float(stats.ttest_1samp(mine, other[0], alternative="greater").pvalue)
+            how = f"one-sample, {len(mine)} seeds vs one deterministic value"
+        out.append((row.label, diff, p, how))
+    return out
 
 
 def markdown(r: dict[str, Any]) -> str:
-    tasks, rows = accuracy_rows(r)
+    tasks = list(r["finetuned"])
+    pre, ft = r["pretrained"], r["finetuned"]
+    seeds = max((len(x) for x in (r.get("learned") or {}).values()), default=1)
+    spread = f"; learned methods: mean ± sd over {seeds} seeds" if seeds > 1 else ""
     lines = [
-        f"### {r['suite']['name']}: test accuracy (%)",
+        f"### {r['suite']['name']}: test accuracy (%){spread}",
         "",
-        "| method | " + " | ".join(tasks) + " | avg | avg normalized |",
-        "|---" * (len(tasks) + 3) + "|",
+        "| method | " + " | ".join(tasks) + " | avg | avg normalized | gain kept |",
+        "|---" * (len(tasks) + 4) + "|",
     ]
-    for label, vals, avg, norm in rows:
+    for row in rows(r):
+        n = len(row.runs)
+        s = summary(r, row)
+        cells = [_cell(*row.per_task(t), n) for t in tasks]
         lines.append(
-            f"| {label} | "
-            + " | ".join(f"{100 * v:.1f}" for v in vals)
-            + f" | {100 * avg:.1f} | {'' if norm is None else f'{100 * norm:.1f}'} |"
+            f"| {row.label} | " + " | ".join(cells) + f" | {_cell(*s['avg'], n)} | {_cell(*s['norm'], n)} "
+            f"| {_cell(*s['gain'], n)} |"
         )
+    lines += [
+        "",
+        "Share of the fine-tuning gain kept per task, (merged − pretrained) / (fine-tuned − pretrained), %:",
+        "",
+        "| method | " + " | ".join(tasks) + " |",
+        "|---" * (len(tasks) + 1) + "|",
+    ]
+    for row in rows(r):
+        if row.kind == "reference":
+            continue
+        cells = [f"{100 * gain_kept(row.per_task(t)[0], pre[t], ft[t]):.0f}" for t in tasks]
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    tests = welch(r)
+    if tests:
+        lines += ["", "Is the variational composer better? (average accuracy, one-sided tests over its seeds)", ""]
+        lines += [f"* variational − {m}: {d:+.1f} points, p = {p:.3g} ({how})" for m, d, p, how in tests]
+    if "bases" in r:
+        b = r["bases"]
+        lines += [
+            "",
+            f"Bank: M = {b['m']} bases ({b['method']}) of T = {len(tasks)} task vectors, assignments "
+            f"{b['assignments']}; {b['bank_bytes'] / 2**20:.1f} MiB on disk vs "
+            f"{b['task_vector_bytes'] / 2**20:.1f} MiB of float32 task vectors.",
+        ]
+    if r.get("learned"):
+        lines += ["", "| learned method | coefficients kept at test time (%) | train s (mean) |", "|---|---|---|"]
+        for name, runs in r["learned"].items():
+            kept = [statistics.fmean(x["kept"].values()) for x in runs if x.get("kept")]
+            k = f"{100 * statistics.fmean(kept):.0f}" if kept else "100"
+            lines.append(f"| {name} | {k} | {statistics.fmean(x['seconds'] for x in runs):.1f} |")
     if "negation" in r:
         lines += [
             "",
@@ -55,11 +165,11 @@ def markdown(r: dict[str, Any]) -> str:
         ]
         for t, n in r["negation"].items():
             cs = n["controls"]
-            pre_c = sum(r["pretrained"][c] for c in cs) / len(cs)
+            pre_c = sum(pre[c] for c in cs) / len(cs)
             neg_c = sum(cs.values()) / len(cs)
-            kept = min(cs[c] / r["pretrained"][c] for c in cs)
+            kept = min(cs[c] / pre[c] for c in cs)
             lines.append(
-                f"| {t} | {n['lambda']:g} | {100 * r['pretrained'][t]:.1f} → {100 * n['target']:.1f} "
+                f"| {t} | {n['lambda']:g} | {100 * pre[t]:.1f} → {100 * n['target']:.1f} "
                 f"| {100 * pre_c:.1f} → {100 * neg_c:.1f} | min {100 * kept:.1f}% |"
             )
     secs = r.get("finetune_seconds") or {}
@@ -68,12 +178,16 @@ def markdown(r: dict[str, Any]) -> str:
     lines += [
         "",
         "Composition time (s): " + ", ".join(f"{m} {res['seconds']:.1f}" for m, res in r["methods"].items()),
-        "",
     ]
-    return "\n".join(lines)
+    digests = r.get("items_sha256") or {}
+    if digests:
+        lines += ["", "Items (sha256 of each task's splits): " + ", ".join(f"{t} `{d[:12]}`" for t, d in digests.items())]
+    return "\n".join(lines) + "\n"
 
 
 def bar_chart(r: dict[str, Any], path: Path) -> Path:
+    """Two panels: test accuracy per task and on average (error bars: sd over seeds), and the
+    average share of the fine-tuning gain kept per method."""
     from taskvec._optional import require
 
     require("matplotlib", "plot").use("Agg")
@@ -82,33 +196,57 @@ def bar_chart(r: dict[str, Any], path: Path) -> Path:
 
     from taskvec.report import _atomic_savefig
 
-    tasks, rows = accuracy_rows(r)
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * (len(tasks) + 1), 4))
-    width = 0.8 / len(rows)
+    tasks = list(r["finetuned"])
+    all_rows = rows(r)
+    fig, (ax, ax2) = plt.subplots(
+        1, 2, figsize=(3 + 1.4 * (len(tasks) + 1) + 4, 4.5), gridspec_kw={"width_ratios": [len(tasks) + 1, 3]}
+    )
+    width = 0.8 / len(all_rows)
     x = np.arange(len(tasks) + 1)
-    for i, (label, vals, avg, _) in enumerate(rows):
-        ax.bar(x + i * width, [100 * v for v in vals] + [100 * avg], width, label=label)
-    ax.set_xticks(x + 0.4 - width / 2, tasks + ["avg"])
+    for i, row in enumerate(all_rows):
+        s = summary(r, row)
+        means = [100 * row.per_task(t)[0] for t in tasks] + [100 * s["avg"][0]]
+        sds = [100 * row.per_task(t)[1] for t in tasks] + [100 * s["avg"][1]]
+        ax.bar(x + i * width, means, width, yerr=sds if len(row.runs) > 1 else None, label=row.label, capsize=2)
+    ax.set_xticks(x + 0.4 - width / 2, tasks + ["avg"], rotation=20)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{r['suite']['name']}: composed models vs one model per task")
     ax.legend(fontsize=7, loc="lower right")
+    merged = [row for row in all_rows if row.kind != "reference"]
+    gains = [100 * summary(r, row)["gain"][0] for row in merged]
+    errs = [100 * summary(r, row)["gain"][1] for row in merged]
+    ax2.barh(np.arange(len(merged)), gains, xerr=errs, color="tab:green", capsize=2)
+    ax2.set_yticks(np.arange(len(merged)), [row.label for row in merged], fontsize=7)
+    ax2.invert_yaxis()
+    ax2.axvline(100, color="black", lw=0.8, ls="--")
+    ax2.axvline(0, color="black", lw=0.8)
+    ax2.set_xlabel("fine-tuning gain kept (%, average)")
+    fig.tight_layout()
     _atomic_savefig(fig, path)
     plt.close(fig)
     return path
 
 
 def print_table(r: dict[str, Any], console: Console) -> None:
-    tasks, rows = accuracy_rows(r)
+    tasks = list(r["finetuned"])
     t = Table(title=f"{r['suite']['name']}: test accuracy (%)")
     t.add_column("method")
-    for name in [*tasks, "avg", "avg norm."]:
+    for name in [*tasks, "avg", "avg norm.", "gain kept"]:
         t.add_column(name, justify="right")
-    for label, vals, avg, norm in rows:
+    for row in rows(r):
+        n = len(row.runs)
+        s = summary(r, row)
         t.add_row(
-            label, *(f"{100 * v:.1f}" for v in vals), f"{100 * avg:.1f}", "" if norm is None else f"{100 * norm:.1f}"
+            row.label,
+            *(_cell(*row.per_task(c), n) for c in tasks),
+            _cell(*s["avg"], n),
+            _cell(*s["norm"], n),
+            _cell(*s["gain"], n),
         )
     console.print(t)
+    for m, d, p, how in welch(r):
+        console.print(f"variational − {m}: {d:+.1f} points, p = {p:.3g} ({how})")
 
 
 def write_reports(r: dict[str, Any], folder: Path, console: Console | None = None) -> dict[str, Path]:

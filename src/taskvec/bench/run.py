@@ -24,6 +24,7 @@ from taskvec.bench.models import accuracy
 from taskvec.bench.suite import SuiteSpec, TaskData, TaskSpec, load_suite, load_task
 from taskvec.core import TaskVector
 from taskvec.errors import ConfigError
+from taskvec.grid import LAMBDAS, extend_search
 from taskvec.methods import compose
 
 DEFAULT_METHODS = ("task_arithmetic", "ties", "dare", "magnitude")
@@ -32,7 +33,6 @@ DEFAULT_PARAMS: dict[str, dict[str, object]] = {
     "dare": {"density": 0.5, "seed": 0},
     "magnitude": {"density": 0.2},
 }
-LAMBDAS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5)
 NEG_LAMBDAS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 1.5, 2.0)
 CONTROL_KEEP = 0.95
 
@@ -138,12 +138,17 @@ def _mean(xs: Sequence[float]) -> float:
 
 def choose_lambda(prep: Prepared, tv: TaskVector, lambdas: Sequence[float] = LAMBDAS) -> dict[str, object]:
     """theta0 + lambda * tv, lambda chosen on validation (mean accuracy over tasks; ties to the
-    smaller lambda), then scored once on test."""
+    smaller lambda; the grid grows past its edge while the best sits there), then scored once on test."""
     delta = TaskVector.from_tensors(tv.to_state_dict())  # materialise once, reuse for every lambda
-    val = {lam: prep.evaluate(delta.apply_to(prep.pretrained, lam), "val") for lam in lambdas}
-    best = max(lambdas, key=lambda lam: (_mean(list(val[lam].values())), -lam))
+    val: dict[float, dict[str, float]] = {}
+
+    def score(lam: float) -> float:
+        val[lam] = prep.evaluate(delta.apply_to(prep.pretrained, lam), "val")
+        return _mean(list(val[lam].values()))
+
+    best, _ = extend_search(score, lambdas, lo=0.005)
     test = prep.evaluate(delta.apply_to(prep.pretrained, best), "test")
-    return {"lambda": best, "val": {str(k): v for k, v in val.items()}, "test": test}
+    return {"lambda": best, "val": {str(k): v for k, v in sorted(val.items())}, "test": test}
 
 
 def negate(
@@ -191,6 +196,34 @@ def run_negation(
     return {t: negate(prep, t, prep.task_vector(t), pre_val, lambdas) for t in prep.tasks}
 
 
+def run_bank(prep: Prepared, options: dict[str, Any], out: Path, lambdas: Sequence[float] = LAMBDAS) -> dict[str, object]:
+    """A bank of M bases (default M = ceil(T/2)) built from the task vectors into `out`, then task
+    addition from the bank, lambda chosen on validation; memory is the bank's files on disk."""
+    from taskvec.bases import build_bank
+
+    names = list(prep.tasks)
+    opts = dict(options)
+    m = int(opts.pop("m", None) or -(-len(names) // 2))
+    method = str(opts.pop("method", "cluster"))
+    if method == "cluster":
+        opts.setdefault("merge", "mean")
+    t0 = time.perf_counter()
+    tvs = [prep.task_vector(t) for t in names]
+    bank = build_bank(tvs, names, method, m, out=out, dtype=torch.float32, overwrite=True, **opts)
+    r = choose_lambda(prep, bank.addition(names), lambdas)
+    return {
+        "m": m,
+        "method": method,
+        "assignments": bank.manifest.assignments,
+        "bank_bytes": bank.memory().bank,
+        "task_vector_bytes": len(names) * tvs[0].numel() * 4,
+        "lambda": r["lambda"],
+        "val": r["val"],
+        "test": r["test"],
+        "seconds": time.perf_counter() - t0,
+    }
+
+
 def run_suite(
     suite_name: str | Path | SuiteSpec,
     methods: Sequence[str] = DEFAULT_METHODS,
@@ -198,20 +231,31 @@ def run_suite(
     out_dir: Path = Path("runs"),
     cache: Path | None = None,
     negation: bool = True,
+    bases: bool = True,
+    learned: Sequence[str] | None = None,
+    seeds: int | None = None,
     progress: bool = True,
     console: Console | None = None,
 ) -> dict[str, object]:
-    """The whole benchmark of one suite; writes results.json, results.md and accuracy.png under out_dir/suite."""
+    """The whole benchmark of one suite; writes results.json, results.md and accuracy.png under
+    out_dir/suite. Static merges (`methods`), a bank of bases (the suite's `compose.bases`), and
+    the learned compositions (`learned`, default the suite's `compose.learned`) over `seeds` seeds
+    (default the suite's `compose.seeds`), each learned one starting at task arithmetic's lambda."""
+    from taskvec.bench.compose import run_learned, suite_data
     from taskvec.bench.report import write_reports
 
     console = console or Console()
     suite = suite_name if isinstance(suite_name, SuiteSpec) else load_suite(suite_name)
+    learned = list(suite.compose.learned if learned is None else learned)
+    n_seeds = seeds or suite.compose.seeds
+    folder = out_dir / suite.name
     t0 = time.perf_counter()
     prep = prepare(suite, cache, progress=progress, console=console)
     pre_test, pre_val = prep.evaluate(prep.pretrained, "test"), prep.evaluate(prep.pretrained, "val")
     ft_test = prep.finetuned_accuracy()
-    results: dict[str, object] = {
+    results: dict[str, Any] = {
         "suite": suite.model_dump(mode="json"),
+        "items_sha256": {t: d.items_sha256 for t, d in prep.tasks.items()},
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
@@ -220,19 +264,33 @@ def run_suite(
         },
         "batchnorm": "frozen at pretrained statistics during fine-tuning (backbone in eval mode); "
         "no re-estimation after composing",
-        "selection": "lambda chosen on validation splits (mean accuracy); test reported once",
+        "selection": "lambda and every setting chosen on validation splits; test reported once",
         "pretrained": pre_test,
         "finetuned": ft_test,
         "finetune_seconds": prep.finetune_seconds,
         "methods": {},
+        "learned": {},
     }
     for m in methods:
         console.print(f"composing with [bold]{m}[/] ...")
-        results["methods"][m] = run_method(prep, m, dict(DEFAULT_PARAMS.get(m, {})))  # type: ignore[index]
+        results["methods"][m] = run_method(prep, m, dict(DEFAULT_PARAMS.get(m, {})))
+    if bases and suite.compose.bases is not None and len(prep.tasks) > 1:
+        console.print("building a bank of bases ...")
+        results["bases"] = run_bank(prep, suite.compose.bases, folder / "bank")
+    if learned:
+        val, test = suite_data(prep, "val"), suite_data(prep, "test")
+        ta = results["methods"].get("task_arithmetic")
+        init = float(ta["lambda"]) if ta else None
+        for name in learned:
+            runs = []
+            for seed in range(n_seeds):
+                console.print(f"learning [bold]{name}[/] (seed {seed}) ...")
+                runs.append(run_learned(prep, name, seed, val, test, init_coef=init, progress=progress))
+            results["learned"][name] = runs
     if negation:
         console.print("task negation ...")
         results["negation"] = run_negation(prep, pre_val)
         results["pretrained_val"] = pre_val
     results["seconds"] = time.perf_counter() - t0
-    write_reports(results, out_dir / suite.name, console=console)
+    write_reports(results, folder, console=console)
     return results

@@ -91,6 +91,12 @@ class TaskSpec(Strict):
     cache_key: str | None = Field(
         default=None, description="name of this task's cache entry (default: a hash of its recipe)"
     )
+    items_sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="sha256 of the task's items and labels in every split (see `items_digest`); a "
+        "data set that no longer gives these exact items is refused",
+    )
 
     @field_validator("data", mode="before")
     @classmethod
@@ -112,6 +118,42 @@ class TaskSpec(Strict):
         return self
 
 
+class PresetSpec(Strict):
+    """Overrides of one learned-composition preset: composer fields and training options."""
+
+    composer: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+
+
+class ComposeSpec(Strict):
+    """What `bench run` composes beside the static merges, and how the learned ones train
+    (settings chosen on validation data only; the suite file is the place to record them).
+
+        compose:
+          bases: {m: 2}                           # a bank of M bases (default: M = ceil(T/2))
+          learned: [atlas_task, atlas_block, adamerging_block, variational]
+          train: {epochs: 10, lr: 1.0e-3}         # every learned preset
+          presets: {variational: {composer: {kl_weight: 1.0e-4}}}
+    """
+
+    bases: dict[str, Any] | None = Field(
+        default_factory=dict, description="build_bank options ('m', 'method', ...); null: no bank"
+    )
+    learned: list[str] = Field(default_factory=list, description="presets of taskvec.variational.PRESETS")
+    train: dict[str, Any] = Field(default_factory=dict)
+    presets: dict[str, PresetSpec] = Field(default_factory=dict)
+    seeds: int = Field(default=1, ge=1, description="seeds of every learned method (mean ± sd when > 1)")
+
+    @model_validator(mode="after")
+    def _known(self) -> ComposeSpec:
+        from taskvec.variational import PRESETS
+
+        for name in [*self.learned, *self.presets]:
+            if name not in PRESETS:
+                raise ValueError(f"unknown composer preset {name!r}; known: {', '.join(PRESETS)}")
+        return self
+
+
 class SuiteSpec(Strict):
     """A suite file (see the module docstring)."""
 
@@ -121,6 +163,7 @@ class SuiteSpec(Strict):
     tasks: list[TaskSpec] = Field(min_length=1)
     head: SerializeAsAny[BaseModel] = Field(default_factory=lambda: HEADS.parse({"kind": "linear_probe"}))
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
+    compose: ComposeSpec = Field(default_factory=ComposeSpec)
     seed: int = 0
     _root: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr(default="")
@@ -168,7 +211,7 @@ class SuiteSpec(Strict):
 
     def task_hash(self, task: TaskSpec) -> str:
         """Hash of everything that changes one task's head or fine-tuned checkpoint."""
-        t = task.model_dump(mode="json", exclude={"cache_key"})
+        t = task.model_dump(mode="json", exclude={"cache_key", "items_sha256"})
         head = self.head_of(task)
         sources = list(task.data.values()) if isinstance(task.data, dict) else [task.data]
         paths = [getattr(x, "path", None) for x in [*sources, head]] + [task.finetuned]
@@ -240,6 +283,11 @@ class Split:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    def take(self, idx: torch.Tensor) -> Split:
+        """The rows `idx` as a split of their own."""
+        x = {k: v[idx] for k, v in self.x.items()} if isinstance(self.x, dict) else self.x[idx]
+        return Split(x, self.y[idx])
+
     def batch(self, idx: torch.Tensor | slice) -> tuple[Inputs, torch.Tensor]:
         if isinstance(self.x, dict):
             x = {k: v[idx] for k, v in self.x.items()}
@@ -255,6 +303,26 @@ class TaskData:
     train: Split
     val: Split
     test: Split
+    items_sha256: str = ""
+    """sha256 of the raw items and labels of the three splits (see `items_digest`)."""
+
+
+def items_digest(parts: dict[str, RawData]) -> str:
+    """sha256 over the splits' raw items (image bytes with their shape, or UTF-8 texts), labels and
+    class names, in split order: equal digests mean the same examples in the same splits."""
+    h = hashlib.sha256()
+    for s in SPLITS:
+        p = parts[s]
+        h.update(f"{s}:{len(p)}:{json.dumps(p.classes)}".encode())
+        if isinstance(p.x, list):
+            for t in p.x:
+                b = t.encode()
+                h.update(len(b).to_bytes(8, "little") + b)
+        else:
+            x = np.ascontiguousarray(p.x)
+            h.update(f"{x.dtype.str}{x.shape}".encode() + x.tobytes())
+        h.update(np.ascontiguousarray(p.y, dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 def split_indices(
@@ -293,10 +361,17 @@ def raw_splits(suite: SuiteSpec, task: TaskSpec) -> dict[str, RawData]:
 def load_task(suite: SuiteSpec, task: TaskSpec, backbone: Backbone) -> TaskData:
     """Load a task's data and cut its splits, encoded for the suite's backbone."""
     raw = raw_splits(suite, task)
+    digest = items_digest(raw)
+    if task.items_sha256 is not None and digest != task.items_sha256:
+        raise ConfigError(
+            f"task {task.name!r}: the data set no longer gives the suite's items (items_sha256 "
+            f"{task.items_sha256}, now {digest}); the installed data differs from the one the suite "
+            "was pinned to"
+        )
     text = isinstance(raw["train"].x, list)
     if text != (backbone.kind == "text"):
         raise ConfigError(
             f"task {task.name!r}: {'text' if text else 'image'} data, but the backbone takes {backbone.kind}"
         )
     splits = [Split(backbone.encode(raw[s].x), torch.from_numpy(raw[s].y).long()) for s in SPLITS]
-    return TaskData(task, list(raw["train"].classes), *splits)
+    return TaskData(task, list(raw["train"].classes), *splits, items_sha256=digest)
