@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from taskvec.errors import ConfigError, format_validation_error
+from taskvec.errors import ConfigError, TaskVecError, format_validation_error
 from taskvec.io.writer import parse_size
 
 DTYPES: dict[str, torch.dtype] = {
@@ -19,6 +20,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
 }
 DtypeName = Literal["float16", "bfloat16", "float32", "float64"]
+M = TypeVar("M", bound=BaseModel)
 
 
 class Strict(BaseModel):
@@ -121,15 +123,29 @@ def load_yaml_config(path: str | Path, model: type[BaseModel]) -> Any:
         raise ConfigError(f"{path}: no such config file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    try:
-        cfg = model(**data)
-    except ValidationError as e:
-        raise ConfigError(f"{path}: {format_validation_error(e)}") from None
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    cfg = model_from(data, model, ConfigError, str(path), "a mapping at the top level")
     return cfg.resolve_paths(path.parent) if hasattr(cfg, "resolve_paths") else cfg
+
+
+def model_from(data: object, model: type[M], error: type[TaskVecError], where: str, expected: str) -> M:
+    """`model(**data)` for the parsed top level of a file. Every complaint is an `error` that starts
+    with `where` (the file, and what is wrong with it): `expected` names what the top level must be."""
+    if not isinstance(data, dict):
+        raise error(f"{where}: expected {expected}")
+    try:
+        return model(**data)
+    except ValidationError as e:
+        raise error(f"{where}: {format_validation_error(e)}") from None
+    except error as e:
+        raise error(f"{where}: {e}") from None
+
+
+def known_name(value: str, names: Iterable[str], what: str) -> str:
+    """`value` when it is one of `names`, else a ValueError listing them (for field validators)."""
+    names = list(names)
+    if value not in names:
+        raise ValueError(f"unknown {what} {value!r}; known: {', '.join(names)}")
+    return value
 
 
 def load_merge_config(path: str | Path) -> MergeConfig:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TypeVar
+
+V = TypeVar("V")
+
 
 class TaskVecError(Exception):
     """Base class of every error taskvec raises on bad input."""
@@ -47,6 +52,15 @@ class OutputBusyError(OutputError):
 
 class IntegrityError(CheckpointError):
     """A file no longer holds what was recorded when it was written (checksum, size or dtype differ)."""
+
+
+def tensor_entry(table: Mapping[str, V], key: str, source: str) -> V:
+    """`table[key]` from a checkpoint's table of tensors; a missing key is a CheckpointError naming
+    the checkpoint `source` and the tensor."""
+    try:
+        return table[key]
+    except KeyError:
+        raise CheckpointError(f"{source}: no tensor named {key!r}") from None
 
 
 _TYPE_TAGS = {"float", "int", "str", "bool", "none", "dict", "list"}

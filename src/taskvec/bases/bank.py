@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, cast
 
 import torch
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from taskvec.bases.analysis import auto_chunk, gram
 from taskvec.bases.fit import (
@@ -48,9 +48,9 @@ from taskvec.bases.fit import (
     set_cluster_stats,
 )
 from taskvec.bases.passes import cluster_pass, linear_pass, merged_basis, tapped
-from taskvec.config import DTYPES, DtypeName, Strict
+from taskvec.config import DTYPES, DtypeName, Strict, model_from
 from taskvec.core.taskvector import FloatSource, TaskVector, check_same_tensors
-from taskvec.errors import CheckpointError, ConfigError, IntegrityError, format_validation_error
+from taskvec.errors import CheckpointError, ConfigError, IntegrityError
 from taskvec.io import SafetensorsSource, ShardedSource
 from taskvec.io.atomic import atomic_path, check_output, path_lock, write_text_atomic
 from taskvec.io.safetensors_file import dtype_size
@@ -269,12 +269,7 @@ class Bank:
             data = json.loads(mpath.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{mpath}: corrupt manifest, not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{mpath}: corrupt manifest, expected a JSON object")
-        try:
-            manifest = Manifest(**data)
-        except ValidationError as e:
-            raise CheckpointError(f"{mpath}: corrupt manifest: {format_validation_error(e)}") from None
+        manifest = model_from(data, Manifest, CheckpointError, f"{mpath}: corrupt manifest", "a JSON object")
         bank = cls(path, manifest)
         if len({b.file for b in manifest.bases}) != len(manifest.bases):
             raise CheckpointError(f"{mpath}: corrupt manifest: two bases name the same file")

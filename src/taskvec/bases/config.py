@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from taskvec.config import DtypeName, Strict, TaskSource, load_yaml_config
+from taskvec.config import DtypeName, Strict, TaskSource, known_name, load_yaml_config
 from taskvec.core.taskvector import TaskVector
 from taskvec.io.writer import parse_size
 
@@ -75,9 +75,7 @@ class BasesConfig(Strict):
     def _known(cls, v: str) -> str:
         from taskvec.bases.fit import BASES
 
-        if v not in BASES:
-            raise ValueError(f"unknown bases method {v!r}; known: {', '.join(BASES.names())}")
-        return v
+        return known_name(v, BASES.names(), "bases method")
 
     def options(self) -> dict[str, Any]:
         """Keyword options of `build_bank` for this method: the fields its options model declares."""

@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError, field_validator
 from taskvec.bench.models import forward_features
 from taskvec.bench.run import Prepared, prepare
 from taskvec.bench.sources import IMAGE_SUFFIXES, column, read_table
-from taskvec.config import DTYPES, Strict, load_yaml_config
+from taskvec.config import DTYPES, Strict, known_name, load_yaml_config
 from taskvec.errors import ConfigError, format_validation_error
 from taskvec.io.atomic import atomic_path, check_output
 from taskvec.registry import validation_error
@@ -70,9 +70,7 @@ class ComposeRunConfig(Strict):
     @field_validator("preset")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in PRESETS:
-            raise ValueError(f"unknown composer preset {v!r}; known: {', '.join(PRESETS)}")
-        return v
+        return known_name(v, PRESETS, "composer preset")
 
     @field_validator("composer")
     @classmethod

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
+from typing import Literal
 
 from torch import nn
 
@@ -11,51 +13,37 @@ from taskvec.variational.data import ComposeData
 from taskvec.variational.engine import ForwardFn, TaskVectorLike, default_forward
 from taskvec.variational.train import Composer, train_composer
 
+_PRESETS = {"supervised": "atlas", "entropy": "adamerging"}
 
-def _train(
-    name: str,
+
+def train_shared(
     backbone: nn.Module,
     task_vectors: Sequence[TaskVectorLike],
     heads: Sequence[nn.Module],
     data: ComposeData,
-    level: str,
-    train: TrainConfig | None,
-    forward_fn: ForwardFn,
-    **kw: object,
+    *,
+    objective: Literal["supervised", "entropy"],
+    level: str = "block",
+    train: TrainConfig | None = None,
+    forward_fn: ForwardFn = default_forward,
+    **composer_options: object,
 ) -> Composer:
+    """Coefficients shared by all samples, per task ('task') or per task and block ('block'), learned
+    with objective 'supervised' (aTLAS: cross-entropy on labelled, validation data) or 'entropy'
+    (AdaMerging: the prediction entropy on unlabeled, test inputs; `data.labels` may be None)."""
+    if objective not in _PRESETS:
+        raise ValueError(f"objective must be 'supervised' or 'entropy', not {objective!r}")
     if level not in ("task", "block"):
         raise ValueError(f"level must be 'task' or 'block', not {level!r}")
-    cfg = ComposeTrainConfig(composer=preset(f"{name}_{level}", **kw), train=train or TrainConfig())
+    composer = preset(f"{_PRESETS[objective]}_{level}", **composer_options)
+    cfg = ComposeTrainConfig(composer=composer, train=train or TrainConfig())
     return train_composer(backbone, task_vectors, heads, data, cfg, forward_fn=forward_fn)
 
 
-def train_atlas(
-    backbone: nn.Module,
-    task_vectors: Sequence[TaskVectorLike],
-    heads: Sequence[nn.Module],
-    data: ComposeData,
-    *,
-    level: str = "block",
-    train: TrainConfig | None = None,
-    forward_fn: ForwardFn = default_forward,
-    **composer_options: object,
-) -> Composer:
-    """aTLAS-style: coefficients shared by all samples, per task ('task') or per task and block
-    ('block'), learned by cross-entropy on labelled (validation) data."""
-    return _train("atlas", backbone, task_vectors, heads, data, level, train, forward_fn, **composer_options)
+train_atlas = partial(train_shared, objective="supervised")
+train_atlas.__doc__ = """aTLAS-style: `train_shared` with objective 'supervised', coefficients learned by
+cross-entropy on labelled (validation) data."""
 
-
-def train_adamerging(
-    backbone: nn.Module,
-    task_vectors: Sequence[TaskVectorLike],
-    heads: Sequence[nn.Module],
-    data: ComposeData,
-    *,
-    level: str = "block",
-    train: TrainConfig | None = None,
-    forward_fn: ForwardFn = default_forward,
-    **composer_options: object,
-) -> Composer:
-    """AdaMerging-style: shared coefficients learned by minimising the prediction entropy on
-    unlabeled (test) inputs; `data.labels` may be None."""
-    return _train("adamerging", backbone, task_vectors, heads, data, level, train, forward_fn, **composer_options)
+train_adamerging = partial(train_shared, objective="entropy")
+train_adamerging.__doc__ = """AdaMerging-style: `train_shared` with objective 'entropy', coefficients learned by
+minimising the prediction entropy on unlabeled (test) inputs; `data.labels` may be None."""

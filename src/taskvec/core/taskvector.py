@@ -11,7 +11,7 @@ import copy
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import overload
+from typing import TypedDict, Unpack, overload
 
 import torch
 from torch import nn
@@ -25,6 +25,16 @@ from taskvec.io.peft import open_lora
 from taskvec.io.writer import DEFAULT_SHARD_BYTES
 
 TASK_VECTOR_FORMAT = "taskvec/task_vector"
+
+
+class WriteOptions(TypedDict, total=False):
+    """Keyword options of `TaskVector.apply_to` for a checkpoint written to `out` (its signature
+    has their defaults)."""
+
+    dtype: torch.dtype | None
+    shard_size: int
+    overwrite: bool
+    progress: bool
 
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -373,6 +383,8 @@ class TaskVector:
     def to_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         return {k: (v.to(dtype) if dtype else v) for k, v in self.items()}
 
+    # The overloads give each kind of base its result type; the write options, the same for all,
+    # are typed once by WriteOptions (defaults as in the implementation below).
     @overload
     def apply_to(
         self,
@@ -380,25 +392,12 @@ class TaskVector:
         coef: Coef = 1.0,
         *,
         out: str | os.PathLike[str] | None = None,
-        dtype: torch.dtype | None = None,
-        shard_size: int = DEFAULT_SHARD_BYTES,
-        overwrite: bool = False,
-        progress: bool = False,
+        **kw: Unpack[WriteOptions],
     ) -> nn.Module: ...
-
     @overload
     def apply_to(
-        self,
-        base: Mapping[str, torch.Tensor],
-        coef: Coef = 1.0,
-        *,
-        out: None = None,
-        dtype: torch.dtype | None = None,
-        shard_size: int = DEFAULT_SHARD_BYTES,
-        overwrite: bool = False,
-        progress: bool = False,
+        self, base: Mapping[str, torch.Tensor], coef: Coef = 1.0, *, out: None = None, **kw: Unpack[WriteOptions]
     ) -> dict[str, torch.Tensor]: ...
-
     @overload
     def apply_to(
         self,
@@ -406,12 +405,8 @@ class TaskVector:
         coef: Coef = 1.0,
         *,
         out: str | os.PathLike[str],
-        dtype: torch.dtype | None = None,
-        shard_size: int = DEFAULT_SHARD_BYTES,
-        overwrite: bool = False,
-        progress: bool = False,
+        **kw: Unpack[WriteOptions],
     ) -> Path: ...
-
     def apply_to(
         self,
         base: CheckpointLike,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from taskvec.errors import CheckpointError
+from taskvec.errors import CheckpointError, tensor_entry
 from taskvec.io.safetensors_file import TensorSpec
 
 LOWRANK_FORMAT = "taskvec/low_rank_task_vector"
@@ -110,10 +110,7 @@ class FactoredSource:
         return list(self._specs)
 
     def spec(self, key: str) -> TensorSpec:
-        try:
-            return self._specs[key]
-        except KeyError:
-            raise CheckpointError(f"{self.name}: no tensor named {key!r}") from None
+        return tensor_entry(self._specs, key, self.name)
 
     def factored_keys(self) -> list[str]:
         return [k for k in self._specs if k in self._factored]

@@ -19,7 +19,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from taskvec.errors import CheckpointError
+from taskvec.errors import CheckpointError, tensor_entry
 from taskvec.io.lowrank import is_lowrank, open_lowrank
 from taskvec.io.peft import is_adapter_folder, open_lora
 from taskvec.io.safetensors_file import SafetensorsFile, TensorSpec
@@ -137,10 +137,7 @@ class ShardedSource:
         return list(self._where)
 
     def _file(self, key: str) -> SafetensorsFile:
-        try:
-            return self._where[key]
-        except KeyError:
-            raise _missing(self, key) from None
+        return tensor_entry(self._where, key, self.name)
 
     def spec(self, key: str) -> TensorSpec:
         return self._file(key).spec(key)
@@ -168,10 +165,7 @@ class DictSource:
         return list(self._t)
 
     def spec(self, key: str) -> TensorSpec:
-        try:
-            t = self._t[key]
-        except KeyError:
-            raise _missing(self, key) from None
+        t = tensor_entry(self._t, key, self.name)
         return TensorSpec(tuple(t.shape), t.dtype)
 
     def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:

@@ -340,9 +340,7 @@ def _get(args: tuple[Any, ...], kwargs: Mapping[str, Any], i: int, name: str, de
     return kwargs.get(name, default)
 
 
-_Weighted = tuple[
-    Any, Any, Any, torch.Tensor | None, torch.Tensor | None, str | None, torch.Tensor | None, torch.Tensor | None
-]
+_Weighted = tuple[Any, str | None, ops.Params]
 
 
 class _PerSampleMode(TorchFunctionMode):
@@ -408,44 +406,41 @@ class _PerSampleMode(TorchFunctionMode):
         )
 
     def _weighted(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> _Weighted | None:
-        """Input, weight, bias, with the weight's (coefficients, taus, key) and the bias's (coefficients,
-        taus) of a linear or conv call; None when neither weight nor bias is composed."""
+        """Input, the weight's key, and the weight and bias with their coefficients and taus, of a
+        linear or conv call; None when neither weight nor bias is composed."""
         x, w, b = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "weight"), _get(args, kwargs, 2, "bias")
         cw, tw, kw = self._ct(w, dense=False)
         cb, tb, _ = self._ct(b)
         if kw is None and cb is None:
             return None
-        return x, w, b, cw, tw, kw, cb, tb
+        return x, kw, ops.Params(w, b, cw, tw, cb, tb, self.n)
 
     # ----- handlers: return NotImplemented when no argument is composed
     def linear(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         got = self._weighted(args, kwargs)
         if got is None:
             return NotImplemented
-        x, w, b, cw, tw, kw, cb, tb = got
-        if cw is not None and tw is None:  # low-rank task vectors: never form the weights
+        x, kw, p = got
+        if p.cw is not None and p.tw is None:  # low-rank task vectors: never form the weights
             assert kw is not None  # a weight's coefficients come with its key
-            return ops.lowrank_linear(x, w, b, cw, self.model.factors(kw), cb, tb, self.n)
-        stacked = self._stacked(kw, w, tw)
-        return ops.linear(x, w, b, cw, tw, cb, tb, self.n, self.model.strategy_for(kw or ""), stacked)
+            return ops.lowrank_linear(x, p, self.model.factors(kw))
+        return ops.linear(x, p, self.model.strategy_for(kw or ""), self._stacked(kw, p.w0, p.tw))
 
     def conv2d(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         got = self._weighted(args, kwargs)
         if got is None:
             return NotImplemented
-        x, w, b, cw, tw, kw, cb, tb = got
+        x, kw, p = got
         stride, padding = _get(args, kwargs, 3, "stride", 1), _get(args, kwargs, 4, "padding", 0)
         dilation, groups = _get(args, kwargs, 5, "dilation", 1), _get(args, kwargs, 6, "groups", 1)
-        if cw is not None and tw is None:
+        if p.cw is not None and p.tw is None:
             assert kw is not None  # a weight's coefficients come with its key
             if groups == 1:  # low-rank task vectors: never form the weights
-                return ops.lowrank_conv2d(
-                    x, w, b, cw, self.model.factors(kw), cb, tb, self.n, stride, padding, dilation
-                )
-            tw = self.model.stack(kw)[1:]
-        stacked = self._stacked(kw, w, tw)
+                return ops.lowrank_conv2d(x, p, self.model.factors(kw), stride, padding, dilation)
+            p = p._replace(tw=self.model.stack(kw)[1:])
+        stacked = self._stacked(kw, p.w0, p.tw)
         strategy = self.model.strategy_for(kw or "")
-        return ops.conv2d(x, w, b, cw, tw, cb, tb, self.n, stride, padding, dilation, groups, strategy, stacked)
+        return ops.conv2d(x, p, stride, padding, dilation, groups, strategy, stacked)
 
     def embedding(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         idx, w = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "weight")

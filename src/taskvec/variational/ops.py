@@ -1,8 +1,9 @@
 """Layer operations with per-sample composed weights, computed without per-sample weight loops.
 
 Every function takes the base tensors (theta0), the stacked task vectors `t*` of shape (T, *shape)
-and per-sample coefficients `c*` of shape (N, T) (None: that tensor is not composed), and returns
-exactly f(x_n; theta0 + sum_k c_nk tau_k) for every sample n. Two strategies:
+and per-sample coefficients `c*` of shape (N, T) (None: that tensor is not composed; linear and
+conv layers take them bundled as `Params`), and returns exactly f(x_n; theta0 + sum_k c_nk tau_k)
+for every sample n. Two strategies:
 
 * "linear":  f is linear in its weight, so y = f(x; W0) + sum_k c_nk f(x; tau_k): one wide op on
   the weights stacked along the output axis, then a per-sample contraction. Costs (T+1) times the
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,21 @@ AUTO_POSITIONS = 2.0
 AUTO_ROWS = 64
 """'auto' picks 'batched' when positions per sample >= AUTO_POSITIONS * T or the batch has fewer
 than AUTO_ROWS positions in all, else 'linear' (the faster of the two on CPU in benchmarks/composed_forward.py)."""
+
+
+class Params(NamedTuple):
+    """A linear or conv layer's parameters, composed per sample: base weight `w0` and bias `b0`, each
+    with its coefficients `c*` (N, T) and stacked task vectors `t*` (T, *shape), None where that
+    tensor is not composed; `n` is N. Low-rank task vectors have no stack (`tw` None): their
+    factors are passed beside."""
+
+    w0: torch.Tensor
+    b0: torch.Tensor | None
+    cw: torch.Tensor | None
+    tw: torch.Tensor | None
+    cb: torch.Tensor | None
+    tb: torch.Tensor | None
+    n: int
 
 
 def delta(c: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -195,19 +211,11 @@ def _with_one(c: torch.Tensor) -> torch.Tensor:
 
 
 def linear(
-    x: torch.Tensor,
-    w0: torch.Tensor,
-    b0: torch.Tensor | None,
-    cw: torch.Tensor | None,
-    tw: torch.Tensor | None,
-    cb: torch.Tensor | None,
-    tb: torch.Tensor | None,
-    n: int,
-    strategy: Strategy = "auto",
-    stacked: Callable[[str], torch.Tensor] | None = None,
+    x: torch.Tensor, layer: Params, strategy: Strategy = "auto", stacked: Callable[[str], torch.Tensor] | None = None
 ) -> torch.Tensor:
     """F.linear(x_n, W_n, b_n) for every sample; x is (N, ..., in). `stacked(layout)` gives cached
     weights: 'stack' (T+1, out, in) = [W0; tau], 'interleaved' ((out*(T+1)), in), row o*(T+1)+k."""
+    w0, cw, tw, n = layer.w0, layer.cw, layer.tw, layer.n
     x = batch_first(x, n, "a linear layer")
     lead = x.shape[:-1]
     if cw is None or tw is None:
@@ -223,10 +231,16 @@ def linear(
             z = F.linear(xf, wcat).reshape(n, p, out, t + 1)  # (n, p, out, T+1)
             y = (z @ _with_one(cw).reshape(n, 1, t + 1, 1)).reshape(n, p, out)
         y = y.reshape(*lead, out)
-    if b0 is not None:
-        b = composed(b0, cb, tb, n)  # (n|1, out)
-        y = y + b.reshape(b.shape[0], *([1] * (y.dim() - 2)), -1)
-    return y
+    return _add_bias(y, layer, channel_dim=-1)
+
+
+def _add_bias(y: torch.Tensor, layer: Params, channel_dim: int) -> torch.Tensor:
+    """y plus the per-sample bias b_n (n|1, out) along `channel_dim`: -1 for linear, 1 for conv."""
+    if layer.b0 is None:
+        return y
+    b = composed(layer.b0, layer.cb, layer.tb, layer.n)
+    lead = [1] * (y.dim() - 2)
+    return y + (b.reshape(b.shape[0], *lead, -1) if channel_dim == -1 else b.reshape(b.shape[0], -1, *lead))
 
 
 # --------------------------------------------------------------------------- conv2d
@@ -266,13 +280,7 @@ def _conv_batched(
 
 def conv2d(
     x: torch.Tensor,
-    w0: torch.Tensor,
-    b0: torch.Tensor | None,
-    cw: torch.Tensor | None,
-    tw: torch.Tensor | None,
-    cb: torch.Tensor | None,
-    tb: torch.Tensor | None,
-    n: int,
+    layer: Params,
     stride: IntPair = 1,
     padding: str | IntPair = 0,
     dilation: IntPair = 1,
@@ -282,6 +290,7 @@ def conv2d(
 ) -> torch.Tensor:
     """F.conv2d with per-sample weights (any groups, incl. depthwise); x is (N, C, H, W).
     `stacked(layout)` as for `linear` ('interleaved' keeps each group's output channels together)."""
+    w0, cw, tw, n = layer.w0, layer.cw, layer.tw, layer.n
     x = batch_first(x, n, "a conv2d layer")
     if x.dim() != 4:
         raise TaskVecError(f"per-sample conv2d needs (N, C, H, W) inputs, got shape {tuple(x.shape)}")
@@ -317,10 +326,7 @@ def conv2d(
             z = F.conv2d(x, wcat, None, st, pad, dl, groups)  # (n, out*(T+1), h, w)
             h, wd = z.shape[-2:]
             y = _combine(z.reshape(n, out, t + 1, h * wd), _with_one(cw)).reshape(n, out, h, wd)
-    if b0 is not None:
-        b = composed(b0, cb, tb, n)
-        y = y + b.reshape(b.shape[0], -1, 1, 1)
-    return y
+    return _add_bias(y, layer, channel_dim=1)
 
 
 def stack_weights(w0: torch.Tensor, tau: torch.Tensor, layout: str) -> torch.Tensor:
@@ -441,29 +447,28 @@ Factored = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 v (in, R), col (R,) the task of each column; tau_k = u[:, col==k] diag(s[col==k]) v[:, col==k]^T."""
 
 
-def lowrank_linear(
-    x: torch.Tensor,
-    w0: torch.Tensor,
-    b0: torch.Tensor | None,
-    cw: torch.Tensor,
-    fac: Factored,
-    cb: torch.Tensor | None,
-    tb: torch.Tensor | None,
-    n: int,
-) -> torch.Tensor:
+def _lowrank_scale(layer: Params, fac: Factored) -> torch.Tensor:
+    """lowrank_coef of the weight's coefficients, which low-rank task vectors always have: (N, R)."""
+    if layer.cw is None:
+        raise TaskVecError("a low-rank composed weight needs its per-sample coefficients")
+    return lowrank_coef(layer.cw, fac[1], fac[3])
+
+
+def lowrank_linear(x: torch.Tensor, layer: Params, fac: Factored) -> torch.Tensor:
     """F.linear(x_n, W0 + sum_k c_nk U_k diag(s_k) V_k^T, b_n) without forming any weight:
     y = b_n + x W0^T + ((x V) * (c_n[col] s)) U^T, with the task factors concatenated along the
     rank axis (`Factored`): the low-rank part is one GEMM of depth R added in place to the base
     output. Costs R (in + out) multiply-adds per position beside the base's in * out."""
-    u, s, v, col = fac
+    u, _, v, _ = fac
+    w0, b0, n = layer.w0, layer.b0, layer.n
     x = batch_first(x, n, "a linear layer")
     lead, d_in, d_out = x.shape[:-1], x.shape[-1], w0.shape[0]
     xf = x.reshape(-1, d_in)
     p = xf.shape[0] // n
-    z = (xf @ v).reshape(n, p, -1) * lowrank_coef(cw, s, col).unsqueeze(1)  # (n, P, R)
-    if b0 is not None and cb is not None and tb is not None:
+    z = (xf @ v).reshape(n, p, -1) * _lowrank_scale(layer, fac).unsqueeze(1)  # (n, P, R)
+    if b0 is not None and layer.cb is not None and layer.tb is not None:
         # the output starts as each sample's bias, as F.linear starts from its bias: no extra pass
-        b = composed(b0, cb, tb, n)
+        b = composed(b0, layer.cb, layer.tb, n)
         y = b.repeat_interleave(p, 0).addmm_(xf, w0.T)  # a new (n * P, out) tensor, row i = b_{i // P}
     else:
         y = F.linear(xf, w0, b0)
@@ -485,13 +490,8 @@ def lowrank_embedding(
 
 def lowrank_conv2d(
     x: torch.Tensor,
-    w0: torch.Tensor,
-    b0: torch.Tensor | None,
-    cw: torch.Tensor,
+    layer: Params,
     fac: Factored,
-    cb: torch.Tensor | None,
-    tb: torch.Tensor | None,
-    n: int,
     stride: IntPair = 1,
     padding: str | IntPair = 0,
     dilation: IntPair = 1,
@@ -499,15 +499,13 @@ def lowrank_conv2d(
     """F.conv2d (groups = 1) with per-sample W0 + sum_k c_nk U_k diag(s_k) V_k^T, the factors of
     the (out, in*kh*kw) matrix: a conv with the R kernels V^T, a per-sample scale of its R
     channels, and a 1x1 conv with U (LoRA's form)."""
-    u, s, v, col = fac
+    u, _, v, _ = fac
+    w0, n = layer.w0, layer.n
     x = batch_first(x, n, "a conv2d layer")
     st, dl = _pair(stride), _pair(dilation)
     pad = padding if isinstance(padding, str) else _pair(padding)
     r = v.shape[1]
     z = F.conv2d(x, v.T.reshape(r, *w0.shape[1:]), None, st, pad, dl)  # (n, R, h, w)
-    z = z * lowrank_coef(cw, s, col).reshape(n, r, 1, 1)
+    z = z * _lowrank_scale(layer, fac).reshape(n, r, 1, 1)
     y = F.conv2d(x, w0, None, st, pad, dl) + F.conv2d(z, u.reshape(*u.shape, 1, 1))
-    if b0 is not None:
-        b = composed(b0, cb, tb, n)
-        y = y + b.reshape(b.shape[0], -1, 1, 1)
-    return y
+    return _add_bias(y, layer, channel_dim=1)
