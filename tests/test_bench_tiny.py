@@ -18,7 +18,14 @@ pytestmark = pytest.mark.suite
 def tiny(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     cache = tmp_path_factory.mktemp("cache")
     out = tmp_path_factory.mktemp("runs")
-    results = run_suite("tiny", ["task_arithmetic", "ties"], out_dir=out, cache=cache, progress=False)
+    results = run_suite(
+        "tiny",
+        ["task_arithmetic", "ties"],
+        learned=["atlas_task", "variational"],
+        out_dir=out,
+        cache=cache,
+        progress=False,
+    )
     return cache, out, results
 
 
@@ -54,7 +61,17 @@ def test_reports_are_written_and_consistent(tiny) -> None:  # type: ignore[no-un
     assert saved["methods"]["ties"]["test"] == results["methods"]["ties"]["test"]
     assert (folder / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     md = (folder / "results.md").read_text()
-    assert "| task_arithmetic" in md and "avg normalized" in md
+    assert "| task_arithmetic" in md and "avg normalized" in md and "gain kept" in md
+    suite = load_suite("tiny")
+    assert results["items_sha256"] == {t.name: t.items_sha256 for t in suite.tasks}  # the pinned items were read
+    bank = results["bases"]
+    assert bank["m"] == 2 and sorted(set(bank["assignments"])) == [0, 1]
+    assert bank["bank_bytes"] < 0.75 * bank["task_vector_bytes"]  # 2 float32 bases for 3 float32 task vectors
+    for name in ("atlas_task", "variational"):
+        (run,) = results["learned"][name]
+        assert set(run["test"]) == set(results["finetuned"]) and run["config"]["train"]["seed"] == 0
+        # every learned method starts at task arithmetic's validated lambda
+        assert run["config"]["composer"]["init_coef"] == results["methods"]["task_arithmetic"]["lambda"]
     for m in ("task_arithmetic", "ties"):
         r = results["methods"][m]
         assert str(r["lambda"]) in r["val"]  # lambda chosen among the validation scores

@@ -202,8 +202,10 @@ def test_lora_per_sample_composition_matches_peft(tmp_path: Path) -> None:
     merged1 = pm.merge_and_unload()
     tvs = [TaskVector.from_lora(adapter0, base_path), TaskVector.from_lora(tmp_path / "adapter1", base_path)]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+
     def fwd(m, x):
         return m(**x).logits
+
     cm = ComposedModel(copy.deepcopy(base), tvs, forward_fn=fwd)
     assert "bert.encoder.layer.0.attention.self.query.weight" in cm.lowrank_keys
     n = inputs["input_ids"].shape[0]

@@ -57,13 +57,13 @@ def test_errors_name_the_file_and_the_key_path(tmp_path: Path) -> None:
 def test_every_builtin_suite_loads_and_keeps_its_cache_entries() -> None:
     """The shipped files name the cache entries that earlier versions wrote: the hash of the same
     recipe in the earlier format (name, data set, sizes; backbone, image size/length, seed; fine-tuning; C)."""
-    assert {"tiny", "vision-4", "text-3"} <= set(builtin_suites())
+    assert {"tiny", "vision-4", "vision-6", "text-3"} <= set(builtin_suites())
 
     def h(obj: object) -> str:
         return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
     datasets = {"mnist": "mnist", "fashion": "fashion_mnist", "digits": "sklearn_digits", "elpv": "elpv"}
-    for name in ("tiny", "vision-4", "text-3"):
+    for name in ("vision-4", "text-3"):  # the linear-probe suites of earlier versions
         s = load_suite(name)
         text = s.backbone.text is not None
         b = h(
@@ -240,3 +240,78 @@ def test_hf_image_backbone_with_its_processor_statistics(tmp_path: Path) -> None
     prep.backbone.load_state_dict(prep.pretrained)
     torch.testing.assert_close(features(prep.backbone, prep.tasks["shade"].test), ref, rtol=1e-5, atol=1e-5)
     assert set(prep.finetune_seconds) == {"shade"} and prep.tasks["shade"].classes == ["dark", "light"]
+
+
+def test_prototype_head_is_the_class_means_of_the_first_shots(tmp_path: Path) -> None:
+    """Against a float64 recomputation: cos(f - c, mean_k - c) with c the mean of the chosen shots."""
+    from taskvec.bench.suite import Split
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 6)
+    y = torch.arange(40) % 3
+    backbone = torch.nn.Linear(6, 5)
+
+    class Loaded:
+        kind, module = "image", backbone
+
+    class Spec:
+        name = "t"
+
+    class Task:
+        spec = Spec()
+        classes: ClassVar[list[str]] = ["a", "b", "c"]
+        train = Split(x, y)
+
+    head = build_head(
+        HEADS.parse({"kind": "prototype", "shots": 4, "scale": 2.0}), HeadContext(Loaded(), Task(), tmp_path, tmp_path)
+    )
+    with torch.no_grad():
+        f = backbone.double()(x.double())
+        backbone.float()
+    picks = torch.cat([torch.nonzero(y == c).flatten()[:4] for c in range(3)])
+    center = f[picks].mean(0)
+    means = torch.stack([f[picks][y[picks] == c].mean(0) for c in range(3)])
+    q = torch.randn(7, 5).double()
+    n = torch.nn.functional.normalize
+    expect = 2.0 * n(q - center, dim=-1) @ n(means - center, dim=-1).T
+    torch.testing.assert_close(head(q.float()).double(), expect, rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for p in head.parameters())
+    Task.train = Split(x[y != 2], y[y != 2])  # a class with no training example
+    with pytest.raises(ConfigError, match="task 't': class 'c' has no training example"):
+        build_head(HEADS.parse({"kind": "prototype"}), HeadContext(Loaded(), Task(), tmp_path, tmp_path))
+
+
+def test_items_digest_pins_the_exact_items(tmp_path: Path) -> None:
+    from taskvec.bench.suite import items_digest
+
+    rows = "".join(f"text {i},{'pos' if i % 2 else 'neg'}\n" for i in range(30))
+    (tmp_path / "a.csv").write_text("text,label\n" + rows)
+    text = HEAD.replace("images: {size: 8}", "text: {max_length: 8}") + (
+        "tasks:\n  - name: a\n    data: {kind: csv, path: a.csv}\n    split: {train: 10, val: 5, test: 5}\n"
+    )
+    s = _suite(tmp_path, text)
+    d = items_digest(raw_splits(s, s.tasks[0]))
+    assert d == items_digest(raw_splits(s, s.tasks[0]))  # repeatable
+    (tmp_path / "a.csv").write_text("text,label\n" + rows.replace("text 7,pos", "text 7,neg"))
+    changed = [items_digest(raw_splits(s, s.tasks[0]))]
+    (tmp_path / "a.csv").write_text("text,label\n" + rows.replace("text 7,pos", "text 7 ,pos"))
+    changed.append(items_digest(raw_splits(s, s.tasks[0])))
+    assert d not in changed and changed[0] != changed[1]  # one label, or one item's text, changes it
+
+    from taskvec.bench.suite import load_task
+
+    class Loaded:
+        kind = "text"
+
+        @staticmethod
+        def encode(texts: list[str]) -> dict[str, torch.Tensor]:
+            return {
+                "input_ids": torch.zeros(len(texts), 2, dtype=torch.long),
+                "attention_mask": torch.ones(len(texts), 2),
+            }
+
+    pinned = _suite(tmp_path, text.replace("test: 5}", f"test: 5}}\n    items_sha256: {d}"))
+    with pytest.raises(ConfigError, match=f"task 'a': the data set no longer gives the suite's items .*{d}"):
+        load_task(pinned, pinned.tasks[0], Loaded())  # type: ignore[arg-type]
+    (tmp_path / "a.csv").write_text("text,label\n" + rows)
+    assert load_task(pinned, pinned.tasks[0], Loaded()).items_sha256 == d  # type: ignore[arg-type]

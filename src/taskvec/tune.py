@@ -4,7 +4,7 @@ data of a suite, on a grid that grows past its edge while the best value sits th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from taskvec.core import TaskVector
 from taskvec.errors import ConfigError
 from taskvec.grid import DENSITIES, LAMBDAS, extend_search
 from taskvec.methods import compose, get_method
+
 
 @dataclass
 class TuneResult:

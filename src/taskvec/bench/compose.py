@@ -388,7 +388,9 @@ def run_learned(
     tvs, heads = task_parts(prep)
     prep.backbone.load_state_dict(prep.pretrained)
     t0 = time.perf_counter()
-    comp = train_composer(prep.backbone, tvs, heads, data, cfg, forward_fn=forward_features, task_names=list(prep.tasks))
+    comp = train_composer(
+        prep.backbone, tvs, heads, data, cfg, forward_fn=forward_features, task_names=list(prep.tasks)
+    )
     seconds = time.perf_counter() - t0
     res = evaluate_composer(comp, test, batch_size=cfg.train.eval_batch_size)
     prep.backbone.float().load_state_dict(prep.pretrained)

@@ -57,7 +57,10 @@ def gain_kept(acc: float, pre: float, ft: float) -> float:
 
 def rows(r: dict[str, Any]) -> list[Row]:
     """Every method of a results dict, in the order: references, static merges, bank, learned."""
-    out = [Row("pretrained", [r["pretrained"]], "reference"), Row("fine-tuned (one model per task)", [r["finetuned"]], "reference")]
+    out = [
+        Row("pretrained", [r["pretrained"]], "reference"),
+        Row("fine-tuned (one model per task)", [r["finetuned"]], "reference"),
+    ]
     for m, res in r["methods"].items():
         out.append(Row(f"{m} (λ={res['lambda']:g})", [res["test"]]))
     if "bases" in r:
@@ -181,7 +184,10 @@ def markdown(r: dict[str, Any]) -> str:
     ]
     digests = r.get("items_sha256") or {}
     if digests:
-        lines += ["", "Items (sha256 of each task's splits): " + ", ".join(f"{t} `{d[:12]}`" for t, d in digests.items())]
+        lines += [
+            "",
+            "Items (sha256 of each task's splits): " + ", ".join(f"{t} `{d[:12]}`" for t, d in digests.items()),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -199,24 +205,39 @@ def bar_chart(r: dict[str, Any], path: Path) -> Path:
     tasks = list(r["finetuned"])
     all_rows = rows(r)
     fig, (ax, ax2) = plt.subplots(
-        1, 2, figsize=(3 + 1.4 * (len(tasks) + 1) + 4, 4.5), gridspec_kw={"width_ratios": [len(tasks) + 1, 3]}
+        1, 2, figsize=(3 + 1.4 * (len(tasks) + 1) + 4, 6), gridspec_kw={"width_ratios": [len(tasks) + 1, 3]}
     )
     width = 0.8 / len(all_rows)
     x = np.arange(len(tasks) + 1)
+    colors = plt.get_cmap("tab20")(np.linspace(0, 1, 20))[[0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 1, 3, 5, 7, 9, 11]]
     for i, row in enumerate(all_rows):
         s = summary(r, row)
         means = [100 * row.per_task(t)[0] for t in tasks] + [100 * s["avg"][0]]
         sds = [100 * row.per_task(t)[1] for t in tasks] + [100 * s["avg"][1]]
-        ax.bar(x + i * width, means, width, yerr=sds if len(row.runs) > 1 else None, label=row.label, capsize=2)
+        ax.bar(
+            x + i * width,
+            means,
+            width,
+            yerr=sds if len(row.runs) > 1 else None,
+            label=row.label,
+            capsize=2,
+            color=colors[i % len(colors)],
+        )
     ax.set_xticks(x + 0.4 - width / 2, tasks + ["avg"], rotation=20)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{r['suite']['name']}: composed models vs one model per task")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
     merged = [row for row in all_rows if row.kind != "reference"]
     gains = [100 * summary(r, row)["gain"][0] for row in merged]
     errs = [100 * summary(r, row)["gain"][1] for row in merged]
-    ax2.barh(np.arange(len(merged)), gains, xerr=errs, color="tab:green", capsize=2)
+    ax2.barh(
+        np.arange(len(merged)),
+        gains,
+        xerr=errs,
+        color=[colors[(i + 2) % len(colors)] for i in range(len(merged))],
+        capsize=2,
+    )
     ax2.set_yticks(np.arange(len(merged)), [row.label for row in merged], fontsize=7)
     ax2.invert_yaxis()
     ax2.axvline(100, color="black", lw=0.8, ls="--")

@@ -196,7 +196,9 @@ def run_negation(
     return {t: negate(prep, t, prep.task_vector(t), pre_val, lambdas) for t in prep.tasks}
 
 
-def run_bank(prep: Prepared, options: dict[str, Any], out: Path, lambdas: Sequence[float] = LAMBDAS) -> dict[str, object]:
+def run_bank(
+    prep: Prepared, options: dict[str, Any], out: Path, lambdas: Sequence[float] = LAMBDAS
+) -> dict[str, object]:
     """A bank of M bases (default M = ceil(T/2)) built from the task vectors into `out`, then task
     addition from the bank, lambda chosen on validation; memory is the bank's files on disk."""
     from taskvec.bases import build_bank

@@ -374,4 +374,5 @@ def load_task(suite: SuiteSpec, task: TaskSpec, backbone: Backbone) -> TaskData:
             f"task {task.name!r}: {'text' if text else 'image'} data, but the backbone takes {backbone.kind}"
         )
     splits = [Split(backbone.encode(raw[s].x), torch.from_numpy(raw[s].y).long()) for s in SPLITS]
-    return TaskData(task, list(raw["train"].classes), *splits, items_sha256=digest)
+    train, val, test = splits
+    return TaskData(task, list(raw["train"].classes), train, val, test, items_sha256=digest)

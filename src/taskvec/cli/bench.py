@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from taskvec.cli.common import _fail, console
-from taskvec.errors import TaskVecError
+from taskvec.errors import ConfigError, TaskVecError
 
 if TYPE_CHECKING:
     from taskvec.bench.suite import TaskSpec
@@ -28,10 +28,19 @@ def run(
     cache: Annotated[
         Path | None, typer.Option(help="cache of fine-tuned checkpoints (default ~/.cache/taskvec or $TASKVEC_CACHE)")
     ] = None,
+    learned: Annotated[
+        str | None,
+        typer.Option(help="comma-separated learned compositions (default: the suite's compose.learned; '' for none)"),
+    ] = None,
+    seeds: Annotated[
+        int | None, typer.Option(min=1, help="seeds of each learned composition (default: the suite's)")
+    ] = None,
+    bases: Annotated[bool, typer.Option(help="also build a bank of bases (the suite's compose.bases)")] = True,
     negation: Annotated[bool, typer.Option(help="also report task negation")] = True,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
 ) -> None:
-    """Fine-tune one model per task (cached), compose them with each method, print and save the results."""
+    """Fine-tune one model per task (cached), compose them with each method (static merges, a bank of
+    bases, learned coefficients and the variational composer), print and save the results."""
     import torch
 
     from taskvec.bench.run import run_suite
@@ -45,7 +54,26 @@ def run(
         for m in names:
             get_method(m)
         spec = load_suite(suite)
-        run_suite(spec, names, out_dir=out, cache=cache, negation=negation, console=console)
+        chosen = None if learned is None else [m.strip() for m in learned.split(",") if m.strip()]
+        if chosen:
+            from taskvec.variational import PRESETS
+
+            unknown = [m for m in chosen if m not in PRESETS]
+            if unknown:
+                raise ConfigError(
+                    f"--learned: unknown composer preset(s) {', '.join(unknown)}; known: {', '.join(PRESETS)}"
+                )
+        run_suite(
+            spec,
+            names,
+            out_dir=out,
+            cache=cache,
+            negation=negation,
+            bases=bases,
+            learned=chosen,
+            seeds=seeds,
+            console=console,
+        )
     except TaskVecError as e:
         _fail(e)
 
