@@ -31,7 +31,36 @@ rerun that command to reproduce it. GPU rows (the full suites and the composed f
 not measured (no GPU on the measuring machine).
 """
 
-SUITES = """## 1. Real benchmark suites: static composition
+ROOM = """## Suites that separate the methods: vision-6 and tiny
+
+Protocol: each task's head is a frozen **prototype head**, the mean pretrained feature of the first
+16 training examples of each class, compared by cosine around the shots' mean feature (no training;
+`head: {kind: prototype, shots: 16}`), so the pretrained model keeps much less of the fine-tuned
+accuracy than with a linear probe fitted on the whole training split. Only the shared backbone is
+fine-tuned under the frozen head (AdamW, lr 5e-4, 4 epochs, batch 32, linear warm-up + cosine,
+in eval mode so BatchNorm keeps its ImageNet statistics). EfficientNet-Lite0 (ImageNet weights) at
+32 × 32 px. vision-6 mixes six sources: handwritten digits (MNIST), clothing (Fashion-MNIST), 8 × 8
+digits (scikit-learn), electroluminescence images of solar cells graded by defect probability (ELPV),
+the letters A–J typeset in 84 fonts, and crops of 10 GIMP texture patterns. Every data set is pinned:
+the suite file names the exact files and records the sha256 of each task's items and labels
+(`items_sha256`), and a data set that gives other items is refused.
+
+Methods, all in one `taskvec bench run`: task arithmetic, TIES (density 0.2), DARE (density 0.5)
+and magnitude pruning (density 0.2), λ chosen on the validation splits (mean accuracy; the grid
+grows past its edge while the best value sits there); a bank of M = T/2 cluster bases (spectral
+clustering on cosine similarity, each cluster merged by its mean, float32) composed by addition, λ
+on validation; learned task-level and block-level coefficients (aTLAS style: cross-entropy on the
+validation splits), block-level AdaMerging (entropy on the unlabeled test inputs), and the
+variational composer (per-input coefficients, spike-and-slab prior, gated; deterministic at test
+time). Every learned method starts at task arithmetic's validated λ and trains with the same
+settings, fixed in the suite file before any run (AdamW, lr 1e-2, 10 epochs, batch 64, composer
+defaults: KL weight 1e-4, π = 0.5, gate ρ ≥ 0.5, ρ|μ| ≥ 0.01, σ/|μ| ≤ 1); none was tuned on test.
+Seeds vary the learned methods' initialization, batch order and noise; the static methods are
+deterministic. **Gain kept** = (merged − pretrained) / (fine-tuned − pretrained): per task, and on
+average as the gain of the average accuracy.
+"""
+
+SUITES = """## 1. Linear-probe suites: static composition
 
 Protocol: each task gets a logistic-regression head fitted on frozen pretrained features
 (scikit-learn, raw features, C = 1), then frozen; only the shared backbone is fine-tuned (AdamW,
@@ -204,6 +233,9 @@ def section_of(md: str | None, command: str, missing: str, images: list[Path] = 
     return out + [""]
 
 
+READINGS: dict[str, str] = {}
+"""What a reader should take from each suite's table (written after the run that made it)."""
+
 NOTES = {
     "text-3": "text-3's three tasks are disjoint groups of fortune categories: fortunes_a and fortunes_b split the "
     "eight largest, `fortunes_c` takes the next four (science, men-women, zippy, knghtbrd). Fine-tuning "
@@ -246,8 +278,27 @@ def kept_note(bank_dir: Path, full_dir: Path, m: int) -> str:
 
 
 def main() -> None:
-    parts = [INTRO, SUITES]
-    for s in ("vision-4", "text-3", "tiny"):
+    parts = [INTRO, ROOM]
+    for s, seeds in (("vision-6", ""), ("tiny", "")):
+        d = RES / "suites" / s
+        parts += section_of(
+            read(d / "results.md"),
+            f"taskvec bench run {s} -o benchmarks/results/suites{seeds}",
+            f"taskvec bench run {s}",
+            [d / "accuracy.png"],
+        )
+        if s in READINGS and (d / "results.md").exists():
+            parts.append(READINGS[s])
+    md = read(RES / "routing_ceiling_vision-6.md")
+    if md is not None:
+        parts += ["### What per-input routing is worth on vision-6", ""]
+        parts += section_of(
+            md.split("\n", 1)[1].lstrip("\n"),
+            "python3 benchmarks/routing_ceiling.py vision-6 -o benchmarks/results/routing_ceiling_vision-6",
+            "",
+        )
+    parts.append(SUITES)
+    for s in ("vision-4", "text-3"):
         d = RES / "suites" / s
         if s in NOTES and (d / "results.md").exists():
             parts.append(NOTES[s])

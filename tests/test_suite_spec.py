@@ -315,3 +315,33 @@ def test_items_digest_pins_the_exact_items(tmp_path: Path) -> None:
         load_task(pinned, pinned.tasks[0], Loaded())  # type: ignore[arg-type]
     (tmp_path / "a.csv").write_text("text,label\n" + rows)
     assert load_task(pinned, pinned.tasks[0], Loaded()).items_sha256 == d  # type: ignore[arg-type]
+
+
+def test_zero_shot_head_on_real_minilm_names_obvious_topics(tmp_path: Path) -> None:
+    """The real MiniLM encoder, label texts in a template: clear-cut news sentences get their topic."""
+    from taskvec.bench.backbones import BackboneSpec, load_backbone
+    from taskvec.bench.suite import Split
+
+    loaded = load_backbone(
+        BackboneSpec(factory="taskvec.bench.assets:load_minilm", pool="mean", text={"max_length": 32}), tmp_path
+    )
+    classes = ["sport", "business", "technology", "politics"]
+    texts = [
+        "The striker scored twice as the team won the football match.",
+        "Shares fell sharply after the company reported lower quarterly profits.",
+        "The new smartphone ships with a faster processor and more memory.",
+        "Parliament voted on the government's election reform bill.",
+    ]
+
+    class Task:
+        spec = type("Spec", (), {"name": "news"})()
+
+    Task.classes = classes  # type: ignore[attr-defined]
+    head = build_head(
+        HEADS.parse({"kind": "zero_shot", "template": "a news story about {}."}),
+        HeadContext(loaded, Task(), tmp_path, tmp_path),
+    )
+    from taskvec.bench.models import features
+
+    f = features(loaded.module, Split(loaded.encode(texts), torch.arange(4)))
+    assert head(f).argmax(-1).tolist() == [0, 1, 2, 3]
