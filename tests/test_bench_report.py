@@ -77,3 +77,18 @@ def test_reports_show_every_measure(tmp_path: Path) -> None:
     paths = write_reports(r, tmp_path)
     assert json.loads(paths["json"].read_text())["learned"]["variational"][0]["test"]["b"] == 0.78
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reports_replace_only_an_earlier_run(tmp_path: Path) -> None:
+    import pytest
+
+    from taskvec.errors import OutputError
+
+    write_reports(_results(), tmp_path / "a")
+    write_reports(_results(), tmp_path / "a")  # an earlier run's files are replaced
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.md").write_text("my notes")
+    with pytest.raises(OutputError, match="results.md: not written by taskvec"):
+        write_reports(_results(), tmp_path / "b")
+    assert (tmp_path / "b" / "results.md").read_text() == "my notes"
+    assert not (tmp_path / "b" / "results.json").exists()

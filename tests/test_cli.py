@@ -139,3 +139,10 @@ def test_similarity_table_and_heatmap(tmp_path: Path, files) -> None:
     y = np.concatenate([b[k].numpy().ravel() for k in a]).astype(np.float64)
     assert f"{x @ y / np.linalg.norm(x) / np.linalg.norm(y):.4f}" in r.output
     assert "1.0000" in r.output
+
+
+def test_bench_run_refuses_an_unknown_learned_method_before_any_work(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["bench", "run", "tiny", "--learned", "atlas_block,variationl", "-o", str(tmp_path)])
+    assert r.exit_code == 2
+    assert "unknown composer preset(s) variationl" in " ".join(r.output.split())
+    assert not any(tmp_path.iterdir())

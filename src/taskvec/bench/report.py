@@ -270,9 +270,29 @@ def print_table(r: dict[str, Any], console: Console) -> None:
         console.print(f"variational − {m}: {d:+.1f} points, p = {p:.3g} ({how})")
 
 
+def _check_ours(paths: dict[str, Path]) -> None:
+    """Refuse to replace report files that an earlier `bench run` did not write: a results.json
+    of taskvec's records `"written_by": "taskvec"`, and the .md and .png beside it are its own."""
+    from taskvec.errors import OutputError
+
+    existing = [p for p in paths.values() if p.exists()]
+    if not existing:
+        return
+    try:
+        ours = json.loads(paths["json"].read_text()).get("written_by") == "taskvec"
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        names = ", ".join(str(p) for p in existing)
+        raise OutputError(f"{names}: not written by taskvec's bench run; choose another output folder (-o)")
+
+
 def write_reports(r: dict[str, Any], folder: Path, console: Console | None = None) -> dict[str, Path]:
+    """results.json, results.md and accuracy.png in `folder`, replacing only an earlier run's."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"json": folder / "results.json", "md": folder / "results.md", "png": folder / "accuracy.png"}
+    _check_ours(paths)
+    r = {"written_by": "taskvec", **r}
     write_text_atomic(paths["json"], json.dumps(r, indent=2, default=str))
     write_text_atomic(paths["md"], markdown(r))
     bar_chart(r, paths["png"])
