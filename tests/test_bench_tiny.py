@@ -91,6 +91,42 @@ def test_reports_are_written_and_consistent(tiny) -> None:  # type: ignore[no-un
             assert n["target"] == results["pretrained"][t]  # λ = 0 is the pretrained model itself
 
 
+def test_rerun_takes_finished_learned_runs_from_disk(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An interrupted `bench run` resumes: each finished learned run is saved and reused when its
+    suite, settings and seed are the same, and trained again when they are not."""
+    import shutil
+
+    cache, first, results = tiny
+    assert (first / "tiny" / "runs" / "atlas_task-s0.json").exists()
+    out = tmp_path / "runs"
+    shutil.copytree(first / "tiny" / "runs", out / "tiny" / "runs")
+    again = run_suite(
+        "tiny",
+        ["task_arithmetic"],
+        learned=["atlas_task"],
+        bases=False,
+        negation=False,
+        out_dir=out,
+        cache=cache,
+        progress=False,
+    )
+    assert again["learned"]["atlas_task"] == results["learned"]["atlas_task"]  # read back, not retrained
+    spec = load_suite("tiny")
+    spec.compose.train["epochs"] = 1  # other settings: trained again
+    other = run_suite(
+        spec,
+        ["task_arithmetic"],
+        learned=["atlas_task"],
+        bases=False,
+        negation=False,
+        out_dir=out,
+        cache=cache,
+        progress=False,
+    )
+    assert other["learned"]["atlas_task"][0]["key"] != results["learned"]["atlas_task"][0]["key"]
+    assert other["learned"]["atlas_task"][0]["config"]["train"]["epochs"] == 1
+
+
 def test_rerun_after_interrupted_finetuning_resumes(tmp_path: Path) -> None:
     """A state file left by an interrupted run is picked up, and the result is the cached checkpoint."""
     from taskvec.bench.backbones import load_backbone

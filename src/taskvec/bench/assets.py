@@ -612,51 +612,13 @@ def load_bbc_news(*, deduplicate: bool = True) -> tuple[list[str], np.ndarray, l
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 """Where Debian's fortunes (and fortunes-min) install the cookie files."""
 
-FORTUNES_FILES: tuple[str, ...] = (
-    "art",
-    "ascii-art",
-    "computers",
-    "cookie",
-    "debian",
-    "definitions",
-    "disclaimer",
-    "drugs",
-    "education",
-    "ethnic",
-    "food",
-    "fortunes",
-    "goedel",
-    "humorists",
-    "kids",
-    "knghtbrd",
-    "law",
-    "linux",
-    "linuxcookie",
-    "literature",
-    "love",
-    "magic",
-    "medicine",
-    "men-women",
-    "miscellaneous",
-    "news",
-    "paradoxum",
-    "people",
-    "perl",
-    "pets",
-    "platitudes",
-    "politics",
-    "pratchett",
-    "riddles",
-    "science",
-    "songs-poems",
-    "sports",
-    "startrek",
-    "tao",
-    "translate-me",
-    "wisdom",
-    "work",
-    "zippy",
-)
+_FORTUNES_NAMES = """
+    art ascii-art computers cookie debian definitions disclaimer drugs education ethnic food fortunes
+    goedel humorists kids knghtbrd law linux linuxcookie literature love magic medicine men-women
+    miscellaneous news paradoxum people perl pets platitudes politics pratchett riddles science
+    songs-poems sports startrek tao translate-me wisdom work zippy
+"""
+FORTUNES_FILES: tuple[str, ...] = tuple(_FORTUNES_NAMES.split())
 """The 43 cookie files (categories) load_fortunes reads, in label order: those of Debian's
 fortunes 1:1.99.1 with the three of fortunes-min it depends on (fortunes, literature, riddles).
 Fixed, so that other fortune packages installed in the same folder change nothing."""

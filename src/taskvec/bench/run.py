@@ -3,6 +3,7 @@ method, choose coefficients on validation, report test accuracy, and test task n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -25,6 +26,7 @@ from taskvec.bench.suite import SuiteSpec, TaskData, TaskSpec, load_suite, load_
 from taskvec.core import TaskVector
 from taskvec.errors import ConfigError
 from taskvec.grid import LAMBDAS, extend_search
+from taskvec.io.atomic import write_text_atomic
 from taskvec.methods import compose
 
 DEFAULT_METHODS = ("task_arithmetic", "ties", "dare", "magnitude")
@@ -226,6 +228,15 @@ def run_bank(
     }
 
 
+def _run_key(prep: Prepared, name: str, seed: int, init: float | None) -> str:
+    """Hash of everything a learned run depends on: the suite's tasks and items, its settings and seed."""
+    from taskvec.bench.compose import learned_config
+
+    cfg = learned_config(prep, name, seed, init, progress=False).model_dump(mode="json")
+    tasks = {t: [prep.suite.task_hash(d.spec), d.items_sha256] for t, d in prep.tasks.items()}
+    return hashlib.sha256(json.dumps({"cfg": cfg, "tasks": tasks}, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run_suite(
     suite_name: str | Path | SuiteSpec,
     methods: Sequence[str] = DEFAULT_METHODS,
@@ -286,8 +297,16 @@ def run_suite(
         for name in learned:
             runs = []
             for seed in range(n_seeds):
-                console.print(f"learning [bold]{name}[/] (seed {seed}) ...")
-                runs.append(run_learned(prep, name, seed, val, test, init_coef=init, progress=progress))
+                saved = folder / "runs" / f"{name}-s{seed}.json"
+                key = _run_key(prep, name, seed, init)
+                done = json.loads(saved.read_text()) if saved.exists() else None
+                if done is not None and done.get("key") == key:
+                    console.print(f"[dim]{name} (seed {seed}): finished run from {saved}[/]")
+                else:
+                    console.print(f"learning [bold]{name}[/] (seed {seed}) ...")
+                    done = {"key": key, **run_learned(prep, name, seed, val, test, init_coef=init, progress=progress)}
+                    write_text_atomic(saved, json.dumps(done))  # an interrupted run resumes after it
+                runs.append(done)
             results["learned"][name] = runs
     if negation:
         console.print("task negation ...")
