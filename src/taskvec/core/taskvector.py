@@ -53,8 +53,18 @@ def _key_list(keys: Iterable[str], limit: int = 5) -> str:
 ALLOW_HINT = "allow_nonfinite=True (--allow-nonfinite of extract, apply, merge, similarity) uses it anyway"
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry of floating `x` is finite. A NaN or an infinity makes the sum non-finite,
+    and a sum is one fast pass (`isfinite` is several, with a boolean temporary): the exact test
+    runs only when the sum is not finite, which finite entries can also cause by overflowing it."""
+    acc = torch.float32 if x.element_size() < 4 else None  # 16-bit floats: accumulate in float32
+    return bool(torch.isfinite(x.sum(dtype=acc))) or bool(torch.isfinite(x).all())
+
+
 def _nonfinite(x: torch.Tensor, start: int) -> str | None:
     """None if `x` is all finite, else how many entries are not and where the first one is."""
+    if all_finite(x):
+        return None
     bad = ~torch.isfinite(x)
     if not bool(bad.any()):
         return None
@@ -65,7 +75,7 @@ def _nonfinite(x: torch.Tensor, start: int) -> str | None:
 def cast_checked(x: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
     """`x` in `dtype`; refuse a down-cast that turns finite values into infinities."""
     y = x.to(dtype)
-    if y.dtype != x.dtype and y.is_floating_point() and not bool(torch.isfinite(y).all()):
+    if y.dtype != x.dtype and y.is_floating_point() and not all_finite(y):
         over = torch.isfinite(x) & ~torch.isfinite(y)
         if bool(over.any()):
             v = float(x[over].abs().max())

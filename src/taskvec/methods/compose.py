@@ -10,7 +10,7 @@ import torch
 
 from taskvec.core.coef import Coef, check_coef_map, resolve
 from taskvec.core.stream import chunks, prefetch
-from taskvec.core.taskvector import TaskVector, _compute_dtype, check_same_tensors
+from taskvec.core.taskvector import TaskVector, _compute_dtype, all_finite, check_same_tensors
 from taskvec.errors import ConfigError
 from taskvec.io import Source, TensorSpec
 from taskvec.methods.registry import (
@@ -28,7 +28,7 @@ from taskvec.methods.registry import (
 def _nan_as_zero(x: torch.Tensor) -> torch.Tensor:
     """NaN (only in task vectors read with allow_nonfinite) ranks as 0 when thresholds are found:
     it is never among the kept entries' order statistics, and the threshold search stays defined."""
-    return torch.where(torch.isnan(x), 0.0, x) if bool(torch.isnan(x).any()) else x
+    return x if all_finite(x) or not bool(torch.isnan(x).any()) else torch.where(torch.isnan(x), 0.0, x)
 
 
 class ComposedSource:
