@@ -139,7 +139,7 @@ def trim_by_threshold(deltas: torch.Tensor, thresholds: torch.Tensor, start: int
         if last > 0:
             keep[t, :last].sign_().add_(1).clamp_(max=1)  # 1 where |delta| >= threshold, else 0
     keep.sign_().clamp_(min=0)  # 1 where |delta| > threshold, else 0 (the patched prefixes stay as they are)
-    return deltas * keep
+    return torch.mul(deltas, keep, out=keep)  # deltas * keep, in the buffer of the factors
 
 
 BLOCK = 1 << 20  # elements per block of a selection pass: small enough to stay in cache
