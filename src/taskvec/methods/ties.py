@@ -26,7 +26,7 @@ def elect_and_merge(trimmed: torch.Tensor, weights: torch.Tensor, majority: str)
     # sums of small integers are exact in any order: a matrix-vector product, faster than sum(0)
     mass = trimmed.sum(0) if majority == "total" else ones @ sign
     elected = (mass >= 0).to(trimmed.dtype).mul_(2).sub_(1)  # +1 where mass >= 0, else -1
-    agree = sign.mul_(elected).clamp_(min=0)  # 1 where the entry has the elected sign, else 0
+    agree = torch.eq(sign, elected, out=sign)  # 1 where the entry has the elected sign, else 0
     count = (ones @ agree).clamp_(min=1)
     w = weights.to(trimmed.dtype)
     weighted = trimmed if bool((w == 1).all()) else trimmed * w[:, None]
