@@ -375,7 +375,7 @@ def fmt_report(ctx: dict, seq: dict, results: dict, checks: dict, ties_ref: dict
             rel = f"{r.wall_s / ta.wall_s:.2f}" if ta is not None and ta.rc == 0 else ""
             status = "ok" if r.rc == 0 else f"FAILED rc={r.rc}"
             lines.append(
-                f"| {method} | {tool} | {r.wall_s:.1f} | {r.wall_s / limit:.2f} | {rel} | {r.user_s + r.sys_s:.0f} "
+                f"| {method} | {tool} | {r.wall_s:.1f} | {r.wall_s / limit:.2f} | {rel} | {r.user_s + r.sys_s:.1f} "
                 f"| {r.peak_rss / GiB:.2f} | {r.loadavg} | {status} |"
             )
     lines += [
@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{tool} {method} ...")
             r = results[(tool, method)] = run_measured(cmd, logdir / f"{tool}-{method}.log", env=env)
             log(
-                f"{tool} {method}: rc={r.rc} {r.wall_s:.1f} s, {r.user_s + r.sys_s:.0f} CPU s, peak RSS "
+                f"{tool} {method}: rc={r.rc} {r.wall_s:.1f} s, {r.user_s + r.sys_s:.1f} CPU s, peak RSS "
                 f"{r.peak_rss / GiB:.2f} GiB"
             )
 

@@ -32,11 +32,15 @@ def chunks(numel: int, size: int = CHUNK_ELEMS) -> Iterator[tuple[int, int]]:
         yield s, min(numel, s + size)
 
 
+_Remembered = tuple[str, int, int, torch.Tensor, dict[torch.dtype, torch.Tensor]]  # key, start, stop, data, casts
+
+
 class LastSliceCache:
     """Remembers the last slice each thread read from a source: many task vectors share one base,
-    and each slice of the base is then read from disk once instead of once per task vector.
+    and each slice of the base is then read from disk once instead of once per task vector, and
+    cast once (`read_cast`). A read inside the remembered slice (a block of it) is a view of it.
     Slices are computed in worker threads, hence one memory per thread; whole-tensor reads are
-    not kept, so at most one slice per thread stays in memory."""
+    not kept, so at most one slice per thread (and its casts) stays in memory."""
 
     def __init__(self, source: Source):
         self.source = source
@@ -52,15 +56,47 @@ class LastSliceCache:
     def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
         prefetch(self.source, key, start, stop)
 
+    def _last(self, key: str, start: int, stop: int) -> _Remembered:
+        last = getattr(self._local, "last", None)
+        if last is None or last[0] != key or not last[1] <= start <= stop <= last[2]:
+            last = (key, start, stop, self.source.read_flat(key, start, stop), {})
+            self._local.last = last
+        return last
+
     def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         if stop is None:
             return self.source.read_flat(key, start, stop)
-        tag = (key, start, stop)
-        last = getattr(self._local, "last", None)
-        if last is None or last[0] != tag:
-            last = (tag, self.source.read_flat(key, start, stop))
-            self._local.last = last
-        return last[1]
+        _, s0, e0, data, _ = self._last(key, start, stop)
+        return data if (s0, e0) == (start, stop) else data[start - s0 : stop - s0]
+
+    def read_cast(self, key: str, start: int, stop: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """`read_flat(key, start, stop).to(dtype)`, the cast of the remembered slice made once."""
+        if stop is None:
+            return self.source.read_flat(key, start, stop).to(dtype)
+        _, s0, e0, data, casts = self._last(key, start, stop)
+        if data.dtype == dtype:
+            cast = data
+        elif dtype in casts:
+            cast = casts[dtype]
+        else:
+            cast = casts[dtype] = data.to(dtype)
+        return cast if (s0, e0) == (start, stop) else cast[start - s0 : stop - s0]
+
+
+def read_cast(source: Source, key: str, start: int, stop: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """`source.read_flat(key, start, stop).to(dtype)`; a source that remembers slices casts each once."""
+    fn = getattr(source, "read_cast", None)
+    return fn(key, start, stop, dtype) if callable(fn) else source.read_flat(key, start, stop).to(dtype)
+
+
+def read_into(source: Source, key: str, start: int, stop: int | None, out: torch.Tensor) -> None:
+    """`out[:] = source.read_flat(key, start, stop)` (cast to `out`'s dtype); a source with a
+    `read_into` method computes straight into `out`, without a temporary slice."""
+    fn = getattr(source, "read_into", None)
+    if callable(fn):
+        fn(key, start, stop, out)
+    else:
+        out.copy_(source.read_flat(key, start, stop))
 
 
 def prefetch(source: object, key: str, start: int = 0, stop: int | None = None) -> None:
@@ -95,7 +131,7 @@ def byte_progress(total: int, description: str, enabled: bool) -> Iterator[Calla
         yield lambda n: bar.advance(task, n)
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _keep_depth = 0
 _keep_lock = threading.Lock()
 
@@ -121,6 +157,7 @@ def keep_freed_memory() -> Iterator[None]:
         if libc is not None and _keep_depth == 1:
             libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # slices below 32 MiB come from the heap...
             libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)  # ...which is not shrunk each time one is freed
+            libc.mallopt(_M_TOP_PAD, 64 << 20)  # nor is a worker thread's extra heap unmapped once empty
     try:
         yield
     finally:
@@ -128,6 +165,7 @@ def keep_freed_memory() -> Iterator[None]:
             _keep_depth -= 1
             if libc is not None and _keep_depth == 0:
                 libc.mallopt(_M_TRIM_THRESHOLD, 128 << 10)
+                libc.mallopt(_M_TOP_PAD, 128 << 10)
                 libc.malloc_trim(0)
 
 

@@ -8,6 +8,7 @@ saved, and then only one slice of one tensor at a time is in memory.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from taskvec.core.coef import Coef, check_coef_map, check_patterns, matches, resolve
-from taskvec.core.stream import CHUNK_ELEMS, LastSliceCache, prefetch, write_checkpoint
+from taskvec.core.stream import CHUNK_ELEMS, LastSliceCache, prefetch, read_cast, read_into, write_checkpoint
 from taskvec.errors import ConfigError, DtypeError, KeyMismatchError, NonFiniteError, ShapeMismatchError
 from taskvec.io import CheckpointLike, DictSource, Source, TensorSpec, open_checkpoint
 from taskvec.io.hf import hf_output_files
@@ -53,8 +54,18 @@ def _key_list(keys: Iterable[str], limit: int = 5) -> str:
 ALLOW_HINT = "allow_nonfinite=True (--allow-nonfinite of extract, apply, merge, similarity) uses it anyway"
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry of floating `x` is finite. A NaN or an infinity makes the sum non-finite,
+    and a sum is one fast pass (`isfinite` is several, with a boolean temporary): the exact test
+    runs only when the sum is not finite, which finite entries can also cause by overflowing it."""
+    acc = torch.float32 if x.element_size() < 4 else None  # 16-bit floats: accumulate in float32
+    return math.isfinite(x.sum(dtype=acc).item()) or bool(torch.isfinite(x).all())
+
+
 def _nonfinite(x: torch.Tensor, start: int) -> str | None:
     """None if `x` is all finite, else how many entries are not and where the first one is."""
+    if all_finite(x):
+        return None
     bad = ~torch.isfinite(x)
     if not bool(bad.any()):
         return None
@@ -65,7 +76,7 @@ def _nonfinite(x: torch.Tensor, start: int) -> str | None:
 def cast_checked(x: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
     """`x` in `dtype`; refuse a down-cast that turns finite values into infinities."""
     y = x.to(dtype)
-    if y.dtype != x.dtype and y.is_floating_point() and not bool(torch.isfinite(y).all()):
+    if y.dtype != x.dtype and y.is_floating_point() and not all_finite(y):
         over = torch.isfinite(x) & ~torch.isfinite(y)
         if bool(over.any()):
             v = float(x[over].abs().max())
@@ -144,18 +155,30 @@ class DiffSource:
         return TensorSpec(self.pretrained.spec(key).shape, self._dtype[key])
 
     def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        spec = self.spec(key)
+        out = torch.empty((spec.numel if stop is None else stop) - start, dtype=spec.dtype)
+        self.read_into(key, start, stop, out)  # a whole tensor (stop None) is not remembered by the base's cache
+        return out
+
+    def read_into(self, key: str, start: int, stop: int | None, out: torch.Tensor) -> None:
+        """`read_flat` written into `out` (cast in place, no temporaries; the base cast once per slice
+        when it is a `LastSliceCache`)."""
         dt = self.spec(key).dtype
-        ft, pre = self.finetuned.read_flat(key, start, stop), self.pretrained.read_flat(key, start, stop)
-        out = ft.to(dt) - pre.to(dt)
+        if out.dtype != dt or out.device.type != "cpu":  # computed in the task vector's dtype on the CPU, then cast
+            out.copy_(self.read_flat(key, start, stop))
+            return
+        ft = self.finetuned.read_flat(key, start, stop)
+        out.copy_(ft)
+        out.sub_(read_cast(self.pretrained, key, start, stop, dt))
         if not self.allow_nonfinite:
             bad = _nonfinite(out, start)
             if bad is not None:
+                pre = self.pretrained.read_flat(key, start, stop)
                 for src, x in ((self.finetuned, ft), (self.pretrained, pre)):
                     where = _nonfinite(x, start)
                     if where is not None:
                         raise NonFiniteError(f"{src.name}: tensor {key!r} has {where}; refused, {ALLOW_HINT}")
                 raise NonFiniteError(f"task vector {self.name}: tensor {key!r} has {bad}; refused, {ALLOW_HINT}")
-        return out
 
 
 class FloatSource:
@@ -181,11 +204,22 @@ class FloatSource:
 
     def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         out = self.source.read_flat(key, start, stop).to(self.spec(key).dtype)
+        self._check(key, start, out)
+        return out
+
+    def read_into(self, key: str, start: int, stop: int | None, out: torch.Tensor) -> None:
+        """`read_flat` written into `out`, cast in place."""
+        if out.dtype != self.spec(key).dtype or out.device.type != "cpu":
+            out.copy_(self.read_flat(key, start, stop))
+            return
+        out.copy_(self.source.read_flat(key, start, stop))
+        self._check(key, start, out)
+
+    def _check(self, key: str, start: int, x: torch.Tensor) -> None:
         if not self.allow_nonfinite:
-            bad = _nonfinite(out, start)
+            bad = _nonfinite(x, start)
             if bad is not None:
                 raise NonFiniteError(f"{self.name}: tensor {key!r} has {bad}; refused, {ALLOW_HINT}")
-        return out
 
 
 class LinearSource:
@@ -497,6 +531,9 @@ class _Subset:
 
     def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         return self.source.read_flat(key, start, stop)
+
+    def read_into(self, key: str, start: int, stop: int | None, out: torch.Tensor) -> None:
+        read_into(self.source, key, start, stop, out)
 
 
 def _times(c: Coef, x: float) -> Coef:

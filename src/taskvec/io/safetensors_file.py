@@ -58,7 +58,7 @@ class TensorSpec:
 
 
 def dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -9,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from taskvec.core.coef import Coef, check_coef_map, resolve
-from taskvec.core.stream import chunks, prefetch
-from taskvec.core.taskvector import TaskVector, _compute_dtype, check_same_tensors
+from taskvec.core.stream import chunks, prefetch, read_into
+from taskvec.core.taskvector import TaskVector, _compute_dtype, all_finite, check_same_tensors
 from taskvec.errors import ConfigError
 from taskvec.io import Source, TensorSpec
 from taskvec.methods.registry import (
@@ -28,7 +29,7 @@ from taskvec.methods.registry import (
 def _nan_as_zero(x: torch.Tensor) -> torch.Tensor:
     """NaN (only in task vectors read with allow_nonfinite) ranks as 0 when thresholds are found:
     it is never among the kept entries' order statistics, and the threshold search stays defined."""
-    return torch.where(torch.isnan(x), 0.0, x) if bool(torch.isnan(x).any()) else x
+    return x if all_finite(x) or not bool(torch.isnan(x).any()) else torch.where(torch.isnan(x), 0.0, x)
 
 
 class ComposedSource:
@@ -54,6 +55,7 @@ class ComposedSource:
             f"{method.name}({', '.join(tv.name for tv in tvs)})" if len(tvs) < 4 else f"{method.name} of {len(tvs)}"
         )
         self._thresholds: dict[str, torch.Tensor] = {}
+        self._buffers: list[torch.Tensor] = []  # see `_buffer`
         self._lock = threading.Lock()
 
     def keys(self) -> list[str]:
@@ -72,12 +74,36 @@ class ComposedSource:
         if key not in self._thresholds:
             assert self.method.magnitude_density is not None
             density = self.method.magnitude_density(self.params)
+            spec = self.spec(key)
+            nbytes = spec.numel * spec.dtype.itemsize if spec.numel * spec.dtype.itemsize <= WHOLE_TENSOR_BYTES else 0
+            free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
+            for i in range(min(THRESHOLD_WORKERS, len(self.tvs))):
+                free.put(self._buffer(i, nbytes))
+
+            def one(tv: TaskVector) -> tuple[float, float]:
+                buf = free.get()
+                try:
+                    return tensor_threshold(tv.source, key, density, self.device, buffer=buf)
+                finally:
+                    free.put(buf)
+
             with ThreadPoolExecutor(THRESHOLD_WORKERS, thread_name_prefix="taskvec-threshold") as pool:
-                vals = list(pool.map(lambda tv: tensor_threshold(tv.source, key, density, self.device), self.tvs))
+                vals = list(pool.map(one, self.tvs))
             if len(self._thresholds) >= 8:  # a few tensors' worth: slices of neighbouring tensors run in parallel
                 self._thresholds.pop(next(iter(self._thresholds)))
             self._thresholds[key] = torch.tensor(vals, dtype=torch.float64)
         return self._thresholds[key]
+
+    def _buffer(self, i: int, nbytes: int) -> torch.Tensor:
+        """Whole-tensor buffer `i` of the threshold computations, of at least `nbytes`, reused from
+        tensor to tensor: a new buffer that large would be mapped fresh from the system each time,
+        and page-faulting it in costs more CPU than the selection."""
+        while len(self._buffers) <= i:
+            self._buffers.append(torch.empty(0, dtype=torch.uint8, device=self.device))
+        if self._buffers[i].numel() < nbytes:
+            self._buffers[i] = torch.empty(0, dtype=torch.uint8, device=self.device)  # freed before the new one
+            self._buffers[i] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return self._buffers[i]
 
     def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
         for tv in self.tvs:
@@ -99,7 +125,7 @@ class ComposedSource:
             e = min(stop, s + block)
             deltas = buf[:, : e - s]
             for i, tv in enumerate(self.tvs):
-                deltas[i].copy_(tv.source.read_flat(key, s, e))
+                read_into(tv.source, key, s, e, deltas[i])
             ctx = SliceContext(key=key, start=s, stop=e, numel=spec.numel, thresholds=thresholds)
             out[s - start : e - start] = self.method.merge(deltas.to(dev), weights, self.params, ctx).cpu()
         return out
@@ -120,16 +146,26 @@ def _scratch(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
 
 
 def tensor_threshold(
-    source: Source, key: str, density: float, device: torch.device | None = None
+    source: Source,
+    key: str,
+    density: float,
+    device: torch.device | None = None,
+    *,
+    buffer: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """`magnitude_threshold` of tensor `key` of `source`, read slice by slice: into one buffer of
-    the whole tensor (on `device`) when it is small enough, else re-read on each pass."""
+    the whole tensor (on `device`) when it is small enough, else re-read on each pass. `buffer`
+    (flat uint8, on `device`) is used for the whole tensor when it holds enough bytes."""
     spec = source.spec(key)
     n = spec.numel
-    if n * spec.dtype.itemsize <= WHOLE_TENSOR_BYTES:
-        whole = torch.empty(n, dtype=spec.dtype, device=device)
+    nbytes = n * spec.dtype.itemsize
+    if nbytes <= WHOLE_TENSOR_BYTES:
+        if buffer is not None and buffer.numel() >= nbytes and buffer.dtype == torch.uint8:
+            whole = buffer[:nbytes].view(spec.dtype)
+        else:
+            whole = torch.empty(n, dtype=spec.dtype, device=device)
         for s, e in chunks(n):
-            whole[s:e] = source.read_flat(key, s, e)
+            read_into(source, key, s, e, whole[s:e])
         return magnitude_threshold(_nan_as_zero(whole), density)
     blocks = lambda: (_nan_as_zero(source.read_flat(key, s, e).to(device)) for s, e in chunks(n, BLOCK))  # noqa: E731
     return select_threshold(blocks, n, spec.dtype, density)
