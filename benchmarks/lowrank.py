@@ -5,8 +5,8 @@ accuracy SUITE
     The suite's fine-tuned task vectors (cached by `taskvec bench run SUITE`, $TASKVEC_CACHE), each
     stored by `taskvec.core.lowrank.compress` at every --ranks (float32 factors), composed by task
     arithmetic and TIES (density 0.2; lambda chosen on validation, test reported once, as in
-    `taskvec bench run`) and by the variational composer (examples/compose-tiny.yaml's settings:
-    KL weight 1e-4, 3 epochs, batch 64, lr 2e-3, seed 0; trained on validation, scored on test),
+    `taskvec bench run`) and by the variational composer (the suite's `compose` settings, seed 0,
+    starting at dense task arithmetic's lambda; trained on validation, scored on test),
     against the dense task vectors. Reports test accuracy (mean over tasks), the stored size against
     the dense float32 task vectors, and the smallest rank keeping >= 99 % of every dense result.
     Results: benchmarks/results/lowrank_<suite>.md (each finished row also in --work/<suite>/rows.json,
@@ -60,19 +60,13 @@ def best_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, flo
 
 
 def accuracy(args: argparse.Namespace) -> None:
-    from taskvec.bench.compose import suite_composer, suite_data, task_parts
+    from taskvec.bench.compose import learned_config, suite_data, task_parts
     from taskvec.bench.models import forward_features
     from taskvec.bench.run import DEFAULT_PARAMS, choose_lambda, prepare
-    from taskvec.bench.suites import get_suite
     from taskvec.core.lowrank import compress
-    from taskvec.variational import (
-        ComposeTrainConfig,
-        TrainConfig,
-        evaluate_composer,
-        train_composer,
-    )
+    from taskvec.variational import evaluate_composer, train_composer
 
-    prep = prepare(get_suite(args.suite))
+    prep = prepare(args.suite)
     names = list(prep.tasks)
     dense_tvs, heads = task_parts(prep)
     val, test = suite_data(prep, "val"), suite_data(prep, "test")
@@ -86,10 +80,10 @@ def accuracy(args: argparse.Namespace) -> None:
         for method in ("task_arithmetic", "ties"):
             r = choose_lambda(prep, compose(tvs, method, **DEFAULT_PARAMS.get(method, {})))
             out[method] = 100 * statistics.fmean(r["test"].values())  # type: ignore[union-attr]
-        cfg = ComposeTrainConfig(
-            composer=suite_composer("variational", kl_weight=1e-4),
-            train=TrainConfig(epochs=args.epochs, batch_size=64, lr=2e-3, seed=0),
-        )
+            out[f"{method}_lambda"] = float(r["lambda"])  # type: ignore[arg-type]
+        # the suite's own settings (as `taskvec bench run`), starting at dense task arithmetic's lambda
+        init = rows["dense"]["task_arithmetic_lambda"] if "dense" in rows else out["task_arithmetic_lambda"]
+        cfg = learned_config(prep, "variational", 0, init, progress=False)
         prep.backbone.load_state_dict(prep.pretrained)
         t0 = time.perf_counter()
         comp = train_composer(prep.backbone, tvs, heads, val, cfg, forward_fn=forward_features, task_names=names)
@@ -141,14 +135,16 @@ def accuracy_table(args: argparse.Namespace, rows: dict[str, Any], dense_bytes: 
             f"{', '.join(names)}. Each fine-tuned task vector stored by `taskvec.core.lowrank.compress` at rank r "
             "(float32 factors of every matrix and conv kernel; 1-D tensors and tensors whose factors would be larger "
             "stay dense). Test accuracy (%), mean over tasks; task arithmetic and TIES (density 0.2) with lambda "
-            f"chosen on validation; variational composer (KL weight 1e-4, {args.epochs} epochs, batch 64, lr 2e-3, "
-            "seed 0) trained on validation. Relative error = ||tau - tau_r|| / ||tau||, mean over tasks. Memory = "
+            "chosen on validation; variational composer with the suite's `compose` settings (as `taskvec bench run`), "
+            "seed 0, starting at dense task arithmetic's lambda, trained on validation. "
+            "Relative error = ||tau - tau_r|| / ||tau||, mean over tasks. Memory = "
             f"stored bytes / dense float32 bytes ({dense_bytes / 1e6:.1f} MB for {len(names)} task vectors). `python3 "
             f"benchmarks/lowrank.py accuracy {args.suite} --ranks {' '.join(map(str, ranks))}`."
         ),
         "",
         (
-            f"For scale: the pretrained model (frozen-feature heads) scores {rows['reference']['pretrained']:.1f}, the "
+            "For scale: the pretrained model (the suite's frozen heads) scores "
+            f"{rows['reference']['pretrained']:.1f}, the "
             f"fine-tuned models (one per task) {rows['reference']['finetuned']:.1f}."
         ),
         "",
@@ -324,7 +320,6 @@ def main() -> None:
     a = sub.add_parser("accuracy")
     a.add_argument("suite")
     a.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
-    a.add_argument("--epochs", type=int, default=3)
     a.add_argument("--work", default="/tmp/taskvec-lowrank", help="where the compressed task vectors are written")
     a.add_argument("--fresh", action="store_true", help="ignore finished rows of an earlier run")
     a.add_argument("--threads", type=int, default=None)
