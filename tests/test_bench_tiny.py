@@ -14,12 +14,19 @@ from taskvec.bench.suite import load_suite
 pytestmark = pytest.mark.suite
 
 
+def _short_tiny():  # type: ignore[no-untyped-def]
+    """The tiny suite with shorter learned runs: these tests check behaviour, not accuracy."""
+    suite = load_suite("tiny")
+    suite.compose.train["epochs"] = 3
+    return suite
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     cache = tmp_path_factory.mktemp("cache")
     out = tmp_path_factory.mktemp("runs")
     results = run_suite(
-        "tiny",
+        _short_tiny(),
         ["task_arithmetic", "ties"],
         learned=["atlas_task", "variational"],
         out_dir=out,
@@ -101,7 +108,7 @@ def test_rerun_takes_finished_learned_runs_from_disk(tiny, tmp_path: Path) -> No
     out = tmp_path / "runs"
     shutil.copytree(first / "tiny" / "runs", out / "tiny" / "runs")
     again = run_suite(
-        "tiny",
+        _short_tiny(),
         ["task_arithmetic"],
         learned=["atlas_task"],
         bases=False,
@@ -111,7 +118,7 @@ def test_rerun_takes_finished_learned_runs_from_disk(tiny, tmp_path: Path) -> No
         progress=False,
     )
     assert again["learned"]["atlas_task"] == results["learned"]["atlas_task"]  # read back, not retrained
-    spec = load_suite("tiny")
+    spec = _short_tiny()
     spec.compose.train["epochs"] = 1  # other settings: trained again
     other = run_suite(
         spec,
