@@ -218,11 +218,18 @@ def read(path: Path) -> str | None:
 
 
 def demote(md: str, top: int = 3) -> str:
-    """Shift the Markdown headings of an included file so its highest one is at level `top`."""
+    """Shift the Markdown headings of an included file so its highest one is at level `top`
+    (lines inside fenced code blocks are not headings)."""
     lines = md.splitlines()
-    levels = [len(ln) - len(ln.lstrip("#")) for ln in lines if ln.startswith("#")]
+    fenced, heading = False, []
+    for ln in lines:
+        if ln.startswith("```"):
+            fenced = not fenced
+        heading.append(not fenced and ln.startswith("#"))
+    levels = [len(ln) - len(ln.lstrip("#")) for ln, h in zip(lines, heading, strict=True) if h]
     shift = top - min(levels) if levels else 0
-    return "\n".join("#" * shift + ln if ln.startswith("#") and shift > 0 else ln for ln in lines) + "\n"
+    out = ["#" * shift + ln if h and shift > 0 else ln for ln, h in zip(lines, heading, strict=True)]
+    return "\n".join(out) + "\n"
 
 
 def section_of(md: str | None, command: str, missing: str, images: list[Path] = ()) -> list[str]:  # type: ignore[assignment]
@@ -232,6 +239,30 @@ def section_of(md: str | None, command: str, missing: str, images: list[Path] = 
     out += [f"![{p.stem}]({os.path.relpath(p, DOCS)})" for p in images if p.exists()]
     return out + [""]
 
+
+AFTER = {
+    "streaming_merge": """These two runs shared the machine with other jobs and used an earlier version of the
+merge, before the changes of section 4c halved its CPU time; section 4b has the current figures.
+""",
+    "streaming_merge_quiet": """**Reading.** Task arithmetic now runs at the speed of the disk: 17.3 s against 17.5 s
+to read its inputs and write its output (goal ≤ 1.3×). TIES (46.3 s, 2.68× task arithmetic) and magnitude
+pruning (39.7 s, 2.30×) miss the goal of 2× task arithmetic: they are bound by CPU (80.7 and 67.2
+CPU s on 2 cores), because they read, cast and check every task vector twice (once for each task's
+exact top-k threshold, once to merge) and select the k-th largest magnitude of every tensor of
+every task; section 4c breaks this down.
+""",
+    "bases_gram_quiet": """**Reading.** The Gram pass takes 46.4 s, 5.8× the 7.9 s sequential read of its 13.1 GB of
+inputs (goal ≤ 1.5×), with 57 CPU s on 2 cores: it is bound by CPU, not by the disk. A sampling
+profile of the same pass (`py-spy record --native -r 50 --format raw` of `gram_matrix` over the 64
+files, cold cache) puts 35 % of the samples in the float64 matrix products and their packing
+(MKL dgemm; 64 × 64 × 102.5M multiply-adds, 11.3 s at the 74 GFLOP/s that the same product
+reaches in isolation on this machine), 17 % in the positioned reads, 12 % in casting each fp16
+slice to float64 and 13 % in the check that every input is finite. Computing each block's product
+in float32 (172 GFLOP/s here) while keeping the float64 sum across blocks would cut the largest
+part by about half; the reads and the casts alone already take about three times the read.
+""",
+}
+"""Notes shown under a table of the list below."""
 
 READINGS: dict[str, str] = {
     "vision-6": """**Reading.** The pretrained model keeps 68.1 % normalized accuracy (63.0 % against 90.9 % for
@@ -429,6 +460,11 @@ def main() -> None:
         ),
         ("6. Task vector bases at scale", "bases_scale", "python3 benchmarks/bases_scale.py"),
         (
+            "6b. The Gram pass on a quiet machine",
+            "bases_gram_quiet",
+            "python3 benchmarks/bases_scale.py --phases gram --out benchmarks/results/bases_gram_quiet.md",
+        ),
+        (
             "7. Low-rank task vectors: accuracy against rank",
             "lowrank_tiny",
             "python3 benchmarks/lowrank.py accuracy tiny --ranks 1 2 4 8 16 32",
@@ -442,6 +478,8 @@ def main() -> None:
         md = read(RES / f"{name}.md")
         parts += [f"## {title}", ""]
         parts += section_of(None if md is None else md.split("\n", 1)[1].lstrip("\n"), cmd, cmd)
+        if name in AFTER and md is not None:
+            parts.append(AFTER[name])
     text = "\n".join(parts)
     write_text_atomic(DOCS / "results.md", text)
     print(f"wrote {DOCS / 'results.md'} ({len(text):,} characters)")
