@@ -26,14 +26,29 @@ ENV = {**os.environ, "COLUMNS": "1000", "PYTHONPATH": SRC + os.pathsep + os.envi
 
 
 def cli(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `python -m taskvec ARGS` as a user would, in a fresh process."""
+    """Run `taskvec ARGS` as a user would (the same app, arguments, messages and exit codes),
+    in this process through Typer's runner; the tests that need separate processes (locks, kills,
+    concurrent writers) start them explicitly."""
+    old = Path.cwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        r = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "1000"})
+    finally:
+        os.chdir(old)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return subprocess.CompletedProcess(["taskvec", *map(str, args)], r.exit_code, r.stdout, r.stderr)
+
+
+def cli_process(*args: object) -> subprocess.CompletedProcess[str]:
+    """Run `python -m taskvec ARGS` in a fresh process (for tests about other processes' files)."""
     return subprocess.run(
         [sys.executable, "-m", "taskvec", *map(str, args)],
         check=False,
         capture_output=True,
         text=True,
         env=ENV,
-        cwd=cwd,
         timeout=300,
     )
 
@@ -370,7 +385,7 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path: Path, files) 
     other.write_bytes(b"other")
     mine = tmp_path / "merged.partial-1"  # not hidden: not a taskvec temporary
     mine.write_bytes(b"mine")
-    r = cli("merge", merge_config(files, tmp_path), "-o", out)
+    r = cli_process("merge", merge_config(files, tmp_path), "-o", out)
     assert r.returncode == 0, r.stderr
     assert not stale_dir.exists() and not stale_file.exists()
     assert alive.read_bytes() == b"live" and other.read_bytes() == b"other" and mine.read_bytes() == b"mine"
