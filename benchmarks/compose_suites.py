@@ -55,12 +55,11 @@ from typing import Any
 
 import torch
 
-from taskvec.bench.compose import suite_composer, suite_data
+from taskvec.bench.compose import suite_composer, suite_data, training_data
 from taskvec.bench.models import forward_features
 from taskvec.bench.run import prepare
 from taskvec.io.atomic import write_text_atomic
 from taskvec.variational import (
-    ComposeData,
     ComposeTrainConfig,
     TrainConfig,
     evaluate_composer,
@@ -181,8 +180,7 @@ def run_one(
             }
         ),
     )
-    entropy = cfg.composer.objective == "entropy"
-    train_data = ComposeData(test.inputs, test.features, test.tasks) if entropy else val
+    train_data = training_data(cfg, val, test)
     prep.backbone.load_state_dict(prep.pretrained)
     t0 = time.perf_counter()
     comp = train_composer(

@@ -10,6 +10,7 @@ import torch
 
 from taskvec.bench.run import prepare, run_suite
 from taskvec.bench.suite import load_suite
+from taskvec.errors import OutputError
 
 pytestmark = pytest.mark.suite
 
@@ -107,31 +108,31 @@ def test_rerun_takes_finished_learned_runs_from_disk(tiny, tmp_path: Path) -> No
     assert (first / "tiny" / "runs" / "atlas_task-s0.json").exists()
     out = tmp_path / "runs"
     shutil.copytree(first / "tiny" / "runs", out / "tiny" / "runs")
-    again = run_suite(
-        _short_tiny(),
-        ["task_arithmetic"],
-        learned=["atlas_task"],
-        bases=False,
-        negation=False,
-        out_dir=out,
-        cache=cache,
-        progress=False,
-    )
+
+    def rerun(spec, learned: str = "atlas_task"):  # type: ignore[no-untyped-def]
+        return run_suite(
+            spec,
+            ["task_arithmetic"],
+            learned=[learned],
+            bases=False,
+            negation=False,
+            out_dir=out,
+            cache=cache,
+            progress=False,
+        )
+
+    again = rerun(_short_tiny())
     assert again["learned"]["atlas_task"] == results["learned"]["atlas_task"]  # read back, not retrained
     spec = _short_tiny()
     spec.compose.train["epochs"] = 1  # other settings: trained again
-    other = run_suite(
-        spec,
-        ["task_arithmetic"],
-        learned=["atlas_task"],
-        bases=False,
-        negation=False,
-        out_dir=out,
-        cache=cache,
-        progress=False,
-    )
+    other = rerun(spec)
     assert other["learned"]["atlas_task"][0]["key"] != results["learned"]["atlas_task"][0]["key"]
     assert other["learned"]["atlas_task"][0]["config"]["train"]["epochs"] == 1
+    mine = out / "tiny" / "runs" / "atlas_block-s0.json"  # a file taskvec did not write: refused, kept
+    mine.write_text('{"my": "notes"}')
+    with pytest.raises(OutputError, match="atlas_block-s0.json: not a learned run written by taskvec"):
+        rerun(_short_tiny(), "atlas_block")
+    assert mine.read_text() == '{"my": "notes"}'
 
 
 def test_rerun_after_interrupted_finetuning_resumes(tmp_path: Path) -> None:

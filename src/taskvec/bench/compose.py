@@ -368,6 +368,14 @@ def learned_config(prep: Prepared, name: str, seed: int, init_coef: float | None
     return ComposeTrainConfig(composer=suite_composer(name, **over), train=TrainConfig(**train))
 
 
+def training_data(cfg: ComposeTrainConfig, val: ComposeData, test: ComposeData) -> ComposeData:
+    """What a composer learns from: the labelled validation splits, or for an entropy objective
+    (AdaMerging) the test inputs without their labels."""
+    if cfg.composer.objective == "entropy":
+        return ComposeData(test.inputs, test.features, test.tasks)
+    return val
+
+
 def run_learned(
     prep: Prepared,
     name: str,
@@ -383,8 +391,7 @@ def run_learned(
     import time
 
     cfg = learned_config(prep, name, seed, init_coef, progress)
-    entropy = cfg.composer.objective == "entropy"
-    data = ComposeData(test.inputs, test.features, test.tasks) if entropy else val
+    data = training_data(cfg, val, test)
     tvs, heads = task_parts(prep)
     prep.backbone.load_state_dict(prep.pretrained)
     t0 = time.perf_counter()

@@ -229,8 +229,8 @@ def bar_chart(r: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"{r['suite']['name']}: composed models vs one model per task")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
     merged = [row for row in all_rows if row.kind != "reference"]
-    gains = [100 * summary(r, row)["gain"][0] for row in merged]
-    errs = [100 * summary(r, row)["gain"][1] for row in merged]
+    gain = [summary(r, row)["gain"] for row in merged]
+    gains, errs = [100 * m for m, _ in gain], [100 * sd for _, sd in gain]
     ax2.barh(
         np.arange(len(merged)),
         gains,

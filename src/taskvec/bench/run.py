@@ -237,6 +237,41 @@ def _run_key(prep: Prepared, name: str, seed: int, init: float | None) -> str:
     return hashlib.sha256(json.dumps({"cfg": cfg, "tasks": tasks}, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _learned_run(
+    prep: Prepared,
+    name: str,
+    seed: int,
+    val: Any,
+    test: Any,
+    init: float | None,
+    runs: Path,
+    progress: bool,
+    console: Console,
+) -> dict[str, Any]:
+    """One learned run: read back from `runs/` when a finished run with the same key is there
+    (an interrupted `bench run` resumes), else trained and saved. A file there that is not a run
+    of taskvec's is refused, not replaced."""
+    from taskvec.bench.compose import run_learned
+    from taskvec.errors import OutputError
+
+    saved = runs / f"{name}-s{seed}.json"
+    key = _run_key(prep, name, seed, init)
+    if saved.exists():
+        try:
+            done = json.loads(saved.read_text())
+        except (OSError, ValueError):
+            done = None
+        if not isinstance(done, dict) or "key" not in done or "preset" not in done:
+            raise OutputError(f"{saved}: not a learned run written by taskvec's bench run; move it away")
+        if done["key"] == key:
+            console.print(f"[dim]{name} (seed {seed}): finished run from {saved}[/]")
+            return done
+    console.print(f"learning [bold]{name}[/] (seed {seed}) ...")
+    done = {"key": key, **run_learned(prep, name, seed, val, test, init_coef=init, progress=progress)}
+    write_text_atomic(saved, json.dumps(done))
+    return done
+
+
 def run_suite(
     suite_name: str | Path | SuiteSpec,
     methods: Sequence[str] = DEFAULT_METHODS,
@@ -254,12 +289,16 @@ def run_suite(
     out_dir/suite. Static merges (`methods`), a bank of bases (the suite's `compose.bases`), and
     the learned compositions (`learned`, default the suite's `compose.learned`) over `seeds` seeds
     (default the suite's `compose.seeds`), each learned one starting at task arithmetic's lambda."""
-    from taskvec.bench.compose import run_learned, suite_data
+    from taskvec.bench.compose import suite_data
     from taskvec.bench.report import write_reports
+    from taskvec.variational import PRESETS
 
     console = console or Console()
     suite = suite_name if isinstance(suite_name, SuiteSpec) else load_suite(suite_name)
     learned = list(suite.compose.learned if learned is None else learned)
+    unknown = [m for m in learned if m not in PRESETS]
+    if unknown:  # before any fine-tuning
+        raise ConfigError(f"learned: unknown composer preset(s) {', '.join(unknown)}; known: {', '.join(PRESETS)}")
     n_seeds = seeds or suite.compose.seeds
     folder = out_dir / suite.name
     t0 = time.perf_counter()
@@ -295,19 +334,10 @@ def run_suite(
         ta = results["methods"].get("task_arithmetic")
         init = float(ta["lambda"]) if ta else None
         for name in learned:
-            runs = []
-            for seed in range(n_seeds):
-                saved = folder / "runs" / f"{name}-s{seed}.json"
-                key = _run_key(prep, name, seed, init)
-                done = json.loads(saved.read_text()) if saved.exists() else None
-                if done is not None and done.get("key") == key:
-                    console.print(f"[dim]{name} (seed {seed}): finished run from {saved}[/]")
-                else:
-                    console.print(f"learning [bold]{name}[/] (seed {seed}) ...")
-                    done = {"key": key, **run_learned(prep, name, seed, val, test, init_coef=init, progress=progress)}
-                    write_text_atomic(saved, json.dumps(done))  # an interrupted run resumes after it
-                runs.append(done)
-            results["learned"][name] = runs
+            results["learned"][name] = [
+                _learned_run(prep, name, seed, val, test, init, folder / "runs", progress, console)
+                for seed in range(n_seeds)
+            ]
     if negation:
         console.print("task negation ...")
         results["negation"] = run_negation(prep, pre_val)

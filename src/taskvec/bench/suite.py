@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field, PrivateAttr, SerializeAsAny, field_valida
 from taskvec.bench.backbones import Backbone, BackboneSpec, Inputs
 from taskvec.bench.heads import HEADS
 from taskvec.bench.sources import SOURCES, RawData, load_source
-from taskvec.config import Strict, load_yaml_config
+from taskvec.config import Strict, known_name, load_yaml_config
 from taskvec.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
@@ -149,8 +149,7 @@ class ComposeSpec(Strict):
         from taskvec.variational import PRESETS
 
         for name in [*self.learned, *self.presets]:
-            if name not in PRESETS:
-                raise ValueError(f"unknown composer preset {name!r}; known: {', '.join(PRESETS)}")
+            known_name(name, PRESETS, "composer preset")
         return self
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from taskvec.cli.common import _fail, console
-from taskvec.errors import ConfigError, TaskVecError
+from taskvec.errors import TaskVecError
 
 if TYPE_CHECKING:
     from taskvec.bench.suite import TaskSpec
@@ -55,14 +55,6 @@ def run(
             get_method(m)
         spec = load_suite(suite)
         chosen = None if learned is None else [m.strip() for m in learned.split(",") if m.strip()]
-        if chosen:
-            from taskvec.variational import PRESETS
-
-            unknown = [m for m in chosen if m not in PRESETS]
-            if unknown:
-                raise ConfigError(
-                    f"--learned: unknown composer preset(s) {', '.join(unknown)}; known: {', '.join(PRESETS)}"
-                )
         run_suite(
             spec,
             names,
