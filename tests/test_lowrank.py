@@ -240,6 +240,52 @@ def test_lowrank_composed_forward_exact() -> None:
         assert torch.allclose(lr.merged(shared)[k], dense.merged(shared)[k], atol=1e-12), k
 
 
+def test_lowrank_forward_with_gated_coefficients_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mostly zero coefficients (as the variational gate leaves them) take the per-task path that
+    skips zero terms; it equals the float64 materialised forward, and the all-samples path."""
+    from taskvec.variational import ComposedModel, ops
+
+    monkeypatch.setattr(ops, "SPARSE_MIN_RANK", 1)  # these factors have ranks 1 to 3
+    monkeypatch.setattr(ops, "SPARSE_SHARE", 0.5)
+    torch.manual_seed(0)
+    model = _Net().double().eval()
+    tvs = _lowrank_tvs(model, 4)
+    lr = ComposedModel(model, tvs, blocks="tensor")
+    x = torch.randn(9, 3, 8, 8, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    alpha = torch.rand(9, 4, lr.num_blocks, generator=g, dtype=torch.float64)
+    alpha = alpha * (torch.rand(alpha.shape, generator=g) < 0.3)  # about 30 % kept
+    alpha[:, 0] = 0.0  # a task no sample uses
+    alpha[:, 1] = 0.5  # a task every sample uses
+    alpha[3, 2:] = 0.0  # a sample with one task only
+    alpha[:, :, -1] = 0.0  # a block gated out for every sample: its layer runs as the base layer
+    dense = ComposedModel(
+        model, [TaskVector.from_tensors({k: tv[k] for k in tv.keys()}) for tv in tvs], blocks="tensor"
+    )
+    col = lr.factors(lr.lowrank_keys[0])[3]
+    c = alpha[:, :, 0]
+    plan = ops.active_tasks(c, col)
+    assert plan is not None and [t.task for t in plan] == [1, 2, 3] and plan[0].rows is None
+    assert plan[1].rows is not None and set(plan[1].rows.tolist()) == set(c[:, 2].nonzero().squeeze(1).tolist())
+    with torch.no_grad():
+        y = lr(x, alpha)
+        ref = lr.naive_forward(x, alpha)
+        monkeypatch.setattr(ops, "SPARSE_SHARE", 0.0)  # the all-samples path
+        y_all = lr(x, alpha)
+        y_dense = dense(x, alpha)
+    assert torch.allclose(y, ref, atol=1e-11)
+    assert torch.allclose(y, y_all, atol=1e-11)
+    assert torch.allclose(y_dense, ref, atol=1e-11)
+    a = alpha.clone().requires_grad_()
+    assert ops.active_tasks(a[:, :, 0], col) is None  # a gradient to the coefficients needs every term
+    a2 = alpha.clone().requires_grad_()
+    lr(x, a).square().sum().backward()
+    dense(x, a2).square().sum().backward()
+    assert a.grad is not None and a2.grad is not None
+    assert torch.allclose(a.grad, a2.grad, atol=1e-10)
+    assert float(a.grad[:, :, -1].abs().sum()) > 0  # the zero block still gets its gradient
+
+
 class _EmbNet(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

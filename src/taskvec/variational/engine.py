@@ -114,6 +114,9 @@ class ComposedModel(nn.Module):
             p.requires_grad_(False)
         self.forward_fn = forward_fn
         self.strategy = strategy
+        self.skip_gated = True
+        """Per-sample forwards run a linear, conv or embedding layer as the base layer when every
+        coefficient of its block is zero and no gradient to them is needed (False: compose it anyway)."""
         own: dict[str, torch.Tensor] = dict(backbone.named_parameters(remove_duplicate=False))
         own.update(dict(backbone.named_buffers(remove_duplicate=False)))
         common = set(_keys(task_vectors[0]))
@@ -351,16 +354,26 @@ class _PerSampleMode(TorchFunctionMode):
         self.coef = alpha.permute(2, 0, 1)  # (B, N, T): coef[b] is (N, T)
         base = model.named_base()
         self.key_of = {id(base[k]): k for k in model.keys}
+        # linear, conv and embedding layers of blocks whose coefficients are all zero (gated out for the
+        # whole batch) run as the base layer, unless the coefficients need their gradient
+        skip = model.skip_gated and not (torch.is_grad_enabled() and alpha.requires_grad)
+        self.off: set[int] = set(torch.nonzero(~self.coef.flatten(1).any(1)).flatten().tolist()) if skip else set()
 
     # (N, T) coefficients and stacked taus of a tensor argument, or (None, None) if not composed
-    def _ct(self, t: Any, dense: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
+    def _ct(
+        self, t: Any, dense: bool = True, skip_off: bool = False
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
         k = self.key_of.get(id(t)) if isinstance(t, torch.Tensor) else None
-        if k is None:
+        if k is None or (skip_off and self.model.blocks.index[k] in self.off):
             return None, None, None
         if k in self.model._lowrank:  # None: the caller composes from the factors; else dense weights formed once
             return self.coef[self.model.blocks.index[k]], None if not dense else self.model.stack(k)[1:], k
         tau = self.model.tau(k)
         return self.coef[self.model.blocks.index[k]], tau, k
+
+    def _gated_out(self, *ts: Any) -> bool:
+        """True if one of the tensors is composed but its block's coefficients are all zero."""
+        return any(isinstance(t, torch.Tensor) and id(t) in self.key_of for t in ts)
 
     @overload
     def _full(self, t: torch.Tensor) -> torch.Tensor: ...
@@ -409,9 +422,11 @@ class _PerSampleMode(TorchFunctionMode):
         """Input, the weight's key, and the weight and bias with their coefficients and taus, of a
         linear or conv call; None when neither weight nor bias is composed."""
         x, w, b = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "weight"), _get(args, kwargs, 2, "bias")
-        cw, tw, kw = self._ct(w, dense=False)
-        cb, tb, _ = self._ct(b)
+        cw, tw, kw = self._ct(w, dense=False, skip_off=True)
+        cb, tb, _ = self._ct(b, skip_off=True)
         if kw is None and cb is None:
+            if self._gated_out(w, b):  # the base layer, on inputs that must still match the coefficients
+                ops.batch_first(x, self.n, "a linear or conv layer")
             return None
         return x, kw, ops.Params(w, b, cw, tw, cb, tb, self.n)
 
@@ -444,8 +459,10 @@ class _PerSampleMode(TorchFunctionMode):
 
     def embedding(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         idx, w = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "weight")
-        cw, tw, kw = self._ct(w, dense=False)
+        cw, tw, kw = self._ct(w, dense=False, skip_off=True)
         if kw is None:
+            if self._gated_out(w):
+                ops.batch_first(idx, self.n, "an embedding")
             return NotImplemented
         assert cw is not None  # a composed weight has coefficients
         if _get(args, kwargs, 3, "max_norm") is not None:

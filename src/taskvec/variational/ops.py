@@ -454,25 +454,81 @@ def _lowrank_scale(layer: Params, fac: Factored) -> torch.Tensor:
     return lowrank_coef(layer.cw, fac[1], fac[3])
 
 
+SPARSE_SHARE = 0.35
+SPARSE_MIN_RANK = 12
+"""Without gradients to the coefficients, a low-rank layer computes each task's factors only for
+the samples whose coefficient is nonzero when at most SPARSE_SHARE of its (sample, task) pairs are
+nonzero and its tasks' factors have SPARSE_MIN_RANK columns or more on average. The gated
+variational composer keeps about a quarter to a third of its coefficients at test time. With
+fewer columns the gather and scatter of each task's rows cost more than the skipped products
+(measured on CPU in benchmarks/lowrank.py forward)."""
+
+
+class TaskRows(NamedTuple):
+    """One task's factor columns `cols` and the samples `rows` with a nonzero coefficient (None: all)."""
+
+    task: int
+    cols: slice
+    rows: torch.Tensor | None
+
+
+def active_tasks(c: torch.Tensor, col: torch.Tensor) -> list[TaskRows] | None:
+    """The per-task work of a low-rank layer whose coefficients c (N, T) are mostly zero; None when
+    the all-samples path is the one to take (a gradient to c is needed, or few coefficients are zero)."""
+    if torch.is_grad_enabled() and c.requires_grad:
+        return None
+    n, t = c.shape
+    if col.shape[0] < SPARSE_MIN_RANK * t:
+        return None
+    active = c != 0
+    counts = active.sum(0).tolist()
+    if sum(counts) > SPARSE_SHARE * n * t:
+        return None
+    ranks = torch.bincount(col, minlength=t).tolist()
+    out, start = [], 0
+    for k in range(t):
+        cols, start = slice(start, start + ranks[k]), start + ranks[k]
+        if counts[k]:
+            out.append(TaskRows(k, cols, None if counts[k] == n else active[:, k].nonzero().squeeze(1)))
+    return out
+
+
 def lowrank_linear(x: torch.Tensor, layer: Params, fac: Factored) -> torch.Tensor:
     """F.linear(x_n, W0 + sum_k c_nk U_k diag(s_k) V_k^T, b_n) without forming any weight:
     y = b_n + x W0^T + ((x V) * (c_n[col] s)) U^T, with the task factors concatenated along the
     rank axis (`Factored`): the low-rank part is one GEMM of depth R added in place to the base
-    output. Costs R (in + out) multiply-adds per position beside the base's in * out."""
-    u, _, v, _ = fac
+    output. Costs R (in + out) multiply-adds per position beside the base's in * out; with mostly
+    zero coefficients and no gradient to them, each task's factors touch only its samples."""
+    u, s, v, col = fac
     w0, b0, n = layer.w0, layer.b0, layer.n
     x = batch_first(x, n, "a linear layer")
     lead, d_in, d_out = x.shape[:-1], x.shape[-1], w0.shape[0]
     xf = x.reshape(-1, d_in)
     p = xf.shape[0] // n
-    z = (xf @ v).reshape(n, p, -1) * _lowrank_scale(layer, fac).unsqueeze(1)  # (n, P, R)
     if b0 is not None and layer.cb is not None and layer.tb is not None:
         # the output starts as each sample's bias, as F.linear starts from its bias: no extra pass
         b = composed(b0, layer.cb, layer.tb, n)
         y = b.repeat_interleave(p, 0).addmm_(xf, w0.T)  # a new (n * P, out) tensor, row i = b_{i // P}
     else:
         y = F.linear(xf, w0, b0)
-    return y.addmm_(z.reshape(n * p, -1), u.T).reshape(*lead, d_out)
+    cw = layer.cw
+    tasks = active_tasks(cw, col) if cw is not None else None
+    if tasks is None:
+        z = (xf @ v).reshape(n, p, -1) * _lowrank_scale(layer, fac).unsqueeze(1)  # (n, P, R)
+        return y.addmm_(z.reshape(n * p, -1), u.T).reshape(*lead, d_out)
+    assert cw is not None
+    x3, y3 = xf.view(n, p, d_in), y.view(n, p, d_out)
+    ut, vt = u.T.contiguous(), v.T.contiguous()  # a task's factors as contiguous row blocks
+    for k, cols, rows in tasks:
+        if rows is None:
+            z = (xf @ vt[cols].T).view(n, p, -1) * (cw[:, k, None] * s[cols]).unsqueeze(1)
+            y.addmm_(z.view(n * p, -1), ut[cols])
+            continue
+        m = rows.shape[0]
+        z = (x3.index_select(0, rows).view(-1, d_in) @ vt[cols].T).view(m, p, -1)
+        z = z * (cw[rows, k, None] * s[cols]).unsqueeze(1)
+        y3.index_add_(0, rows, (z.view(m * p, -1) @ ut[cols]).view(m, p, d_out))
+    return y.reshape(*lead, d_out)
 
 
 def lowrank_embedding(
@@ -499,13 +555,27 @@ def lowrank_conv2d(
     """F.conv2d (groups = 1) with per-sample W0 + sum_k c_nk U_k diag(s_k) V_k^T, the factors of
     the (out, in*kh*kw) matrix: a conv with the R kernels V^T, a per-sample scale of its R
     channels, and a 1x1 conv with U (LoRA's form)."""
-    u, _, v, _ = fac
+    u, s, v, col = fac
     w0, n = layer.w0, layer.n
     x = batch_first(x, n, "a conv2d layer")
     st, dl = _pair(stride), _pair(dilation)
     pad = padding if isinstance(padding, str) else _pair(padding)
     r = v.shape[1]
-    z = F.conv2d(x, v.T.reshape(r, *w0.shape[1:]), None, st, pad, dl)  # (n, R, h, w)
-    z = z * _lowrank_scale(layer, fac).reshape(n, r, 1, 1)
-    y = F.conv2d(x, w0, None, st, pad, dl) + F.conv2d(z, u.reshape(*u.shape, 1, 1))
+    kernels = v.T.reshape(r, *w0.shape[1:])
+    y = F.conv2d(x, w0, None, st, pad, dl)
+    cw = layer.cw
+    tasks = active_tasks(cw, col) if cw is not None else None
+    if tasks is None:
+        z = F.conv2d(x, kernels, None, st, pad, dl)  # (n, R, h, w)
+        z = z * _lowrank_scale(layer, fac).reshape(n, r, 1, 1)
+        y = y + F.conv2d(z, u.reshape(*u.shape, 1, 1))
+    else:
+        assert cw is not None
+        for k, cols, rows in tasks:
+            xs = x if rows is None else x.index_select(0, rows)
+            ck = cw[:, k] if rows is None else cw[rows, k]
+            z = F.conv2d(xs, kernels[cols], None, st, pad, dl)
+            z = z * (ck[:, None] * s[cols]).reshape(*z.shape[:2], 1, 1)
+            d = F.conv2d(z, u[:, cols].reshape(u.shape[0], -1, 1, 1))
+            y = y + d if rows is None else y.index_add_(0, rows, d)
     return _add_bias(y, layer, channel_dim=1)
