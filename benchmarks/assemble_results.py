@@ -264,14 +264,16 @@ points over the pretrained model on this suite, and as a share of that gain rank
 (task arithmetic) and 88 % (TIES), rank 16 99 % and 91 %, rank 32 97 % and 96 %. The variational
 composer is not run here: it gains nothing over task arithmetic on text-3 (section 2).
 """,
-    "lowrank_forward": """**Reading.** With every coefficient nonzero, rank 8 meets both goals (1.24× at T = 8,
-1.47× at T = 16) and rank 16, the smallest rank that keeps 99 % on both vision suites, does not
-(1.43×, 1.89×): at T·r = 256 the factors add as many multiply-adds as MiniLM's linear layers.
-With the variational composer's sparsity (30 % nonzero) the forward skips the zero terms of
-rank 16 and costs 1.26× at T = 8 (goal met) and 1.61× at T = 16 (goal ≤ 1.5×: not met). At rank 8
-skipping does not pay (each task's 8 columns are too few to amortise gathering its samples), so
-the forward keeps every term there. The load average of 3.1 means other jobs shared the cores;
-timings are process CPU time of one thread.
+    "lowrank_forward": """**Reading.** With every coefficient nonzero, rank 8, the smallest rank that keeps 99 % on
+MiniLM's own suite (section 7c) and on vision-6, meets both goals: 1.26× at T = 8 and 1.50× at
+T = 16, the latter at the arithmetic bound (T·r = 128 adds half of MiniLM's linear multiply-adds;
+an earlier run under load measured 1.24× and 1.47×). Rank 16, which tiny needs, does not: 1.49×
+and 1.87×, since at T·r = 256 the factors add as many multiply-adds as the linear layers. With
+the variational composer's sparsity (30 % nonzero) the forward skips the zero terms of rank 16
+and costs 1.32× at T = 8 and 1.60× at T = 16 (1.26× and 1.61× in the earlier run): closer, and
+still short of both goals. At rank 8 skipping does not pay (each task's 8 columns are too few to
+amortise gathering its samples), so the forward keeps every term there. Timings are process CPU
+time of one thread.
 """,
     "lowrank_forward_vision-6": """**Reading.** On EfficientNet-Lite0 the low-rank forward costs about 2× the base model
 against 4.7–4.9× with dense task vectors. Skipping the gated-out terms brings no measurable gain
