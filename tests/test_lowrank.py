@@ -276,6 +276,18 @@ def test_lowrank_forward_with_gated_coefficients_exact(monkeypatch: pytest.Monke
     assert torch.allclose(y, ref, atol=1e-11)
     assert torch.allclose(y, y_all, atol=1e-11)
     assert torch.allclose(y_dense, ref, atol=1e-11)
+    calls: list[int] = []
+    real = ops.lowrank_linear
+    monkeypatch.setattr(ops, "lowrank_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    off = alpha.clone()
+    off[:, :, lr.blocks.index["fc1.weight"]] = 0.0  # fc1 runs as the base layer, fc2 is composed
+    with torch.no_grad():
+        y_off = lr(x, off)
+        assert len(calls) == 1
+        assert torch.allclose(y_off, lr.naive_forward(x, off), atol=1e-11)
+        lr.skip_gated = False
+        assert torch.allclose(lr(x, off), y_off, atol=1e-11) and len(calls) == 3
+        lr.skip_gated = True
     a = alpha.clone().requires_grad_()
     assert ops.active_tasks(a[:, :, 0], col) is None  # a gradient to the coefficients needs every term
     a2 = alpha.clone().requires_grad_()

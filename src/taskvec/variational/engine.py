@@ -202,6 +202,11 @@ class ComposedModel(nn.Module):
             getattr(self, f"lr_col_{i}"),
         )
 
+    def factor_rows(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """u and v of a low-rank tensor as contiguous rows, (R, out) and (R, in), formed once."""
+        u, _, v, _ = self.factors(key)
+        return self.cached("lr_ut", key, lambda: u.T.contiguous()), self.cached("lr_vt", key, lambda: v.T.contiguous())
+
     def tau(self, key: str) -> torch.Tensor:
         """Stacked task vectors of tensor `key`: (T, *shape) (a low-rank tensor's formed from its
         factors, each call)."""
@@ -438,7 +443,7 @@ class _PerSampleMode(TorchFunctionMode):
         x, kw, p = got
         if p.cw is not None and p.tw is None:  # low-rank task vectors: never form the weights
             assert kw is not None  # a weight's coefficients come with its key
-            return ops.lowrank_linear(x, p, self.model.factors(kw))
+            return ops.lowrank_linear(x, p, self.model.factors(kw), lambda: self.model.factor_rows(kw))
         return ops.linear(x, p, self.model.strategy_for(kw or ""), self._stacked(kw, p.w0, p.tw))
 
     def conv2d(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
@@ -451,7 +456,8 @@ class _PerSampleMode(TorchFunctionMode):
         if p.cw is not None and p.tw is None:
             assert kw is not None  # a weight's coefficients come with its key
             if groups == 1:  # low-rank task vectors: never form the weights
-                return ops.lowrank_conv2d(x, p, self.model.factors(kw), stride, padding, dilation)
+                rows = lambda: self.model.factor_rows(kw)  # noqa: E731
+                return ops.lowrank_conv2d(x, p, self.model.factors(kw), stride, padding, dilation, rows)
             p = p._replace(tw=self.model.stack(kw)[1:])
         stacked = self._stacked(kw, p.w0, p.tw)
         strategy = self.model.strategy_for(kw or "")

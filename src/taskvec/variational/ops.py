@@ -493,7 +493,16 @@ def active_tasks(c: torch.Tensor, col: torch.Tensor) -> list[TaskRows] | None:
     return out
 
 
-def lowrank_linear(x: torch.Tensor, layer: Params, fac: Factored) -> torch.Tensor:
+FactorRows = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+"""u and v of a `Factored` as contiguous rows, (R, out) and (R, in), so that one task's factors
+are a contiguous block: given by the caller, which forms them once (`ComposedModel.factor_rows`)."""
+
+
+def _factor_rows(fac: Factored, rows: FactorRows | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return rows() if rows is not None else (fac[0].T.contiguous(), fac[2].T.contiguous())
+
+
+def lowrank_linear(x: torch.Tensor, layer: Params, fac: Factored, rows: FactorRows | None = None) -> torch.Tensor:
     """F.linear(x_n, W0 + sum_k c_nk U_k diag(s_k) V_k^T, b_n) without forming any weight:
     y = b_n + x W0^T + ((x V) * (c_n[col] s)) U^T, with the task factors concatenated along the
     rank axis (`Factored`): the low-rank part is one GEMM of depth R added in place to the base
@@ -518,16 +527,16 @@ def lowrank_linear(x: torch.Tensor, layer: Params, fac: Factored) -> torch.Tenso
         return y.addmm_(z.reshape(n * p, -1), u.T).reshape(*lead, d_out)
     assert cw is not None
     x3, y3 = xf.view(n, p, d_in), y.view(n, p, d_out)
-    ut, vt = u.T.contiguous(), v.T.contiguous()  # a task's factors as contiguous row blocks
-    for k, cols, rows in tasks:
-        if rows is None:
+    ut, vt = _factor_rows(fac, rows)  # a task's factors as contiguous row blocks
+    for k, cols, rows_k in tasks:
+        if rows_k is None:
             z = (xf @ vt[cols].T).view(n, p, -1) * (cw[:, k, None] * s[cols]).unsqueeze(1)
             y.addmm_(z.view(n * p, -1), ut[cols])
             continue
-        m = rows.shape[0]
-        z = (x3.index_select(0, rows).view(-1, d_in) @ vt[cols].T).view(m, p, -1)
-        z = z * (cw[rows, k, None] * s[cols]).unsqueeze(1)
-        y3.index_add_(0, rows, (z.view(m * p, -1) @ ut[cols]).view(m, p, d_out))
+        m = rows_k.shape[0]
+        z = (x3.index_select(0, rows_k).view(-1, d_in) @ vt[cols].T).view(m, p, -1)
+        z = z * (cw[rows_k, k, None] * s[cols]).unsqueeze(1)
+        y3.index_add_(0, rows_k, (z.view(m * p, -1) @ ut[cols]).view(m, p, d_out))
     return y.reshape(*lead, d_out)
 
 
@@ -551,6 +560,7 @@ def lowrank_conv2d(
     stride: IntPair = 1,
     padding: str | IntPair = 0,
     dilation: IntPair = 1,
+    rows: FactorRows | None = None,
 ) -> torch.Tensor:
     """F.conv2d (groups = 1) with per-sample W0 + sum_k c_nk U_k diag(s_k) V_k^T, the factors of
     the (out, in*kh*kw) matrix: a conv with the R kernels V^T, a per-sample scale of its R
@@ -561,7 +571,7 @@ def lowrank_conv2d(
     st, dl = _pair(stride), _pair(dilation)
     pad = padding if isinstance(padding, str) else _pair(padding)
     r = v.shape[1]
-    kernels = v.T.reshape(r, *w0.shape[1:])
+    kernels = _factor_rows(fac, rows)[1].view(r, *w0.shape[1:])
     y = F.conv2d(x, w0, None, st, pad, dl)
     cw = layer.cw
     tasks = active_tasks(cw, col) if cw is not None else None
@@ -571,11 +581,11 @@ def lowrank_conv2d(
         y = y + F.conv2d(z, u.reshape(*u.shape, 1, 1))
     else:
         assert cw is not None
-        for k, cols, rows in tasks:
-            xs = x if rows is None else x.index_select(0, rows)
-            ck = cw[:, k] if rows is None else cw[rows, k]
+        for k, cols, rows_k in tasks:
+            xs = x if rows_k is None else x.index_select(0, rows_k)
+            ck = cw[:, k] if rows_k is None else cw[rows_k, k]
             z = F.conv2d(xs, kernels[cols], None, st, pad, dl)
             z = z * (ck[:, None] * s[cols]).reshape(*z.shape[:2], 1, 1)
             d = F.conv2d(z, u[:, cols].reshape(u.shape[0], -1, 1, 1))
-            y = y + d if rows is None else y.index_add_(0, rows, d)
+            y = y + d if rows_k is None else y.index_add_(0, rows_k, d)
     return _add_bias(y, layer, channel_dim=1)
