@@ -70,11 +70,26 @@ def best_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, flo
 # --------------------------------------------------------------------------- accuracy vs rank
 
 
+def compress_at(
+    folder: Path, rank: int, names: list[str], tvs: list[TaskVector]
+) -> tuple[list[TaskVector], float, int]:
+    """Each task vector stored at `rank` as folder/r<rank>/<task>.safetensors (replacing an earlier
+    one): the stored task vectors, their mean relative error and the bytes stored."""
+    from taskvec.core.lowrank import compress
+
+    paths = [folder / f"r{rank}" / f"{t}.safetensors" for t in names]
+    reports = [compress(tv, path, rank=rank, overwrite=True) for tv, path in zip(tvs, paths, strict=True)]
+    return (
+        [TaskVector.load(path) for path in paths],
+        statistics.fmean(r.rel_error for r in reports),
+        sum(r.stored_bytes for r in reports),
+    )
+
+
 def accuracy(args: argparse.Namespace) -> None:
     from taskvec.bench.compose import learned_config, suite_data, task_parts
     from taskvec.bench.models import forward_features
     from taskvec.bench.run import DEFAULT_PARAMS, choose_lambda, prepare
-    from taskvec.core.lowrank import compress
     from taskvec.variational import evaluate_composer, train_composer
 
     prep = prepare(args.suite)
@@ -123,16 +138,11 @@ def accuracy(args: argparse.Namespace) -> None:
         if label not in rows:
             t0 = time.perf_counter()
             if label == "dense":
-                info: dict[str, Any] = {"rel_error": 0.0, "bytes": dense_bytes}
+                tvs, error, nbytes = dense_tvs, 0.0, dense_bytes
             else:
-                errs, nbytes = [], 0
-                for t, tv in zip(names, dense_tvs, strict=False):
-                    rep = compress(tv, work / f"r{label}" / f"{t}.safetensors", rank=int(label), overwrite=True)
-                    errs.append(rep.rel_error)
-                    nbytes += rep.stored_bytes
-                info = {"rel_error": statistics.fmean(errs), "bytes": nbytes}
-            info["compress_seconds"] = time.perf_counter() - t0
-            rows[label] = {**info, **statics(tvs_at(label)), "variational_runs": {}}
+                tvs, error, nbytes = compress_at(work, int(label), names, dense_tvs)
+            info = {"rel_error": error, "bytes": nbytes, "compress_seconds": time.perf_counter() - t0}
+            rows[label] = {**info, **statics(tvs), "variational_runs": {}}
             write_text_atomic(store, json.dumps(rows, indent=1))
         runs = rows[label]["variational_runs"]
         for seed in range(args.seeds if args.variational else 0):
@@ -405,7 +415,6 @@ def forward_suite(args: argparse.Namespace) -> None:
     from taskvec.bench.compose import learned_config, suite_data, task_parts
     from taskvec.bench.models import forward_features
     from taskvec.bench.run import choose_lambda, prepare
-    from taskvec.core.lowrank import compress
     from taskvec.variational import ComposedModel, ops, train_composer
     from taskvec.variational.engine import take
 
@@ -418,12 +427,7 @@ def forward_suite(args: argparse.Namespace) -> None:
     x = take(test.inputs, index)
     rows = []
     for rank in args.ranks:
-        tvs = []
-        for t, tv in zip(names, dense_tvs, strict=False):
-            path = Path(args.work) / args.suite / f"r{rank}" / f"{t}.safetensors"
-            if not path.exists():
-                compress(tv, path, rank=rank)
-            tvs.append(TaskVector.load(path))
+        tvs = compress_at(Path(args.work) / args.suite, rank, names, dense_tvs)[0]
         torch.set_num_threads(args.train_threads)
         cfg = learned_config(prep, "variational", 0, lam, progress=False)
         prep.backbone.load_state_dict(prep.pretrained)
