@@ -265,20 +265,20 @@ points over the pretrained model on this suite, and as a share of that gain rank
 composer is not run here: it gains nothing over task arithmetic on text-3 (section 2).
 """,
     "lowrank_forward": """**Reading.** With every coefficient nonzero, rank 8, the smallest rank that keeps 99 % on
-MiniLM's own suite (section 7c) and on vision-6, meets both goals: 1.26× at T = 8 and 1.50× at
-T = 16, the latter at the arithmetic bound (T·r = 128 adds half of MiniLM's linear multiply-adds;
-an earlier run under load measured 1.24× and 1.47×). Rank 16, which tiny needs, does not: 1.49×
-and 1.87×, since at T·r = 256 the factors add as many multiply-adds as the linear layers. With
+MiniLM's own suite (section 7c) and on vision-6, meets both goals: 1.28× at T = 8 and 1.48× at
+T = 16, the latter near the arithmetic bound (T·r = 128 adds half of MiniLM's linear multiply-adds;
+two earlier runs measured 1.24×/1.47× and 1.26×/1.50×). Rank 16, which tiny needs, does not: 1.43×
+and 1.85×, since at T·r = 256 the factors add as many multiply-adds as the linear layers. With
 the variational composer's sparsity (30 % nonzero) the forward skips the zero terms of rank 16
-and costs 1.32× at T = 8 and 1.60× at T = 16 (1.26× and 1.61× in the earlier run): closer, and
-still short of both goals. At rank 8 skipping does not pay (each task's 8 columns are too few to
-amortise gathering its samples), so the forward keeps every term there. Timings are process CPU
-time of one thread.
+and costs 1.31× at T = 8 and 1.52× at T = 16: just short of both goals. At rank 8 skipping does
+not pay (each task's 8 columns are too few to amortise gathering its samples), so the forward
+keeps every term there. Timings are process CPU time of one thread.
 """,
-    "lowrank_forward_vision-6": """**Reading.** On EfficientNet-Lite0 the low-rank forward costs about 2× the base model
-against 4.7–4.9× with dense task vectors. Skipping the gated-out terms brings no measurable gain
-here: few blocks are off for a whole batch of mixed tasks (11 and 2 of 147), and base-model timings
-of the same batch vary by up to 30 % between runs on this shared machine.
+    "lowrank_forward_vision-6": """**Reading.** This measurement is not stable on this shared machine: three reruns of
+the same command (one with `--train-threads 1`) gave the base model 580–1790 samples/s and, against
+it, 1.4–2.0× for the low-rank forward and 2.2–4.6× for dense task vectors. What held in every run: the low-rank forward took
+42–65 % of the time of the dense one, and skipping the gated-out terms brought no measurable gain
+(few blocks are off for a whole batch of mixed tasks: 0–11 of 147).
 """,
     "bases_gram_quiet": """**Reading.** The Gram pass takes 46.4 s, 5.8× the 7.9 s sequential read of its 13.1 GB of
 inputs (goal ≤ 1.5×), with 57 CPU s on 2 cores: it is bound by CPU, not by the disk. A sampling
