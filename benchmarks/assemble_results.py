@@ -276,9 +276,9 @@ keeps every term there. Timings are process CPU time of one thread.
 """,
     "lowrank_forward_vision-6": """**Reading.** This measurement is not stable on this shared machine: three reruns of
 the same command (one with `--train-threads 1`) gave the base model 580–1790 samples/s and, against
-it, 1.4–2.0× for the low-rank forward and 2.2–4.6× for dense task vectors. What held in every run: the low-rank forward took
-42–65 % of the time of the dense one, and skipping the gated-out terms brought no measurable gain
-(few blocks are off for a whole batch of mixed tasks: 0–11 of 147).
+it, 1.4–2.0× for the low-rank forward and 2.2–4.6× for dense task vectors. What held in every run:
+the low-rank forward took 42–65 % of the time of the dense one, and skipping the gated-out terms
+brought no measurable gain (few blocks are off for a whole batch of mixed tasks: 0–11 of 147).
 """,
     "bases_gram_quiet": """**Reading.** The Gram pass takes 46.4 s, 5.8× the 7.9 s sequential read of its 13.1 GB of
 inputs (goal ≤ 1.5×), with 57 CPU s on 2 cores: it is bound by CPU, not by the disk. A sampling
