@@ -70,9 +70,9 @@ def part(caller: str, op: str) -> str:
         return PARTS[2]
     if op in ("to", "copy_") or caller in ("stream.py:read_cast", "compose.py:tensor_threshold"):
         return PARTS[1]
-    if caller.startswith("registry.py:") and caller.split(":")[1] in _SELECT_FUNCS:
+    if caller.startswith("selection.py:") and caller.split(":")[1] in _SELECT_FUNCS:
         return PARTS[4]
-    if caller == "registry.py:trim_by_threshold":
+    if caller == "selection.py:trim_by_threshold":
         return PARTS[5]
     if caller == "ties.py:elect_and_merge":
         return PARTS[6]

@@ -11,9 +11,9 @@ import torch
 
 from taskvec import TaskVector, compose
 from taskvec.errors import ConfigError
-from taskvec.methods import registry
+from taskvec.methods import selection
 from taskvec.methods.compose import ComposedSource, tensor_threshold
-from taskvec.methods.registry import magnitude_threshold, select_threshold, trim_by_threshold
+from taskvec.methods.selection import magnitude_threshold, select_threshold, trim_by_threshold
 from taskvec.methods.ties import elect_and_merge
 
 compose_module = __import__("taskvec.methods.compose", fromlist=["x"])
@@ -69,7 +69,7 @@ DENSITIES = [1e-6, 0.01, 0.2, 0.5, 0.9, 0.999, 1.0]
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of 1,000 entries, so every pass of the selection spans many blocks."""
-    monkeypatch.setattr(registry, "BLOCK", 1000)
+    monkeypatch.setattr(selection, "BLOCK", 1000)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -89,7 +89,7 @@ def test_threshold_equals_previous_implementation(dtype: torch.dtype, small_bloc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_streamed_selection_equals_whole_tensor(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tensors too large to hold are selected by re-reading their slices on each pass."""
-    monkeypatch.setattr(registry, "CACHE_ELEMS", 100)  # no digits kept between passes
+    monkeypatch.setattr(selection, "CACHE_ELEMS", 100)  # no digits kept between passes
     g = torch.Generator().manual_seed(1)
     x = tied(50_000, torch.float16, g).to(dtype)
     for d in DENSITIES:

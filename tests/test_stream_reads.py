@@ -13,7 +13,7 @@ from taskvec.core.taskvector import all_finite
 from taskvec.errors import NonFiniteError
 from taskvec.io import DictSource
 from taskvec.methods.compose import tensor_threshold
-from taskvec.methods.registry import _positions, magnitude_threshold
+from taskvec.methods.selection import _positions, magnitude_threshold
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])

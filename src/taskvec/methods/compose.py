@@ -14,16 +14,8 @@ from taskvec.core.stream import chunks, prefetch, read_into
 from taskvec.core.taskvector import TaskVector, _compute_dtype, all_finite, check_same_tensors
 from taskvec.errors import ConfigError
 from taskvec.io import Source, TensorSpec
-from taskvec.methods.registry import (
-    BLOCK,
-    MergeMethod,
-    MethodParams,
-    SliceContext,
-    get_method,
-    magnitude_threshold,
-    parse_params,
-    select_threshold,
-)
+from taskvec.methods.registry import MergeMethod, MethodParams, SliceContext, get_method, parse_params
+from taskvec.methods.selection import BLOCK, magnitude_threshold, select_threshold
 
 
 def _nan_as_zero(x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from taskvec.methods.registry import MergeMethod, MethodParams, SliceContext, register, trim_by_threshold, weighted_sum
+from taskvec.methods.registry import MergeMethod, MethodParams, SliceContext, register, weighted_sum
+from taskvec.methods.selection import trim_by_threshold
 
 
 class MagnitudeParams(MethodParams):

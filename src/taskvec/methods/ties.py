@@ -8,7 +8,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from taskvec.methods.registry import MergeMethod, MethodParams, SliceContext, register, trim_by_threshold
+from taskvec.methods.registry import MergeMethod, MethodParams, SliceContext, register
+from taskvec.methods.selection import trim_by_threshold
 
 
 class TiesParams(MethodParams):
