@@ -5,6 +5,8 @@ values must be bit-identical."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -173,3 +175,47 @@ def test_device_cpu_is_the_same_path_and_cuda_is_checked() -> None:
             compose(tvs, "ties", device="cuda")
     with pytest.raises(ConfigError, match="device 'tpu9'"):
         compose(tvs, "ties", device="tpu9")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_one_pass_merge_bit_identical_to_two_passes(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """Each tensor merged whole in one pass (thresholds bracketed from a sample, the columns near
+    them recomputed) against the two-pass merge (exact thresholds first, then the blocks)."""
+    from taskvec.methods import onepass
+
+    monkeypatch.setattr(onepass, "SMALL_BYTES", 0)  # every tensor through the bracket
+    monkeypatch.setattr(compose_module, "MERGE_BLOCK_BYTES", 1)  # blocks of 4096 columns: many blocks, tails
+    outcome: list[tuple[str, bool]] = []  # (tensor, merged in one pass)
+    merge_tensor = onepass.merge_tensor
+
+    def recorded(*args: Any) -> torch.Tensor | None:
+        table = merge_tensor(*args)
+        outcome.append((args[1], table is not None))
+        return table
+
+    monkeypatch.setattr(compose_module, "merge_tensor", recorded)
+    g = torch.Generator().manual_seed(6)
+    shapes = {"w": (700, 480), "v": (333_001,), "shifted": (600, 500)}
+    base = {k: (torch.randn(s, generator=g) * 0.02).to(dtype) for k, s in shapes.items()}
+    fts = []
+    for i in range(4):
+        ft = {k: (v.float() + torch.randn(v.shape, generator=g) * 1e-3 * (i + 1)).to(dtype) for k, v in base.items()}
+        x = ft["shifted"].float()  # the last rows, between the sampled blocks, change much more: the bracket misses
+        x[500:] = base["shifted"][500:].float() + (x[500:] - base["shifted"][500:].float()) * 30
+        ft["shifted"] = x.to(dtype)
+        fts.append(ft)
+    tvs = [TaskVector.from_checkpoints(base, ft) for ft in fts]
+    weights = [1.0, 0.7, 1.3, 0.45]
+    cases = (("ties", {"density": 0.2}), ("ties", {"density": 0.3, "majority": "frequency"}), ("magnitude", {}))
+    for method, params in cases:
+        one, two = compose(tvs, method, weights, **params).source, compose(tvs, method, weights, **params).source
+        assert isinstance(one, ComposedSource) and isinstance(two, ComposedSource)
+        two._combine = None  # the two-pass path
+        for key in shapes:
+            n = one.spec(key).numel
+            got = torch.cat([one.read_flat(key, s, min(n, s + 100_000)) for s in range(0, n, 100_000)])
+            want = torch.cat([two.read_flat(key, s, e) for s, e in compose_module.chunks(n)])
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (method, key)
+            assert torch.equal(one.thresholds(key), two.thresholds(key)), (method, key)
+    assert sum(ok for key, ok in outcome if key != "shifted") >= len(cases)  # the one-pass path ran...
+    assert not any(ok for key, ok in outcome if key == "shifted")  # ...and fell back where its bracket missed

@@ -10,10 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from taskvec.core.coef import Coef, check_coef_map, resolve
-from taskvec.core.stream import chunks, prefetch, read_into
+from taskvec.core.stream import CHUNK_ELEMS, chunks, prefetch, read_into
 from taskvec.core.taskvector import TaskVector, _compute_dtype, all_finite, check_same_tensors
 from taskvec.errors import ConfigError
 from taskvec.io import Source, TensorSpec
+from taskvec.methods.onepass import block_layout, combine_fn, merge_tensor
 from taskvec.methods.registry import MergeMethod, MethodParams, SliceContext, get_method, parse_params
 from taskvec.methods.selection import BLOCK, magnitude_threshold, select_threshold
 
@@ -49,6 +50,10 @@ class ComposedSource:
         self._thresholds: dict[str, torch.Tensor] = {}
         self._buffers: list[torch.Tensor] = []  # see `_buffer`
         self._lock = threading.Lock()
+        # trimming methods on the CPU merge each tensor whole, in one pass over the inputs (`onepass`)
+        self._combine = combine_fn(method, params) if self.device.type == "cpu" else None
+        self._held: dict[str, _Held] = {}
+        self._held_lock = threading.Lock()
 
     def keys(self) -> list[str]:
         return self.tvs[0].keys()
@@ -104,13 +109,68 @@ class ComposedSource:
     def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         spec = self.spec(key)
         stop = spec.numel if stop is None else stop
+        if self._combine is not None:
+            return self._read_held(key, start, stop)
+        return self._merge_slice(key, start, stop)
+
+    def _read_held(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """A slice of the whole merged tensor: the first slice asked for merges it (the others
+        wait), and it is let go once every element has been read."""
+        with self._held_lock:
+            held = self._held.get(key)
+            owner = held is None
+            if held is None:
+                held = self._held[key] = _Held()
+        if owner:
+            try:
+                held.out = self._merge_whole(key)
+            except BaseException as e:
+                held.error = e
+                with self._held_lock:
+                    self._held.pop(key, None)
+                raise
+            finally:
+                held.done.set()
+        held.done.wait()
+        if held.error is not None:
+            raise held.error
+        assert held.out is not None
+        with self._held_lock:
+            held.served += stop - start
+            if held.served >= held.out.numel() and self._held.get(key) is held:
+                del self._held[key]
+        return held.out[start:stop]
+
+    def _merge_whole(self, key: str) -> torch.Tensor:
+        """Tensor `key` merged in one pass (`onepass.merge_tensor`), or in two when that gives up."""
+        assert self._combine is not None and self.method.magnitude_density is not None
+        spec = self.spec(key)
+        weights = torch.tensor([resolve(w, key) for w in self.weights], dtype=spec.dtype)
+        layout = block_layout(spec.numel, CHUNK_ELEMS, _merge_block(len(self.tvs), spec.dtype))
+        out = torch.empty(spec.numel, dtype=spec.dtype)
+        density = self.method.magnitude_density(self.params)
+        sources = [tv.source for tv in self.tvs]
+        table = merge_tensor(sources, key, spec.numel, spec.dtype, weights, density, self._combine, layout, out)
+        if table is None:
+            for s, e in chunks(spec.numel):
+                out[s:e] = self._merge_slice(key, s, e)
+        else:
+            with self._lock:
+                if len(self._thresholds) >= 8:
+                    self._thresholds.pop(next(iter(self._thresholds)))
+                self._thresholds[key] = table
+        return out
+
+    def _merge_slice(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Slice [start, stop) of tensor `key` merged block by block (thresholds from a first pass)."""
+        spec = self.spec(key)
         dev = self.device
         weights = torch.tensor([resolve(w, key) for w in self.weights], dtype=spec.dtype).to(dev)
         thresholds = self.thresholds(key).to(dev) if self.method.magnitude_density is not None else None
         # The method works entry by entry: merge in blocks whose stacked deltas stay small, in a
         # buffer reused from block to block (no large allocation, and the data stays in cache).
         t = len(self.tvs)
-        block = max(1 << 12, MERGE_BLOCK_BYTES // (t * spec.dtype.itemsize))
+        block = _merge_block(t, spec.dtype)
         buf = _scratch((t, min(block, stop - start)), spec.dtype)
         out = torch.empty(stop - start, dtype=spec.dtype)
         for s in range(start, max(stop, start + 1), block):
@@ -121,6 +181,21 @@ class ComposedSource:
             ctx = SliceContext(key=key, start=s, stop=e, numel=spec.numel, thresholds=thresholds)
             out[s - start : e - start] = self.method.merge(deltas.to(dev), weights, self.params, ctx).cpu()
         return out
+
+
+def _merge_block(t: int, dtype: torch.dtype) -> int:
+    """Columns per merge block: T of them take about `MERGE_BLOCK_BYTES`."""
+    return max(1 << 12, MERGE_BLOCK_BYTES // (t * dtype.itemsize))
+
+
+class _Held:
+    """A merged tensor held while its slices are read."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.out: torch.Tensor | None = None
+        self.error: BaseException | None = None
+        self.served = 0
 
 
 THRESHOLD_WORKERS = 2  # task vectors whose thresholds are computed at once (each holds one tensor)
