@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from taskvec import DtypeError, KeyMismatchError, ShapeMismatchError, TaskVector
-from taskvec.core.similarity import cosine_matrix, gram_matrix
+from taskvec.core.similarity import cosine_matrix, gram_error_bound, gram_matrix
 from taskvec.errors import ConfigError
 
 FLOAT_KEYS = ["embed.weight", "layers.0.attn.weight", "layers.0.attn.bias", "layers.1.mlp.weight", "head.weight"]
@@ -142,3 +142,25 @@ def test_mixed_precision_checkpoints_compute_in_float32(tmp_path: Path) -> None:
     tv = TaskVector.from_checkpoints(base, ft)
     assert tv["w"].dtype == torch.float32
     assert torch.equal(tv["w"], ft["w"].float() - base["w"].float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gram_of_16_and_32_bit_task_vectors_within_the_stated_bound(tmp_path: Path, dtype: torch.dtype) -> None:
+    """float32 products per run of columns, float64 sums: within `gram_error_bound` of the float64
+    Gram matrix of the same values, and really computed in float32 (not exact)."""
+    g = torch.Generator().manual_seed(3)
+    shapes = {"a": (300, 517), "b": (4099,), "c": (64, 64)}
+    tvs, rows = [], []
+    for i in range(5):
+        sd = {k: (torch.randn(s, generator=g) * 0.01 + 0.002 * i).to(dtype) for k, s in shapes.items()}
+        save_file(sd, str(tmp_path / f"tv{i}.safetensors"))
+        tvs.append(TaskVector.load(tmp_path / f"tv{i}.safetensors"))
+        rows.append(torch.cat([sd[k].reshape(-1).to(torch.float64) for k in tvs[0].keys()]))
+    x = torch.stack(rows)
+    exact = x @ x.T
+    bound = gram_error_bound(x)
+    for chunk in (None, 1000, 37):
+        got = gram_matrix(tvs, chunk_elems=chunk)
+        assert got.dtype == torch.float64
+        assert bool(((got - exact).abs() <= bound).all()), chunk
+    assert not torch.equal(gram_matrix(tvs), exact)  # float32 products: rounding shows

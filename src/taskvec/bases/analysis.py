@@ -17,11 +17,18 @@ AFFINITIES = ("clip", "shift")
 auto_chunk = gram_chunk  # slice length of the streamed passes over many task vectors
 
 
-def gram(tvs: Sequence[TaskVector], *, chunk_elems: int | None = None, progress: bool = False) -> torch.Tensor:
-    """G[i, j] = <tau_i, tau_j> in float64, streamed (see `core.similarity.gram_matrix`)."""
+def gram(
+    tvs: Sequence[TaskVector],
+    *,
+    chunk_elems: int | None = None,
+    progress: bool = False,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """G[i, j] = <tau_i, tau_j> in float64, streamed (see `core.similarity.gram_matrix`); the
+    products run on `device` (e.g. "cuda"), reading stays on the CPU."""
     if not tvs:
         raise ConfigError("task_vectors: need at least one task vector")
-    return gram_matrix(tvs, chunk_elems, progress=progress)
+    return gram_matrix(tvs, chunk_elems, progress=progress, device=device)
 
 
 def cosine_from_gram(g: torch.Tensor, names: Sequence[str] | None = None) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The streamed passes that compute bases from task vectors, optionally writing them, while
-measuring the statistics the decoder and the exact errors need (inner products in float64 of
-the bases *as stored*, i.e. after rounding to the bank's dtype)."""
+measuring the statistics the decoder and the exact errors need (inner products, summed in
+float64, of the bases *as stored*, i.e. after rounding to the bank's dtype; products under the
+precision policy of `core.similarity.block_gram`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from taskvec.core.similarity import block_gram, gram_dtype
 from taskvec.core.stream import LastSliceCache, byte_progress, chunks, keep_freed_memory, prefetch, write_checkpoint
 from taskvec.core.taskvector import TaskVector, _compute_dtype
 from taskvec.io import CheckpointWriter, TensorSpec
@@ -56,17 +58,18 @@ def cluster_pass(
     """
     n = len(members)
     parts: dict[tuple[str, int], tuple[float, list[float], list[list[float]]]] = {}
+    pdt = gram_dtype([store_dtype, *(m.spec(k).dtype for m in members for k in basis.keys())])
 
     def slice_fn(key: str, s: int, e: int) -> torch.Tensor:
         # May run in the writer's worker threads: partial sums are kept per slice and added in a
         # fixed order below. They are kept as Python floats, not small tensors: many small tensors
         # left between the big slice buffers fragment the heap and inflate resident memory.
         b = basis.source.read_flat(key, s, e)
-        y = torch.empty(n + 1, e - s, dtype=torch.float64)  # the stored basis, then the members
+        y = torch.empty(n + 1, e - s, dtype=pdt)  # the stored basis, then the members
         y[0] = b.to(store_dtype)
         for j, m in enumerate(members):
             y[j + 1] = m.source.read_flat(key, s, e)
-        stats = (y @ y.T).tolist()
+        stats = block_gram(y).tolist()
         parts[(key, s)] = (stats[0][0], stats[0][1:], [row[1:] for row in stats[1:]])
         return b
 
@@ -119,6 +122,7 @@ def linear_pass(
     keys = first.keys()
     cdt = _compute_dtype(*{tv.spec(k).dtype for tv in tvs for k in keys})
     w = mixing.to(cdt)
+    pdt = gram_dtype([cdt, store_dtype])
     specs = basis_specs(first, store_dtype)
     cross = torch.zeros(m, t, dtype=torch.float64)
     hgram = torch.zeros(m, m, dtype=torch.float64)
@@ -140,8 +144,8 @@ def linear_pass(
                         prefetch(tv.source, *job)
                 x = torch.stack([tv.source.read_flat(key, s, e).to(cdt) for tv in tvs])
                 b = w.T @ x
-                bq = b.to(store_dtype).to(torch.float64)
-                both = bq @ torch.cat([bq, x.to(torch.float64)]).T  # [S^T S | S^T V] in one product
+                bq = b.to(store_dtype).to(pdt)
+                both = block_gram(bq, torch.cat([bq, x.to(pdt)]))  # [S^T S | S^T V] in one product
                 hgram += both[:, :m]
                 cross += both[:, m:]
                 for j, wr in enumerate(writers):

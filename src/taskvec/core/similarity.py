@@ -3,16 +3,67 @@ cosine of whole task vectors."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from taskvec.core.lowrank import factored_gram, is_factored
-from taskvec.core.stream import CHUNK_ELEMS, byte_progress, chunks, keep_freed_memory, prefetch
+from taskvec.core.stream import (
+    CHUNK_ELEMS,
+    byte_progress,
+    chunks,
+    keep_freed_memory,
+    one_torch_thread,
+    prefetch,
+    read_into,
+)
 from taskvec.core.taskvector import TaskVector, check_same_tensors
 
 GRAM_BLOCK_BYTES = 32 << 20  # float64 bytes of one block of slices of all task vectors
+PRODUCT_COLUMNS = 1024  # columns summed in float32 before the float64 sum (see `block_gram`)
+
+
+def gram_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The precision of the products: float64 when any input is float64, else float32."""
+    return torch.float64 if torch.float64 in set(dtypes) else torch.float32
+
+
+def block_gram(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ y.T (y = x if None) in float64, for (rows, n) blocks of task vectors.
+
+    float64 blocks: float64 products. float32 blocks (fp16, bf16 and fp32 inputs): float32
+    products summed in float32 over runs of `PRODUCT_COLUMNS` columns, the runs summed in float64.
+    Each run's float32 dot product is within gamma_b = b u / (1 - b u) (b = PRODUCT_COLUMNS,
+    u = 2^-24) of the exact sum of |x_k y_k| (Higham, Accuracy and Stability, 3.1); the product
+    of two fp16 or two bf16 values is exact in float32. The result is on x's device."""
+    y = x if y is None else y
+    if x.dtype == torch.float64 or y.dtype == torch.float64:
+        return x.to(torch.float64) @ y.to(torch.float64).T
+    n = x.shape[1]
+    full = n - n % PRODUCT_COLUMNS
+    out = torch.zeros(x.shape[0], y.shape[0], dtype=torch.float64, device=x.device)
+    if full:
+        xs = x[:, :full].reshape(x.shape[0], -1, PRODUCT_COLUMNS).transpose(0, 1)
+        ys = y[:, :full].reshape(y.shape[0], -1, PRODUCT_COLUMNS).transpose(0, 1)
+        out += torch.bmm(xs, ys.transpose(1, 2)).sum(0, dtype=torch.float64)
+    if full < n:
+        out += (x[:, full:] @ y[:, full:].T).to(torch.float64)
+    return out
+
+
+def gram_error_bound(x: torch.Tensor) -> torch.Tensor:
+    """Per entry, a bound of the error of the streamed Gram matrix of the rows of `x` (T, n) when
+    its products are float32 (`block_gram`): (gamma_b + gamma'_m) * |x| @ |x|.T, with b =
+    `PRODUCT_COLUMNS`, gamma_b = b u / (1 - b u), u = 2^-24 for the float32 runs, and gamma'_m the
+    same for float64 (u = 2^-53) over the m <= n / b + 2 runs summed per block and across blocks."""
+    b, n = PRODUCT_COLUMNS, x.shape[1]
+    m = n // b + 2
+    u32, u64 = 2.0**-24, 2.0**-53
+    gamma = b * u32 / (1 - b * u32) + m * u64 / (1 - m * u64)
+    a = x.abs().to(torch.float64)
+    return gamma * (a @ a.T)
 
 
 def gram_chunk(n_vectors: int, budget: int = GRAM_BLOCK_BYTES) -> int:
@@ -26,13 +77,16 @@ def gram_matrix(
     *,
     progress: bool = False,
     description: str | None = None,
+    device: str | torch.device | None = None,
 ) -> torch.Tensor:
     """G[i, j] = <tau_i, tau_j> in float64, streamed.
 
-    The slice [s, s + chunk) of every task vector is read into one (T, chunk) float64 block and
-    G += X X^T is one matrix product (all T task vectors at once, accumulated in float64). The
-    next block is read by a second thread while the product runs, and the reads after it are
-    announced to the operating system ahead of time, so reading and arithmetic overlap.
+    The slice [s, s + chunk) of every task vector is read (cast and checked in place) into one
+    (T, chunk) block and G += X X^T is one product per block (`block_gram`: float64 products for
+    float64 task vectors, float32 products summed in float64 otherwise), on `device` (default
+    the CPU). The next blocks are read by two threads while the product runs, and the reads
+    after them are announced to the operating system ahead of time, so reading and arithmetic
+    overlap.
     """
     if not tvs:
         raise ValueError("a Gram matrix needs at least one task vector")
@@ -44,15 +98,17 @@ def gram_matrix(
     chunk = chunk_elems or gram_chunk(t)
     keys = tvs[0].keys()
     jobs = [(k, s, e) for k in keys for s, e in chunks(tvs[0].spec(k).numel, chunk)]
-    g = torch.zeros(t, t, dtype=torch.float64)
-    bufs = [torch.empty(t, chunk, dtype=torch.float64) for _ in range(2)]
+    dev = torch.device(device or "cpu")
+    g = torch.zeros(t, t, dtype=torch.float64, device=dev)
+    cdt = gram_dtype(tv.spec(k).dtype for tv in tvs for k in keys)
+    bufs = [torch.empty(t, chunk, dtype=cdt) for _ in range(READ_AHEAD + 1)]
     total = sum(tvs[0].spec(k).numel for k in keys) * t * 4
 
     def fill(i: int) -> torch.Tensor:
         key, s, e = jobs[i]
-        x = bufs[i % 2][:, : e - s]
+        x = bufs[i % len(bufs)][:, : e - s]
         for j, tv in enumerate(tvs):
-            x[j].copy_(tv.source.read_flat(key, s, e))
+            read_into(tv.source, key, s, e, x[j])
         return x
 
     def announce(i: int) -> None:
@@ -63,20 +119,25 @@ def gram_matrix(
     description = description or f"Gram matrix of {t} task vectors"
     with (
         keep_freed_memory(),
+        one_torch_thread(),  # the threads below are the parallelism: teams of OpenMP threads each would spin
         byte_progress(total, description, progress) as advance,
-        ThreadPoolExecutor(1, thread_name_prefix="taskvec-gram-read") as reader,
+        ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="taskvec-gram-read") as reader,
     ):
-        for i in range(min(2, len(jobs))):
+        for i in range(min(READ_AHEAD + 1, len(jobs))):
             announce(i)
-        nxt: Future[torch.Tensor] | None = reader.submit(fill, 0) if jobs else None
+        ahead: deque[Future[torch.Tensor]] = deque(reader.submit(fill, i) for i in range(min(READ_AHEAD, len(jobs))))
         for i in range(len(jobs)):
-            assert nxt is not None
-            x = nxt.result()
-            announce(i + 2)
-            nxt = reader.submit(fill, i + 1) if i + 1 < len(jobs) else None
-            g.addmm_(x, x.T)
+            x = ahead.popleft().result()
+            announce(i + READ_AHEAD + 1)
+            if i + READ_AHEAD < len(jobs):  # into the buffer of block i - 1, whose product is done
+                ahead.append(reader.submit(fill, i + READ_AHEAD))
+            g += block_gram(x.to(dev))
             advance((jobs[i][2] - jobs[i][1]) * t * 4)
+    g = g.cpu()
     return (g + g.T) / 2
+
+
+READ_AHEAD = 2  # blocks read (cast and checked) by reader threads while the product of one runs
 
 
 def cosine_matrix(tvs: Sequence[TaskVector]) -> torch.Tensor:
