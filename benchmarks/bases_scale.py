@@ -25,9 +25,11 @@ Usage
 
 Every phase runs as a child process (2 torch threads by default) whose RSS is polled with psutil
 every 20 ms; the child also reports its own ru_maxrss; the table shows the larger. The page cache
-is dropped before every phase (`sync; echo 3 > /proc/sys/vm/drop_caches`, needs root), and the
-sequential read of the task vectors is measured in the same run, cold, as the limit of the Gram
-pass. The Markdown report goes to benchmarks/results/bases_scale.md.
+is dropped before every phase, after writeback has settled (`sync`, then until /proc/meminfo
+shows little dirty data; then `echo 3 > /proc/sys/vm/drop_caches`, needs root, else
+posix_fadvise(DONTNEED) of the task vectors), and the sequential read of the task vectors is
+measured the same way in the same run, cold, as the limit of the Gram pass: before the phases and
+again after them, each reported in GB/s. The Markdown report goes to benchmarks/results/bases_scale.md.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from measure import drop_caches, sequential_read
+from measure import cold_read, drop_caches, load_average
 
 REPO = Path(__file__).resolve().parents[1]
 WORKDIR = Path("/tmp/taskvec-bases-bench")
@@ -219,7 +221,7 @@ def run_child(args: argparse.Namespace, name: str) -> dict:
     psutil = require("psutil", "bench")
 
     if name != "generate":
-        drop_caches()
+        drop_caches([tv_path(args.workdir, t) for t in range(args.tasks + 1)])
 
     cmd = [
         sys.executable,
@@ -261,17 +263,26 @@ def run_child(args: argparse.Namespace, name: str) -> dict:
         phase=name,
         wall_s=wall,
         peak_rss=max(peak[0], res["ru_maxrss"]),
-        loadavg=" / ".join(f"{x:.1f}" for x in os.getloadavg()),
+        loadavg=load_average(),
     )
     log(f"{name}: {wall:.1f} s, peak RSS {res['peak_rss'] / GiB:.2f} GiB")
     return res
 
 
-def report(args: argparse.Namespace, gen: dict, gen_res: dict, results: list[dict], read_s: float) -> str:
+def report(
+    args: argparse.Namespace,
+    gen: dict,
+    gen_res: dict,
+    results: list[dict],
+    read_s: float,
+    read_end_s: float,
+    load_start: str,
+) -> str:
     numel = gen["numel"]
     tv_gb = numel * 2 * args.tasks / 1e9
     what = {
-        "gram": f"similarity analysis: streamed {args.tasks} x {args.tasks} Gram matrix (float64)",
+        "gram": f"similarity analysis: streamed {args.tasks} x {args.tasks} Gram matrix (float32 products, "
+        "float64 sums)",
         "build-cluster": "cluster bank: spectral clustering + mean merge per cluster",
         "build-ties": "cluster bank: spectral clustering + TIES merge per cluster",
         "build-learned": "learned convex bases (Adam on G) + one pass writing all M bases",
@@ -291,8 +302,9 @@ def report(args: argparse.Namespace, gen: dict, gen_res: dict, results: list[dic
         ),
         "",
         (
-            f"**Limit measured in the same run, cold cache:** sequential read of the {tv_gb:.1f} GB of task vectors "
-            f"{read_s:.1f} s ({tv_gb / read_s:.2f} GB/s)."
+            f"**Limit measured in the same run, cold cache, writeback settled:** sequential read of the "
+            f"{tv_gb:.1f} GB of task vectors {read_s:.1f} s ({tv_gb / read_s:.2f} GB/s); again after the phases "
+            f"{read_end_s:.1f} s ({tv_gb / read_end_s:.2f} GB/s). Load average at the start: {load_start}."
         ),
         "",
         "| phase | wall time (s) | peak RSS (GiB) | load avg after | result |",
@@ -307,8 +319,9 @@ def report(args: argparse.Namespace, gen: dict, gen_res: dict, results: list[dic
     for r in results:
         if r["phase"] == "gram":
             res = (
-                f"Gram pass {r['gram_s']:.1f} s = {r['gram_s'] / read_s:.2f}x the sequential read "
-                f"({r['gram_cpu_s']:.0f} CPU s), then the error-vs-M sweep below {r['sweep_s']:.1f} s; "
+                f"Gram pass {r['gram_s']:.1f} s ({tv_gb / r['gram_s']:.2f} GB/s) = {r['gram_s'] / read_s:.2f}x the "
+                f"sequential read at {tv_gb / read_s:.2f} GB/s ({r['gram_s'] / read_end_s:.2f}x the one at the end; "
+                f"{r['gram_cpu_s']:.1f} CPU s), then the error-vs-M sweep below {r['sweep_s']:.1f} s; "
                 f"eigengap M = {r['eigengap_m']}; off-diagonal cosine from {r['cos_min']:.3f} (across groups) to "
                 f"{r['cos_max_offdiag']:.3f} (within)"
             )
@@ -394,11 +407,14 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     gen_res = run_child(args, "generate")
     gen = {k: gen_res[k] for k in ("params", "tasks", "numel")}
-    drop_caches()
-    read_s = sequential_read([tv_path(args.workdir, t) for t in range(args.tasks)])
-    log(f"sequential read of the task vectors: {read_s:.1f} s")
+    files = [tv_path(args.workdir, t) for t in range(args.tasks)]
+    load_start = load_average()
+    read_s, gbps, _ = cold_read(files)
+    log(f"sequential read of the task vectors: {read_s:.1f} s ({gbps:.2f} GB/s)")
     results = [run_child(args, p) for p in args.phases.split(",") if p]
-    text = report(args, gen, gen_res, results, read_s)
+    read_end_s, gbps_end, _ = cold_read(files)
+    log(f"sequential read again at the end: {read_end_s:.1f} s ({gbps_end:.2f} GB/s)")
+    text = report(args, gen, gen_res, results, read_s, read_end_s, load_start)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

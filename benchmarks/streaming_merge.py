@@ -15,8 +15,10 @@ Usage
 
 Everything heavy lives under ``--workdir`` (default /tmp/taskvec-bench). Generation is
 deterministic and skipped when the files are already there. The page cache is dropped before
-every timed step (``sync; echo 3 > /proc/sys/vm/drop_caches``, needs root; otherwise each input
-is evicted with ``posix_fadvise(DONTNEED)``). Each merge runs as a child process under
+every timed step, after writeback has settled (``sync``, then until /proc/meminfo shows little
+dirty data; then ``echo 3 > /proc/sys/vm/drop_caches``, needs root; otherwise each input is
+evicted with ``posix_fadvise(DONTNEED)``). The sequential read of the inputs is measured the same
+way at the start and again at the end, and reported in GB/s beside the ratios. Each merge runs as a child process under
 ``/usr/bin/time -v`` while the RSS of its process tree is polled every 50 ms. The Markdown report
 goes to ``benchmarks/results/streaming_merge.md`` and stdout.
 """
@@ -39,7 +41,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from measure import drop_caches, sequential_read, sequential_write
+from measure import cold_read, drop_caches, load_average, sequential_write
 from taskvec.io import CheckpointWriter, TensorSpec, open_checkpoint, read
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -358,13 +360,15 @@ def fmt_report(ctx: dict, seq: dict, results: dict, checks: dict, ties_ref: dict
         f"- page cache dropped before every step ({ctx['cache_mode']}); each tool's modules are imported once "
         "beforehand, untimed",
         "",
-        f"**Limits measured in the same run, cold cache:** sequential read of the {ctx['input_gb']:.2f} GB of inputs "
-        f"{seq['read_s']:.1f} s ({ctx['input_gb'] / seq['read_s']:.2f} GB/s); sequential write of one "
-        f"{ctx['model_gib']:.2f} GiB output {seq['write_s']:.1f} s; read + write = **{limit:.1f} s**.",
+        f"**Limits measured in the same run, cold cache, writeback settled:** sequential read of the "
+        f"{ctx['input_gb']:.2f} GB of inputs {seq['read_s']:.1f} s ({ctx['input_gb'] / seq['read_s']:.2f} GB/s; "
+        f"again at the end: {seq.get('read_end_s', 0):.1f} s, {ctx['input_gb'] / seq.get('read_end_s', 1):.2f} GB/s); "
+        f"sequential write of one {ctx['model_gib']:.2f} GiB output {seq['write_s']:.1f} s; read + write = "
+        f"**{limit:.1f} s**. Load average at the end: {ctx.get('loadavg_end', '')}.",
         "",
-        "| method | tool | wall s | wall / (read + write) | wall / taskvec task arithmetic | CPU s (user+sys) | peak "
-        "RSS GiB | load avg at end | status |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|",
+        "| method | tool | wall s | inputs GB/s | wall / (read + write) | wall / taskvec task arithmetic | CPU s "
+        "(user+sys) | peak RSS GiB | load avg at end | status |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     ta = results.get(("taskvec", "task_arithmetic"))
     for method in METHODS:
@@ -375,7 +379,8 @@ def fmt_report(ctx: dict, seq: dict, results: dict, checks: dict, ties_ref: dict
             rel = f"{r.wall_s / ta.wall_s:.2f}" if ta is not None and ta.rc == 0 else ""
             status = "ok" if r.rc == 0 else f"FAILED rc={r.rc}"
             lines.append(
-                f"| {method} | {tool} | {r.wall_s:.1f} | {r.wall_s / limit:.2f} | {rel} | {r.user_s + r.sys_s:.1f} "
+                f"| {method} | {tool} | {r.wall_s:.1f} | {ctx['input_gb'] / r.wall_s:.2f} | {r.wall_s / limit:.2f} "
+                f"| {rel} | {r.user_s + r.sys_s:.1f} "
                 f"| {r.peak_rss / GiB:.2f} | {r.loadavg} | {status} |"
             )
     lines += [
@@ -450,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         "ram_gib": psutil.virtual_memory().total / GiB,
         "n_models": args.n_models,
         "mergekit_dtype": args.mergekit_dtype,
-        "loadavg": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "loadavg": load_average(),
     }
     if not args.skip_mergekit:
         mk, tv = ensure_mergekit_env(args.mergekit_venv).split()
@@ -472,8 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     for d in (outdir, cfgdir, logdir):
         d.mkdir(parents=True, exist_ok=True)
 
-    ctx["cache_mode"] = drop_caches(inputs)
-    seq = {"read_s": sequential_read(inputs)}
+    seq: dict = {}
+    seq["read_s"], _, ctx["cache_mode"] = cold_read(inputs)
     drop_caches(inputs)
     seq["write_s"] = sequential_write(outdir / "write-test.bin", n_params * 2)
     log(f"sequential read {seq['read_s']:.1f} s, write {seq['write_s']:.1f} s")
@@ -525,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r.peak_rss / GiB:.2f} GiB"
             )
 
+    seq["read_end_s"], _, _ = cold_read(inputs)  # the disk may have changed speed meanwhile
+    ctx["loadavg_end"] = load_average()
+    log(f"sequential read at the end {seq['read_end_s']:.1f} s")
     ok = lambda tool, m: (tool, m) in results and results[(tool, m)].rc == 0  # noqa: E731
     layers = cfg["num_hidden_layers"]
     keys = [

@@ -139,6 +139,11 @@ def test_similarity_table_and_heatmap(tmp_path: Path, files) -> None:
     y = np.concatenate([b[k].numpy().ravel() for k in a]).astype(np.float64)
     assert f"{x @ y / np.linalg.norm(x) / np.linalg.norm(y):.4f}" in r.output
     assert "1.0000" in r.output
+    r = runner.invoke(app, ["similarity", *paths, "--device", "cpu"])
+    assert r.exit_code == 0 and f"{x @ y / np.linalg.norm(x) / np.linalg.norm(y):.4f}" in r.output
+    if not torch.cuda.is_available():
+        r = runner.invoke(app, ["similarity", *paths, "--device", "cuda"])
+        assert r.exit_code == 2 and "no CUDA device" in r.output
 
 
 def test_bench_run_refuses_an_unknown_learned_method_before_any_work(tmp_path: Path) -> None:

@@ -170,11 +170,13 @@ def similarity(
     png: Annotated[Path | None, typer.Option(help="write a heatmap PNG here")] = None,
     allow_nonfinite: AllowNonfinite = False,
     force: Annotated[bool, typer.Option("--force", help="replace the PNG if it exists")] = False,
+    device: Annotated[str, typer.Option(help="where the Gram matrix's products run: cpu or cuda")] = "cpu",
 ) -> None:
     """Cosine similarity matrix of task vectors (streamed Gram matrix), as a table and a heatmap."""
     from taskvec._optional import require
     from taskvec.core import TaskVector
     from taskvec.core.similarity import cosine_matrix
+    from taskvec.methods.compose import resolve_device
     from taskvec.report import heatmap
 
     if len(task_vectors) < 2:
@@ -183,8 +185,9 @@ def similarity(
         raise ConfigError(f"{png}: already exists (pass --force to replace it)")
     if png is not None:
         require("matplotlib", "plot")  # fail before the work, not after it
+    dev = resolve_device(device)  # a clear error where there is no such device
     tvs = [TaskVector.load(p, allow_nonfinite=allow_nonfinite) for p in task_vectors]
-    cos = cosine_matrix(tvs)
+    cos = cosine_matrix(tvs, device=dev)
     names = [Path(p).stem for p in task_vectors]
     t = Table(title="cosine similarity")
     t.add_column("")

@@ -140,10 +140,10 @@ def gram_matrix(
 READ_AHEAD = 2  # blocks read (cast and checked) by reader threads while the product of one runs
 
 
-def cosine_matrix(tvs: Sequence[TaskVector]) -> torch.Tensor:
-    """Cosine similarity of every pair of task vectors, from the streamed Gram matrix; NaN in the
-    rows and columns of a zero task vector (its direction is undefined)."""
-    g = gram_matrix(tvs)
+def cosine_matrix(tvs: Sequence[TaskVector], *, device: str | torch.device | None = None) -> torch.Tensor:
+    """Cosine similarity of every pair of task vectors, from the streamed Gram matrix (its products
+    on `device`); NaN in the rows and columns of a zero task vector (its direction is undefined)."""
+    g = gram_matrix(tvs, device=device)
     n = g.diagonal().sqrt()
     cos = g / n[:, None] / n[None, :]
     zero = n == 0
