@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from taskvec.core.stream import LastSliceCache, byte_progress, chunks, keep_freed_memory, prefetch, write_checkpoint
-from taskvec.core.taskvector import TaskVector, _compute_dtype
+from taskvec.core.taskvector import TaskVector, compute_dtype
 from taskvec.io import CheckpointWriter, TensorSpec
 from taskvec.io.writer import DEFAULT_SHARD_BYTES
 from taskvec.methods import compose
@@ -117,7 +117,7 @@ def linear_pass(
     t, m = mixing.shape
     first = tvs[0]
     keys = first.keys()
-    cdt = _compute_dtype(*{tv.spec(k).dtype for tv in tvs for k in keys})
+    cdt = compute_dtype(*{tv.spec(k).dtype for tv in tvs for k in keys})
     w = mixing.to(cdt)
     specs = basis_specs(first, store_dtype)
     cross = torch.zeros(m, t, dtype=torch.float64)

@@ -38,11 +38,15 @@ class WriteOptions(TypedDict, total=False):
     progress: bool
 
 
-def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype arithmetic on tensors of `dtypes` runs in: float32 at least, wider if one is wider."""
     out = torch.float32
     for d in dtypes:
         out = torch.promote_types(out, d)
     return out
+
+
+_compute_dtype = compute_dtype  # the former private name, kept for branches that still import it
 
 
 def _key_list(keys: Iterable[str], limit: int = 5) -> str:
@@ -136,7 +140,7 @@ class DiffSource:
             dp, df = pretrained.spec(k).dtype, finetuned.spec(k).dtype
             if dp.is_floating_point and df.is_floating_point:
                 self._keys.append(k)
-                self._dtype[k] = dtype or _compute_dtype(dp, df)
+                self._dtype[k] = dtype or compute_dtype(dp, df)
             elif dp.is_floating_point or df.is_floating_point:
                 raise DtypeError(
                     f"tensor {k!r}: dtype {dp} in {pretrained.name} but {df} in {finetuned.name}; "
@@ -200,7 +204,7 @@ class FloatSource:
 
     def spec(self, key: str) -> TensorSpec:
         s = self.source.spec(key)
-        return TensorSpec(s.shape, _compute_dtype(s.dtype))
+        return TensorSpec(s.shape, compute_dtype(s.dtype))
 
     def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         out = self.source.read_flat(key, start, stop).to(self.spec(key).dtype)
@@ -241,7 +245,7 @@ class LinearSource:
 
     def spec(self, key: str) -> TensorSpec:
         specs = [s.spec(key) for _, s in self.terms]
-        return TensorSpec(specs[0].shape, _compute_dtype(*(s.dtype for s in specs)))
+        return TensorSpec(specs[0].shape, compute_dtype(*(s.dtype for s in specs)))
 
     def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         dt = self.spec(key).dtype
