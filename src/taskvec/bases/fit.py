@@ -46,7 +46,7 @@ def check_m(m: int | None, t: int, option: str = "m") -> None:
 
 def check_method(method: str) -> None:
     if method not in BASES:
-        raise UnknownMethodError(f"method: unknown bases method {method!r}; choose one of {', '.join(BASES.names())}")
+        raise UnknownMethodError(f"method: unknown bases method {method!r}; choose one of {', '.join(BASES.known())}")
 
 
 def check_merge(merge: str, params: dict[str, object]) -> dict[str, object]:
