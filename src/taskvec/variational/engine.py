@@ -26,7 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from taskvec.core.coef import matches
-from taskvec.core.lowrank import factors_of
+from taskvec.core.factored import factors_of
 from taskvec.core.taskvector import TaskVector
 from taskvec.errors import KeyMismatchError, ShapeMismatchError, TaskVecError
 from taskvec.variational import ops
