@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from taskvec.errors import ConfigError, TaskVecError, format_validation_error
 from taskvec.io.writer import parse_size
+from taskvec.methods.registry import get_method, parse_params
 
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -80,8 +81,6 @@ class MergeConfig(Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from taskvec.methods import get_method
-
         get_method(v)
         return v
 
@@ -96,9 +95,6 @@ class MergeConfig(Strict):
 
     @model_validator(mode="after")
     def _params(self) -> MergeConfig:
-        from taskvec.methods import get_method
-        from taskvec.methods.registry import parse_params
-
         parse_params(get_method(self.method), self.params)
         return self
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from taskvec._optional import require
 from taskvec.io.atomic import atomic_path
 
 if TYPE_CHECKING:
@@ -28,8 +29,6 @@ def heatmap(
     values: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str | os.PathLike[str], title: str = ""
 ) -> Path:
     """A labelled heatmap with the value printed in each cell."""
-    from taskvec._optional import require
-
     require("matplotlib", "plot").use("Agg")
     plt = require("matplotlib.pyplot", "plot")
 
