@@ -8,7 +8,8 @@ Built-in kinds are found by importing every module of the registry's `package` (
 of imports); kinds of other installed packages come from the registry's entry-point `group`. Both
 are loaded lazily, the first time a name is looked up that is not registered yet, or when every
 name is listed. An entry point is named like the kind and points to a `Kind` (or a function
-returning one), or to a module (or a function) that registers the kind itself.
+returning one), or to a module (or a function) that registers the kind itself; an entry point
+named like a preset points to a module or function that adds it (`add_preset`).
 """
 
 from __future__ import annotations
@@ -81,6 +82,12 @@ class Registry(Generic[B]):
         for p, options in kind.presets.items():
             self._presets[p] = {self.key: kind.name, **options}
         return kind
+
+    def add_preset(self, name: str, kind: str, options: Mapping[str, Any] | None = None) -> None:
+        """Name a ready-made option set of the registered `kind` (its options are checked when used)."""
+        if name in self._presets:
+            raise ValueError(f"{self.what} preset {name!r} is already registered")
+        self._presets[name] = {self.key: kind, **(options or {})}
 
     # ------------------------------------------------------------------ looking up
 
@@ -196,7 +203,7 @@ class Registry(Generic[B]):
                     self.add(obj)
                 except ValueError as e:
                     raise ConfigError(f"{where}: {e}") from None
-        elif ep.name not in self._kinds:
+        elif ep.name not in self._kinds and ep.name not in self._presets:
             raise ConfigError(
                 f"{where}: expected a {self.what} (taskvec.registry.Kind), a function returning one, or a module "
                 f"registering it; got {type(obj).__name__}"
