@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import torch
 import yaml
@@ -29,6 +29,22 @@ class Strict(BaseModel):
     (anywhere: scalars, per-layer maps, nested options)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+@overload
+def dtype_named(name: str, option: str = ...) -> torch.dtype: ...
+@overload
+def dtype_named(name: None, option: str = ...) -> None: ...
+@overload
+def dtype_named(name: str | None, option: str = ...) -> torch.dtype | None: ...
+def dtype_named(name: str | None, option: str = "--dtype") -> torch.dtype | None:
+    """The torch dtype of a name in DTYPES (None stays None: keep the input's); `option` names the
+    setting in the error."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ConfigError(f"{option}: unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def positive_size(text: str | int, what: str = "shard_size") -> int:

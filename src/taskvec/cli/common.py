@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from taskvec.errors import ConfigError, TaskVecError, format_validation_error
+from taskvec.errors import TaskVecError, format_validation_error
 
 if TYPE_CHECKING:
     import torch
@@ -62,13 +62,9 @@ def torch_dtype(name: None) -> None: ...
 def torch_dtype(name: str | None) -> torch.dtype | None: ...
 def torch_dtype(name: str | None) -> torch.dtype | None:
     """The torch dtype a --dtype option names (None: keep the input's)."""
-    from taskvec.config import DTYPES  # torch is imported when a command runs, not at start-up
+    from taskvec.config import dtype_named  # torch is imported when a command runs, not at start-up
 
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise ConfigError(f"--dtype: unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return dtype_named(name)
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:

@@ -57,20 +57,13 @@ COMPOSERS: Registry[CoefBuilder] = Registry(
 """Composer kinds by name: their config, builder and presets (`COMPOSERS.presets`)."""
 
 
-def register_composer(
-    name: str,
-    config: type[ComposerConfig],
-    build: CoefBuilder,
-    *,
-    doc: str = "",
-    presets: Mapping[str, Mapping[str, Any]] | None = None,
-) -> Kind[CoefBuilder]:
+def register_composer(name: str, config: type[ComposerConfig], build: CoefBuilder, **kwargs: Any) -> Kind[CoefBuilder]:
     """Add a composer kind: `config` its options (a ComposerConfig subclass whose `method` is
-    `name`), `build(config, feature_dim, num_tasks, num_blocks)` its module, `presets` named option
-    sets of it (e.g. ablations)."""
+    `name`), `build(config, feature_dim, num_tasks, num_blocks)` its module; `doc` and `presets`
+    (named option sets of it, e.g. ablations) as for `Registry.register`."""
     if not issubclass(config, ComposerConfig):
         raise TypeError(f"composer {name!r}: its config must subclass ComposerConfig")
-    return COMPOSERS.register(name, config, build, doc, presets=presets)
+    return COMPOSERS.register(name, config, build, **kwargs)
 
 
 def composer_config(options: Mapping[str, Any] | None = None, /, **overrides: Any) -> ComposerConfig:
