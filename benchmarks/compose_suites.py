@@ -146,7 +146,7 @@ def tuned(folder: Path, preset: str) -> dict[str, Any]:
     return {
         "lr": cfg["train"]["lr"],
         "epochs": cfg["train"]["epochs"],
-        "kl_weight": cfg["composer"]["kl_weight"],
+        "kl_weight": cfg["composer"].get("kl_weight"),  # only the variational kind has one
         "set": best.get("set", []),
         "from": lab,
         "heldout": score[lab],

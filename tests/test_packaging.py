@@ -186,8 +186,9 @@ def plugin_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignor
     """A folder on sys.path for plugin distributions; the registry and sys.modules are restored after."""
     from taskvec.methods import registry
 
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))
+    registry.METHODS.load()
+    monkeypatch.setattr(registry.METHODS, "_kinds", dict(registry.METHODS._kinds))
+    monkeypatch.setattr(registry.METHODS, "_origin", dict(registry.METHODS._origin))
     root = tmp_path / "site"
     root.mkdir()
     monkeypatch.syspath_prepend(str(root))
@@ -258,6 +259,6 @@ def test_broken_or_clashing_plugins_are_named(plugin_path: Path) -> None:
     with pytest.raises(ConfigError):
         list_methods()
     with pytest.raises(ConfigError, match=r"'ties' of package 'tvclash'.*taken by package 'taskvec'"):
-        from taskvec.methods.registry import _load_entry_points
+        from taskvec.methods.registry import METHODS
 
-        _load_entry_points("ties")
+        METHODS.load("ties")

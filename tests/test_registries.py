@@ -4,16 +4,25 @@ accepted by the configs and used by the builders, with no other code edited."""
 from __future__ import annotations
 
 import copy
+from typing import Literal
 
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from taskvec import TaskVector
 from taskvec.bases.config import BasesConfig
 from taskvec.bases.fit import BASES, PcaOptions, fit_bases, linear_fit
 from taskvec.errors import ConfigError
-from taskvec.variational import COMPOSERS, ComposerConfig, build_composer, register_composer
+from taskvec.variational import (
+    COMPOSERS,
+    ComposerConfig,
+    build_composer,
+    composer_config,
+    preset,
+    register_composer,
+)
 from taskvec.variational.toy import toy_problem
 
 
@@ -34,22 +43,33 @@ class TaskWeights(nn.Module):
         return self.w.detach().expand(-1, self.b).clone()
 
 
+class TaskWeightsConfig(ComposerConfig):
+    """Trained with the supervised objective only."""
+
+    method: Literal["task_weights"] = "task_weights"
+    objective: Literal["supervised"] = "supervised"
+
+
 def test_a_registered_composer_is_accepted_and_built() -> None:
     if "task_weights" not in COMPOSERS:
         register_composer(
-            "task_weights", lambda cfg, d, t, b: TaskWeights(t, b, cfg.init_coef), objectives=("supervised",)
+            "task_weights",
+            TaskWeightsConfig,
+            lambda cfg, d, t, b: TaskWeights(t, b, cfg.init_coef),
+            presets={"task_weights_half": {"init_coef": 0.5}},
         )
-    with pytest.raises(ValueError, match="trained with objective 'supervised'"):
-        ComposerConfig(method="task_weights", objective="entropy")
-    with pytest.raises(ValueError, match="unknown composer method 'nope'"):
-        ComposerConfig(method="nope")
+    with pytest.raises(ValidationError, match="(?s)objective.*'supervised'"):
+        composer_config(method="task_weights", objective="entropy")
+    with pytest.raises(ConfigError, match="unknown composer method 'nope'"):
+        composer_config(method="nope")
+    assert preset("task_weights_half") == TaskWeightsConfig(init_coef=0.5)
     toy = toy_problem()
     c = build_composer(
         copy.deepcopy(toy.backbone),
         toy.task_vectors,
         toy.heads,
         16,
-        ComposerConfig(method="task_weights", init_coef=0.4, blocks="tensor"),
+        composer_config(method="task_weights", init_coef=0.4, blocks="tensor"),
     )
     assert isinstance(c.coef, TaskWeights) and c.coef.w.dtype == torch.float64
     with torch.no_grad():

@@ -87,7 +87,7 @@ def test_every_config_model_refuses_non_finite() -> None:
     with pytest.raises(ValidationError, match="finite"):
         ComposeTrainConfig(train={"grad_clip": float("inf")})
     with pytest.raises(ValidationError, match="finite"):
-        BasesConfig(tasks=[{"task_vector": "a"}, {"task_vector": "b"}], temperature=float("inf"))
+        BasesConfig(tasks=[{"task_vector": "a"}, {"task_vector": "b"}], method="learned", temperature=float("inf"))
     tvs = [TaskVector.from_tensors({"w": torch.ones(4)})] * 2
     with pytest.raises(ConfigError, match="density"):
         compose(tvs, "dare", density=float("nan"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import torch
 import yaml
@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from taskvec.errors import ConfigError, TaskVecError, format_validation_error
 from taskvec.io.writer import parse_size
+from taskvec.methods.registry import get_method, parse_params
 
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -28,6 +29,22 @@ class Strict(BaseModel):
     (anywhere: scalars, per-layer maps, nested options)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+@overload
+def dtype_named(name: str, option: str = ...) -> torch.dtype: ...
+@overload
+def dtype_named(name: None, option: str = ...) -> None: ...
+@overload
+def dtype_named(name: str | None, option: str = ...) -> torch.dtype | None: ...
+def dtype_named(name: str | None, option: str = "--dtype") -> torch.dtype | None:
+    """The torch dtype of a name in DTYPES (None stays None: keep the input's); `option` names the
+    setting in the error."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ConfigError(f"{option}: unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def positive_size(text: str | int, what: str = "shard_size") -> int:
@@ -80,8 +97,6 @@ class MergeConfig(Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from taskvec.methods import get_method
-
         get_method(v)
         return v
 
@@ -96,9 +111,6 @@ class MergeConfig(Strict):
 
     @model_validator(mode="after")
     def _params(self) -> MergeConfig:
-        from taskvec.methods import get_method
-        from taskvec.methods.registry import parse_params
-
         parse_params(get_method(self.method), self.params)
         return self
 

@@ -9,23 +9,26 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from taskvec._optional import require
 from taskvec.io.atomic import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def _atomic_savefig(fig: Figure, path: Path) -> None:
+def atomic_savefig(fig: Figure, path: Path) -> None:
+    """Save `fig` to `path` (format from the suffix) through a temporary file: never a half-written image."""
     with atomic_path(path, overwrite=True, owned=lambda p: None) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+
+
+_atomic_savefig = atomic_savefig  # the former private name, kept for branches that still import it
 
 
 def heatmap(
     values: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str | os.PathLike[str], title: str = ""
 ) -> Path:
     """A labelled heatmap with the value printed in each cell."""
-    from taskvec._optional import require
-
     require("matplotlib", "plot").use("Agg")
     plt = require("matplotlib.pyplot", "plot")
 
@@ -47,6 +50,6 @@ def heatmap(
             )
     fig.colorbar(im, ax=ax)
     ax.set_title(title)
-    _atomic_savefig(fig, path)
+    atomic_savefig(fig, path)
     plt.close(fig)
     return path

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from taskvec._optional import require
 from taskvec.core.similarity import gram_chunk, gram_matrix
 from taskvec.core.taskvector import TaskVector
 from taskvec.errors import ConfigError
@@ -90,8 +91,6 @@ def spectral_assign(aff: torch.Tensor, m: int, seed: int = 0) -> list[int]:
         return [0] * t
     if m == t:
         return list(range(t))
-    from taskvec._optional import require
-
     SpectralClustering = require("sklearn.cluster", "bases").SpectralClustering
 
     with warnings.catch_warnings():

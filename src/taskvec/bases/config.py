@@ -2,48 +2,87 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasPath, BaseModel, Field, SerializeAsAny, field_validator, model_validator
 
-from taskvec.config import DtypeName, Strict, TaskSource, known_name, load_yaml_config
+from taskvec.bases.fit import BASES, ClusterOptions
+from taskvec.config import DtypeName, Strict, TaskSource, load_yaml_config
 from taskvec.core.taskvector import TaskVector
 from taskvec.io.writer import parse_size
+from taskvec.registry import validation_error
 
 TaskEntry = TaskSource  # one task of a bank: a saved task vector, or a fine-tuned checkpoint
+
+
+FLAT_OPTIONS = ("merge", "merge_params", "seed", "temperature", "steps", "lr", "normalize")
+"""Options of the built-in methods that may also be given at the top level (the flat form)."""
 
 
 class BasesConfig(Strict):
     """Example::
 
-    method: cluster          # cluster | learned | pca
+    method:                  # a bases method (taskvec.bases.fit.BASES) and its own options
+      kind: cluster          # cluster | learned | pca
+      merge: ties            # cluster only: mean | task_arithmetic | ties | ...
+      merge_params: {density: 0.2}
     m: null                  # null: from the eigengap
-    merge: ties              # cluster only: mean | task_arithmetic | ties | ...
-    merge_params: {density: 0.2}
     dtype: float16
     tasks:
       - {name: sentiment, task_vector: tvs/sentiment.safetensors}
       - {name: topic, finetuned: ft/topic}      # needs `base`
+
+    `method: cluster` with the method's options at the top level (`merge: ties`) works too.
     """
 
-    method: str = Field("cluster", description="a bases method: cluster | learned | pca (taskvec.bases.fit.BASES)")
+    method: str = Field(
+        "cluster",
+        validation_alias=AliasPath("method", "method"),
+        description="a bases method: cluster | learned | pca (taskvec.bases.fit.BASES)",
+    )
+    method_options: SerializeAsAny[Strict] = Field(
+        default_factory=lambda: ClusterOptions(),
+        validation_alias="method",
+        description="the options of `method` (given inside `method`, or beside it)",
+    )
     m: int | None = Field(None, ge=1)
     tasks: list[TaskEntry] = Field(min_length=1)
     base: str | None = None
     include: list[str] | None = None
     exclude: list[str] | None = None
-    merge: str = "mean"
-    merge_params: dict[str, Any] = Field(default_factory=dict)
     affinity: Literal["clip", "shift"] = "clip"
     max_m: int | None = Field(None, ge=1)
-    seed: int = 0
-    temperature: float = Field(1.0, gt=0)
-    steps: int = Field(1000, ge=0)
-    lr: float = Field(0.05, gt=0)
-    normalize: bool = False
     dtype: DtypeName | None = None
     shard_size: str | int = "2GB"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest(cls, data: Any) -> Any:
+        """`method: {kind: name, ...options}`, or `method: name` with its options at the top level:
+        both become `method: {method: name, ...options}`, read by `method` and `method_options`."""
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        method = data.pop("method", "cluster")
+        flat = {k: data.pop(k) for k in FLAT_OPTIONS if k in data}
+        if "method_options" in data:  # a dumped config read back
+            method = {**data.pop("method_options"), "method": method}
+        if isinstance(method, Mapping):
+            if flat:
+                raise validation_error(f"{', '.join(flat)}: give the method's options inside `method`, not beside it")
+            options = dict(method)
+            options["method"] = options.pop("kind", options.get("method", "cluster"))
+        else:
+            options = {"method": method, **flat}
+        data["method"] = options
+        return data
+
+    @field_validator("method_options", mode="before")
+    @classmethod
+    def _options(cls, v: Any) -> BaseModel:
+        return BASES.parse(v)
 
     @field_validator("shard_size")
     @classmethod
@@ -70,23 +109,11 @@ class BasesConfig(Strict):
         ]
         return self.model_copy(update={"tasks": tasks, "base": fix(self.base)})
 
-    @field_validator("method")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from taskvec.bases.fit import BASES
-
-        return known_name(v, BASES.names(), "bases method")
-
     def options(self) -> dict[str, Any]:
-        """Keyword options of `build_bank` for this method: the fields its options model declares."""
-        from taskvec.bases.fit import BASES
-
-        own = set(BASES.get(self.method).config.model_fields) - {"method"}
-        return {
-            "affinity": self.affinity,
-            "max_m": self.max_m,
-            **{k: getattr(self, k) for k in own if k in type(self).model_fields},
-        }
+        """Keyword options of `build_bank` for this method: its own options, affinity and max_m."""
+        own = self.method_options.model_dump()
+        own.pop("method", None)
+        return {"affinity": self.affinity, "max_m": self.max_m, **own}
 
 
 def load_bases_config(path: str | Path) -> BasesConfig:

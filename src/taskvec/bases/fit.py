@@ -46,7 +46,7 @@ def check_m(m: int | None, t: int, option: str = "m") -> None:
 
 def check_method(method: str) -> None:
     if method not in BASES:
-        raise UnknownMethodError(f"method: unknown bases method {method!r}; choose one of {', '.join(BASES.names())}")
+        raise UnknownMethodError(f"method: unknown bases method {method!r}; choose one of {', '.join(BASES.known())}")
 
 
 def check_merge(merge: str, params: dict[str, object]) -> dict[str, object]:
@@ -283,7 +283,7 @@ def fit_structure(
     check_m(m, t)
     check_m(max_m, t, "max_m")
     own = set(kind.config.model_fields) - {"method"}
-    unknown = set(options) - FIT_OPTIONS
+    unknown = set(options) - fit_options()
     if unknown:
         raise ConfigError(
             f"bases method {method!r}: unknown option(s) {', '.join(sorted(unknown))}; "
@@ -387,13 +387,19 @@ def build_pca(
 
 
 BasesBuilder = Callable[[Any, torch.Tensor, list[str], int, torch.Tensor, dict[str, Any]], BasisFit]
-BASES: Registry[BasesBuilder] = Registry("bases method", key="method")
+BASES: Registry[BasesBuilder] = Registry("bases method", key="method", group="taskvec.bases_methods")
 """Bases methods by name: options model and `build(options, G, names, M, affinity, info) -> BasisFit`."""
 BASES.register("cluster", ClusterOptions, build_cluster)
 BASES.register("learned", LearnedOptions, build_learned, "convex bases learned on the Gram matrix")
 BASES.register("pca", PcaOptions, build_pca, "uncentred PCA through the Gram matrix")
-METHODS = tuple(BASES.names())
+METHODS = tuple(BASES.known())
+"""The built-in bases methods (`BASES.names()` adds those of other packages)."""
 FIT_OPTIONS = {"affinity", "max_m"} | {f for k in METHODS for f in BASES.get(k).config.model_fields if f != "method"}
+
+
+def fit_options() -> set[str]:
+    """Every option name of `fit_bases`: affinity, max_m and each bases method's own."""
+    return {"affinity", "max_m"} | {f for k in BASES.kinds() for f in k.config.model_fields if f != "method"}
 
 
 def set_cluster_stats(fit: BasisFit, k: int, h: float, c: torch.Tensor) -> None:

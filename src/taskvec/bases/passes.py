@@ -15,7 +15,7 @@ import torch
 
 from taskvec.core.similarity import block_gram, gram_dtype
 from taskvec.core.stream import LastSliceCache, byte_progress, chunks, keep_freed_memory, prefetch, write_checkpoint
-from taskvec.core.taskvector import TaskVector, _compute_dtype
+from taskvec.core.taskvector import TaskVector, compute_dtype
 from taskvec.io import CheckpointWriter, TensorSpec
 from taskvec.io.writer import DEFAULT_SHARD_BYTES
 from taskvec.methods import compose
@@ -120,7 +120,7 @@ def linear_pass(
     t, m = mixing.shape
     first = tvs[0]
     keys = first.keys()
-    cdt = _compute_dtype(*{tv.spec(k).dtype for tv in tvs for k in keys})
+    cdt = compute_dtype(*{tv.spec(k).dtype for tv in tvs for k in keys})
     w = mixing.to(cdt)
     pdt = gram_dtype([cdt, store_dtype])
     specs = basis_specs(first, store_dtype)

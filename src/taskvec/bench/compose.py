@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError, field_validator
 from taskvec.bench.models import forward_features
 from taskvec.bench.run import Prepared, prepare
 from taskvec.bench.sources import IMAGE_SUFFIXES, column, read_table
-from taskvec.config import DTYPES, Strict, known_name, load_yaml_config
+from taskvec.config import Strict, dtype_named, known_name, load_yaml_config
 from taskvec.errors import ConfigError, format_validation_error
 from taskvec.io.atomic import atomic_path, check_output
 from taskvec.registry import validation_error
@@ -346,12 +346,7 @@ def export_task(
     return out, alpha
 
 
-def dtype_of(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise ConfigError(f"--dtype: unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+dtype_of = dtype_named
 
 
 # --------------------------------------------------------------------------- bench run

@@ -38,7 +38,7 @@ class HeadContext:
 
 
 HeadBuilder = Callable[[Any, HeadContext], nn.Module]
-HEADS: Registry[HeadBuilder] = Registry("head kind")
+HEADS: Registry[HeadBuilder] = Registry("head kind", group="taskvec.heads")
 """The head kinds by name."""
 
 

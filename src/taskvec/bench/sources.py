@@ -48,7 +48,7 @@ class RawData:
 
 
 Loader = Callable[[Any, Path], RawData]
-SOURCES: Registry[Loader] = Registry("data source kind")
+SOURCES: Registry[Loader] = Registry("data source kind", group="taskvec.sources")
 """The data source kinds by name."""
 
 

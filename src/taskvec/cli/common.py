@@ -6,7 +6,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, overload
 
 import typer
 from pydantic import ValidationError
@@ -14,6 +14,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from taskvec.errors import TaskVecError, format_validation_error
+
+if TYPE_CHECKING:
+    import torch
 
 console = Console()
 err_console = Console(stderr=True)
@@ -41,11 +44,27 @@ def error_line(e: BaseException) -> str:
     return " ".join(str(e).split("\n")) or type(e).__name__
 
 
-def _fail(e: BaseException) -> NoReturn:
+def fail(e: BaseException) -> NoReturn:
     """Print a one-line error naming what is at fault and exit with status 2."""
     # escaped: messages may hold brackets, e.g. taskvec[plot]
     err_console.print(f"[bold red]error:[/] {escape(error_line(e))}", soft_wrap=True)
     raise typer.Exit(2)
+
+
+_fail = fail  # the former private name, kept for branches that still import it
+
+
+@overload
+def torch_dtype(name: str) -> torch.dtype: ...
+@overload
+def torch_dtype(name: None) -> None: ...
+@overload
+def torch_dtype(name: str | None) -> torch.dtype | None: ...
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype a --dtype option names (None: keep the input's)."""
+    from taskvec.config import dtype_named  # torch is imported when a command runs, not at start-up
+
+    return dtype_named(name)
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
@@ -64,7 +83,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 return fn(*args, **kwargs)
             except (TaskVecError, OSError, ValidationError) as e:
-                _fail(e)
+                fail(e)
 
     run._taskvec_guarded = True  # type: ignore[attr-defined]
     return run

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from taskvec.cli.common import Force, _fail, console
-from taskvec.errors import ConfigError, TaskVecError
+from taskvec.cli.common import Force, console
+from taskvec.errors import ConfigError
 
 if TYPE_CHECKING:
     from taskvec.variational.train import EvalResult
@@ -63,12 +63,9 @@ def train(
     from taskvec.bench.compose import load_run_config, train_on_suite
     from taskvec.bench.suite import suite_path
 
-    try:
-        cfg = load_run_config(config)
-        suite_path(cfg.suite)  # a missing suite file is named before anything loads
-        _, result, prep = train_on_suite(cfg, out, overwrite=force)
-    except TaskVecError as e:
-        _fail(e)
+    cfg = load_run_config(config)
+    suite_path(cfg.suite)  # a missing suite file is named before anything loads
+    _, result, prep = train_on_suite(cfg, out, overwrite=force)
     _show(result, list(prep.tasks), f"{cfg.preset} on {prep.suite.name}")
     console.print(f"composer saved to [bold]{out}[/]")
 
@@ -83,13 +80,10 @@ def evaluate(
     """Score a saved composer on the suite's test splits."""
     from taskvec.bench.compose import composer_suite, evaluate_on_suite, load_on_suite
 
-    try:
-        _check_mode(mode)
-        composer_suite(composer, suite)
-        comp, prep = load_on_suite(composer, suite, cache)
-        result = evaluate_on_suite(comp, prep, mode)
-    except TaskVecError as e:
-        _fail(e)
+    _check_mode(mode)
+    composer_suite(composer, suite)
+    comp, prep = load_on_suite(composer, suite, cache)
+    result = evaluate_on_suite(comp, prep, mode)
     _show(result, list(prep.tasks), f"{composer} on {prep.suite.name} ({mode})")
 
 
@@ -121,21 +115,18 @@ def predict(
     )
     from taskvec.io.atomic import check_output
 
-    try:
-        _check_mode(mode)
-        check_output(out, overwrite=force, inputs=[inputs, composer], owned=predictions_owned)
-        if not inputs.exists():
-            raise ConfigError(f"{inputs}: no such input file or folder")
-        composer_suite(composer, suite)
-        comp, prep = load_on_suite(composer, suite, cache)
-        raw, labels = read_inputs(inputs, prep, task, column)
-        records = predict(comp, prep, task, raw, mode)
-        if labels is not None:
-            for r, y in zip(records, labels, strict=True):
-                r["label"] = y
-        write_jsonl(records, out, overwrite=force)
-    except TaskVecError as e:
-        _fail(e)
+    _check_mode(mode)
+    check_output(out, overwrite=force, inputs=[inputs, composer], owned=predictions_owned)
+    if not inputs.exists():
+        raise ConfigError(f"{inputs}: no such input file or folder")
+    composer_suite(composer, suite)
+    comp, prep = load_on_suite(composer, suite, cache)
+    raw, labels = read_inputs(inputs, prep, task, column)
+    records = predict(comp, prep, task, raw, mode)
+    if labels is not None:
+        for r, y in zip(records, labels, strict=True):
+            r["label"] = y
+    write_jsonl(records, out, overwrite=force)
     msg = f"wrote {len(records)} predictions for task [bold]{task}[/] to [bold]{out}[/]"
     if labels is not None:
         hits = sum(str(r["label"]) in (r["prediction"], str(r["class_index"])) for r in records)
@@ -158,18 +149,15 @@ def export(
     from taskvec.bench.compose import composer_suite, dtype_of, export_task, load_on_suite
     from taskvec.io.atomic import check_output
 
-    try:
-        if split not in ("train", "val"):
-            raise ConfigError(f"--split: {split!r} is not train or val (coefficients are never chosen on test data)")
-        torch_dtype = dtype_of(dtype)
-        check_output(out, overwrite=force, inputs=[composer])
-        composer_suite(composer, suite)
-        comp, prep = load_on_suite(composer, suite, cache)
-        path, alpha = export_task(
-            comp, prep, task, out, split=split, dtype=torch_dtype, overwrite=force, copy_model_files=_copy_model_files()
-        )
-    except TaskVecError as e:
-        _fail(e)
+    if split not in ("train", "val"):
+        raise ConfigError(f"--split: {split!r} is not train or val (coefficients are never chosen on test data)")
+    torch_dtype = dtype_of(dtype)
+    check_output(out, overwrite=force, inputs=[composer])
+    composer_suite(composer, suite)
+    comp, prep = load_on_suite(composer, suite, cache)
+    path, alpha = export_task(
+        comp, prep, task, out, split=split, dtype=torch_dtype, overwrite=force, copy_model_files=_copy_model_files()
+    )
     console.print(
         f"wrote the model of task [bold]{task}[/] (mean coefficient {float(alpha.mean()):.3f}) to [bold]{path}[/]"
     )

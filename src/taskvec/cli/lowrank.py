@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from taskvec.cli.common import Force, _fail, console
-from taskvec.errors import TaskVecError
+from taskvec.cli.common import Force, console, torch_dtype
 
 app = typer.Typer()
 
@@ -42,25 +41,21 @@ def compress(
     force: Force = False,
 ) -> None:
     """Store TASK_VECTOR as factors U diag(s) V^T per matrix (truncated SVD), reporting the error."""
-    from taskvec.cli.main import _dtype
     from taskvec.core import TaskVector
     from taskvec.core.lowrank import compress as run
     from taskvec.io import parse_size
 
-    try:
-        tv = TaskVector.from_lora(task_vector, base) if base is not None else TaskVector.load(task_vector)
-        report = run(
-            tv,
-            out,
-            rank=rank,
-            energy=energy,
-            dtype=_dtype(dtype),
-            shard_size=parse_size(shard_size),
-            overwrite=force,
-            progress=True,
-        )
-    except TaskVecError as e:
-        _fail(e)
+    tv = TaskVector.from_lora(task_vector, base) if base is not None else TaskVector.load(task_vector)
+    report = run(
+        tv,
+        out,
+        rank=rank,
+        energy=energy,
+        dtype=torch_dtype(dtype),
+        shard_size=parse_size(shard_size),
+        overwrite=force,
+        progress=True,
+    )
     if show:
         t = Table(
             title=f"reconstruction error per tensor (largest {min(show, len(report.tensors))} of {len(report.tensors)})"

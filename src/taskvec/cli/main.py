@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from taskvec.cli.common import AllowNonfinite, Force, console, finite
+from taskvec.cli.common import AllowNonfinite, Force, console, finite, torch_dtype
 from taskvec.errors import ConfigError
 from taskvec.io.atomic import check_output
 
@@ -22,14 +22,7 @@ if TYPE_CHECKING:
 app = typer.Typer()
 
 
-def _dtype(name: str | None):  # -> torch.dtype | None
-    from taskvec.config import DTYPES
-
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise ConfigError(f"--dtype: unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+_dtype = torch_dtype  # the former private name, kept for branches that still import it
 
 
 @app.command()
@@ -48,7 +41,7 @@ def extract(
     from taskvec.config import positive_size
     from taskvec.core import TaskVector
 
-    dt, size = _dtype(dtype), positive_size(shard_size, "--shard-size")
+    dt, size = torch_dtype(dtype), positive_size(shard_size, "--shard-size")
     check_output(out, overwrite=force, inputs=[pretrained, finetuned])
     tv = TaskVector.from_checkpoints(
         pretrained, finetuned, include=include, exclude=exclude, allow_nonfinite=allow_nonfinite
@@ -123,7 +116,7 @@ def apply(
     """Write BASE + COEF * TASK_VECTOR."""
     from taskvec.core import TaskVector
 
-    dt = _dtype(dtype)
+    dt = torch_dtype(dtype)
     check_output(out, overwrite=force, inputs=[base, task_vector])
     tv = TaskVector.load(task_vector, allow_nonfinite=allow_nonfinite)
     path = tv.apply_to(base, coef, out=out, dtype=dt, overwrite=force, progress=True)

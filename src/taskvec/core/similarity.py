@@ -6,10 +6,12 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
 
-from taskvec.core.lowrank import factored_gram, is_factored
+from taskvec.core.factored import factored_gram, is_factored
+from taskvec.core.sources import check_same_tensors
 from taskvec.core.stream import (
     CHUNK_ELEMS,
     byte_progress,
@@ -19,7 +21,9 @@ from taskvec.core.stream import (
     prefetch,
     read_into,
 )
-from taskvec.core.taskvector import TaskVector, check_same_tensors
+
+if TYPE_CHECKING:
+    from taskvec.core.taskvector import TaskVector
 
 GRAM_BLOCK_BYTES = 32 << 20  # float64 bytes of one block of slices of all task vectors
 PRODUCT_COLUMNS = 1024  # columns summed in float32 before the float64 sum (see `block_gram`)

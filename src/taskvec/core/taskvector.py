@@ -18,12 +18,16 @@ import torch
 from torch import nn
 
 from taskvec.core.coef import Coef, check_coef_map, check_patterns, matches, resolve
+from taskvec.core.similarity import gram_matrix
+from taskvec.core.sources import LinearSource, check_same_tensors, compute_dtype
 from taskvec.core.stream import CHUNK_ELEMS, LastSliceCache, prefetch, read_cast, read_into, write_checkpoint
-from taskvec.errors import ConfigError, DtypeError, KeyMismatchError, NonFiniteError, ShapeMismatchError
+from taskvec.errors import ConfigError, DtypeError, KeyMismatchError, NonFiniteError
 from taskvec.io import CheckpointLike, DictSource, Source, TensorSpec, open_checkpoint
 from taskvec.io.hf import hf_output_files
 from taskvec.io.peft import open_lora
 from taskvec.io.writer import DEFAULT_SHARD_BYTES
+
+_compute_dtype = compute_dtype  # the former private name, kept for branches that still import it
 
 TASK_VECTOR_FORMAT = "taskvec/task_vector"
 
@@ -36,19 +40,6 @@ class WriteOptions(TypedDict, total=False):
     shard_size: int
     overwrite: bool
     progress: bool
-
-
-def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    out = torch.float32
-    for d in dtypes:
-        out = torch.promote_types(out, d)
-    return out
-
-
-def _key_list(keys: Iterable[str], limit: int = 5) -> str:
-    keys = sorted(keys)
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(repr(k) for k in keys[:limit]) + more
 
 
 ALLOW_HINT = "allow_nonfinite=True (--allow-nonfinite of extract, apply, merge, similarity) uses it anyway"
@@ -87,27 +78,6 @@ def cast_checked(x: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
     return y
 
 
-def check_same_tensors(a: Source, b: Source, keys: Sequence[str] | None = None) -> None:
-    """Raise if `a` and `b` differ in their tensor names (or in `keys`) or shapes."""
-    ka, kb = set(a.keys()), set(b.keys())
-    if keys is None:
-        if ka != kb:
-            parts = []
-            if ka - kb:
-                parts.append(f"only in {a.name}: {_key_list(ka - kb)}")
-            if kb - ka:
-                parts.append(f"only in {b.name}: {_key_list(kb - ka)}")
-            raise KeyMismatchError("tensors differ: " + "; ".join(parts))
-        keys = a.keys()
-    for k in keys:
-        for src, names in ((a, ka), (b, kb)):
-            if k not in names:
-                raise KeyMismatchError(f"tensor {k!r} is missing from {src.name}")
-        sa, sb = a.spec(k).shape, b.spec(k).shape
-        if sa != sb:
-            raise ShapeMismatchError(f"tensor {k!r}: shape {list(sa)} in {a.name} but {list(sb)} in {b.name}")
-
-
 class DiffSource:
     """finetuned - pretrained, over the floating tensors both hold, computed in at least float32."""
 
@@ -136,7 +106,7 @@ class DiffSource:
             dp, df = pretrained.spec(k).dtype, finetuned.spec(k).dtype
             if dp.is_floating_point and df.is_floating_point:
                 self._keys.append(k)
-                self._dtype[k] = dtype or _compute_dtype(dp, df)
+                self._dtype[k] = dtype or compute_dtype(dp, df)
             elif dp.is_floating_point or df.is_floating_point:
                 raise DtypeError(
                     f"tensor {k!r}: dtype {dp} in {pretrained.name} but {df} in {finetuned.name}; "
@@ -200,7 +170,7 @@ class FloatSource:
 
     def spec(self, key: str) -> TensorSpec:
         s = self.source.spec(key)
-        return TensorSpec(s.shape, _compute_dtype(s.dtype))
+        return TensorSpec(s.shape, compute_dtype(s.dtype))
 
     def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         out = self.source.read_flat(key, start, stop).to(self.spec(key).dtype)
@@ -220,40 +190,6 @@ class FloatSource:
             bad = _nonfinite(x, start)
             if bad is not None:
                 raise NonFiniteError(f"{self.name}: tensor {key!r} has {bad}; refused, {ALLOW_HINT}")
-
-
-class LinearSource:
-    """sum_i coef_i * tv_i, with per-tensor coefficients; all terms must hold the same tensors."""
-
-    def __init__(self, terms: list[tuple[Coef, Source]]):
-        if not terms:
-            raise ValueError("a linear combination needs at least one task vector")
-        self.terms = terms
-        first = terms[0][1]
-        for _, src in terms[1:]:
-            check_same_tensors(first, src)
-        for coef, _ in terms:
-            check_coef_map(coef, first.keys())
-        self.name = " + ".join(s.name for _, s in terms) if len(terms) < 4 else f"sum of {len(terms)} task vectors"
-
-    def keys(self) -> list[str]:
-        return self.terms[0][1].keys()
-
-    def spec(self, key: str) -> TensorSpec:
-        specs = [s.spec(key) for _, s in self.terms]
-        return TensorSpec(specs[0].shape, _compute_dtype(*(s.dtype for s in specs)))
-
-    def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        dt = self.spec(key).dtype
-        out: torch.Tensor | None = None
-        for coef, src in self.terms:
-            c = resolve(coef, key)
-            if c == 0.0 and out is not None:
-                continue
-            x = src.read_flat(key, start, stop).to(dt)
-            out = x * c if out is None else out.add_(x, alpha=c)
-        assert out is not None
-        return out
 
 
 class TaskVector:
@@ -399,13 +335,9 @@ class TaskVector:
 
     # ----- reductions (streamed)
     def dot(self, other: TaskVector) -> float:
-        from taskvec.core.similarity import gram_matrix  # similarity builds on this module
-
         return float(gram_matrix([self, other])[0, 1])
 
     def norm(self) -> float:
-        from taskvec.core.similarity import gram_matrix
-
         return float(gram_matrix([self])[0, 0]) ** 0.5
 
     def cosine(self, other: TaskVector) -> float:

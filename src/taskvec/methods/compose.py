@@ -11,7 +11,7 @@ import torch
 
 from taskvec.core.coef import Coef, check_coef_map, resolve
 from taskvec.core.stream import CHUNK_ELEMS, chunks, prefetch, read_into
-from taskvec.core.taskvector import TaskVector, _compute_dtype, all_finite, check_same_tensors
+from taskvec.core.taskvector import TaskVector, all_finite, check_same_tensors, compute_dtype
 from taskvec.errors import ConfigError
 from taskvec.io import Source, TensorSpec
 from taskvec.methods.onepass import block_layout, combine_fn, merge_tensor
@@ -60,7 +60,7 @@ class ComposedSource:
 
     def spec(self, key: str) -> TensorSpec:
         specs = [tv.spec(key) for tv in self.tvs]
-        return TensorSpec(specs[0].shape, _compute_dtype(*(s.dtype for s in specs)))
+        return TensorSpec(specs[0].shape, compute_dtype(*(s.dtype for s in specs)))
 
     def thresholds(self, key: str) -> torch.Tensor:
         """Per-task (threshold, cut) of the whole tensor (see `magnitude_threshold`)."""

@@ -19,12 +19,14 @@ from taskvec.variational.config import (
 )
 from taskvec.variational.data import ComposeData, compute_features, holdout_split
 from taskvec.variational.engine import ComposedModel, default_forward
-from taskvec.variational.methods import COMPOSERS, register_composer
+from taskvec.variational.methods import COMPOSERS, composer_config, register_composer
 from taskvec.variational.posterior import (
     DeterministicCoefficients,
+    SampleSpecificConfig,
     VariationalCoefficients,
+    VariationalConfig,
 )
-from taskvec.variational.shared import SharedCoefficients
+from taskvec.variational.shared import SharedCoefficients, SharedConfig
 from taskvec.variational.train import (
     Composer,
     EvalResult,
@@ -49,10 +51,14 @@ __all__ = [
     "GateConfig",
     "PosteriorConfig",
     "PriorConfig",
+    "SampleSpecificConfig",
     "SharedCoefficients",
+    "SharedConfig",
     "TrainConfig",
     "VariationalCoefficients",
+    "VariationalConfig",
     "build_composer",
+    "composer_config",
     "compute_features",
     "default_forward",
     "evaluate_composer",

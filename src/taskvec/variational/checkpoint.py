@@ -23,8 +23,8 @@ from torch import nn
 from taskvec.errors import ConfigError, KeyMismatchError, format_validation_error
 from taskvec.io.atomic import atomic_path, check_output
 from taskvec.variational.blocks import BlockSpec
-from taskvec.variational.config import ComposerConfig
 from taskvec.variational.engine import ForwardFn, TaskVectorLike, default_forward
+from taskvec.variational.methods import COMPOSERS, ComposerConfig, composer_config
 from taskvec.variational.train import Composer, build_composer
 
 FORMAT = "taskvec/composer"
@@ -77,7 +77,7 @@ def load_composer(
     """A composer saved by `save_composer`, rebuilt on the given backbone, task vectors and heads."""
     path = Path(path)
     meta = read_composer_info(path)
-    config = ComposerConfig(**meta["composer"])
+    config = saved_config(meta["composer"])
     composer = build_composer(
         backbone,
         task_vectors,
@@ -139,7 +139,14 @@ def read_composer_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not (path / "coefficients.safetensors").is_file():
         raise ConfigError(f"{path}: no coefficients.safetensors")
     try:
-        ComposerConfig(**meta["composer"])
-    except ValidationError as e:
+        saved_config(meta["composer"])
+    except (ValidationError, ConfigError) as e:
         raise ConfigError(f"{path / 'config.json'}: composer: {format_validation_error(e)}") from None
     return meta
+
+
+def saved_config(options: dict[str, Any]) -> ComposerConfig:
+    """The config of a saved composer. Files of earlier versions record every kind's options for
+    each kind; those the kind does not have are dropped."""
+    kind = COMPOSERS.get(str(options.get("method", "variational")))
+    return composer_config({k: v for k, v in options.items() if k in kind.config.model_fields})

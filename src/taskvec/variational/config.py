@@ -1,18 +1,31 @@
 """Pydantic configs of composer training (YAML via taskvec.config.load_yaml_config).
 
-One `ComposerConfig` covers the variational model, its ablations and the learned-coefficient
-baselines; `PRESETS` names the standard variants. `ComposeTrainConfig` = composer + train.
+Each composer kind has its own config (a `ComposerConfig` subclass, see
+taskvec.variational.methods); `PRESETS` names the standard variants of all kinds, as each kind
+registers them. `ComposeTrainConfig` = composer + train.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SerializeAsAny, field_validator
 
 from taskvec.config import DtypeName, Strict
+from taskvec.variational.methods import COMPOSERS, ComposerConfig, Strategy, composer_config
 
-Strategy = Literal["auto", "linear", "batched"]
+__all__ = [
+    "PRESETS",
+    "ComposeTrainConfig",
+    "ComposerConfig",
+    "GateConfig",
+    "PosteriorConfig",
+    "PriorConfig",
+    "Strategy",
+    "TrainConfig",
+    "preset",
+]
 
 
 class PriorConfig(Strict):
@@ -51,46 +64,6 @@ class PosteriorConfig(Strict):
     )
 
 
-class ComposerConfig(Strict):
-    """What is learned. method: 'variational' (the paper), 'sample_specific' (deterministic alpha(x),
-    no prior or gate) or 'shared' (one alpha for all samples: aTLAS with objective 'supervised',
-    AdaMerging with 'entropy'). blocks: 'tensor', 'module', 'all' (task-level), globs or a map."""
-
-    method: str = Field(
-        default="variational", description="a registered composer method (taskvec.variational.COMPOSERS)"
-    )
-    objective: Literal["supervised", "entropy"] = "supervised"
-    blocks: str | list[str] | dict[str, list[str]] = "tensor"
-    include: list[str] | None = None
-    exclude: list[str] = Field(default_factory=list)
-    strategy: Strategy | dict[str, Strategy] = "auto"
-    init_coef: float = Field(default=0.3, description="initial coefficient of every task vector and block")
-    prior: PriorConfig = Field(default_factory=PriorConfig)
-    gate: GateConfig = Field(default_factory=GateConfig)
-    posterior: PosteriorConfig = Field(default_factory=PosteriorConfig)
-    concrete_temperature: float = Field(default=0.5, gt=0.0)
-    hard_concrete: bool = False
-    kl_weight: float = Field(
-        default=1e-4,
-        ge=0.0,
-        description="lambda_KL; the KL is summed over the T*B coefficients, so a larger value gates out more of them",
-    )
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ComposerConfig:
-        if isinstance(self.blocks, str) and self.blocks not in ("tensor", "module", "all"):
-            raise ValueError("blocks: use 'tensor', 'module', 'all', a list of globs or a {name: [globs]} map")
-        import taskvec.variational  # noqa: F401 (registers the built-in methods)
-        from taskvec.variational.methods import COMPOSERS, OBJECTIVES
-
-        if self.method not in COMPOSERS:
-            raise ValueError(f"method: unknown composer method {self.method!r}; known: {', '.join(COMPOSERS.names())}")
-        if self.objective not in OBJECTIVES[self.method]:
-            wanted = " or ".join(map(repr, OBJECTIVES[self.method]))
-            raise ValueError(f"the {self.method} composer is trained with objective {wanted}")
-        return self
-
-
 class TrainConfig(Strict):
     """How it is learned. batch_size is global (split over DDP ranks)."""
 
@@ -121,29 +94,23 @@ class TrainConfig(Strict):
 
 
 class ComposeTrainConfig(Strict):
-    """`taskvec compose train` config."""
+    """`taskvec compose train` config; `composer` is the options of one composer kind (`method`)."""
 
-    composer: ComposerConfig = Field(default_factory=ComposerConfig)
+    composer: SerializeAsAny[ComposerConfig] = Field(default_factory=composer_config)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
+    @field_validator("composer", mode="before")
+    @classmethod
+    def _kind(cls, v: Any) -> Any:
+        return COMPOSERS.parse({"method": "variational", **v}) if isinstance(v, Mapping) else v
 
-PRESETS: dict[str, dict[str, object]] = {
-    "variational": {},
-    "variational_no_prior": {"prior": {"kind": "none"}},
-    "variational_no_spike": {"prior": {"kind": "gaussian"}},
-    "variational_no_gate": {"gate": {"kind": "none"}},
-    "variational_gate_importance": {"gate": {"kind": "importance"}},
-    "variational_gate_uncertainty": {"gate": {"kind": "uncertainty"}},
-    "sample_specific": {"method": "sample_specific"},
-    "atlas_task": {"method": "shared", "objective": "supervised", "blocks": "all"},
-    "atlas_block": {"method": "shared", "objective": "supervised", "blocks": "tensor"},
-    "adamerging_task": {"method": "shared", "objective": "entropy", "blocks": "all"},
-    "adamerging_block": {"method": "shared", "objective": "entropy", "blocks": "tensor"},
-}
+
+PRESETS: Mapping[str, Mapping[str, Any]] = COMPOSERS.presets
+"""Every composer preset by name, as `{method: kind, **options}` (registered with each kind)."""
 
 
 def preset(name: str, **overrides: object) -> ComposerConfig:
-    """A named ComposerConfig (see PRESETS), with top-level fields overridden."""
+    """A named composer config (see PRESETS), with top-level options overridden."""
     if name not in PRESETS:
         raise KeyError(f"unknown composer preset {name!r}; known: {', '.join(PRESETS)}")
-    return ComposerConfig.model_validate({**PRESETS[name], **overrides})
+    return composer_config(PRESETS[name], **overrides)

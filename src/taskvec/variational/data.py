@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from taskvec.variational.engine import batch_size as count
-from taskvec.variational.engine import take, to_device
+from taskvec.variational.engine import default_forward, take, to_device
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, epoch, index) over 64 bits
 
@@ -128,8 +128,6 @@ def compute_features(
 ) -> torch.Tensor:
     """f0(x): the frozen pretrained backbone's output for every input, in batches (eval mode, no
     gradients, padding trimmed per batch), on the backbone's device; returned on CPU."""
-    from taskvec.variational.engine import default_forward
-
     fn = forward_fn or default_forward
     was_training = backbone.training
     backbone.eval()

@@ -26,7 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from taskvec.core.coef import matches
-from taskvec.core.lowrank import factors_of
+from taskvec.core.factored import factors_of
 from taskvec.core.taskvector import TaskVector
 from taskvec.errors import KeyMismatchError, ShapeMismatchError, TaskVecError
 from taskvec.variational import ops
@@ -332,10 +332,12 @@ class _EvalBatchNorm(TorchFunctionMode):
             if not training and rm is not None and rv is not None and (rm.requires_grad or rv.requires_grad):
                 x, w, b = _get(args, kwargs, 0, "input"), _get(args, kwargs, 3, "weight"), _get(args, kwargs, 4, "bias")
 
-                def f(t):
+                def f(t: torch.Tensor | None) -> torch.Tensor | None:
                     return None if t is None else t.unsqueeze(0)
 
-                return ops.batch_norm_eval(x, f(rm), f(rv), f(w), f(b), _get(args, kwargs, 7, "eps", 1e-5), x.shape[0])
+                return ops.batch_norm_eval(
+                    x, rm.unsqueeze(0), rv.unsqueeze(0), f(w), f(b), _get(args, kwargs, 7, "eps", 1e-5), x.shape[0]
+                )
         return func(*args, **kwargs)
 
 

@@ -132,7 +132,7 @@ def _chunked(
     else:
         ckpt = n * numel > CHECKPOINT_ELEMS
 
-        def fn(xs, cs, st):
+        def fn(xs: torch.Tensor, cs: torch.Tensor, st: torch.Tensor) -> torch.Tensor:
             return apply(xs, build(cs, st))
 
         for s in range(0, n, size):

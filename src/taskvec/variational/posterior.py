@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from taskvec.variational.config import GateConfig, PosteriorConfig, PriorConfig
-from taskvec.variational.methods import register_composer
+from taskvec.variational.methods import ComposerConfig, register_composer
 
 EPS = 1e-12
 
@@ -251,16 +253,63 @@ class DeterministicCoefficients(nn.Module):
         return self.net(f0)[0]
 
 
+class VariationalConfig(ComposerConfig):
+    """The variational composer: sample-specific alpha(x) with a spike-and-slab prior and a gate."""
+
+    method: Literal["variational"] = "variational"
+    objective: Literal["supervised"] = "supervised"
+    prior: PriorConfig = Field(default_factory=PriorConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    posterior: PosteriorConfig = Field(default_factory=PosteriorConfig)
+    concrete_temperature: float = Field(default=0.5, gt=0.0)
+    hard_concrete: bool = False
+    kl_weight: float = Field(
+        default=1e-4,
+        ge=0.0,
+        description="lambda_KL; the KL is summed over the T*B coefficients, so a larger value gates out more of them",
+    )
+
+    def kl_scale(self) -> float:
+        return self.kl_weight
+
+
+def build_variational(cfg: VariationalConfig, d: int, t: int, b: int) -> VariationalCoefficients:
+    return VariationalCoefficients(
+        d, t, b, cfg.posterior, cfg.prior, cfg.gate, cfg.init_coef, cfg.concrete_temperature, cfg.hard_concrete
+    )
+
+
 register_composer(
     "variational",
-    lambda cfg, d, t, b: VariationalCoefficients(
-        d, t, b, cfg.posterior, cfg.prior, cfg.gate, cfg.init_coef, cfg.concrete_temperature, cfg.hard_concrete
-    ),
-    objectives=("supervised",),
+    VariationalConfig,
+    build_variational,
     doc="sample-specific alpha(x) with a spike-and-slab prior and a gate",
+    presets={
+        "variational": {},
+        "variational_no_prior": {"prior": {"kind": "none"}},
+        "variational_no_spike": {"prior": {"kind": "gaussian"}},
+        "variational_no_gate": {"gate": {"kind": "none"}},
+        "variational_gate_importance": {"gate": {"kind": "importance"}},
+        "variational_gate_uncertainty": {"gate": {"kind": "uncertainty"}},
+    },
 )
+
+
+class SampleSpecificConfig(ComposerConfig):
+    """Deterministic sample-specific alpha(x) = mu(x): the variational network without prior or gate."""
+
+    method: Literal["sample_specific"] = "sample_specific"
+    posterior: PosteriorConfig = Field(default_factory=PosteriorConfig)
+
+
+def build_sample_specific(cfg: SampleSpecificConfig, d: int, t: int, b: int) -> DeterministicCoefficients:
+    return DeterministicCoefficients(d, t, b, cfg.posterior, cfg.init_coef)
+
+
 register_composer(
     "sample_specific",
-    lambda cfg, d, t, b: DeterministicCoefficients(d, t, b, cfg.posterior, cfg.init_coef),
+    SampleSpecificConfig,
+    build_sample_specific,
     doc="deterministic alpha(x) = mu(x): no prior, no gate",
+    presets={"sample_specific": {}},
 )

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
-from taskvec.variational.methods import register_composer
+from taskvec.variational.methods import ComposerConfig, register_composer
 
 
 class SharedCoefficients(nn.Module):
@@ -29,8 +31,25 @@ class SharedCoefficients(nn.Module):
         return self.alpha.detach().clone()
 
 
+class SharedConfig(ComposerConfig):
+    """One alpha (T, B) for all samples; `blocks: all` makes it task-level (B = 1)."""
+
+    method: Literal["shared"] = "shared"
+
+
+def build_shared(cfg: SharedConfig, d: int, t: int, b: int) -> SharedCoefficients:
+    return SharedCoefficients(t, b, cfg.init_coef)
+
+
 register_composer(
     "shared",
-    lambda cfg, d, t, b: SharedCoefficients(t, b, cfg.init_coef),
+    SharedConfig,
+    build_shared,
     doc="one alpha for all samples: aTLAS (objective 'supervised') or AdaMerging ('entropy')",
+    presets={
+        "atlas_task": {"objective": "supervised", "blocks": "all"},
+        "atlas_block": {"objective": "supervised", "blocks": "tensor"},
+        "adamerging_task": {"objective": "entropy", "blocks": "all"},
+        "adamerging_block": {"objective": "entropy", "blocks": "tensor"},
+    },
 )

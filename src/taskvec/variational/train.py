@@ -33,7 +33,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from taskvec.config import DTYPES
 from taskvec.errors import ConfigError, NonFiniteError
-from taskvec.variational import shared as _shared  # noqa: F401 (registers the 'shared' method)
 from taskvec.variational.config import ComposerConfig, ComposeTrainConfig, TrainConfig
 from taskvec.variational.data import ComposeData, sample_noise
 from taskvec.variational.engine import (
@@ -177,7 +176,7 @@ def train_step(
                 data = data - (logp.exp() * logp).sum()
     data = data / len(draws)
     kl_sum = kl.sum() if kl.dim() else kl * 0
-    loss = (data + cfg.kl_weight * kl_sum) * (world / n_global)
+    loss = (data + cfg.kl_scale() * kl_sum) * (world / n_global)
     loss.backward()
     return StepStats(float(data.detach()), float(kl_sum.detach()), len(batch))
 
