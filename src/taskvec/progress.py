@@ -131,4 +131,3 @@ def active() -> bool:
     """Whether a bar's display is showing (bars opened now join it)."""
     d = _current.get()
     return d is not None and d.progress is not None
-
