@@ -493,9 +493,10 @@ class Plan:
         return sum(r.seconds for r in self.rows)
 
 
-def forward_seconds(prep: Prepared, items: int = 96, batch_size: int = 32) -> dict[str, float]:
-    """Seconds of one forward pass (backbone and head) per item of each task, timed on `items`
-    validation items spread over the split (after one small untimed batch)."""
+def forward_seconds(prep: Prepared, items: int = 128, batch_size: int = 128) -> dict[str, float]:
+    """Seconds of one forward pass of the backbone per item of each task, timed on `items`
+    validation items spread over the split, in batches as evaluation runs them (after one small
+    untimed batch)."""
     prep.backbone.load_state_dict(prep.pretrained)
     prep.backbone.eval()
     out = {}
@@ -503,7 +504,7 @@ def forward_seconds(prep: Prepared, items: int = 96, batch_size: int = 32) -> di
         for t, data in prep.tasks.items():
             n = min(items, len(data.val))
             idx = torch.linspace(0, len(data.val) - 1, n).long()
-            forward_features(prep.backbone, data.val.batch(idx[:4])[0])  # warm-up
+            forward_features(prep.backbone, data.val.batch(idx[:16])[0])  # warm-up
             t0 = time.perf_counter()
             for chunk in idx.split(batch_size):
                 forward_features(prep.backbone, data.val.batch(chunk)[0])
@@ -551,6 +552,11 @@ def plan_suite(
     val, test, n_lam = cost("val"), cost("test"), len(set(lambdas))
     rows = []
     names = list(prep.tasks)
+    probes = [t for t in names if getattr(suite.head_of(suite.task(t)), "kind", "") == "linear_probe"]
+    fitted = [t for t in probes if (prep.folders[t] / "head.safetensors").exists()]
+    secs = sum(len(prep.tasks[t].train) * f[t] for t in probes if t not in fitted)
+    work = f"data loaded; {len(probes)} linear probes on train features" if probes else "data loaded; heads"
+    rows.append(PlanRow("heads", len(names), len(names) - len(probes) + len(fitted), work, secs))
     cached = [t for t in names if finetuned_source(prep, t).exists()]
     recipe = suite.finetune
     ft = sum(recipe.epochs * len(prep.tasks[t].train) * f[t] * (1 + BACKWARD) for t in names if t not in cached)
