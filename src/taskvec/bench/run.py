@@ -771,10 +771,7 @@ def run_suite(
         results["interrupted"] = stage
         results["seconds"] = time.perf_counter() - t0
         write_reports(results, folder, console=console)
-        console.print(
-            f"[yellow]interrupted during {stage}[/]: finished stages are saved in {stages}; "
-            "run the same command again to go on from there"
-        )
+        console.print(f"[yellow]interrupted during {stage}[/]; finished stages are saved in {stages}")
         raise
     if not negation:
         results.pop("pretrained_val", None)
