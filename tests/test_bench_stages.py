@@ -78,14 +78,14 @@ def suite_file(project: tuple[Path, Path, Path, dict[str, Any]]) -> Path:
     return project[0]
 
 
-def _run(suite: Path, out: Path, cache: Path) -> dict[str, Any]:
+def _run(suite: Path, out: Path, cache: Path, console: Console | None = None) -> dict[str, Any]:
     return run_suite(
         load_suite(suite),
         ["task_arithmetic", "ties"],
         out_dir=out,
         cache=cache,
         progress=False,
-        console=Console(width=100, record=True),
+        console=console or Console(width=100, record=True),
     )
 
 
@@ -123,10 +123,15 @@ def test_an_interrupted_run_writes_its_table_and_the_rerun_goes_on(
     def stop(*a: Any, **k: Any) -> Any:
         raise KeyboardInterrupt
 
+    console = Console(width=80, record=True)
     with monkeypatch.context() as m:  # Ctrl-C as the bank stage starts
         m.setattr(run_mod, "run_bank", stop)
         with pytest.raises(KeyboardInterrupt):
-            _run(suite_file, out, cache)
+            _run(suite_file, out, cache, console)
+    shown = console.export_text()
+    assert shown.index("plan of stages") < shown.index("digits: test accuracy pretrained")
+    assert shown.index("parity: test accuracy") < shown.index("task_arithmetic λ=") < shown.index("ties λ=")
+    assert "interrupted during bank of bases" in shown
     folder = out / "stages"
     partial = json.loads((folder / "results.json").read_text())
     assert partial["complete"] is False and partial["interrupted"] == "bank of bases"

@@ -1,11 +1,12 @@
 """Run a suite end to end: fit heads, fine-tune one backbone per task (cached), compose with every
 method, choose coefficients on validation, report test accuracy, and test task negation.
 
-`run_suite` works in stages, each saved when it finishes as one JSON file in the run's folder
-(`OUT/SUITE/stages/`) with a fingerprint of what it depends on (the suite's backbone, tasks,
-items, fine-tuned checkpoints and the stage's own settings): the data and heads, each task's
-fine-tuning and reference accuracies, each static merge, the bank of bases, each learned run (per
-seed), task negation. A rerun, or a rerun after Ctrl-C, reads back every finished stage whose
+`run_suite` works in stages: the data and heads, then each task's fine-tuning (its checkpoint
+saved in the cache, as a fitted linear-probe head is) and reference accuracies, each static merge,
+the bank of bases, each learned run (per seed), task negation. Each result is saved when it
+finishes as one JSON file in the run's folder (`OUT/SUITE/stages/`) with a fingerprint of what it
+depends on (the suite's backbone, tasks, items, fine-tuned checkpoints and the stage's own
+settings). A rerun, or a rerun after Ctrl-C, reads back every finished stage whose
 fingerprint still matches and starts at the first one that is not; an interrupted run writes the
 table of what it finished so far. `plan_suite` tells in advance what a run will do and about how
 long it will take.
