@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -24,11 +25,18 @@ from taskvec.io.atomic import write_text_atomic
 
 @dataclass
 class Row:
-    """One method's results: a list of runs (one per seed; static methods have one)."""
+    """One method's results: a list of runs (one per seed; static methods have one), and the
+    scale λ it was chosen with (static merges and the bank)."""
 
-    label: str
+    name: str
     runs: list[dict[str, float]]
     kind: str = "static"
+    lam: float | None = None
+
+    @property
+    def label(self) -> str:
+        """The name with its λ, as the Markdown table and the chart show it."""
+        return self.name if self.lam is None else f"{self.name} (λ={self.lam:g})"
 
     def per_task(self, t: str) -> tuple[float, float]:
         return _mean_sd([r[t] for r in self.runs])
@@ -62,13 +70,35 @@ def rows(r: dict[str, Any]) -> list[Row]:
         Row("fine-tuned (one model per task)", [r["finetuned"]], "reference"),
     ]
     for m, res in r["methods"].items():
-        out.append(Row(f"{m} (λ={res['lambda']:g})", [res["test"]]))
+        out.append(Row(m, [res["test"]], lam=float(res["lambda"])))
     if "bases" in r:
         b = r["bases"]
-        out.append(Row(f"bank of M = {b['m']} bases (λ={b['lambda']:g})", [b["test"]], "bank"))
+        out.append(Row(f"bank of M = {b['m']} bases", [b["test"]], "bank", float(b["lambda"])))
     for name, runs in (r.get("learned") or {}).items():
-        out.append(Row(name, [x["test"] for x in runs], "learned"))
+        if runs:
+            out.append(Row(name, [x["test"] for x in runs], "learned"))
     return out
+
+
+def tasks_of(r: dict[str, Any]) -> list[str]:
+    """The suite's tasks, in order."""
+    return [t["name"] for t in r["suite"].get("tasks", [])] or list(r["finetuned"])
+
+
+def has_references(r: dict[str, Any]) -> bool:
+    """Whether the pretrained and fine-tuned accuracies of every task are there (a run interrupted
+    before the end of its fine-tuning stages has no table yet)."""
+    return all(t in r.get("pretrained", {}) and t in r.get("finetuned", {}) for t in tasks_of(r))
+
+
+def status_line(r: dict[str, Any]) -> str | None:
+    """What an interrupted run's report lacks, or None for a finished run."""
+    if r.get("complete", True):
+        return None
+    return (
+        f"Partial results: the run was interrupted during {r.get('interrupted', 'a stage')}; "
+        "run the same command again to go on from the first unfinished stage."
+    )
 
 
 def _cell(m: float, s: float, n: int, scale: float = 100.0) -> str:
@@ -109,6 +139,10 @@ def welch(r: dict[str, Any], ref: str = "variational") -> list[tuple[str, float,
 
 
 def markdown(r: dict[str, Any]) -> str:
+    status = status_line(r)
+    if not has_references(r):
+        done = ", ".join(r.get("finetuned", {})) or "none"
+        return f"### {r['suite']['name']}\n\n{status}\n\nNo table yet: tasks with reference accuracies: {done}.\n"
     tasks = list(r["finetuned"])
     pre, ft = r["pretrained"], r["finetuned"]
     seeds = max((len(x) for x in (r.get("learned") or {}).values()), default=1)
@@ -116,6 +150,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         f"### {r['suite']['name']}: test accuracy (%){spread}",
         "",
+        *([status, ""] if status else []),
         "| method | " + " | ".join(tasks) + " | avg | avg normalized | gain kept |",
         "|---" * (len(tasks) + 4) + "|",
     ]
@@ -151,9 +186,11 @@ def markdown(r: dict[str, Any]) -> str:
             f"{b['assignments']}; {b['bank_bytes'] / 2**20:.1f} MiB on disk vs "
             f"{b['task_vector_bytes'] / 2**20:.1f} MiB of float32 task vectors.",
         ]
-    if r.get("learned"):
+    if any(r.get("learned", {}).values()):
         lines += ["", "| learned method | coefficients kept at test time (%) | train s (mean) |", "|---|---|---|"]
         for name, runs in r["learned"].items():
+            if not runs:
+                continue
             kept = [statistics.fmean(x["kept"].values()) for x in runs if x.get("kept")]
             k = f"{100 * statistics.fmean(kept):.0f}" if kept else "100"
             lines.append(f"| {name} | {k} | {statistics.fmean(x['seconds'] for x in runs):.1f} |")
@@ -178,10 +215,11 @@ def markdown(r: dict[str, Any]) -> str:
     secs = r.get("finetune_seconds") or {}
     if secs:
         lines += ["", "Fine-tuning time (s): " + ", ".join(f"{t} {s:.0f}" for t, s in secs.items())]
-    lines += [
-        "",
-        "Composition time (s): " + ", ".join(f"{m} {res['seconds']:.1f}" for m, res in r["methods"].items()),
-    ]
+    if r["methods"]:
+        lines += [
+            "",
+            "Composition time (s): " + ", ".join(f"{m} {res['seconds']:.1f}" for m, res in r["methods"].items()),
+        ]
     digests = r.get("items_sha256") or {}
     if digests:
         lines += [
@@ -249,25 +287,126 @@ def bar_chart(r: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _width(table: Table, console: Console) -> int:
+    """The width `table` takes when nothing limits it."""
+    from rich.measure import Measurement
+
+    return Measurement.get(console, console.options.update(max_width=10_000), table).maximum
+
+
+def _table(title: str, names: list[str]) -> Table:
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    t.add_column("method", no_wrap=True, min_width=max(len(n) for n in names))
+    return t
+
+
 def print_table(r: dict[str, Any], console: Console) -> None:
+    """The results in the terminal, readable at any width down to 80 columns: first the summary
+    (method, λ, average, average normalized, gain kept), then the per-task accuracies in as many
+    tables as the tasks need to fit the width; a method's name is never cut."""
+    status = status_line(r)
+    if not has_references(r):
+        console.print(status or "no results yet")
+        return
     tasks = list(r["finetuned"])
-    t = Table(title=f"{r['suite']['name']}: test accuracy (%)")
-    t.add_column("method")
-    for name in [*tasks, "avg", "avg norm.", "gain kept"]:
-        t.add_column(name, justify="right")
-    for row in rows(r):
+    all_rows = rows(r)
+    names = [row.name for row in all_rows]
+    seeds = max(len(row.runs) for row in all_rows)
+    spread = f"; learned: mean ± sd over {seeds} seeds" if seeds > 1 else ""
+    t = _table(f"{r['suite']['name']}: test accuracy (%){spread}", names)
+    t.add_column("λ", justify="right", no_wrap=True)
+    for c in ("avg", "avg norm.", "gain kept"):
+        t.add_column(c, justify="right", no_wrap=True)
+    for row in all_rows:
         n = len(row.runs)
         s = summary(r, row)
-        t.add_row(
-            row.label,
-            *(_cell(*row.per_task(c), n) for c in tasks),
-            _cell(*s["avg"], n),
-            _cell(*s["norm"], n),
-            _cell(*s["gain"], n),
-        )
+        lam = "" if row.lam is None else f"{row.lam:g}"
+        t.add_row(row.name, lam, _cell(*s["avg"], n), _cell(*s["norm"], n), _cell(*s["gain"], n))
     console.print(t)
+    cells = {row.name: [_cell(*row.per_task(c), len(row.runs)) for c in tasks] for row in all_rows}
+    chunks: list[list[int]] = [[]]
+    for i in range(len(tasks)):  # as many task columns per table as fit the width
+        trial = _per_task(r, tasks, chunks[-1] + [i], names, cells, 1, 1)
+        if chunks[-1] and _width(trial, console) > console.width:
+            chunks.append([i])
+        else:
+            chunks[-1].append(i)
+    for k, chunk in enumerate(chunks):
+        console.print(_per_task(r, tasks, chunk, names, cells, k + 1, len(chunks)))
+    if status:
+        console.print(f"[yellow]{status}[/]")
+    short = {row.label: row.name for row in all_rows}
     for m, d, p, how in welch(r):
-        console.print(f"variational − {m}: {d:+.1f} points, p = {p:.3g} ({how})")
+        console.print(f"variational − {short.get(m, m)}: {d:+.1f} points, p = {p:.3g} ({how})")
+
+
+def _per_task(
+    r: dict[str, Any],
+    tasks: list[str],
+    chunk: list[int],
+    names: list[str],
+    cells: dict[str, list[str]],
+    part: int,
+    parts: int,
+) -> Table:
+    title = "test accuracy per task (%)" + (f", part {part} of {parts}" if parts > 1 else "")
+    t = _table(title, names)
+    for i in chunk:
+        t.add_column(tasks[i], justify="right", no_wrap=len(tasks[i]) <= 24, min_width=min(len(tasks[i]), 24))
+    for name in names:
+        t.add_row(name, *(cells[name][i] for i in chunk))
+    return t
+
+
+def print_stage(
+    r: dict[str, Any], kind: str, name: str, console: Console, *, seed: int | None = None, saved: bool = False
+) -> None:
+    """One finished stage's result, printed as soon as it exists: a task's reference accuracies,
+    a method's row (λ, average, normalized, gain kept, then per task), or task negation."""
+    how = " [dim](saved)[/]" if saved else ""
+    if kind == "task":
+        secs = r["finetune_seconds"].get(name)
+        took = f", fine-tuned in {secs:.0f} s" if secs is not None and not saved else ""
+        console.print(
+            f"[bold]{name}[/]: test accuracy pretrained {100 * r['pretrained'][name]:.1f} % → "
+            f"fine-tuned {100 * r['finetuned'][name]:.1f} %{took}{how}"
+        )
+        return
+    if kind == "negation":
+        for t, n in r["negation"].items():
+            kept = [a / r["pretrained"][c] for c, a in n["controls"].items() if r["pretrained"][c] > 0]
+            controls = f", controls keep ≥ {100 * min(kept):.0f} %" if kept else ""
+            console.print(
+                f"negating [bold]{t}[/] (λ={n['lambda']:g}): test {100 * r['pretrained'][t]:.1f} → "
+                f"{100 * n['target']:.1f} %{controls}{how}"
+            )
+        return
+    if kind == "learned":
+        run = r["learned"][name][-1]
+        label, acc, lam = f"{name} (seed {seed})", run["test"], None
+        extra = f"{run['seconds']:.0f} s"
+    else:
+        res = r["bases"] if kind == "bank" else r["methods"][name]
+        label = f"bank of M = {res['m']} bases" if kind == "bank" else name
+        acc, lam = res["test"], res["lambda"]
+        evals = res.get("evaluations")
+        extra = (f"{evals} val evaluations, " if evals else "") + f"{res['seconds']:.0f} s"
+    s = scores(acc, r["pretrained"], r["finetuned"])
+    lam_text = "" if lam is None else f" λ={lam:g}"
+    console.print(
+        f"[bold]{label}[/]{lam_text}: avg {100 * s['avg']:.1f}, avg norm. {100 * s['norm']:.1f}, "
+        f"gain kept {100 * s['gain']:.1f} ({extra}){how}"
+    )
+    console.print("  " + " · ".join(f"{t} {100 * a:.1f}" for t, a in acc.items()), style="dim")
+
+
+def check_ours(folder: Path) -> None:
+    """Refuse (before any work) a folder whose report files an earlier `bench run` did not write."""
+    _check_ours(_paths(folder))
+
+
+def _paths(folder: Path) -> dict[str, Path]:
+    return {"json": folder / "results.json", "md": folder / "results.md", "png": folder / "accuracy.png"}
 
 
 def _check_ours(paths: dict[str, Path]) -> None:
@@ -288,15 +427,19 @@ def _check_ours(paths: dict[str, Path]) -> None:
 
 
 def write_reports(r: dict[str, Any], folder: Path, console: Console | None = None) -> dict[str, Path]:
-    """results.json, results.md and accuracy.png in `folder`, replacing only an earlier run's."""
+    """results.json, results.md and accuracy.png in `folder`, replacing only an earlier run's. A
+    partial run's chart is drawn once every task's reference accuracies exist."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"json": folder / "results.json", "md": folder / "results.md", "png": folder / "accuracy.png"}
+    paths = _paths(folder)
     _check_ours(paths)
     r = {"written_by": "taskvec", **r}
     write_text_atomic(paths["json"], json.dumps(r, indent=2, default=str))
     write_text_atomic(paths["md"], markdown(r))
-    bar_chart(r, paths["png"])
+    written = [paths["json"], paths["md"]]
+    if has_references(r):
+        bar_chart(r, paths["png"])
+        written.append(paths["png"])
     if console is not None:
         print_table(r, console)
-        console.print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+        console.print("wrote " + ", ".join(str(p) for p in written))
     return paths

@@ -1,13 +1,27 @@
 """Run a suite end to end: fit heads, fine-tune one backbone per task (cached), compose with every
-method, choose coefficients on validation, report test accuracy, and test task negation."""
+method, choose coefficients on validation, report test accuracy, and test task negation.
+
+`run_suite` works in stages: the data and heads, then each task's fine-tuning (its checkpoint
+saved in the cache, as a fitted linear-probe head is) and reference accuracies, each static merge,
+the bank of bases, each learned run (per seed), task negation. Each result is saved when it
+finishes as one JSON file in the run's folder (`OUT/SUITE/stages/`) with a fingerprint of what it
+depends on (the suite's backbone, tasks, items, fine-tuned checkpoints and the stage's own
+settings). A rerun, or a rerun after Ctrl-C, reads back every finished stage whose
+fingerprint still matches and starts at the first one that is not; an interrupted run writes the
+table of what it finished so far. `plan_suite` tells in advance what a run will do and about how
+long it will take.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import platform
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,13 +35,15 @@ from taskvec.bench.backbones import Backbone, load_backbone, match_state
 from taskvec.bench.cache import default_cache, save_atomic
 from taskvec.bench.finetune import finetune
 from taskvec.bench.heads import HeadContext, build_head
-from taskvec.bench.models import accuracy
+from taskvec.bench.models import accuracy, forward_features
+from taskvec.bench.sources import resolve
 from taskvec.bench.suite import SuiteSpec, TaskData, TaskSpec, load_suite, load_task
 from taskvec.core import TaskVector
-from taskvec.errors import ConfigError
+from taskvec.errors import ConfigError, OutputError
 from taskvec.grid import LAMBDAS, extend_search
 from taskvec.io.atomic import write_text_atomic
 from taskvec.methods import compose
+from taskvec.progress import Advance, active, bar, sub_bar
 
 DEFAULT_METHODS = ("task_arithmetic", "ties", "dare", "magnitude")
 DEFAULT_PARAMS: dict[str, dict[str, object]] = {
@@ -37,6 +53,37 @@ DEFAULT_PARAMS: dict[str, dict[str, object]] = {
 }
 NEG_LAMBDAS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 1.5, 2.0)
 CONTROL_KEEP = 0.95
+STAGE_FORMAT = "taskvec/bench-stage"
+STAGE_VERSION = 1
+"""Bumped when what a stage computes changes, so older stage files are computed again."""
+
+
+@dataclass
+class _Counter:
+    """The lazily started display of `evaluation_progress`."""
+
+    description: str
+    console: Console | None
+    stack: ExitStack
+    advance: Advance | None = None
+
+
+_evaluations: ContextVar[_Counter | None] = ContextVar("taskvec_evaluations", default=None)
+
+
+@contextmanager
+def evaluation_progress(description: str, *, enabled: bool = True, console: Console | None = None) -> Iterator[None]:
+    """Every `Prepared.evaluate` inside shows a bar (with time remaining) under one counter of
+    evaluations, started at the first evaluation (fine-tuning before it shows its own bars)."""
+    if not enabled:
+        yield
+        return
+    with ExitStack() as stack:
+        token = _evaluations.set(_Counter(description, console, stack))
+        try:
+            yield
+        finally:
+            _evaluations.reset(token)
 
 
 @dataclass
@@ -52,24 +99,46 @@ class Prepared:
     finetune_seconds: dict[str, float] = field(default_factory=dict)
     loaded: Backbone | None = None
     """The backbone with its input encoder and the folder it came from."""
+    folders: dict[str, Path] = field(default_factory=dict)
+    """Each task's cache folder (its head, fine-tuned checkpoint and recipe stamp)."""
 
     def task_vector(self, task: str) -> TaskVector:
         """tau_task in float64, so theta0 + 1 * tau gives the fine-tuned float32 weights bit for bit."""
         return TaskVector.from_checkpoints(self.pretrained, self.finetuned[task], dtype=torch.float64, name=task)
 
     def evaluate(
-        self, state: dict[str, torch.Tensor], split: str = "test", tasks: Sequence[str] | None = None
+        self,
+        state: dict[str, torch.Tensor],
+        split: str = "test",
+        tasks: Sequence[str] | None = None,
+        advance: Callable[[int], None] | None = None,
     ) -> dict[str, float]:
-        """Accuracy of backbone weights `state` on each task's `split`, through its frozen head."""
+        """Accuracy of backbone weights `state` on each task's `split`, through its frozen head.
+        `advance(n)` is told each task's number of items once it is scored."""
+        names = list(tasks or self.tasks)
+        counter = _evaluations.get()
+        if counter is not None and not active():
+            counter.advance = counter.stack.enter_context(bar(counter.description, None, console=counter.console))
         self.backbone.load_state_dict(state)
-        return {t: accuracy(self.backbone, self.heads[t], getattr(self.tasks[t], split)) for t in (tasks or self.tasks)}
+        out = {}
+        total = sum(len(getattr(self.tasks[t], split)) for t in names)
+        with sub_bar(f"  {split} accuracy", total) as sub:
+            for t in names:
+                data = getattr(self.tasks[t], split)
+                out[t] = accuracy(self.backbone, self.heads[t], data)
+                sub(len(data))
+                if advance is not None:
+                    advance(len(data))
+        if counter is not None and counter.advance is not None:
+            counter.advance(1)
+        return out
 
     def finetuned_accuracy(self, split: str = "test") -> dict[str, float]:
         """Each task's own fine-tuned model on that task's `split`."""
         return {t: self.evaluate(self.finetuned[t], split, [t])[t] for t in self.tasks}
 
 
-def _check_recipe(folder: Path, suite: SuiteSpec, task: TaskSpec) -> None:
+def _check_recipe(folder: Path, suite: SuiteSpec, task: TaskSpec, *, write: bool = True) -> None:
     """A cache entry records the recipe hash it was made from; a named entry (`cache_key`) made
     from a different recipe is refused rather than silently reused."""
     stamp, want = folder / "recipe.json", suite.task_hash(task)
@@ -81,10 +150,86 @@ def _check_recipe(folder: Path, suite: SuiteSpec, task: TaskSpec) -> None:
                 "remove the task's cache_key or that folder"
             )
         return
+    if not write:
+        return
     folder.mkdir(parents=True, exist_ok=True)
     tmp = stamp.with_name(f".{stamp.name}.tmp")
     tmp.write_text(json.dumps({"hash": want, "suite": suite.name, "task": task.name}))
     tmp.replace(stamp)
+
+
+def load_data(suite: SuiteSpec | str | Path, cache: Path | None = None) -> Prepared:
+    """The backbone and every task's data, without heads or fine-tuned weights yet (reads only:
+    a cache entry made from another recipe is refused here, before any work)."""
+    suite = suite if isinstance(suite, SuiteSpec) else load_suite(suite)
+    root = (cache or default_cache()) / "bench" / suite.name
+    torch.manual_seed(suite.seed)
+    loaded = load_backbone(suite.backbone, suite.root)
+    backbone = loaded.module
+    pretrained = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    tasks, folders = {}, {}
+    for spec in suite.tasks:
+        tasks[spec.name] = load_task(suite, spec, loaded)
+        folders[spec.name] = root / suite.cache_name(spec)
+        _check_recipe(folders[spec.name], suite, spec, write=False)
+    return Prepared(suite, backbone, pretrained, tasks, {}, {}, {}, loaded, folders)
+
+
+def build_heads(prep: Prepared) -> None:
+    """Each task's frozen head, on the pretrained backbone (cached where its kind caches)."""
+    assert prep.loaded is not None
+    for spec in prep.suite.tasks:
+        folder = prep.folders[spec.name]
+        _check_recipe(folder, prep.suite, spec)
+        prep.backbone.load_state_dict(prep.pretrained)
+        ctx = HeadContext(prep.loaded, prep.tasks[spec.name], folder, prep.suite.root)
+        prep.heads[spec.name] = build_head(prep.suite.head_of(spec), ctx)
+    prep.backbone.load_state_dict(prep.pretrained)
+
+
+def finetuned_source(prep: Prepared, task: str) -> Path:
+    """The checkpoint a task's fine-tuned weights come from: the suite's `finetuned:` or the cache's."""
+    spec = prep.suite.task(task)
+    if spec.finetuned is not None:
+        return resolve(prep.suite.root, spec.finetuned)
+    return prep.folders[task] / "finetuned.safetensors"
+
+
+def finetune_task(prep: Prepared, task: str, *, progress: bool = True, console: Console | None = None) -> float | None:
+    """Fill `prep.finetuned[task]`: the given checkpoint, the cached one, or a fine-tuning run of
+    the suite's recipe (saved to the cache; its seconds are returned, else None)."""
+    spec = prep.suite.task(task)
+    assert prep.loaded is not None
+    folder = prep.folders[task]
+    ft_path = folder / "finetuned.safetensors"
+    if spec.finetuned is not None:
+        prep.finetuned[task] = match_state(prep.pretrained, Path(prep.suite.root, spec.finetuned), prep.loaded.prefix)
+        return None
+    if ft_path.exists():
+        prep.finetuned[task] = load_file(ft_path)
+        if console is not None:
+            console.print(f"[dim]{task}: fine-tuned weights from cache {ft_path}[/]")
+        return None
+    _check_recipe(folder, prep.suite, spec)
+    prep.backbone.load_state_dict(prep.pretrained)
+    t0 = time.perf_counter()
+    state = finetune(
+        prep.backbone,
+        prep.heads[task],
+        prep.tasks[task].train,
+        prep.suite.finetune,
+        seed=prep.suite.seed,
+        state_path=folder / "state.pt",
+        description=f"fine-tuning {task}",
+        progress=progress,
+    )
+    seconds = time.perf_counter() - t0
+    save_atomic(state, ft_path)
+    (folder / "state.pt").unlink(missing_ok=True)
+    prep.finetuned[task] = state
+    prep.finetune_seconds[task] = seconds
+    prep.backbone.load_state_dict(prep.pretrained)
+    return seconds
 
 
 def prepare(
@@ -92,69 +237,56 @@ def prepare(
 ) -> Prepared:
     """Load the backbone and data, build each task's head, and fine-tune each task without a given
     checkpoint (cached under `cache`, default $TASKVEC_CACHE or ~/.cache/taskvec)."""
-    suite = suite if isinstance(suite, SuiteSpec) else load_suite(suite)
     console = console or Console()
-    cache = (cache or default_cache()) / "bench" / suite.name
-    torch.manual_seed(suite.seed)
-    loaded = load_backbone(suite.backbone, suite.root)
-    backbone = loaded.module
-    pretrained = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
-    tasks, heads, finetuned, seconds = {}, {}, {}, {}
-    for spec in suite.tasks:
-        data = load_task(suite, spec, loaded)
-        tasks[spec.name] = data
-        folder = cache / suite.cache_name(spec)
-        _check_recipe(folder, suite, spec)
-        backbone.load_state_dict(pretrained)
-        heads[spec.name] = build_head(suite.head_of(spec), HeadContext(loaded, data, folder, suite.root))
-        ft_path = folder / "finetuned.safetensors"
-        if spec.finetuned is not None:
-            finetuned[spec.name] = match_state(pretrained, Path(suite.root, spec.finetuned), loaded.prefix)
-        elif ft_path.exists():
-            finetuned[spec.name] = load_file(ft_path)
-            console.print(f"[dim]{spec.name}: fine-tuned weights from cache {ft_path}[/]")
-        else:
-            backbone.load_state_dict(pretrained)
-            t0 = time.perf_counter()
-            state = finetune(
-                backbone,
-                heads[spec.name],
-                data.train,
-                suite.finetune,
-                seed=suite.seed,
-                state_path=folder / "state.pt",
-                description=f"fine-tuning {spec.name}",
-                progress=progress,
-            )
-            seconds[spec.name] = time.perf_counter() - t0
-            save_atomic(state, ft_path)
-            (folder / "state.pt").unlink(missing_ok=True)
-            finetuned[spec.name] = state
-    backbone.load_state_dict(pretrained)
-    return Prepared(suite, backbone, pretrained, tasks, heads, finetuned, seconds, loaded)
+    prep = load_data(suite, cache)
+    build_heads(prep)
+    for task in prep.tasks:
+        finetune_task(prep, task, progress=progress, console=console)
+    prep.backbone.load_state_dict(prep.pretrained)
+    return prep
 
 
 def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def choose_lambda(prep: Prepared, tv: TaskVector, lambdas: Sequence[float] = LAMBDAS) -> dict[str, object]:
+def _items(prep: Prepared, split: str) -> int:
+    return sum(len(getattr(d, split)) for d in prep.tasks.values())
+
+
+def choose_lambda(
+    prep: Prepared,
+    tv: TaskVector,
+    lambdas: Sequence[float] = LAMBDAS,
+    *,
+    progress: bool = False,
+    description: str = "choosing λ",
+) -> dict[str, object]:
     """theta0 + lambda * tv, lambda chosen on validation (mean accuracy over tasks; ties to the
     smaller lambda; the grid grows past its edge while the best sits there), then scored once on test."""
     delta = TaskVector.from_tensors(tv.to_state_dict())  # materialise once, reuse for every lambda
     val: dict[float, dict[str, float]] = {}
+    n_val, n_test = _items(prep, "val"), _items(prep, "test")
+    with bar(description, len(set(lambdas)) * n_val + n_test, enabled=progress) as advance:
 
-    def score(lam: float) -> float:
-        val[lam] = prep.evaluate(delta.apply_to(prep.pretrained, lam), "val")
-        return _mean(list(val[lam].values()))
+        def score(lam: float) -> float:
+            if len(val) >= len(set(lambdas)) and advance.total is not None:  # the grid grew past its edge
+                advance(0, total=advance.total + n_val)
+            val[lam] = prep.evaluate(delta.apply_to(prep.pretrained, lam), "val", advance=advance)
+            return _mean(list(val[lam].values()))
 
-    best, _ = extend_search(score, lambdas, lo=0.005)
-    test = prep.evaluate(delta.apply_to(prep.pretrained, best), "test")
+        best, _ = extend_search(score, lambdas, lo=0.005)
+        test = prep.evaluate(delta.apply_to(prep.pretrained, best), "test", advance=advance)
     return {"lambda": best, "val": {str(k): v for k, v in sorted(val.items())}, "test": test}
 
 
 def negate(
-    prep: Prepared, target: str, tv: TaskVector, pre_val: dict[str, float], lambdas: Sequence[float] = NEG_LAMBDAS
+    prep: Prepared,
+    target: str,
+    tv: TaskVector,
+    pre_val: dict[str, float],
+    lambdas: Sequence[float] = NEG_LAMBDAS,
+    advance: Callable[[int], None] | None = None,
 ) -> dict[str, object]:
     """theta0 - lambda * tv (tv: the target's task vector or a stand-in for it), lambda chosen on
     validation as the largest drop of the target while every other (control) task keeps >= 95% of
@@ -163,10 +295,10 @@ def negate(
     delta = TaskVector.from_tensors(tv.to_state_dict())
     best, best_val = 0.0, dict(pre_val)
     for lam in lambdas:
-        v = prep.evaluate(delta.apply_to(prep.pretrained, -lam), "val")
+        v = prep.evaluate(delta.apply_to(prep.pretrained, -lam), "val", advance=advance)
         if all(v[c] >= CONTROL_KEEP * pre_val[c] for c in controls) and v[target] < best_val[target]:
             best, best_val = lam, v
-    test = prep.evaluate(delta.apply_to(prep.pretrained, -best), "test")
+    test = prep.evaluate(delta.apply_to(prep.pretrained, -best), "test", advance=advance)
     return {
         "lambda": best,
         "target": test[target],
@@ -176,30 +308,34 @@ def negate(
 
 
 def run_method(
-    prep: Prepared, method: str, params: dict[str, Any], lambdas: Sequence[float] = LAMBDAS
+    prep: Prepared, method: str, params: dict[str, Any], lambdas: Sequence[float] = LAMBDAS, *, progress: bool = False
 ) -> dict[str, object]:
     """Compose all task vectors once, pick lambda on validation (mean accuracy), report test."""
     t0 = time.perf_counter()
     merged = compose([prep.task_vector(t) for t in prep.tasks], method, **params)
-    r = choose_lambda(prep, merged, lambdas)
+    r = choose_lambda(prep, merged, lambdas, progress=progress, description=f"{method}: choosing λ")
     return {
         "lambda": r["lambda"],
         "params": params,
         "val": r["val"],
         "test": r["test"],
+        "evaluations": len(r["val"]),  # type: ignore[arg-type]
         "seconds": time.perf_counter() - t0,
     }
 
 
 def run_negation(
-    prep: Prepared, pre_val: dict[str, float], lambdas: Sequence[float] = NEG_LAMBDAS
+    prep: Prepared, pre_val: dict[str, float], lambdas: Sequence[float] = NEG_LAMBDAS, *, progress: bool = False
 ) -> dict[str, dict[str, object]]:
     """Task negation of every task with its own task vector (see `negate`)."""
-    return {t: negate(prep, t, prep.task_vector(t), pre_val, lambdas) for t in prep.tasks}
+    n = len(prep.tasks)
+    total = n * (len(lambdas) * _items(prep, "val") + _items(prep, "test"))
+    with bar("task negation", total, enabled=progress) as advance:
+        return {t: negate(prep, t, prep.task_vector(t), pre_val, lambdas, advance) for t in prep.tasks}
 
 
 def run_bank(
-    prep: Prepared, options: dict[str, Any], out: Path, lambdas: Sequence[float] = LAMBDAS
+    prep: Prepared, options: dict[str, Any], out: Path, lambdas: Sequence[float] = LAMBDAS, *, progress: bool = False
 ) -> dict[str, object]:
     """A bank of M bases (default M = ceil(T/2)) built from the task vectors into `out`, then task
     addition from the bank, lambda chosen on validation; memory is the bank's files on disk."""
@@ -213,8 +349,8 @@ def run_bank(
         opts.setdefault("merge", "mean")
     t0 = time.perf_counter()
     tvs = [prep.task_vector(t) for t in names]
-    bank = build_bank(tvs, names, method, m, out=out, dtype=torch.float32, overwrite=True, **opts)
-    r = choose_lambda(prep, bank.addition(names), lambdas)
+    bank = build_bank(tvs, names, method, m, out=out, dtype=torch.float32, overwrite=True, progress=progress, **opts)
+    r = choose_lambda(prep, bank.addition(names), lambdas, progress=progress, description="bank: choosing λ")
     return {
         "m": m,
         "method": method,
@@ -224,52 +360,315 @@ def run_bank(
         "lambda": r["lambda"],
         "val": r["val"],
         "test": r["test"],
+        "evaluations": len(r["val"]),  # type: ignore[arg-type]
         "seconds": time.perf_counter() - t0,
     }
 
 
-def _run_key(prep: Prepared, name: str, seed: int, init: float | None) -> str:
-    """Hash of everything a learned run depends on: the suite's tasks and items, its settings and seed."""
+# --------------------------------------------------------------------------- stages
+
+
+def _hash(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _stamp(path: Path) -> list[list[object]] | None:
+    """Name, size and modification time of a checkpoint file or of every file of a folder."""
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        return None
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def task_key(prep: Prepared, task: str) -> str | None:
+    """Fingerprint of one task: its recipe, its items and its fine-tuned checkpoint on disk
+    (None while that checkpoint does not exist yet)."""
+    spec = prep.suite.task(task)
+    stamp = _stamp(finetuned_source(prep, task))
+    if stamp is None:
+        return None
+    return _hash([STAGE_VERSION, prep.suite.task_hash(spec), prep.tasks[task].items_sha256, stamp])
+
+
+def suite_key(prep: Prepared) -> str | None:
+    """Fingerprint of everything a composition depends on: the backbone and every task's key."""
+    keys = [task_key(prep, t) for t in prep.tasks]
+    if any(k is None for k in keys):
+        return None
+    return _hash([STAGE_VERSION, prep.suite.backbone_hash(), list(prep.tasks), keys])
+
+
+def _stage_path(folder: Path, name: str) -> Path:
+    return folder / f"{re.sub(r'[^A-Za-z0-9_.=-]', '_', name)}.json"
+
+
+def load_stage(folder: Path, name: str, key: str | None) -> dict[str, Any] | None:
+    """A finished stage's result when its file is there with the same fingerprint `key`, else None.
+    A file there that taskvec did not write is refused, not replaced."""
+    path = _stage_path(folder, name)
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict) or saved.get("format") != STAGE_FORMAT or "result" not in saved:
+        raise OutputError(f"{path}: not a stage written by taskvec's bench run; move it away")
+    if key is None or saved.get("key") != key:
+        return None
+    result: dict[str, Any] = saved["result"]
+    return result
+
+
+def save_stage(folder: Path, name: str, key: str, result: dict[str, Any]) -> None:
+    """Write a finished stage's result, atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    body = {"format": STAGE_FORMAT, "stage": name, "key": key, "result": result}
+    write_text_atomic(_stage_path(folder, name), json.dumps(body, default=str))
+
+
+def _method_key(prep: Prepared, method: str, params: dict[str, Any], lambdas: Sequence[float]) -> str | None:
+    base = suite_key(prep)
+    return None if base is None else _hash([base, method, params, sorted(lambdas)])
+
+
+def _bank_key(prep: Prepared, options: dict[str, Any], lambdas: Sequence[float]) -> str | None:
+    base = suite_key(prep)
+    return None if base is None else _hash([base, "bank", options, sorted(lambdas)])
+
+
+def _learned_key(prep: Prepared, name: str, seed: int, init: float | None) -> str | None:
+    """Everything a learned run depends on: the suite's key, the preset's settings and the seed."""
     from taskvec.bench.compose import learned_config
 
+    base = suite_key(prep)
+    if base is None:
+        return None
     cfg = learned_config(prep, name, seed, init, progress=False).model_dump(mode="json")
-    tasks = {t: [prep.suite.task_hash(d.spec), d.items_sha256] for t, d in prep.tasks.items()}
-    return hashlib.sha256(json.dumps({"cfg": cfg, "tasks": tasks}, sort_keys=True).encode()).hexdigest()[:16]
+    return _hash([base, "learned", cfg])
 
 
-def _learned_run(
+def _negation_key(prep: Prepared, lambdas: Sequence[float]) -> str | None:
+    base = suite_key(prep)
+    return None if base is None else _hash([base, "negation", list(lambdas), CONTROL_KEEP])
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def _check_learned(suite: SuiteSpec, learned: Sequence[str] | None) -> list[str]:
+    """The learned presets to run (default: the suite's), refused before any work if unknown."""
+    from taskvec.variational import PRESETS
+
+    names = list(suite.compose.learned if learned is None else learned)
+    unknown = [m for m in names if m not in PRESETS]
+    if unknown:
+        raise ConfigError(f"learned: unknown composer preset(s) {', '.join(unknown)}; known: {', '.join(PRESETS)}")
+    return names
+
+
+@dataclass
+class PlanRow:
+    """One kind of stage: how many there are, how many are finished, what each does, and about
+    how many seconds the unfinished ones take."""
+
+    stage: str
+    count: int
+    done: int
+    work: str
+    seconds: float
+
+
+@dataclass
+class Plan:
+    suite: str
+    rows: list[PlanRow]
+    forward_ms: dict[str, float]
+    """Measured milliseconds of one forward pass per item, per task."""
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds for r in self.rows)
+
+
+def forward_seconds(prep: Prepared, items: int = 128, batch_size: int = 128) -> dict[str, float]:
+    """Seconds of one forward pass of the backbone per item of each task, timed on `items`
+    validation items spread over the split, in batches as evaluation runs them (after one small
+    untimed batch)."""
+    prep.backbone.load_state_dict(prep.pretrained)
+    prep.backbone.eval()
+    out = {}
+    with torch.no_grad():
+        for t, data in prep.tasks.items():
+            n = min(items, len(data.val))
+            idx = torch.linspace(0, len(data.val) - 1, n).long()
+            forward_features(prep.backbone, data.val.batch(idx[:16])[0])  # warm-up
+            t0 = time.perf_counter()
+            for chunk in idx.split(batch_size):
+                forward_features(prep.backbone, data.val.batch(chunk)[0])
+            out[t] = (time.perf_counter() - t0) / n
+    return out
+
+
+BACKWARD = 2.0
+"""A backward pass costs about twice the forward pass it follows."""
+
+
+def _when(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def plan_suite(
     prep: Prepared,
-    name: str,
-    seed: int,
-    val: Any,
-    test: Any,
-    init: float | None,
-    runs: Path,
-    progress: bool,
-    console: Console,
-) -> dict[str, Any]:
-    """One learned run: read back from `runs/` when a finished run with the same key is there
-    (an interrupted `bench run` resumes), else trained and saved. A file there that is not a run
-    of taskvec's is refused, not replaced."""
-    from taskvec.bench.compose import run_learned
-    from taskvec.errors import OutputError
+    methods: Sequence[str] = DEFAULT_METHODS,
+    *,
+    out_dir: Path = Path("runs"),
+    negation: bool = True,
+    bases: bool = True,
+    learned: Sequence[str] | None = None,
+    seeds: int | None = None,
+    lambdas: Sequence[float] = LAMBDAS,
+) -> Plan:
+    """What `run_suite` will do on `prep` (data loaded, nothing trained), what is finished already
+    (cached fine-tunes, saved stages under out_dir), and an estimate of the rest from a timed
+    forward pass (training steps: forward plus a backward of about twice its cost)."""
+    from taskvec.bench.compose import learned_config
 
-    saved = runs / f"{name}-s{seed}.json"
-    key = _run_key(prep, name, seed, init)
-    if saved.exists():
-        try:
-            done = json.loads(saved.read_text())
-        except (OSError, ValueError):
-            done = None
-        if not isinstance(done, dict) or "key" not in done or "preset" not in done:
-            raise OutputError(f"{saved}: not a learned run written by taskvec's bench run; move it away")
-        if done["key"] == key:
-            console.print(f"[dim]{name} (seed {seed}): finished run from {saved}[/]")
-            return done
-    console.print(f"learning [bold]{name}[/] (seed {seed}) ...")
-    done = {"key": key, **run_learned(prep, name, seed, val, test, init_coef=init, progress=progress)}
-    write_text_atomic(saved, json.dumps(done))
-    return done
+    suite = prep.suite
+    learned = _check_learned(suite, learned)
+    n_seeds = seeds or suite.compose.seeds
+    stages = out_dir / suite.name / "stages"
+    f = forward_seconds(prep)
+
+    def cost(split: str) -> float:  # one forward pass over every task's split
+        return sum(len(getattr(d, split)) * f[t] for t, d in prep.tasks.items())
+
+    val, test, n_lam = cost("val"), cost("test"), len(set(lambdas))
+    rows = []
+    names = list(prep.tasks)
+    probes = [t for t in names if getattr(suite.head_of(suite.task(t)), "kind", "") == "linear_probe"]
+    fitted = [t for t in probes if (prep.folders[t] / "head.safetensors").exists()]
+    secs = sum(len(prep.tasks[t].train) * f[t] for t in probes if t not in fitted)
+    work = f"data loaded; {len(probes)} linear probes on train features" if probes else "data loaded; heads"
+    rows.append(PlanRow("heads", len(names), len(names) - len(probes) + len(fitted), work, secs))
+    cached = [t for t in names if finetuned_source(prep, t).exists()]
+    recipe = suite.finetune
+    ft = sum(recipe.epochs * len(prep.tasks[t].train) * f[t] * (1 + BACKWARD) for t in names if t not in cached)
+    given = sum(suite.task(t).finetuned is not None for t in names)
+    rows.append(
+        PlanRow(
+            "fine-tunes",
+            len(names) - given,
+            len([t for t in cached if suite.task(t).finetuned is None]),
+            f"{recipe.epochs} epochs over each train split" + (f"; {given} checkpoints given" if given else ""),
+            ft,
+        )
+    )
+    refs_done = sum(load_stage(stages, f"task-{t}", task_key(prep, t)) is not None for t in names)
+    refs = (val + 2 * test) * (len(names) - refs_done) / len(names)
+    rows.append(PlanRow("reference accuracies", len(names), refs_done, "pretrained val+test, fine-tuned test", refs))
+    ta_lambda = None
+    per_method = n_lam * val + test
+    done = 0
+    for m in methods:
+        params = dict(DEFAULT_PARAMS.get(m, {}))
+        saved = load_stage(stages, f"static-{m}", _method_key(prep, m, params, lambdas))
+        done += saved is not None
+        if saved is not None and m == "task_arithmetic":
+            ta_lambda = float(saved["lambda"])
+    work = f"{n_lam}+ λ on val ({len(names)} tasks), then test"
+    rows.append(PlanRow("static merges", len(methods), done, work, per_method * (len(methods) - done)))
+    if bases and suite.compose.bases is not None and len(names) > 1:
+        saved = load_stage(stages, "bank", _bank_key(prep, suite.compose.bases, lambdas))
+        rows.append(
+            PlanRow("bank of bases", 1, int(saved is not None), "build, then " + work, 0.0 if saved else per_method)
+        )
+    if learned:
+        count, done, secs = 0, 0, 0.0
+        known = ta_lambda is not None or "task_arithmetic" not in methods  # the runs start at TA's λ
+        for name in learned:
+            for seed in range(n_seeds):
+                count += 1
+                init = ta_lambda
+                key = _learned_key(prep, name, seed, init) if known else None
+                if load_stage(stages, f"learned-{name}-s{seed}", key) is not None:
+                    done += 1
+                    continue
+                cfg = learned_config(prep, name, seed, init, progress=False)
+                items = cost("test") if cfg.composer.objective == "entropy" else cost("val")
+                secs += cfg.train.epochs * items * (1 + BACKWARD) + test
+        if done < count:
+            secs += val + test  # frozen features f0(x) of the splits, once
+        epochs = sorted({learned_config(prep, n, 0, None, progress=False).train.epochs for n in learned})
+        work = f"{', '.join(learned)}; {'/'.join(map(str, epochs))} epochs on val, then test"
+        rows.append(PlanRow(f"learned runs ({n_seeds} seed{'s' * (n_seeds > 1)})", count, done, work, secs))
+    if negation:
+        saved = load_stage(stages, "negation", _negation_key(prep, NEG_LAMBDAS))
+        work = f"{len(NEG_LAMBDAS)} λ on val per target task, then test"
+        secs = 0.0 if saved else len(names) * (len(NEG_LAMBDAS) * val + test)
+        rows.append(PlanRow("task negation", 1, int(saved is not None), work, secs))
+    return Plan(suite.name, rows, {t: 1000 * s for t, s in f.items()})
+
+
+def print_plan(plan: Plan, console: Console) -> None:
+    """The plan as a table that fits 80 columns."""
+    from rich.table import Table
+
+    t = Table(title=f"plan of {plan.suite}", title_justify="left")
+    t.add_column("stage", no_wrap=True)
+    t.add_column("done", justify="right", no_wrap=True)
+    t.add_column("each", overflow="fold")
+    t.add_column("time left", justify="right", no_wrap=True)
+    for r in plan.rows:
+        t.add_row(r.stage, f"{r.done}/{r.count}", r.work, "done" if r.done == r.count else f"~{_when(r.seconds)}")
+    console.print(t)
+    speed = ", ".join(f"{t} {ms:.2f}" for t, ms in plan.forward_ms.items())
+    console.print(
+        f"about {_when(plan.seconds)} left on this machine (from a timed forward pass, ms per item: {speed}; "
+        "a training step counted as 3 forward passes)"
+    )
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _header(prep: Prepared) -> dict[str, Any]:
+    return {
+        "suite": prep.suite.model_dump(mode="json"),
+        "items_sha256": {t: d.items_sha256 for t, d in prep.tasks.items()},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "threads": torch.get_num_threads(),
+            "device": "cpu",
+        },
+        "batchnorm": "frozen at pretrained statistics during fine-tuning (backbone in eval mode); "
+        "no re-estimation after composing",
+        "selection": "lambda and every setting chosen on validation splits; test reported once",
+        "pretrained": {},
+        "pretrained_val": {},
+        "finetuned": {},
+        "finetune_seconds": {},
+        "methods": {},
+        "learned": {},
+    }
+
+
+def _task_stage(prep: Prepared, task: str, seconds: float | None, progress: bool) -> dict[str, Any]:
+    """The pretrained model on the task's val and test splits, its fine-tuned model on test."""
+    d = prep.tasks[task]
+    with bar(f"{task}: reference accuracies", len(d.val) + 2 * len(d.test), enabled=progress) as advance:
+        pre_val = prep.evaluate(prep.pretrained, "val", [task], advance)[task]
+        pre_test = prep.evaluate(prep.pretrained, "test", [task], advance)[task]
+        ft_test = prep.evaluate(prep.finetuned[task], "test", [task], advance)[task]
+    return {"pretrained_val": pre_val, "pretrained": pre_test, "finetuned": ft_test, "finetune_seconds": seconds}
 
 
 def run_suite(
@@ -284,64 +683,134 @@ def run_suite(
     seeds: int | None = None,
     progress: bool = True,
     console: Console | None = None,
+    show_plan: bool = True,
 ) -> dict[str, object]:
     """The whole benchmark of one suite; writes results.json, results.md and accuracy.png under
     out_dir/suite. Static merges (`methods`), a bank of bases (the suite's `compose.bases`), and
     the learned compositions (`learned`, default the suite's `compose.learned`) over `seeds` seeds
-    (default the suite's `compose.seeds`), each learned one starting at task arithmetic's lambda."""
-    from taskvec.bench.compose import suite_data
-    from taskvec.bench.report import write_reports
-    from taskvec.variational import PRESETS
+    (default the suite's `compose.seeds`), each learned one starting at task arithmetic's lambda.
+
+    Each stage is saved under out_dir/suite/stages when it finishes and its result printed; a
+    rerun reads back the finished ones. On KeyboardInterrupt the table of the finished stages is
+    written (results.json says `"complete": false`) and the interrupt goes on."""
+    from taskvec.bench.report import check_ours, print_stage, write_reports
 
     console = console or Console()
     suite = suite_name if isinstance(suite_name, SuiteSpec) else load_suite(suite_name)
-    learned = list(suite.compose.learned if learned is None else learned)
-    unknown = [m for m in learned if m not in PRESETS]
-    if unknown:  # before any fine-tuning
-        raise ConfigError(f"learned: unknown composer preset(s) {', '.join(unknown)}; known: {', '.join(PRESETS)}")
+    learned = _check_learned(suite, learned)
     n_seeds = seeds or suite.compose.seeds
     folder = out_dir / suite.name
+    stages = folder / "stages"
+    check_ours(folder)  # before any work: the reports will replace only an earlier run's
     t0 = time.perf_counter()
-    prep = prepare(suite, cache, progress=progress, console=console)
-    pre_test, pre_val = prep.evaluate(prep.pretrained, "test"), prep.evaluate(prep.pretrained, "val")
-    ft_test = prep.finetuned_accuracy()
-    results: dict[str, Any] = {
-        "suite": suite.model_dump(mode="json"),
-        "items_sha256": {t: d.items_sha256 for t, d in prep.tasks.items()},
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "threads": torch.get_num_threads(),
-            "device": "cpu",
-        },
-        "batchnorm": "frozen at pretrained statistics during fine-tuning (backbone in eval mode); "
-        "no re-estimation after composing",
-        "selection": "lambda and every setting chosen on validation splits; test reported once",
-        "pretrained": pre_test,
-        "finetuned": ft_test,
-        "finetune_seconds": prep.finetune_seconds,
-        "methods": {},
-        "learned": {},
-    }
-    for m in methods:
-        console.print(f"composing with [bold]{m}[/] ...")
-        results["methods"][m] = run_method(prep, m, dict(DEFAULT_PARAMS.get(m, {})))
-    if bases and suite.compose.bases is not None and len(prep.tasks) > 1:
-        console.print("building a bank of bases ...")
-        results["bases"] = run_bank(prep, suite.compose.bases, folder / "bank")
-    if learned:
-        val, test = suite_data(prep, "val"), suite_data(prep, "test")
-        ta = results["methods"].get("task_arithmetic")
-        init = float(ta["lambda"]) if ta else None
-        for name in learned:
-            results["learned"][name] = [
-                _learned_run(prep, name, seed, val, test, init, folder / "runs", progress, console)
-                for seed in range(n_seeds)
-            ]
-    if negation:
-        console.print("task negation ...")
-        results["negation"] = run_negation(prep, pre_val)
-        results["pretrained_val"] = pre_val
+    console.print(f"[bold]{suite.name}[/]: loading the backbone and data ...")
+    prep = load_data(suite, cache)
+    if show_plan:
+        print_plan(
+            plan_suite(prep, methods, out_dir=out_dir, negation=negation, bases=bases, learned=learned, seeds=n_seeds),
+            console,
+        )
+    results = _header(prep)
+    stage = "data and heads"
+    try:
+        build_heads(prep)
+        for task in prep.tasks:
+            stage = f"fine-tuning {task}"
+            seconds = finetune_task(prep, task, progress=progress, console=console)
+            stage = f"reference accuracies of {task}"
+            key = task_key(prep, task)
+            assert key is not None
+            ref = load_stage(stages, f"task-{task}", key)
+            saved = ref is not None
+            if ref is None:
+                ref = _task_stage(prep, task, seconds, progress)
+                save_stage(stages, f"task-{task}", key, ref)
+            for k in ("pretrained", "pretrained_val", "finetuned"):
+                results[k][task] = ref[k]
+            if ref["finetune_seconds"] is not None:
+                results["finetune_seconds"][task] = ref["finetune_seconds"]
+            print_stage(results, "task", task, console, saved=saved)
+        for m in methods:
+            stage = f"static merge {m}"
+            params = dict(DEFAULT_PARAMS.get(m, {}))
+            key = _method_key(prep, m, params, LAMBDAS)
+            assert key is not None
+            res = load_stage(stages, f"static-{m}", key)
+            saved = res is not None
+            if res is None:
+                res = run_method(prep, m, params, progress=progress)
+                save_stage(stages, f"static-{m}", key, res)
+            results["methods"][m] = res
+            print_stage(results, "static", m, console, saved=saved)
+        if bases and suite.compose.bases is not None and len(prep.tasks) > 1:
+            stage = "bank of bases"
+            key = _bank_key(prep, suite.compose.bases, LAMBDAS)
+            assert key is not None
+            res = load_stage(stages, "bank", key)
+            saved = res is not None
+            if res is None:
+                res = run_bank(prep, suite.compose.bases, folder / "bank", progress=progress)
+                save_stage(stages, "bank", key, res)
+            results["bases"] = res
+            print_stage(results, "bank", "bank", console, saved=saved)
+        if learned:
+            stage = "learned runs"
+            _learned_stages(prep, results, learned, n_seeds, stages, progress, console)
+        if negation:
+            stage = "task negation"
+            key = _negation_key(prep, NEG_LAMBDAS)
+            assert key is not None
+            neg = load_stage(stages, "negation", key)
+            saved = neg is not None
+            if neg is None:
+                neg = run_negation(prep, results["pretrained_val"], progress=progress)
+                save_stage(stages, "negation", key, neg)
+            results["negation"] = neg
+            print_stage(results, "negation", "negation", console, saved=saved)
+    except KeyboardInterrupt:
+        results["complete"] = False
+        results["interrupted"] = stage
+        results["seconds"] = time.perf_counter() - t0
+        write_reports(results, folder, console=console)
+        console.print(f"[yellow]interrupted during {stage}[/]; finished stages are saved in {stages}")
+        raise
+    if not negation:
+        results.pop("pretrained_val", None)
+    results["complete"] = True
     results["seconds"] = time.perf_counter() - t0
     write_reports(results, folder, console=console)
     return results
+
+
+def _learned_stages(
+    prep: Prepared,
+    results: dict[str, Any],
+    learned: Sequence[str],
+    n_seeds: int,
+    stages: Path,
+    progress: bool,
+    console: Console,
+) -> None:
+    """Each learned run (per preset and seed), read back when finished, else trained and saved."""
+    from taskvec.bench.compose import run_learned, suite_data
+    from taskvec.bench.report import print_stage
+
+    ta = results["methods"].get("task_arithmetic")
+    init = float(ta["lambda"]) if ta else None
+    data: dict[str, Any] = {}
+    for name in learned:
+        results["learned"][name] = []
+        for seed in range(n_seeds):  # an interrupt here keeps the finished seeds in `results`
+            key = _learned_key(prep, name, seed, init)
+            assert key is not None
+            done = load_stage(stages, f"learned-{name}-s{seed}", key)
+            saved = done is not None
+            if done is None:
+                if not data:
+                    console.print("frozen pretrained features of the val and test splits ...")
+                    data["val"], data["test"] = suite_data(prep, "val"), suite_data(prep, "test")
+                console.print(f"learning [bold]{name}[/] (seed {seed}) ...")
+                done = run_learned(prep, name, seed, data["val"], data["test"], init_coef=init, progress=progress)
+                save_stage(stages, f"learned-{name}-s{seed}", key, done)
+            results["learned"][name].append(done)
+            print_stage(results, "learned", name, console, seed=seed, saved=saved)

@@ -38,12 +38,20 @@ def run(
     bases: Annotated[bool, typer.Option(help="also build a bank of bases (the suite's compose.bases)")] = True,
     negation: Annotated[bool, typer.Option(help="also report task negation")] = True,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    plan: Annotated[
+        bool, typer.Option("--plan", help="only print what the run would do and about how long it takes, then exit")
+    ] = False,
 ) -> None:
     """Fine-tune one model per task (cached), compose them with each method (static merges, a bank of
-    bases, learned coefficients and the variational composer), print and save the results."""
+    bases, learned coefficients and the variational composer), print and save the results.
+
+    The run goes in stages (data and heads, each fine-tune, each static merge, the bank, each
+    learned run, negation), each saved under OUT/SUITE/stages when it finishes and printed at once.
+    Stop it with Ctrl-C at any time: the table of the finished stages is written, and running the
+    same command again goes on from the first unfinished stage."""
     import torch
 
-    from taskvec.bench.run import run_suite
+    from taskvec.bench.run import load_data, plan_suite, print_plan, run_suite
     from taskvec.bench.suite import load_suite
     from taskvec.methods import get_method
 
@@ -55,6 +63,12 @@ def run(
             get_method(m)
         spec = load_suite(suite)
         chosen = None if learned is None else [m.strip() for m in learned.split(",") if m.strip()]
+        if plan:
+            console.print(f"[bold]{spec.name}[/]: loading the backbone and data ...")
+            prep = load_data(spec, cache)
+            steps = plan_suite(prep, names, out_dir=out, negation=negation, bases=bases, learned=chosen, seeds=seeds)
+            print_plan(steps, console)
+            return
         run_suite(
             spec,
             names,
@@ -68,6 +82,9 @@ def run(
         )
     except TaskVecError as e:
         _fail(e)
+    except KeyboardInterrupt:
+        console.print("stopped; run the same command again to go on from the first unfinished stage")
+        raise typer.Exit(130) from None
 
 
 @app.command("list")

@@ -74,11 +74,13 @@ def merge(
         out, overwrite=force, inputs=[config, cfg.base, *(m.finetuned or m.task_vector or m.lora for m in cfg.models)]
     )
     if tune_on is not None:
+        from taskvec.bench.run import evaluation_progress
         from taskvec.bench.suite import suite_path
         from taskvec.tune import tune_merge, tuned_config
 
         suite_path(tune_on)
-        result = tune_merge(cfg, tune_on, cache=cache)
+        with evaluation_progress(f"tuning {cfg.method} on {Path(tune_on).stem}: evaluations", console=console):
+            result = tune_merge(cfg, tune_on, cache=cache)
         _show_grid(result)
         cfg = tuned_config(cfg, result)
     path = merge_checkpoints(cfg, out, overwrite=force, progress=True, allow_nonfinite=allow_nonfinite, device=device)

@@ -243,7 +243,8 @@ def fit(
     total = config.epochs * steps_per_epoch if max_steps is None else min(max_steps, config.epochs * steps_per_epoch)
     step = 0
     with _progress(config.progress and rank == 0) as bar:
-        job = bar.add_task(f"training {composer.config.method}", total=total, info="")
+        epochs = bar.add_task(f"training {composer.config.method}: epochs", total=config.epochs, info="")
+        job = bar.add_task("  steps", total=total, info="")
         for epoch in range(config.epochs):
             composer.coef.train()  # dropout on (evaluation switches it off)
             sums = {"data": 0.0, "kl": 0.0, "n": 0}
@@ -281,6 +282,7 @@ def fit(
                 ).mean_accuracy
             record["epoch"] = epoch + 1
             composer.history.append(record)
+            bar.update(epochs, advance=1, info=f"loss {record['loss']:.4f}")
             if step >= total:
                 break
     return composer
