@@ -109,7 +109,12 @@ def prepare(
         heads[spec.name] = build_head(suite.head_of(spec), HeadContext(loaded, data, folder, suite.root))
         ft_path = folder / "finetuned.safetensors"
         if spec.finetuned is not None:
-            finetuned[spec.name] = match_state(pretrained, Path(suite.root, spec.finetuned), loaded.prefix)
+            finetuned[spec.name] = match_state(
+                pretrained,
+                Path(suite.root, spec.finetuned),
+                (loaded.prefix, *loaded.checkpoint_prefixes),
+                optional=loaded.optional,
+            )
         elif ft_path.exists():
             finetuned[spec.name] = load_file(ft_path)
             console.print(f"[dim]{spec.name}: fine-tuned weights from cache {ft_path}[/]")
