@@ -187,7 +187,9 @@ def load_backbone(spec: BackboneSpec, root: Path) -> Backbone:
                 f"{spec.factory}: must return an nn.Module (or (module, tokenizer)), got {type(model).__name__}"
             )
     if spec.pooling == "image_embeds":
-        raise ConfigError("backbone.pool: 'image_embeds' is for CLIP folders (model_type 'clip' or 'clip_vision_model')")
+        raise ConfigError(
+            "backbone.pool: 'image_embeds' is for CLIP folders (model_type 'clip' or 'clip_vision_model')"
+        )
     if spec.checkpoint is not None:
         load_into(model, resolve(root, spec.checkpoint))
     module = model if spec.pooling == "none" and spec.hf is None else PooledEncoder(model, spec.pooling)

@@ -75,7 +75,8 @@ class ClipImageEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rescale is not None:
             dtype = next(self.vision_model.parameters()).dtype
-            x = (x.to(dtype) * self.rescale - self.mean.to(dtype)) / self.std.to(dtype)
+            mean, std = self.get_buffer("mean").to(dtype), self.get_buffer("std").to(dtype)
+            x = (x.to(dtype) * self.rescale - mean) / std
         pooled: torch.Tensor = self.vision_model(pixel_values=x).pooler_output
         return self.visual_projection(pooled) if self.visual_projection is not None else pooled
 
@@ -115,7 +116,9 @@ def load_clip_vision(folder: Path, pool: str | None) -> tuple[ClipImageEncoder, 
     return ClipImageEncoder(vision, proj if features == "image_embeds" else None), features
 
 
-def image_processor_encoder(folder: Path) -> tuple[Callable[[Any], torch.Tensor], tuple[float, list[float], list[float]]]:
+def image_processor_encoder(
+    folder: Path,
+) -> tuple[Callable[[Any], torch.Tensor], tuple[float, list[float], list[float]]]:
     """The folder's image processor as an encoder of uint8 images (N, H, W[, 3]) into uint8-valued
     crops (N, 3, h, w), and the (rescale factor, mean, std) that normalize them."""
     import transformers
@@ -140,9 +143,9 @@ def image_processor_encoder(folder: Path) -> tuple[Callable[[Any], torch.Tensor]
             x = np.repeat(x[..., None], 3, axis=-1)
         out: list[torch.Tensor] = []
         for i in range(0, len(x), 256):
-            batch = processor(
-                images=list(x[i : i + 256]), do_rescale=False, do_normalize=False, return_tensors="pt"
-            )["pixel_values"]
+            batch = processor(images=list(x[i : i + 256]), do_rescale=False, do_normalize=False, return_tensors="pt")[
+                "pixel_values"
+            ]
             out.append(batch.round().clamp(0, 255).to(torch.uint8))
         return torch.cat(out) if out else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
 

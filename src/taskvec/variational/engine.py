@@ -7,9 +7,10 @@ backbone with
   * per-sample coefficients, alpha of shape (N, T, B): a TorchFunctionMode intercepts the layer
     functions that read a composed tensor (F.linear, F.conv2d, F.embedding, F.layer_norm,
     F.group_norm, F.batch_norm in eval mode; a class token's Tensor.expand over the batch) and runs
-    them with per-sample weights through `taskvec.variational.ops`, never looping over samples. The mode sees the functional call, so
-    subclasses with their own forward (TF "same"-padding convs, HF layers) work unchanged. Any other
-    op that reads a composed tensor raises, naming the tensor, instead of silently using theta0.
+    them with per-sample weights through `taskvec.variational.ops`, never looping over samples. The
+    mode sees the functional call, so subclasses with their own forward (TF "same"-padding convs, HF
+    layers) work unchanged. Any other op that reads a composed tensor raises, naming the tensor,
+    instead of silently using theta0.
 
 `naive_forward` is the reference: a Python loop of functional_call per sample.
 """
