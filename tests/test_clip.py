@@ -393,3 +393,34 @@ def test_an_exported_task_model_loads_as_a_whole_clip_model(project: Path, prep:
     assert not torch.equal(
         got["vision_model.post_layernorm.weight"], pretrained.state_dict()["vision_model.post_layernorm.weight"]
     )
+
+
+def test_the_field_protocol_suite_in_the_docs_is_a_valid_suite(tmp_path: Path) -> None:
+    """docs/field-protocol.md: its suite file and its open_clip backbone/head validate."""
+    import re
+
+    import yaml
+
+    from taskvec.bench.backbones import BackboneSpec
+    from taskvec.bench.heads import HEADS
+    from taskvec.bench.suite import load_suite
+
+    doc = (Path(__file__).parents[1] / "docs" / "field-protocol.md").read_text()
+    suite_yaml, factory_yaml = re.findall(r"```yaml\n(.*?)```", doc, re.S)
+    (tmp_path / "field-8.yaml").write_text(suite_yaml)
+    suite = load_suite(tmp_path / "field-8.yaml")
+    assert [t.name for t in suite.tasks] == [
+        "sun397",
+        "stanford-cars",
+        "resisc45",
+        "eurosat",
+        "svhn",
+        "gtsrb",
+        "mnist",
+        "dtd",
+    ]
+    assert all(suite.head_of(t).kind == "clip_zero_shot" and t.finetuned for t in suite.tasks)
+    assert len(suite.task("eurosat").head.labels) == 10  # type: ignore[union-attr]
+    factory = yaml.safe_load(factory_yaml)
+    assert BackboneSpec(**factory["backbone"]).factory == "myclip:visual"
+    assert HEADS.parse(factory["head"]).text_encoder == "myclip:text"  # type: ignore[attr-defined]
