@@ -424,3 +424,18 @@ def test_the_field_protocol_suite_in_the_docs_is_a_valid_suite(tmp_path: Path) -
     factory = yaml.safe_load(factory_yaml)
     assert BackboneSpec(**factory["backbone"]).factory == "myclip:visual"
     assert HEADS.parse(factory["head"]).text_encoder == "myclip:text"  # type: ignore[attr-defined]
+
+
+def test_images_override_the_clip_image_processor(project: Path) -> None:
+    """`images: {size}` replaces the processor's resize and crop; mean and std stay the processor's."""
+    from taskvec.bench.backbones import BackboneSpec, load_backbone, prepare_images
+
+    x, _ = _digits()
+    loaded = load_backbone(BackboneSpec(hf="clip-vit", images={"size": 32}), project)
+    proc = transformers.AutoImageProcessor.from_pretrained(project / "clip-vit")
+    want = prepare_images(x[:8], 32, tuple(proc.image_mean), tuple(proc.image_std))
+    assert torch.equal(loaded.encode(x[:8]), want)
+    with torch.no_grad():
+        model = transformers.CLIPModel.from_pretrained(project / "clip-vit").eval()
+        ref = model.visual_projection(_vision(model)(pixel_values=want).pooler_output)
+        torch.testing.assert_close(loaded.module(want), ref, atol=1e-6, rtol=1e-6)
