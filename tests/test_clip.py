@@ -303,6 +303,10 @@ def test_a_clip_vision_folder_with_the_text_tower_of_a_clip_folder(project: Path
         got = head(loaded.module(task.test.x))
         ref = prep.heads["high"](prep.backbone(prep.tasks["high"].test.x))
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    pooled = load_backbone(BackboneSpec(hf="clip-vit", pool="pooler"), project)  # FusionBench's split
+    assert pooled.clip == "pooler" and set(pooled.module.state_dict()) == set(loaded.module.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(pooled.module(task.test.x), loaded.module(task.test.x), atol=0, rtol=0)
     with pytest.raises(ConfigError, match="CLIPModel folder"):  # the bare folder has no text tower
         build_head(HEADS.parse({"kind": "clip_zero_shot"}), HeadContext(loaded, task, tmp_path, project))
 

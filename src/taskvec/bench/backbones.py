@@ -229,9 +229,7 @@ def load_clip_backbone(spec: BackboneSpec, folder: Path, root: Path) -> Backbone
         size = spec.images.size
         mean, std = spec.images.mean, spec.images.std
         if mean is None or std is None:
-            import transformers
-
-            processor = transformers.AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+            processor = clip.image_processor(folder)
             mean, std = mean or tuple(processor.image_mean), std or tuple(processor.image_std)
         m, s = mean, std
 

@@ -91,6 +91,11 @@ def load_clip_vision(folder: Path, pool: str | None) -> tuple[ClipImageEncoder, 
     default when the folder has one)."""
     import transformers
 
+    if pool not in (None, "image_embeds", "pooler"):
+        raise ConfigError(
+            f"backbone.pool: {pool!r} for the CLIP folder {folder}; choose 'image_embeds' (through the "
+            "visual projection) or 'pooler' (the vision tower's pooled output)"
+        )
     mt = model_type(folder)
     arch = _architectures(folder)
     if mt == "clip":
@@ -102,11 +107,6 @@ def load_clip_vision(folder: Path, pool: str | None) -> tuple[ClipImageEncoder, 
     else:
         bare = transformers.CLIPVisionModel.from_pretrained(str(folder), local_files_only=True)
         vision, proj = getattr(bare, "vision_model", bare), None  # transformers < 5 wraps the tower once more
-    if pool not in (None, "image_embeds", "pooler"):
-        raise ConfigError(
-            f"backbone.pool: {pool!r} for the CLIP folder {folder}; choose 'image_embeds' (through the "
-            "visual projection) or 'pooler' (the vision tower's pooled output)"
-        )
     if pool == "image_embeds" and proj is None:
         raise ConfigError(
             f"backbone.pool: 'image_embeds' needs the visual projection, but {folder} is a bare CLIPVisionModel; "
@@ -116,21 +116,26 @@ def load_clip_vision(folder: Path, pool: str | None) -> tuple[ClipImageEncoder, 
     return ClipImageEncoder(vision, proj if features == "image_embeds" else None), features
 
 
-def image_processor_encoder(
-    folder: Path,
-) -> tuple[Callable[[Any], torch.Tensor], tuple[float, list[float], list[float]]]:
-    """The folder's image processor as an encoder of uint8 images (N, H, W[, 3]) into uint8-valued
-    crops (N, 3, h, w), and the (rescale factor, mean, std) that normalize them."""
+def image_processor(folder: Path) -> Any:
+    """The image processor of a Hugging Face folder (its preprocessor_config.json)."""
     import transformers
 
     try:
-        processor = transformers.AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+        return transformers.AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as e:
         raise ConfigError(
             f"{folder}: no image processor (preprocessor_config.json) to take the image size, mean and std "
             f"from ({e}); add the pretrained CLIP's preprocessor_config.json, or give backbone.images: "
             "{size, mean, std}"
         ) from None
+
+
+def image_processor_encoder(
+    folder: Path,
+) -> tuple[Callable[[Any], torch.Tensor], tuple[float, list[float], list[float]]]:
+    """The folder's image processor as an encoder of uint8 images (N, H, W[, 3]) into uint8-valued
+    crops (N, 3, h, w), and the (rescale factor, mean, std) that normalize them."""
+    processor = image_processor(folder)
     rescale = float(getattr(processor, "rescale_factor", 1 / 255))
     mean = [float(v) for v in processor.image_mean]
     std = [float(v) for v in processor.image_std]

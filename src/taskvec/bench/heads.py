@@ -229,15 +229,15 @@ def build_clip_zero_shot(cfg: ClipZeroShot, ctx: HeadContext) -> nn.Module:
     texts = [t.format(c) for c in labels for t in cfg.templates]
     projection: nn.Module | None = None
     if cfg.text_encoder is not None:
-        out = import_object(cfg.text_encoder)(**cfg.kwargs)
-        if not (isinstance(out, tuple) and len(out) == 2 and callable(out[0])):
-            raise ConfigError(f"{cfg.text_encoder}: must return (encode, logit_scale)")
-        emb, scale = torch.as_tensor(out[0](texts)).detach().float(), float(out[1])
         if ctx.backbone.clip == "pooler":
             raise ConfigError(
                 "head.text_encoder needs image features in the joint space; the backbone gives the vision "
                 "tower's pooled output (pool: pooler): use pool: image_embeds"
             )
+        out = import_object(cfg.text_encoder)(**cfg.kwargs)
+        if not (isinstance(out, tuple) and len(out) == 2 and callable(out[0])):
+            raise ConfigError(f"{cfg.text_encoder}: must return (encode, logit_scale)")
+        emb, scale = torch.as_tensor(out[0](texts)).detach().float(), float(out[1])
     else:
         if cfg.text_model is None and ctx.backbone.hf_folder is None:
             raise ConfigError("head kind 'clip_zero_shot' on a factory backbone needs text_model or text_encoder")
