@@ -4,7 +4,7 @@ pooling that turns its output into features f0(x), and the encoding of raw input
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +20,7 @@ from taskvec.config import Strict
 from taskvec.errors import ConfigError, KeyMismatchError
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
-Pool = Literal["mean", "cls", "pooler", "none"]
+Pool = Literal["mean", "cls", "pooler", "none", "image_embeds"]
 
 
 class TextInputs(Strict):
@@ -31,7 +31,8 @@ class TextInputs(Strict):
 
 class ImageInputs(Strict):
     """Images are resized to size x size, scaled to [0, 1] and normalized per channel.
-    For a Hugging Face folder, mean and std default to its image processor's."""
+    For a Hugging Face folder, mean and std default to its image processor's. (A CLIP folder
+    without `images:` uses its image processor as is: shortest-side resize and center crop.)"""
 
     size: int = Field(default=64, ge=1)
     mean: tuple[float, float, float] | None = None
@@ -43,14 +44,18 @@ class BackboneSpec(Strict):
     tokenizer) or `factory` ('module:function' returning an nn.Module, or (module, tokenizer)),
     optionally with a `checkpoint` loaded into it. `pool` turns the model's output into features:
     mean over real tokens (or positions), the first token, the model's pooler output, or 'none'
-    (the model already returns features). `text` or `images` says how raw inputs are encoded."""
+    (the model already returns features). `text` or `images` says how raw inputs are encoded.
+    A CLIP folder (CLIPModel, CLIPVisionModel[WithProjection]) gives its image tower: features
+    'image_embeds' (through the visual projection) or 'pooler' (see taskvec.bench.clip)."""
 
     hf: str | None = None
     factory: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
     pool: Pool | None = Field(
-        default=None, description="default: 'mean' for a Hugging Face folder, 'none' for a factory"
+        default=None,
+        description="default: 'mean' for a Hugging Face folder ('image_embeds' for a CLIP folder with "
+        "the visual projection, else 'pooler'), 'none' for a factory",
     )
     text: TextInputs | None = None
     images: ImageInputs | None = None
@@ -133,6 +138,18 @@ class Backbone:
     hf_folder: Path | None = None
     prefix: str = ""
     tokenizer: Any = None
+    clip: Literal["image_embeds", "pooler"] | None = None
+    """For a CLIP folder: whether the features are image embeddings (through the visual
+    projection) or the vision tower's pooled output."""
+    checkpoint_prefixes: tuple[str, ...] = ()
+    """Further leading parts of the module's names that a fine-tuned checkpoint may lack (a
+    CLIPVisionModel saved by transformers 5 names its tensors without 'vision_model.')."""
+    optional: tuple[str, ...] = ()
+    """Tensors a fine-tuned checkpoint may lack; they keep their pretrained values (the visual
+    projection, absent from the CLIPVisionModel folders of model pools)."""
+    complete_from: Path | None = None
+    """A folder whose tensors that the module lacks complete an exported model (a CLIPModel's
+    text tower), so that the export loads as that folder's model."""
 
 
 def _offline() -> None:
@@ -152,6 +169,10 @@ def load_backbone(spec: BackboneSpec, root: Path) -> Backbone:
         folder = resolve(root, spec.hf)
         if not (folder / "config.json").is_file():
             raise ConfigError(f"{folder}: not a Hugging Face model folder (no config.json)")
+        from taskvec.bench import clip
+
+        if clip.is_clip_folder(folder):
+            return load_clip_backbone(spec, folder, root)
         model: nn.Module = transformers.AutoModel.from_pretrained(str(folder), local_files_only=True)
         if spec.images is None:
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -165,6 +186,10 @@ def load_backbone(spec: BackboneSpec, root: Path) -> Backbone:
             raise ConfigError(
                 f"{spec.factory}: must return an nn.Module (or (module, tokenizer)), got {type(model).__name__}"
             )
+    if spec.pooling == "image_embeds":
+        raise ConfigError(
+            "backbone.pool: 'image_embeds' is for CLIP folders (model_type 'clip' or 'clip_vision_model')"
+        )
     if spec.checkpoint is not None:
         load_into(model, resolve(root, spec.checkpoint))
     module = model if spec.pooling == "none" and spec.hf is None else PooledEncoder(model, spec.pooling)
@@ -189,27 +214,77 @@ def load_backbone(spec: BackboneSpec, root: Path) -> Backbone:
     return Backbone(module.eval(), encode_text, "text", folder, prefix, tokenizer)
 
 
+def load_clip_backbone(spec: BackboneSpec, folder: Path, root: Path) -> Backbone:
+    """The image tower of a Hugging Face CLIP folder (see taskvec.bench.clip)."""
+    from taskvec.bench import clip
+
+    if spec.text is not None:
+        raise ConfigError(f"backbone: {folder} is a CLIP folder, whose backbone is its image tower; remove 'text:'")
+    module, features = clip.load_clip_vision(folder, spec.pool)
+    if spec.images is None:
+        encode_images, normalize = clip.image_processor_encoder(folder)
+        module = clip.ClipImageEncoder(module.vision_model, module.visual_projection, normalize)
+        encode: Callable[[Any], Inputs] = encode_images
+    else:
+        size = spec.images.size
+        mean, std = spec.images.mean, spec.images.std
+        if mean is None or std is None:
+            processor = clip.image_processor(folder)
+            mean, std = mean or tuple(processor.image_mean), std or tuple(processor.image_std)
+        m, s = mean, std
+
+        def encode(x: Any) -> Inputs:
+            return prepare_images(np.asarray(x), size, m, s)
+
+    prefixes = ("vision_model.",)
+    if spec.checkpoint is not None:
+        path = resolve(root, spec.checkpoint)
+        module.load_state_dict(match_state(module.state_dict(), path, prefixes, optional=("visual_projection.weight",)))
+    return Backbone(
+        module.eval(),
+        encode,
+        "images",
+        folder,
+        clip=features,
+        checkpoint_prefixes=prefixes,
+        optional=("visual_projection.weight",) if features == "image_embeds" else (),
+        complete_from=folder if clip.model_type(folder) == "clip" else None,
+    )
+
+
 def load_into(model: nn.Module, path: Path) -> None:
     """Load a checkpoint file or folder (any format taskvec reads) into `model`."""
     model.load_state_dict(match_state(model.state_dict(), path), strict=True)
 
 
-def match_state(target: Mapping[str, torch.Tensor], path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+def match_state(
+    target: Mapping[str, torch.Tensor],
+    path: Path,
+    prefix: str | Sequence[str] = "",
+    *,
+    optional: Collection[str] = (),
+) -> dict[str, torch.Tensor]:
     """The tensors of checkpoint `path` under the names of `target`.
 
-    A name is found as is, without `prefix` (a wrapped model's checkpoint saved unwrapped), or under
+    A name is found as is, without a `prefix` (a wrapped model's checkpoint saved unwrapped), or under
     one more leading module (e.g. 'bert.' of a task model with a classifier); extra tensors (a
-    classifier) are ignored; a missing one is an error naming the file."""
+    classifier) are ignored; a missing one is an error naming the file, unless it is `optional`
+    (it then keeps its value in `target`)."""
     from taskvec.io import open_checkpoint, read
 
     src = open_checkpoint(path)
     have = set(src.keys())
+    prefixes = [prefix] if isinstance(prefix, str) else list(prefix)
     out, missing = {}, []
     for k, ref in target.items():
-        bare = k[len(prefix) :] if prefix and k.startswith(prefix) else k
-        found = next((c for c in (k, bare) if c in have), None)
+        bares = [k[len(p) :] for p in prefixes if p and k.startswith(p)] or [k]
+        found = next((c for c in (k, *bares) if c in have), None)
+        bare = bares[0]
         if found is None:
             found = next((c for c in have if c.endswith("." + bare) and c.count(".") == bare.count(".") + 1), None)
+        if found is None and k in optional:
+            out[k] = ref.detach().clone()
+            continue
         if found is None:
             missing.append(k)
             continue

@@ -312,7 +312,8 @@ def export_task(
     """Write the static model of `task`: its mean coefficients over the `split` inputs applied once.
 
     `out/model.safetensors` holds the backbone's tensors under the names of the model it was loaded
-    from (a Hugging Face folder's own names); when the backbone is a Hugging Face folder,
+    from (a Hugging Face folder's own names; a CLIPModel's text tower is copied from its folder, so
+    the export is a whole CLIPModel); when the backbone is a Hugging Face folder,
     `copy_model_files(folder, out, dtype)` adds its config and tokenizer files. Atomic. Returns the
     folder and the (T, B) coefficients used."""
     from safetensors.torch import save_file
@@ -328,6 +329,14 @@ def export_task(
         else v
         for k, v in state.items()
     }
+    if prep.loaded.complete_from is not None:  # e.g. a CLIPModel's text tower: the export loads as a CLIPModel
+        from taskvec.io import open_checkpoint, read
+
+        src = open_checkpoint(prep.loaded.complete_from)
+        for k in src.keys():
+            if k not in tensors:
+                t = read(src, k)
+                tensors[k] = t.to(dtype) if dtype and t.is_floating_point() else t
     with atomic_path(out, overwrite=overwrite, folder=True) as tmp:
         save_file(
             {k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"}

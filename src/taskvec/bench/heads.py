@@ -5,6 +5,7 @@ a builder. A suite picks one per task (or one for all) with `head: {kind: ...}`.
     head: {kind: zero_shot, template: "a review that is {}."}   # text encoders: embeddings of label texts
     head: {kind: prototype, shots: 16}              # any encoder: class means of a few labelled examples
     head: {kind: file, path: heads/sentiment.safetensors}       # weight (C, D) and bias (C) of your own
+    head: {kind: clip_zero_shot, templates: ["a photo of a {}."]}  # CLIP: class names by its text tower
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from safetensors.torch import load_file
 from torch import nn
 
@@ -177,6 +178,92 @@ def build_head_file(cfg: HeadFile, ctx: HeadContext) -> nn.Module:
 
 
 HEADS.register("file", HeadFile, build_head_file)
+
+
+class ClipZeroShot(Strict):
+    """CLIP image backbones: each class is the text embedding of its name in every template (the
+    text tower and text projection of a CLIPModel, frozen), normalized, averaged over the
+    templates and normalized again; logits are the cosines with the image embedding times CLIP's
+    logit scale, as in the task arithmetic papers and FusionBench."""
+
+    kind: Literal["clip_zero_shot"]
+    templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."], min_length=1)
+    labels: list[str] | None = Field(default=None, description="class names in class order (default: the data's)")
+    text_model: str | None = Field(
+        default=None, description="a CLIPModel folder with the text tower (default: the backbone's folder)"
+    )
+    text_encoder: str | None = Field(
+        default=None,
+        description="'module:function' returning (encode, logit_scale): encode(list of texts) -> (N, D) "
+        "text embeddings (e.g. open_clip's encode_text), instead of a Hugging Face text tower",
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="arguments of text_encoder")
+    scale: float | None = Field(default=None, gt=0, description="logit scale (default: the model's)")
+
+    @field_validator("templates")
+    @classmethod
+    def _placeholder(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if t.count("{}") != 1]
+        if bad:
+            raise ValueError(f"each template needs exactly one '{{}}' for the class name: {bad[0]!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_text_tower(self) -> ClipZeroShot:
+        if self.text_model is not None and self.text_encoder is not None:
+            raise ValueError("give 'text_model' (a CLIPModel folder) or 'text_encoder' ('module:function'), not both")
+        return self
+
+
+@torch.no_grad()
+def build_clip_zero_shot(cfg: ClipZeroShot, ctx: HeadContext) -> nn.Module:
+    """Class embeddings from templates x class names; the task's images decide nothing."""
+    from taskvec.bench import clip
+    from taskvec.bench.sources import import_object
+
+    if ctx.backbone.kind != "images":
+        raise ConfigError("head kind 'clip_zero_shot' needs an image backbone")
+    labels = cfg.labels or ctx.task.classes
+    if len(labels) != len(ctx.task.classes):
+        raise ConfigError(f"head.labels: {len(labels)} names for {len(ctx.task.classes)} classes")
+    texts = [t.format(c) for c in labels for t in cfg.templates]
+    projection: nn.Module | None = None
+    if cfg.text_encoder is not None:
+        if ctx.backbone.clip == "pooler":
+            raise ConfigError(
+                "head.text_encoder needs image features in the joint space; the backbone gives the vision "
+                "tower's pooled output (pool: pooler): use pool: image_embeds"
+            )
+        out = import_object(cfg.text_encoder)(**cfg.kwargs)
+        if not (isinstance(out, tuple) and len(out) == 2 and callable(out[0])):
+            raise ConfigError(f"{cfg.text_encoder}: must return (encode, logit_scale)")
+        emb, scale = torch.as_tensor(out[0](texts)).detach().float(), float(out[1])
+    else:
+        if cfg.text_model is None and ctx.backbone.hf_folder is None:
+            raise ConfigError("head kind 'clip_zero_shot' on a factory backbone needs text_model or text_encoder")
+        folder = resolve(ctx.root, cfg.text_model) if cfg.text_model is not None else ctx.backbone.hf_folder
+        model, tokenizer = clip.clip_text_folder(folder)
+        emb = clip.hf_text_embeddings(model, tokenizer, texts).float()
+        scale = float(model.logit_scale.exp())
+        if ctx.backbone.clip == "pooler":
+            projection = clip.frozen_projection(model)
+    if emb.dim() != 2 or emb.shape[0] != len(texts):
+        raise ConfigError(f"head: the text encoder gave shape {tuple(emb.shape)} for {len(texts)} texts")
+    weight = clip.class_embeddings(emb, len(labels), len(cfg.templates))
+    head = clip.ClipZeroShotHead(weight, cfg.scale or scale, projection)
+    ctx.backbone.module.eval()
+    sample, _ = ctx.task.train.batch(slice(0, 1))
+    dim = ctx.backbone.module(sample).shape[-1]
+    want = projection.in_features if isinstance(projection, nn.Linear) else weight.shape[1]
+    if dim != want:
+        raise ConfigError(
+            f"head kind 'clip_zero_shot': the backbone's features have {dim} dimensions, the head takes {want} "
+            "(text embeddings of another CLIP, or image features without the visual projection?)"
+        )
+    return head
+
+
+HEADS.register("clip_zero_shot", ClipZeroShot, build_clip_zero_shot)
 
 
 def build_head(cfg: Any, ctx: HeadContext) -> nn.Module:

@@ -203,7 +203,12 @@ def finetune_task(prep: Prepared, task: str, *, progress: bool = True, console: 
     folder = prep.folders[task]
     ft_path = folder / "finetuned.safetensors"
     if spec.finetuned is not None:
-        prep.finetuned[task] = match_state(prep.pretrained, Path(prep.suite.root, spec.finetuned), prep.loaded.prefix)
+        prep.finetuned[task] = match_state(
+            prep.pretrained,
+            Path(prep.suite.root, spec.finetuned),
+            (prep.loaded.prefix, *prep.loaded.checkpoint_prefixes),
+            optional=prep.loaded.optional,
+        )
         return None
     if ft_path.exists():
         prep.finetuned[task] = load_file(ft_path)

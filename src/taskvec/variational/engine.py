@@ -6,10 +6,11 @@ backbone with
     weights theta0 + sum alpha * tau (any layer type; used by the learned-coefficient baselines);
   * per-sample coefficients, alpha of shape (N, T, B): a TorchFunctionMode intercepts the layer
     functions that read a composed tensor (F.linear, F.conv2d, F.embedding, F.layer_norm,
-    F.group_norm, F.batch_norm in eval mode) and runs them with per-sample weights through
-    `taskvec.variational.ops`, never looping over samples. The mode sees the functional call, so
-    subclasses with their own forward (TF "same"-padding convs, HF layers) work unchanged. Any other
-    op that reads a composed tensor raises, naming the tensor, instead of silently using theta0.
+    F.group_norm, F.batch_norm in eval mode; a class token's Tensor.expand over the batch) and runs
+    them with per-sample weights through `taskvec.variational.ops`, never looping over samples. The
+    mode sees the functional call, so subclasses with their own forward (TF "same"-padding convs, HF
+    layers) work unchanged. Any other op that reads a composed tensor raises, naming the tensor,
+    instead of silently using theta0.
 
 `naive_forward` is the reference: a Python loop of functional_call per sample.
 """
@@ -410,7 +411,7 @@ class _PerSampleMode(TorchFunctionMode):
                         raise TaskVecError(
                             f"composed tensor {self.key_of[id(t)]!r} is used by {name}, which per-sample composition "
                             "does not support (supported: linear, conv2d, embedding, layer_norm, group_norm, "
-                            "batch_norm in eval mode); exclude it from the composition"
+                            "batch_norm in eval mode, expand over the batch); exclude it from the composition"
                         )
         return out
 
@@ -514,8 +515,27 @@ class _PerSampleMode(TorchFunctionMode):
             )
         return ops.batch_norm_eval(x, self._full(rm), self._full(rv), self._full(w), self._full(b), eps, self.n)
 
+    def expand(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+        """A composed tensor broadcast over the batch, such as a ViT's class token
+        `cls.expand(batch, 1, -1)`: the per-sample tensors (N, *shape), expanded to the sizes."""
+        t = args[0]
+        c, tau, k = self._ct(t)
+        if k is None:
+            return NotImplemented
+        sizes = list(args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:])
+        sizes = list(kwargs.get("size", sizes))
+        lead = len(sizes) - t.dim()
+        if lead < 1 or sizes[0] != self.n:
+            raise TaskVecError(
+                f"composed tensor {k!r} is expanded to {tuple(sizes)}: per-sample composition needs the batch "
+                f"({self.n}) as a new leading dimension; exclude it from the composition"
+            )
+        full = ops.composed(t, c, tau, self.n)
+        return full.view(self.n, *([1] * (lead - 1)), *t.shape).expand(*sizes)
+
 
 _HANDLERS: dict[Any, Callable[[_PerSampleMode, tuple[Any, ...], Mapping[str, Any]], Any]] = {
+    torch.Tensor.expand: _PerSampleMode.expand,
     F.linear: _PerSampleMode.linear,
     F.conv2d: _PerSampleMode.conv2d,
     F.embedding: _PerSampleMode.embedding,
