@@ -18,5 +18,5 @@ def default_cache() -> Path:
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write a safetensors file of the cache through `atomic_path` (the cache is taskvec's own)."""
-    with atomic_path(path, overwrite=True, owned=lambda p: None) as tmp:
+    with atomic_path(path, overwrite=True, owned=lambda p: None, against_read=False) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)

@@ -26,7 +26,8 @@ from taskvec.io.atomic import atomic_path
 
 def save_state(state: dict[str, object], path: Path) -> None:
     """Save resume state (tensors, numbers, strings, lists and dicts only), atomically."""
-    with atomic_path(path, overwrite=True, owned=lambda p: None) as tmp:  # the cache is taskvec's own
+    # the cache is taskvec's own, read and rewritten by the same run
+    with atomic_path(path, overwrite=True, owned=lambda p: None, against_read=False) as tmp:
         torch.save(state, tmp)
 
 

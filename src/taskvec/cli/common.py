@@ -59,7 +59,9 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        with warnings.catch_warnings():
+        from taskvec.io.readers import tracking_inputs
+
+        with warnings.catch_warnings(), tracking_inputs():  # no output of the command may replace a file it read
             warnings.showwarning = _show_warning
             try:
                 return fn(*args, **kwargs)
