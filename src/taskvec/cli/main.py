@@ -167,22 +167,21 @@ def info(
 @app.command()
 def similarity(
     task_vectors: Annotated[list[str], typer.Argument(help="two or more saved task vectors")],
-    png: Annotated[Path | None, typer.Option(help="write a heatmap PNG here")] = None,
+    png: Annotated[Path | None, typer.Option(help="write a heatmap here (.png, .pdf or .svg)")] = None,
     allow_nonfinite: AllowNonfinite = False,
-    force: Annotated[bool, typer.Option("--force", help="replace the PNG if it exists")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace the plot if taskvec wrote it")] = False,
 ) -> None:
     """Cosine similarity matrix of task vectors (streamed Gram matrix), as a table and a heatmap."""
     from taskvec._optional import require
     from taskvec.core import TaskVector
     from taskvec.core.similarity import cosine_matrix
-    from taskvec.report import heatmap
+    from taskvec.report import check_plot, heatmap
 
     if len(task_vectors) < 2:
         raise ConfigError("similarity needs at least two task vectors")
-    if png is not None and png.exists() and not force:
-        raise ConfigError(f"{png}: already exists (pass --force to replace it)")
     if png is not None:
-        require("matplotlib", "plot")  # fail before the work, not after it
+        check_plot(png, overwrite=force, inputs=task_vectors)  # fail before the work, not after it
+        require("matplotlib", "plot")
     tvs = [TaskVector.load(p, allow_nonfinite=allow_nonfinite) for p in task_vectors]
     cos = cosine_matrix(tvs)
     names = [Path(p).stem for p in task_vectors]
@@ -200,7 +199,15 @@ def similarity(
             "the cosine with a zero vector is undefined"
         )
     if png is not None:
-        heatmap(cos.numpy(), names, names, png, title="cosine similarity of task vectors")
+        heatmap(
+            cos.numpy(),
+            names,
+            names,
+            png,
+            title="cosine similarity of task vectors",
+            overwrite=force,
+            inputs=task_vectors,
+        )
         console.print(f"heatmap written to [bold]{png}[/]")
 
 
