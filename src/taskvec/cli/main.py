@@ -53,7 +53,7 @@ def extract(
     tv = TaskVector.from_checkpoints(
         pretrained, finetuned, include=include, exclude=exclude, allow_nonfinite=allow_nonfinite
     )
-    path = tv.save(out, dtype=dt, shard_size=size, overwrite=force, progress=True)
+    path = tv.save(out, dtype=dt, shard_size=size, overwrite=force, progress=True, allow_nonfinite=allow_nonfinite)
     console.print(f"wrote task vector of {len(tv)} tensors, {tv.numel():,} parameters to [bold]{path}[/]")
 
 
@@ -126,7 +126,7 @@ def apply(
     dt = _dtype(dtype)
     check_output(out, overwrite=force, inputs=[base, task_vector])
     tv = TaskVector.load(task_vector, allow_nonfinite=allow_nonfinite)
-    path = tv.apply_to(base, coef, out=out, dtype=dt, overwrite=force, progress=True)
+    path = tv.apply_to(base, coef, out=out, dtype=dt, overwrite=force, progress=True, allow_nonfinite=allow_nonfinite)
     console.print(f"wrote [bold]{path}[/]")
 
 
