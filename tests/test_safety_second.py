@@ -252,3 +252,103 @@ def test_bases_add_refuses_a_changed_member_source(tmp_path: Path, tvs, files) -
     assert r.returncode == 0, r.stderr
     assert "changed" not in cli("bases", "verify", bank).stderr  # the new content is now the recorded one
     tvs["tv0"].write_bytes(original)
+
+
+# ---------------------------------------------------------------- overflow: refused, never Inf with exit 0
+def test_a_merge_of_finite_inputs_that_overflows_float32_is_refused(tmp_path: Path) -> None:
+    save_file({"w": torch.zeros(4, 4)}, tmp_path / "base.safetensors")
+    for i in range(2):
+        save_file({"w": torch.full((4, 4), 3e38)}, tmp_path / f"ft{i}.safetensors")
+    (tmp_path / "m.yaml").write_text(
+        "method: task_arithmetic\nbase: base.safetensors\n"
+        "models:\n  - {finetuned: ft0.safetensors}\n  - {finetuned: ft1.safetensors}\n"
+    )
+    r = cli("merge", tmp_path / "m.yaml", "-o", tmp_path / "out.safetensors")
+    assert "tensor 'w'" in error(r) and "overflow float32" in error(r)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_apply_coef_that_overflows_float32_is_refused(tmp_path: Path) -> None:
+    save_file({"w": torch.ones(3, 3)}, tmp_path / "base.safetensors")
+    save_file({"w": torch.full((3, 3), 10.0)}, tmp_path / "tv.safetensors")
+    r = cli(
+        "apply",
+        tmp_path / "base.safetensors",
+        tmp_path / "tv.safetensors",
+        "-o",
+        tmp_path / "o.safetensors",
+        "--coef",
+        "1e38",
+    )
+    assert "tensor 'w'" in error(r) and "--coef" in error(r)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_coef_beyond_float32_is_refused_as_an_option(tmp_path: Path, tvs, files) -> None:
+    r = cli("apply", files["base"], tvs["tv0"], "-o", tmp_path / "o.safetensors", "--coef", "1e39")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "float32 range" in r.stderr and "--coef" in r.stderr
+    bank = cluster_bank(tmp_path, tvs)
+    r = cli("bases", "compose", bank, "--add", "tv0", "-o", tmp_path / "c.safetensors", "--coef", "-1e39")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "float32 range" in r.stderr
+    assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "c.safetensors").exists()
+
+
+# ---------------------------------------------------------------- configs: strict YAML
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("method: task_arithmetic\nmethod: ties\n", "key 'method' appears twice"),
+        ("method: ties\nscale: 1.0\nscale: 0.5\n", "key 'scale' appears twice"),
+        ("method: ties\n", "models.0.weight: true is a boolean, not a number"),
+        ("method: ties\nscale: 1.0e+39\n", "scale: 1e+39 is beyond the float32 range"),
+    ],
+)
+def test_merge_config_is_read_strictly(tmp_path: Path, files, text: str, says: str) -> None:
+    weight = "true" if "boolean" in says else "1.0"
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(text + f"base: {files['base']}\nmodels:\n  - {{finetuned: {files['ft0']}, weight: {weight}}}\n")
+    r = cli("merge", cfg, "-o", tmp_path / "out")
+    assert says in error(r) and "m.yaml" in error(r)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["merge", "suite", "bases"])
+def test_a_config_that_is_not_utf8_is_refused(tmp_path: Path, files, kind: str) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(b"method: ties\nname: caf\xe9\n")
+    args = {
+        "merge": ("merge", cfg, "-o", tmp_path / "out"),
+        "suite": ("bench", "run", cfg, "-o", tmp_path / "out"),
+        "bases": ("bases", "build", cfg, "-o", tmp_path / "out"),
+    }[kind]
+    r = cli(*args)
+    assert "c.yaml: is not UTF-8 text" in error(r)
+
+
+# ---------------------------------------------------------------- fp8 inputs: computed in float32
+def test_fp8_checkpoints_extract_merge_and_compress(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(8, 6, generator=g), "b": torch.randn(6, generator=g)}
+    for name, dt in (("e4m3", torch.float8_e4m3fn), ("e5m2", torch.float8_e5m2)):
+        b8 = {k: v.to(dt) for k, v in base.items()}
+        f8 = {k: (v + 0.25 * torch.randn(v.shape, generator=g)).to(dt) for k, v in base.items()}
+        save_file(b8, tmp_path / f"base-{name}.safetensors")
+        save_file(f8, tmp_path / f"ft-{name}.safetensors")
+        tv = tmp_path / f"tv-{name}.safetensors"
+        assert (
+            cli(
+                "extract", tmp_path / f"base-{name}.safetensors", tmp_path / f"ft-{name}.safetensors", "-o", tv
+            ).returncode
+            == 0
+        )
+        got = load_file(tv)
+        for k in base:  # exact: the fp8 values are exactly representable in float32, and so is their difference
+            want = f8[k].to(torch.float64) - b8[k].to(torch.float64)
+            assert got[k].dtype == torch.float32 and torch.equal(got[k].to(torch.float64), want)
+        cfg = tmp_path / f"m-{name}.yaml"
+        cfg.write_text(f"method: ties\nbase: base-{name}.safetensors\nmodels:\n  - finetuned: ft-{name}.safetensors\n")
+        r = cli("merge", cfg, "-o", tmp_path / f"merged-{name}.safetensors")
+        assert r.returncode == 0, r.stderr
+        assert load_file(tmp_path / f"merged-{name}.safetensors")["w"].dtype == dt  # stored like the base
+        r = cli("compress", tv, "-o", tmp_path / f"c-{name}.safetensors", "--rank", "2")
+        assert r.returncode == 0, r.stderr
