@@ -15,7 +15,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from taskvec.bench.models import forward_features
 from taskvec.bench.run import Prepared, prepare
-from taskvec.bench.sources import IMAGE_SUFFIXES, column, read_table
+from taskvec.bench.sources import IMAGE_SUFFIXES, column, read_npz, read_table
 from taskvec.config import DTYPES, Strict, known_name, load_yaml_config
 from taskvec.errors import ConfigError, format_validation_error
 from taskvec.io.atomic import atomic_path, check_output
@@ -200,11 +200,9 @@ def read_inputs(path: Path, prep: Prepared, task: str, text_column: str | None =
     if not path.is_file():
         raise ConfigError(f"{path}: no such input file")
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            if "x" not in z:
-                raise ConfigError(f"{path}: no array 'x'; arrays: {', '.join(z.files)}")
-            x = z["x"]
-            labels = z["y"].tolist() if "y" in z else None
+        z = read_npz(path, ["x"], ["y"])
+        x = z["x"]
+        labels = z["y"].tolist() if "y" in z else None
         return ([str(t) for t in x] if x.dtype.kind in "US" else x), labels
     fmt = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(path.suffix)
     if fmt is None:
