@@ -352,3 +352,164 @@ def test_fp8_checkpoints_extract_merge_and_compress(tmp_path: Path) -> None:
         assert load_file(tmp_path / f"merged-{name}.safetensors")["w"].dtype == dt  # stored like the base
         r = cli("compress", tv, "-o", tmp_path / f"c-{name}.safetensors", "--rank", "2")
         assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------- JSON nested too deep: a clear error
+def _deep(n: int = 100_000) -> str:
+    return "[" * n + "]" * n
+
+
+def test_a_deeply_nested_safetensors_header_is_refused(tmp_path: Path, files) -> None:
+    body = ('{"__metadata__": {"x": "y"}, "w": ' + _deep() + "}").encode()
+    (tmp_path / "deep.safetensors").write_bytes(len(body).to_bytes(8, "little") + body)
+    r = cli("info", tmp_path / "deep.safetensors")
+    assert "deep.safetensors: corrupt safetensors header: JSON nested more than" in error(r)
+
+
+def test_a_deeply_nested_shard_index_is_refused(tmp_path: Path, files) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "a.safetensors").write_bytes(files["ft0"].read_bytes())
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": ' + _deep() + "}")
+    r = cli("extract", files["base"], folder, "-o", tmp_path / "tv.safetensors")
+    assert "model.safetensors.index.json: not a valid safetensors index" in error(r) and "nested" in error(r)
+
+
+def test_a_deeply_nested_bank_manifest_is_refused(tmp_path: Path, tvs) -> None:
+    bank = cluster_bank(tmp_path, tvs)
+    text = (bank / "manifest.json").read_text()
+    (bank / "manifest.json").write_text(text.replace('"info": {', '"info": {"deep": ' + _deep() + ", ", 1))
+    for args in (("bases", "info", bank), ("bases", "verify", bank), ("bases", "add", bank, tvs["tv2"])):
+        r = cli(*args)
+        assert "manifest.json: corrupt manifest, not valid JSON (JSON nested more than" in error(r)
+    r = cli("bases", "build", tvs["tv0"], tvs["tv1"], "-o", bank, "--m", "1", "--force")
+    assert "bank: is a folder that taskvec did not write" in error(r)  # not readable as taskvec's: kept
+
+
+# ---------------------------------------------------------------- inputs that are not regular files
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_pipe_or_device_given_as_an_input_is_refused_at_once(tmp_path: Path, files, kind: str) -> None:
+    if kind == "fifo":
+        src = tmp_path / "ft.safetensors"
+        os.mkfifo(src)
+    else:
+        src = tmp_path / "ft.safetensors"
+        src.symlink_to("/dev/urandom")
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(f"method: ties\nbase: {files['base']}\nmodels:\n  - finetuned: {src}\n")
+    for args in (
+        ("info", src),
+        ("extract", files["base"], src, "-o", tmp_path / "tv.safetensors"),
+        ("merge", cfg, "-o", tmp_path / "out"),
+    ):
+        r = cli(*args)
+        assert "ft.safetensors: is a " in error(r) and "not a regular file" in error(r)
+    yaml_pipe = tmp_path / "pipe.yaml"
+    os.mkfifo(yaml_pipe)
+    r = cli("merge", yaml_pipe, "-o", tmp_path / "out")
+    assert "pipe.yaml: is a named pipe" in error(r)
+
+
+# ---------------------------------------------------------------- options and adapters validated
+def test_info_top_must_not_be_negative(files) -> None:
+    r = cli("info", files["base"], "--top", "-1")
+    assert r.returncode == 2 and "--top" in r.stderr and "Traceback" not in r.stderr
+
+
+def _adapter(tmp_path: Path, config: dict, tensors: dict | list | None = None, bin_file: bool = False) -> Path:
+    folder = tmp_path / "adapter"
+    folder.mkdir(exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **config}))
+    g = torch.Generator().manual_seed(0)
+    if tensors is None:
+        tensors = {
+            "base_model.model.fc.lora_A.weight": torch.randn(2, 8, generator=g),
+            "base_model.model.fc.lora_B.weight": torch.randn(5, 2, generator=g),
+        }
+    if bin_file:
+        torch.save(tensors, folder / "adapter_model.bin")
+    else:
+        save_file(tensors, folder / "adapter_model.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        ({"r": "2", "lora_alpha": 4}, "r: Input should be a valid integer"),
+        ({"r": 2, "lora_alpha": "4"}, "lora_alpha: Input should be a valid number"),
+        (
+            {"r": 2, "lora_alpha": 4, "rank_pattern": {"fc(": 2}},
+            "rank_pattern: 'fc(' is not a valid regular expression",
+        ),
+        ({"r": 2, "lora_alpha": 4, "alpha_pattern": [["fc", 2]]}, "alpha_pattern: Input should be a valid dictionary"),
+    ],
+)
+def test_a_lora_config_of_the_wrong_types_is_refused(tmp_path: Path, config: dict, says: str) -> None:
+    r = cli("info", _adapter(tmp_path, config))
+    assert "adapter_config.json" in error(r) and says in error(r)
+
+
+def test_integer_lora_weights_are_refused(tmp_path: Path) -> None:
+    tensors = {
+        "base_model.model.fc.lora_A.weight": torch.ones(2, 8, dtype=torch.int32),
+        "base_model.model.fc.lora_B.weight": torch.ones(5, 2, dtype=torch.int32),
+    }
+    r = cli("info", _adapter(tmp_path, {"r": 2, "lora_alpha": 4}, tensors))
+    assert "lora_A.weight" in error(r) and "int32" in error(r)
+
+
+def test_an_adapter_bin_holding_a_list_is_refused(tmp_path: Path) -> None:
+    r = cli("info", _adapter(tmp_path, {"r": 2, "lora_alpha": 4}, [torch.ones(2)], bin_file=True))
+    assert "adapter_model.bin: holds a list, not a dict of adapter tensors" in error(r)
+
+
+# ---------------------------------------------------------------- compose predict inputs read strictly
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        (b'text,label\n"an unterminated quote,a\nmore,b\n', "a quote is never closed"),
+        (b"text,label\none,a,extra\ntwo,b\n", ":2: 3 fields, the header has 2"),
+        (b"text,label\none\ntwo,b\n", ":2: 1 fields, the header has 2"),
+        (b"text,label\ncaf\xe9,a\n", "is not UTF-8 text"),
+        (b"text,label\n" + b"x" * (200 * 1024) + b",a\n", "a field is longer than 128 KiB"),
+    ],
+    ids=["unterminated-quote", "extra-field", "missing-field", "not-utf8", "field-over-128KiB"],
+)
+def test_a_damaged_csv_is_refused_not_merged(tmp_path: Path, raw: bytes, says: str) -> None:
+    from taskvec.bench.sources import read_table
+    from taskvec.errors import ConfigError
+
+    path = tmp_path / "inputs.csv"
+    path.write_bytes(raw)
+    with pytest.raises(ConfigError, match="inputs.csv") as e:
+        read_table(path, "csv")
+    assert says in str(e.value)
+
+
+def test_a_good_csv_keeps_quoted_separators_and_newlines(tmp_path: Path) -> None:
+    from taskvec.bench.sources import read_table
+
+    path = tmp_path / "inputs.csv"
+    path.write_text('text,label\n"one, two",a\n"line\nbreak",b\n')
+    assert read_table(path, "csv") == [{"text": "one, two", "label": "a"}, {"text": "line\nbreak", "label": "b"}]
+
+
+def test_a_corrupt_or_object_npz_is_refused(tmp_path: Path) -> None:
+    import numpy as np
+
+    from taskvec.bench.sources import read_npz
+    from taskvec.errors import ConfigError
+
+    (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04" + b"\x00" * 64)
+    np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}, None], dtype=object))
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    (tmp_path / "one.npy").rename(tmp_path / "one.npz")
+    for name, says in (
+        ("corrupt.npz", "not a readable .npz file"),
+        ("obj.npz", "holds object (pickled) arrays"),
+        ("one.npz", "a single .npy array"),
+    ):
+        with pytest.raises(ConfigError, match=name) as e:
+            read_npz(tmp_path / name, ["x"])
+        assert says in str(e.value)

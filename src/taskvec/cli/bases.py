@@ -192,7 +192,7 @@ def build(
 @app.command()
 def info(
     bank_path: Annotated[Path, typer.Argument(metavar="BANK", help="a bank folder")],
-    top: Annotated[int, typer.Option(help="show the N tasks of largest error")] = 20,
+    top: Annotated[int, typer.Option(min=0, help="show the N tasks of largest error")] = 20,
 ) -> None:
     """Method, bases, per-task reconstruction errors and exact memory accounting of a bank."""
     from taskvec.bases.bank import Bank

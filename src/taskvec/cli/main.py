@@ -133,7 +133,7 @@ def apply(
 @app.command()
 def info(
     file: Annotated[str, typer.Argument(help="checkpoint or task vector (file or folder)")],
-    top: Annotated[int, typer.Option(help="show the N tensors of largest norm")] = 10,
+    top: Annotated[int, typer.Option(min=0, help="show the N tensors of largest norm")] = 10,
 ) -> None:
     """Tensors, size, sparsity and norms of a checkpoint or task vector."""
     from taskvec.summary import summarize
