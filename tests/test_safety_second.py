@@ -513,3 +513,52 @@ def test_a_corrupt_or_object_npz_is_refused(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=name) as e:
             read_npz(tmp_path / name, ["x"])
         assert says in str(e.value)
+
+
+# ---------------------------------------------------------------- bench: caches, resume state, factories
+def test_a_mismatched_resume_state_is_a_clear_error(tmp_path: Path) -> None:
+    from taskvec.bench.finetune import finetune, save_state
+    from taskvec.bench.suite import FinetuneSpec, Split
+    from taskvec.errors import CheckpointError
+
+    other = torch.nn.Linear(3, 3)  # the state of another backbone
+    opt = torch.optim.AdamW(other.parameters())
+    save_state({"model": other.state_dict(), "opt": opt.state_dict(), "sched": {}, "step": 1}, tmp_path / "state.pt")
+    split = Split(torch.randn(8, 4), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(CheckpointError, match="state.pt: resume state does not match this fine-tuning"):
+        finetune(
+            torch.nn.Linear(4, 4),
+            torch.nn.Linear(4, 2),
+            split,
+            FinetuneSpec(),
+            seed=0,
+            state_path=tmp_path / "state.pt",
+            progress=False,
+        )
+
+
+def test_a_damaged_cached_finetune_is_computed_again(tmp_path: Path) -> None:
+    from taskvec.bench.cache import load_cached, save_atomic
+
+    like = {"w": torch.randn(4, 4), "b": torch.randn(4)}
+    path = tmp_path / "finetuned.safetensors"
+    save_atomic(like, path)
+    assert torch.equal(load_cached(path, like)["w"], like["w"])  # type: ignore[index]
+    path.write_bytes(path.read_bytes()[:-10])  # truncated by a full disk or a copy cut short
+    with pytest.warns(UserWarning, match="damaged cache entry .*truncated"):
+        assert load_cached(path, like) is None
+    save_atomic({"w": torch.randn(2, 2), "b": torch.randn(4)}, path)  # another backbone's weights
+    with pytest.warns(UserWarning, match="do not match the backbone"):
+        assert load_cached(path, like) is None
+
+
+@pytest.mark.parametrize("target", ["os:sep", "math:pi"])
+def test_a_suite_factory_that_is_not_callable_is_refused(tmp_path: Path, target: str) -> None:
+    from taskvec.bench.backbones import BackboneSpec, load_backbone
+    from taskvec.bench.sources import FunctionSource, load_function
+    from taskvec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not a function to call"):
+        load_backbone(BackboneSpec(factory=target, images={"size": 8}), tmp_path)
+    with pytest.raises(ConfigError, match="not a function to call"):
+        load_function(FunctionSource(kind="function", function=target), tmp_path)

@@ -14,11 +14,10 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from safetensors.torch import load_file
 from torch import nn
 
 from taskvec.bench.backbones import Backbone, load_backbone, match_state
-from taskvec.bench.cache import default_cache, save_atomic
+from taskvec.bench.cache import default_cache, load_cached, save_atomic
 from taskvec.bench.finetune import finetune
 from taskvec.bench.heads import HeadContext, build_head
 from taskvec.bench.models import accuracy
@@ -108,10 +107,11 @@ def prepare(
         backbone.load_state_dict(pretrained)
         heads[spec.name] = build_head(suite.head_of(spec), HeadContext(loaded, data, folder, suite.root))
         ft_path = folder / "finetuned.safetensors"
+        cached = load_cached(ft_path, pretrained) if spec.finetuned is None and ft_path.exists() else None
         if spec.finetuned is not None:
             finetuned[spec.name] = match_state(pretrained, Path(suite.root, spec.finetuned), loaded.prefix)
-        elif ft_path.exists():
-            finetuned[spec.name] = load_file(ft_path)
+        elif cached is not None:
+            finetuned[spec.name] = cached
             console.print(f"[dim]{spec.name}: fine-tuned weights from cache {ft_path}[/]")
         else:
             backbone.load_state_dict(pretrained)

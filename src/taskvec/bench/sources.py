@@ -60,7 +60,7 @@ def resolve(root: Path, path: str) -> Path:
 
 
 def import_object(spec: str) -> Any:
-    """The object named by 'package.module:attribute'."""
+    """The function (or other callable) named by 'package.module:attribute'."""
     module, sep, attr = spec.partition(":")
     if not sep or not module or not attr:
         raise ConfigError(f"{spec!r}: expected 'module:function'")
@@ -72,6 +72,8 @@ def import_object(spec: str) -> Any:
         if not hasattr(obj, part):
             raise ConfigError(f"{spec!r}: module {module!r} has no {attr!r}")
         obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{spec!r}: {attr!r} is a {type(obj).__name__}, not a function to call")
     return obj
 
 
