@@ -3,7 +3,10 @@
 Each case takes an empty folder, sets up one bad input, runs `python -m taskvec ...` in a fresh
 process and returns (fault tried, what the user sees, what was lost). What was lost is measured:
 the sha256 of every file in the folder before and after the command, never assumed. The faults
-of the writing side come from `reliability_writers.py` next to this script, when it exists.
+of the writing side come from `reliability_writers.py` next to this script, and the second
+hostile trial (locks planted as links, self-overwrites, plots, leftovers, stale sources, overflow,
+strict parsing) from `reliability_second.py`. Run it with the taskvec to check on the path, e.g.
+`PYTHONPATH=src python benchmarks/reliability.py`.
 
     python benchmarks/reliability.py            # writes docs/reliability.md and prints it
 """
@@ -381,6 +384,10 @@ def all_cases() -> list[Callable[[Path], Result]]:
         from reliability_writers import CASES as WRITERS  # type: ignore[import-not-found]
 
         cases += WRITERS
+    if importlib.util.find_spec("reliability_second") is not None:
+        from reliability_second import CASES as SECOND  # type: ignore[import-not-found]
+
+        cases += SECOND
     return cases
 
 

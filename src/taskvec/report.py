@@ -51,8 +51,9 @@ def check_plot(
 ) -> Path:
     """Refuse a plot path before the work: unknown format, an input, or an existing file or folder
     that is not a plot taskvec wrote (or any existing one without `overwrite`)."""
+    out = check_output(path, overwrite=overwrite, inputs=inputs, owned=plot_owned)
     plot_format(path)
-    return check_output(path, overwrite=overwrite, inputs=inputs, owned=plot_owned)
+    return out
 
 
 def _atomic_savefig(

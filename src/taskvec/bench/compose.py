@@ -177,6 +177,15 @@ def load_on_suite(path: Path, suite: str | Path | None = None, cache: Path | Non
 # --------------------------------------------------------------------------- new inputs
 
 
+def check_inputs_file(path: Path) -> None:
+    """Read an inputs file (.csv, .jsonl, .npz) strictly, to refuse a damaged one before any work."""
+    fmt = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(path.suffix)
+    if path.suffix == ".npz":
+        read_npz(path, ["x"], ["y"])
+    elif fmt is not None and path.is_file():
+        read_table(path, fmt)
+
+
 def read_inputs(path: Path, prep: Prepared, task: str, text_column: str | None = None) -> tuple[Any, list[Any] | None]:
     """Raw inputs of a file for `task` (texts of a csv/jsonl/parquet column, arrays `x` of an .npz,
     or the images of a folder) and their labels when the file has the task's label column."""
