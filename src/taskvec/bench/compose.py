@@ -19,6 +19,7 @@ from taskvec.bench.sources import IMAGE_SUFFIXES, column, read_npz, read_table
 from taskvec.config import DTYPES, Strict, known_name, load_yaml_config
 from taskvec.errors import ConfigError, format_validation_error
 from taskvec.io.atomic import atomic_path, check_output
+from taskvec.io.readers import parse_json
 from taskvec.registry import validation_error
 from taskvec.variational import (
     PRESETS,
@@ -264,8 +265,8 @@ def predictions_owned(path: Path) -> str | None:
     """None if `path` is a predictions file taskvec wrote (JSON lines of its prediction records)."""
     try:
         with open(path) as f:
-            first = json.loads(f.readline() or "null")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            first = parse_json(f.readline(2**20) or "null")
+    except (OSError, ValueError):
         first = None
     if isinstance(first, dict) and {"prediction", "coefficients", "kept"} <= first.keys():
         return None

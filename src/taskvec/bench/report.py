@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from taskvec.io.atomic import write_text_atomic
+from taskvec.io.readers import parse_json
 
 
 @dataclass
@@ -279,7 +280,7 @@ def _check_ours(paths: dict[str, Path]) -> None:
     if not existing:
         return
     try:
-        ours = json.loads(paths["json"].read_text()).get("written_by") == "taskvec"
+        ours = parse_json(paths["json"].read_bytes()).get("written_by") == "taskvec"
     except (OSError, ValueError, AttributeError):
         ours = False
     if not ours:

@@ -26,6 +26,7 @@ from taskvec.core import TaskVector
 from taskvec.errors import ConfigError
 from taskvec.grid import LAMBDAS, extend_search
 from taskvec.io.atomic import write_text_atomic
+from taskvec.io.readers import parse_json
 from taskvec.methods import compose
 
 DEFAULT_METHODS = ("task_arithmetic", "ties", "dare", "magnitude")
@@ -73,7 +74,11 @@ def _check_recipe(folder: Path, suite: SuiteSpec, task: TaskSpec) -> None:
     from a different recipe is refused rather than silently reused."""
     stamp, want = folder / "recipe.json", suite.task_hash(task)
     if stamp.exists():
-        have = json.loads(stamp.read_text()).get("hash")
+        try:
+            recorded = parse_json(stamp.read_bytes(), max_bytes=2**20)
+        except ValueError:
+            recorded = None
+        have = recorded.get("hash") if isinstance(recorded, dict) else None
         if have != want:
             raise ConfigError(
                 f"{folder}: cached for a different recipe of task {task.name!r} ({have}, now {want}); "
@@ -258,7 +263,7 @@ def _learned_run(
     key = _run_key(prep, name, seed, init)
     if saved.exists():
         try:
-            done = json.loads(saved.read_text())
+            done = parse_json(saved.read_bytes())
         except (OSError, ValueError):
             done = None
         if not isinstance(done, dict) or "key" not in done or "preset" not in done:
