@@ -482,6 +482,8 @@ def test_a_damaged_csv_is_refused_not_merged(tmp_path: Path, raw: bytes, says: s
     with pytest.raises(ConfigError, match="inputs.csv") as e:
         read_table(path, "csv")
     assert says in str(e.value)
+    r = cli("compose", "predict", tmp_path / "composer", path, "--task", "t", "-o", tmp_path / "p.jsonl")
+    assert "inputs.csv" in error(r) and says in error(r)  # refused before the composer is even looked at
 
 
 def test_a_good_csv_keeps_quoted_separators_and_newlines(tmp_path: Path) -> None:
