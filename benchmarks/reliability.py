@@ -3,7 +3,10 @@
 Each case takes an empty folder, sets up one bad input, runs `python -m taskvec ...` in a fresh
 process and returns (fault tried, what the user sees, what was lost). What was lost is measured:
 the sha256 of every file in the folder before and after the command, never assumed. The faults
-of the writing side come from `reliability_writers.py` next to this script, when it exists.
+of the writing side come from `reliability_writers.py` next to this script, and the second
+hostile trial (locks planted as links, self-overwrites, plots, leftovers, stale sources, overflow,
+strict parsing) from `reliability_second.py`. Run it with the taskvec to check on the path, e.g.
+`PYTHONPATH=src python benchmarks/reliability.py`.
 
     python benchmarks/reliability.py            # writes docs/reliability.md and prints it
 """
@@ -381,6 +384,10 @@ def all_cases() -> list[Callable[[Path], Result]]:
         from reliability_writers import CASES as WRITERS  # type: ignore[import-not-found]
 
         cases += WRITERS
+    if importlib.util.find_spec("reliability_second") is not None:
+        from reliability_second import CASES as SECOND  # type: ignore[import-not-found]
+
+        cases += SECOND
     return cases
 
 
@@ -404,6 +411,23 @@ def main() -> None:
         "",
         f"{len(rows)} cases; {len(rows) - len(bad)} lose nothing"
         + (f"; {len(bad)} do not: see the rows marked LOST." if bad else "."),
+        "",
+        "The rules every case checks:",
+        "",
+        "- **Outputs.** An output is written beside itself to a temporary and renamed into place when complete.",
+        "  It is never a file the command reads (compared by inode: `./x`, `/abs/x` and a hard link are one file),",
+        "  never contains or lies inside one, and `--force` replaces only a file or folder taskvec wrote (nested",
+        "  files included). Plots (`--png`: .png, .pdf or .svg) follow the same rule: taskvec marks its plots in",
+        "  their metadata.",
+        "- **Locks.** The lock file `.NAME.lock` is opened without following links and used only when it is a",
+        "  regular file with one link; it records the writer's process id.",
+        "- **Removal.** taskvec removes only what it recorded: the temporaries of a killed writer named by the lock",
+        "  it left, and in a bank the basis an unfinished `bases add` recorded in `.taskvec-pending.json`.",
+        "- **Inputs.** Every input must be a regular file or folder (a pipe or device is refused at once); JSON is",
+        "  parsed with depth (64) and size limits, YAML refuses duplicate keys, text must be UTF-8, CSV rows must",
+        "  match the header; a bank records a digest of each source and refuses one that changed.",
+        "- **Numbers.** NaN/Inf inputs and results that overflow float32 are refused by tensor name; coefficients",
+        "  must be numbers (not booleans) within the float32 range. fp8 inputs are computed in float32.",
         "",
         "| case | what the user sees | nothing lost |",
         "| --- | --- | --- |",

@@ -433,7 +433,11 @@ def test_similarity_png_is_not_overwritten_and_zero_cosine_is_nan(tmp_path: Path
     code, text = _run("similarity", str(tvs[0]), str(zero), "--png", str(png))
     assert code == 2 and "mine.png: already exists" in text
     assert png.read_bytes() == b"my own picture"
-    code, text = _run("similarity", str(tvs[0]), str(zero), str(zero), "--png", str(png), "--force")
+    code, text = _run("similarity", str(tvs[0]), str(zero), "--png", str(png), "--force")
+    assert code == 2 and "mine.png: is a file that taskvec did not write" in text  # --force: only taskvec's plots
+    assert png.read_bytes() == b"my own picture"
+    png = tmp_path / "cos.png"
+    code, text = _run("similarity", str(tvs[0]), str(zero), str(zero), "--png", str(png))
     assert code == 0 and "nan" in text and "zero task vectors; the cosine with a zero vector is undefined" in text
     assert png.read_bytes()[:4] == b"\x89PNG"
     z = TaskVector.load(zero)

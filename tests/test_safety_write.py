@@ -373,9 +373,11 @@ def dead_pid() -> int:
 
 
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path: Path, files) -> None:
+    """Killed writers leave their lock file naming them; their temporaries go, nothing else does."""
     out = tmp_path / "merged"
-    dead = dead_pid()
-    stale_dir, stale_file = tmp_path / f".merged.partial-{dead}", tmp_path / f".merged.partial-{dead_pid()}"
+    dead, dead2 = dead_pid(), dead_pid()
+    (tmp_path / ".merged.lock").write_text(f"{dead2} {dead}\n")  # what two killed writers left
+    stale_dir, stale_file = tmp_path / f".merged.partial-{dead}", tmp_path / f".merged.partial-{dead2}"
     stale_dir.mkdir()
     (stale_dir / "model.safetensors").write_bytes(b"half")
     stale_file.write_bytes(b"x")
@@ -397,8 +399,10 @@ def test_an_interrupted_replacement_keeps_the_old_output(tmp_path: Path, files) 
     cfg = merge_config(files, tmp_path)
     assert cli("merge", cfg, "-o", out).returncode == 0
     before = digest(out)
-    aside = tmp_path / f".merged.old-{dead_pid()}"
+    killed = dead_pid()
+    aside = tmp_path / f".merged.old-{killed}"
     out.rename(aside)
+    (tmp_path / ".merged.lock").write_text(f"{killed}\n")  # the killed writer's lock stays behind
     r = cli("merge", cfg, "-o", out)
     assert r.returncode != 0 and "already exists" in one_line(r)
     assert digest(out) == before and not aside.exists()

@@ -4,15 +4,44 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal, TypeVar, overload
+from typing import Annotated, Any, Literal, TypeVar, overload
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from taskvec.errors import ConfigError, TaskVecError, format_validation_error
+from taskvec.io.readers import read_text
 from taskvec.io.writer import parse_size
 from taskvec.methods.registry import get_method, parse_params
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _not_bool(v: object) -> object:
+    if isinstance(v, bool):
+        raise ValueError(f"{str(v).lower()} is a boolean, not a number")
+    return v
+
+
+def _float32_range(v: float) -> float:
+    if abs(v) > FLOAT32_MAX:
+        raise ValueError(f"{v:g} is beyond the float32 range (|x| <= {FLOAT32_MAX:.4g})")
+    return v
+
+
+Number = Annotated[float, BeforeValidator(_not_bool), AfterValidator(_float32_range)]
+"""A float config value: booleans are refused (YAML `true` is not 1), and so is a magnitude
+beyond float32 (the weights are float32: it could only write infinities)."""
 
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -78,7 +107,7 @@ class TaskSource(Strict):
 class ModelEntry(TaskSource):
     """A task of a merge, with its coefficient."""
 
-    weight: float | dict[str, float] = Field(1.0, description="coefficient, or a {glob: coefficient} per-layer map")
+    weight: Number | dict[str, Number] = Field(1.0, description="coefficient, or a {glob: coefficient} per-layer map")
 
 
 class MergeConfig(Strict):
@@ -88,7 +117,7 @@ class MergeConfig(Strict):
     base: str
     models: list[ModelEntry] = Field(min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)
-    scale: float | dict[str, float] = 1.0
+    scale: Number | dict[str, Number] = 1.0
     dtype: DtypeName | None = Field(None, description="output dtype of floating tensors (default: the base's)")
     shard_size: str | int = "2GB"
     include: list[str] | None = None
@@ -127,14 +156,54 @@ class MergeConfig(Strict):
         return self.model_copy(update={"base": fix(self.base), "models": models})
 
 
-def load_yaml_config(path: str | Path, model: type[BaseModel]) -> Any:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[object, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base loader reports it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} appears twice (first on line {first.start_mark.line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(path: str | Path) -> Any:
+    """The YAML file `path` parsed safely: UTF-8 text of a regular file, no key twice in a mapping.
+    Every problem is a ConfigError naming the file."""
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        text = read_text(path, max_bytes=16 * 2**20)
+    except TaskVecError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  # a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        where = f" on line {e.problem_mark.line + 1}" if e.problem_mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML ({e.problem or e.context}{where})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
+
+
+def load_yaml_config(path: str | Path, model: type[BaseModel]) -> Any:
+    """The config `model` read from the YAML file `path` (see `load_yaml`), its paths made
+    relative to the file's folder."""
+    path = Path(path)
+    data = load_yaml(path)
     cfg = model_from(data, model, ConfigError, str(path), "a mapping at the top level")
     return cfg.resolve_paths(path.parent) if hasattr(cfg, "resolve_paths") else cfg
 

@@ -65,4 +65,5 @@ def merge_checkpoints(
         progress=progress,
         metadata=metadata,
         extra_files=hf_output_files(cfg.base, out, dtype),
+        allow_nonfinite=allow_nonfinite,
     )

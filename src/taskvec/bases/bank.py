@@ -16,6 +16,12 @@ name, then atomically replaces the manifest, then deletes the old file.
 The manifest records the sha256 and byte size of every basis file; a basis is checked against
 them the first time a process reads it, so a flipped byte, a replaced or swapped file is refused
 instead of composing wrong weights. Every file name in the manifest must lie inside the bank.
+
+The manifest also records a digest of each task's source file (`source_digest`): a later `add`
+that re-merges a basis from those files refuses one that changed since, instead of silently
+turning the bank's task into another one. Before an `add` writes a new basis file it records the
+name in `.taskvec-pending.json`; only names recorded there are removed as leftovers of an
+interrupted `add`, never other files a user keeps in the bank folder.
 """
 
 from __future__ import annotations
@@ -50,9 +56,10 @@ from taskvec.bases.fit import (
 from taskvec.bases.passes import cluster_pass, linear_pass, merged_basis, tapped
 from taskvec.config import DTYPES, DtypeName, Strict, model_from
 from taskvec.core.taskvector import FloatSource, TaskVector, check_same_tensors
-from taskvec.errors import CheckpointError, ConfigError, IntegrityError
+from taskvec.errors import CheckpointError, ConfigError, IntegrityError, TaskVecError
 from taskvec.io import SafetensorsSource, ShardedSource
-from taskvec.io.atomic import atomic_path, check_output, path_lock, write_text_atomic
+from taskvec.io.atomic import PENDING, atomic_path, check_output, path_lock, write_text_atomic
+from taskvec.io.readers import read_json
 from taskvec.io.safetensors_file import dtype_size
 from taskvec.io.writer import DEFAULT_SHARD_BYTES
 
@@ -96,6 +103,9 @@ class Manifest(Strict):
     numel: int = Field(ge=0)
     names: list[str]
     sources: list[str | None]
+    source_digests: list[str | None] | None = Field(
+        default=None, description="digest of each source when recorded (`source_digest`); absent in older banks"
+    )
     task_bytes: list[int]
     bases: list[BasisEntry] = Field(min_length=1)
     gram: Matrix
@@ -121,8 +131,8 @@ class Manifest(Strict):
 
         if len(set(self.names)) != t:
             raise ValueError("names must be unique")
-        for f in ("sources", "task_bytes"):
-            if len(getattr(self, f)) != t:
+        for f in ("sources", "task_bytes", "source_digests"):
+            if getattr(self, f) is not None and len(getattr(self, f)) != t:
                 raise ValueError(f"{f} must have one entry per task (T={t})")
         shape("gram", t, t)
         shape("cross", m, t)
@@ -169,6 +179,36 @@ def file_digest(path: Path) -> str:
     for p in _files(path):
         h.update(f"{p.relative_to(path).as_posix()}\0{file_digest(p)}\n".encode())
     return h.hexdigest()
+
+
+SAMPLED_ABOVE = 256 * 2**20  # larger source files are identified by size, mtime and 64 sampled MiB
+
+
+def _sampled(path: Path, size: int) -> str:
+    st = path.stat()
+    h = hashlib.sha256(f"{size}:{st.st_mtime_ns}".encode())
+    block = 2**20
+    with open(path, "rb") as f:
+        for i in range(64):
+            f.seek((size - block) * i // 63)
+            h.update(f.read(block))
+    return h.hexdigest()
+
+
+def source_digest(path: str | os.PathLike[str]) -> str:
+    """A digest of a task's source file (or of every file of a shard folder): 'sha256:HEX' of the
+    contents, or for files over 256 MiB 'sampled:HEX' of the size, modification time and 64
+    evenly spaced 1 MiB blocks (so recording a large source does not read it whole)."""
+    p = Path(path)
+    files = _files(p)
+    sampled = any(f.stat().st_size > SAMPLED_ABOVE for f in files)
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        part = _sampled(f, size) if sampled and size > SAMPLED_ABOVE else file_digest(f)
+        rel = f.relative_to(p).as_posix() if p.is_dir() else ""
+        h.update(f"{rel}\0{part}\n".encode())
+    return ("sampled:" if sampled else "sha256:") + h.hexdigest()
 
 
 def _stamp(path: Path) -> tuple[tuple[str, int, int, int], ...]:
@@ -266,8 +306,8 @@ class Bank:
         if not mpath.exists():
             raise CheckpointError(f"{path}: not a bases bank (no {MANIFEST})")
         try:
-            data = json.loads(mpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            data = read_json(mpath, max_bytes=64 * 2**20)
+        except ValueError as e:  # JSON syntax, not UTF-8, nested too deep, too large
             raise CheckpointError(f"{mpath}: corrupt manifest, not valid JSON ({e})") from None
         manifest = model_from(data, Manifest, CheckpointError, f"{mpath}: corrupt manifest", "a JSON object")
         bank = cls(path, manifest)
@@ -327,6 +367,32 @@ class Bank:
         """Check every basis file in full against the manifest; raises naming the first bad file."""
         for k in range(self.m):
             self.verify_basis(k, force=True)
+
+    def source_changed(self, i: int) -> str | None:
+        """Why task `i`'s recorded source file can no longer be trusted to re-merge it (changed since
+        it was recorded, or gone), or None if it is as recorded or nothing was recorded."""
+        src = self.manifest.sources[i]
+        digests = self.manifest.source_digests
+        recorded = digests[i] if digests is not None else None
+        if src is None or recorded is None:
+            return None
+        if not Path(src).exists():
+            return f"{src} is gone"
+        now = source_digest(src)
+        if now != recorded:
+            return (
+                f"{src} changed since it was recorded (digest {now[-64:][:12]}..., recorded {recorded[-64:][:12]}...)"
+            )
+        return None
+
+    def changed_sources(self) -> dict[str, str]:
+        """Task name -> why its recorded source is no longer as recorded (see `source_changed`)."""
+        out = {}
+        for i, name in enumerate(self.manifest.names):
+            why = self.source_changed(i)
+            if why is not None:
+                out[name] = why
+        return out
 
     # ----- facts
     @property
@@ -438,6 +504,7 @@ class Bank:
         new_basis_below: float | None = None,
         chunk_elems: int | None = None,
         progress: bool = False,
+        allow_changed_sources: bool = False,
     ) -> int | None:
         """Add one task vector to the bank; returns the basis it went to ('cluster'), else None.
 
@@ -447,6 +514,10 @@ class Bank:
         recorded at build time. 'learned'/'pca': the bases stay, the new task gets least-squares
         coefficients on them. Everything it needs of the old tasks is streamed, then the manifest is
         replaced atomically. The bank is locked meanwhile: a second writer fails at once.
+
+        A member's recorded source file that changed since it was recorded is refused (re-merging it
+        would silently change that task) unless `allow_changed_sources`, which re-merges it as it is
+        now and records its new digest. If anything fails, the bank is left as it was.
         """
         with path_lock(self.path, "changed"):
             fresh = Bank.load(self.path)  # what another process committed before we took the lock
@@ -459,14 +530,25 @@ class Bank:
                 new_basis_below=new_basis_below,
                 chunk_elems=chunk_elems,
                 progress=progress,
+                allow_changed=allow_changed_sources,
             )
 
     def _remove_orphans(self) -> None:
-        """Remove basis files an interrupted `add` wrote but never committed to the manifest."""
+        """Remove the basis files an interrupted `add` recorded (in `.taskvec-pending.json`) that the
+        manifest does not name; any other file in the bank folder is the user's and stays."""
+        pending = self.path / PENDING
+        if not (pending.exists() or pending.is_symlink()):
+            return
+        try:
+            data = read_json(pending, max_bytes=2**20)
+        except (OSError, ValueError, CheckpointError):
+            data = None
+        files = data.get("files") if isinstance(data, dict) else None
         named = {b.file for b in self.manifest.bases}
-        for p in self.path.iterdir():
-            if _BASIS_NAME.match(p.name) and p.name not in named:
-                _delete_inside(self.path, p.name)
+        for f in files if isinstance(files, list) else []:
+            if isinstance(f, str) and _BASIS_NAME.match(f) and f not in named and (self.path / f).exists():
+                _delete_inside(self.path, f)
+        pending.unlink(missing_ok=True)
 
     def _add(
         self,
@@ -477,8 +559,42 @@ class Bank:
         new_basis_below: float | None,
         chunk_elems: int | None,
         progress: bool,
+        allow_changed: bool = False,
+    ) -> int | None:
+        new_file: list[str] = []  # a basis file this add wrote, removed again if the add fails
+        try:
+            return self._add_inner(
+                task_vector, name, members, new_basis_below, chunk_elems, progress, allow_changed, new_file
+            )
+        except BaseException:
+            self._undo(new_file)
+            raise
+
+    def _undo(self, new_file: list[str]) -> None:
+        """After a failed `add`: remove the basis file it wrote unless the manifest names it."""
+        try:
+            committed = {b.file for b in Bank.load(self.path, unverified=True).manifest.bases}
+        except (TaskVecError, OSError):
+            return  # the manifest is unreadable: touch nothing more (the pending record stays)
+        for f in new_file:
+            if f not in committed and (self.path / f).exists():
+                _delete_inside(self.path, f)
+        if not any(f in committed for f in new_file):
+            (self.path / PENDING).unlink(missing_ok=True)
+
+    def _add_inner(
+        self,
+        task_vector: TaskVector,
+        name: str,
+        members: Mapping[str, TaskVector] | None,
+        new_basis_below: float | None,
+        chunk_elems: int | None,
+        progress: bool,
+        allow_changed: bool,
+        new_file: list[str],
     ) -> int | None:
         mf = self.manifest
+        digests: list[str | None] = list(mf.source_digests) if mf.source_digests is not None else [None] * self.t
         check_names([*mf.names, name], [task_vector] * (self.t + 1))
         check_same_tensors(self.basis(0).source, task_vector.source)
         if new_basis_below is not None and self.method != "cluster":
@@ -504,10 +620,12 @@ class Bank:
             if new_basis_below is not None and float(cos[k]) < new_basis_below:
                 k = m
             idx = [i for i, a in enumerate(assignments) if a == k]
-            tvs = [self._member(i, members) for i in idx] + [task_vector]
+            tvs = [self._member(i, members, allow_changed, digests) for i in idx] + [task_vector]
             cluster = [tapped(tv) for tv in tvs]
             basis = merged_basis(cluster, mf.merge or "mean", mf.merge_params)
             f = self._new_file(k)
+            write_text_atomic(self.path / PENDING, json.dumps({"files": [f]}) + "\n")
+            new_file.append(f)
             chunk = chunk_elems or auto_chunk(len(cluster) + 1)
             h, c, lg = cluster_pass(
                 basis,
@@ -556,6 +674,7 @@ class Bank:
                 "M": len(bases),
                 "names": [*mf.names, name],
                 "sources": [*mf.sources, source_path(task_vector)],
+                "source_digests": [*digests, _digest_of(source_path(task_vector))],
                 "task_bytes": [*mf.task_bytes, task_bytes(task_vector)],
                 "bases": bases,
                 "gram": _mat(gram_),
@@ -568,13 +687,16 @@ class Bank:
         )
         Manifest(**new.model_dump())  # validate before committing
         write_text_atomic(self.path / MANIFEST, manifest_text(new.model_dump()))
+        (self.path / PENDING).unlink(missing_ok=True)
         if old_file is not None:
             _delete_inside(self.path, old_file)
         loaded = Bank.load(self.path)
         self.__dict__.update(loaded.__dict__)
         return k
 
-    def _member(self, i: int, members: Mapping[str, TaskVector] | None) -> TaskVector:
+    def _member(
+        self, i: int, members: Mapping[str, TaskVector] | None, allow_changed: bool, digests: list[str | None]
+    ) -> TaskVector:
         name = self.manifest.names[i]
         if members is not None and name in members:
             return members[name]
@@ -589,7 +711,20 @@ class Bank:
                 f"add: the task vector of member {name!r} recorded at {src} is gone; "
                 f"pass members={{{name!r}: task_vector}}"
             )
+        why = self.source_changed(i)
+        if why is not None:
+            if not allow_changed:
+                raise IntegrityError(
+                    f"add: re-merging basis of task {name!r} needs its source, but {why}; re-merging it would "
+                    f"silently change task {name!r}. Put the original back, or pass --allow-changed-sources "
+                    "(allow_changed_sources=True) to re-merge it as it is now"
+                )
+            digests[i] = source_digest(src)
         return TaskVector.load(src)
+
+
+def _digest_of(src: str | None) -> str | None:
+    return source_digest(src) if src is not None else None
 
 
 def _delete_inside(bank: Path, name: str) -> None:
@@ -689,6 +824,7 @@ def build_bank(
             numel=numel,
             names=names_,
             sources=[source_path(tv) for tv in tvs],
+            source_digests=[_digest_of(source_path(tv)) for tv in tvs],
             task_bytes=[task_bytes(tv) for tv in tvs],
             bases=[
                 BasisEntry(

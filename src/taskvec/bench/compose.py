@@ -15,10 +15,11 @@ from pydantic import Field, ValidationError, field_validator
 
 from taskvec.bench.models import forward_features
 from taskvec.bench.run import Prepared, prepare
-from taskvec.bench.sources import IMAGE_SUFFIXES, column, read_table
+from taskvec.bench.sources import IMAGE_SUFFIXES, column, read_npz, read_table
 from taskvec.config import Strict, dtype_named, known_name, load_yaml_config
 from taskvec.errors import ConfigError, format_validation_error
 from taskvec.io.atomic import atomic_path, check_output
+from taskvec.io.readers import parse_json
 from taskvec.registry import validation_error
 from taskvec.variational import (
     PRESETS,
@@ -177,6 +178,15 @@ def load_on_suite(path: Path, suite: str | Path | None = None, cache: Path | Non
 # --------------------------------------------------------------------------- new inputs
 
 
+def check_inputs_file(path: Path) -> None:
+    """Read an inputs file (.csv, .jsonl, .npz) strictly, to refuse a damaged one before any work."""
+    fmt = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(path.suffix)
+    if path.suffix == ".npz":
+        read_npz(path, ["x"], ["y"])
+    elif fmt is not None and path.is_file():
+        read_table(path, fmt)
+
+
 def read_inputs(path: Path, prep: Prepared, task: str, text_column: str | None = None) -> tuple[Any, list[Any] | None]:
     """Raw inputs of a file for `task` (texts of a csv/jsonl/parquet column, arrays `x` of an .npz,
     or the images of a folder) and their labels when the file has the task's label column."""
@@ -200,11 +210,9 @@ def read_inputs(path: Path, prep: Prepared, task: str, text_column: str | None =
     if not path.is_file():
         raise ConfigError(f"{path}: no such input file")
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            if "x" not in z:
-                raise ConfigError(f"{path}: no array 'x'; arrays: {', '.join(z.files)}")
-            x = z["x"]
-            labels = z["y"].tolist() if "y" in z else None
+        z = read_npz(path, ["x"], ["y"])
+        x = z["x"]
+        labels = z["y"].tolist() if "y" in z else None
         return ([str(t) for t in x] if x.dtype.kind in "US" else x), labels
     fmt = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(path.suffix)
     if fmt is None:
@@ -257,8 +265,8 @@ def predictions_owned(path: Path) -> str | None:
     """None if `path` is a predictions file taskvec wrote (JSON lines of its prediction records)."""
     try:
         with open(path) as f:
-            first = json.loads(f.readline() or "null")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            first = parse_json(f.readline(2**20) or "null")
+    except (OSError, ValueError):
         first = None
     if isinstance(first, dict) and {"prediction", "coefficients", "kept"} <= first.keys():
         return None

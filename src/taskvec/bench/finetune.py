@@ -26,7 +26,8 @@ from taskvec.io.atomic import atomic_path
 
 def save_state(state: dict[str, object], path: Path) -> None:
     """Save resume state (tensors, numbers, strings, lists and dicts only), atomically."""
-    with atomic_path(path, overwrite=True, owned=lambda p: None) as tmp:  # the cache is taskvec's own
+    # the cache is taskvec's own, read and rewritten by the same run
+    with atomic_path(path, overwrite=True, owned=lambda p: None, against_read=False) as tmp:
         torch.save(state, tmp)
 
 
@@ -78,10 +79,20 @@ def finetune(
     step = 0
     if state_path.exists():
         state = load_state(state_path)
-        backbone.load_state_dict(state["model"])  # type: ignore[arg-type]
-        opt.load_state_dict(state["opt"])  # type: ignore[arg-type]
-        sched.load_state_dict(state["sched"])  # type: ignore[arg-type]
-        step = int(state["step"])  # type: ignore[call-overload]
+        try:
+            backbone.load_state_dict(state["model"])  # type: ignore[arg-type]
+            opt.load_state_dict(state["opt"])  # type: ignore[arg-type]
+            sched.load_state_dict(state["sched"])  # type: ignore[arg-type]
+            step = int(state["step"])  # type: ignore[call-overload]
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise CheckpointError(
+                f"{state_path}: resume state does not match this fine-tuning (another backbone or recipe: "
+                f"{' '.join(str(e).split())[:200]}); delete it to restart this fine-tuning"
+            ) from None
+        if not 0 <= step <= total:
+            raise CheckpointError(
+                f"{state_path}: resume state is at step {step} of a {total}-step fine-tuning; delete it to restart"
+            )
     backbone.eval()  # BatchNorm statistics frozen, no dropout (see module docstring)
     columns = [
         TextColumn("{task.description}"),

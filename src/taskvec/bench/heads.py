@@ -18,13 +18,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
-from safetensors.torch import load_file
 from torch import nn
 
-from taskvec.bench.cache import save_atomic
+from taskvec.bench.cache import load_cached, save_atomic
 from taskvec.bench.sources import resolve
 from taskvec.config import Strict
 from taskvec.errors import ConfigError
+from taskvec.io.safetensors_file import SafetensorsFile
 from taskvec.registry import Registry
 
 
@@ -65,8 +65,8 @@ def build_linear_probe(cfg: LinearProbe, ctx: HeadContext) -> nn.Module:
     from taskvec.bench.models import features, fit_head
 
     path = ctx.cache / "head.safetensors"
-    if path.exists():
-        h = load_file(path)
+    h = load_cached(path, keys=("weight", "bias")) if path.exists() else None
+    if h is not None:
         return linear(h["weight"], h["bias"])
     train = ctx.task.train
     head = fit_head(features(ctx.backbone.module, train), train.y, len(ctx.task.classes), cfg.c, cfg.standardize)
@@ -165,7 +165,11 @@ def build_head_file(cfg: HeadFile, ctx: HeadContext) -> nn.Module:
     path = resolve(ctx.root, cfg.path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such head file")
-    h = load_file(path)
+    f = SafetensorsFile(path)  # a damaged or crafted file is one error naming it
+    try:
+        h = {k: f.read(k) for k in f.keys()}
+    finally:
+        f.close()
     if "weight" not in h:
         raise ConfigError(f"{path}: a head file needs a 'weight' tensor (classes, feature dim)")
     w = h["weight"].float()

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from taskvec.io.atomic import write_text_atomic
+from taskvec.io.readers import parse_json
 
 
 @dataclass
@@ -238,7 +239,7 @@ def bar_chart(r: dict[str, Any], path: Path) -> Path:
     plt = require("matplotlib.pyplot", "plot")
     import numpy as np
 
-    from taskvec.report import _atomic_savefig
+    from taskvec.report import atomic_savefig
 
     tasks = list(r["finetuned"])
     all_rows = rows(r)
@@ -282,7 +283,7 @@ def bar_chart(r: dict[str, Any], path: Path) -> Path:
     ax2.axvline(0, color="black", lw=0.8)
     ax2.set_xlabel("fine-tuning gain kept (%, average)")
     fig.tight_layout()
-    _atomic_savefig(fig, path)
+    atomic_savefig(fig, path, owned=lambda p: None)  # write_reports checked the folder is ours
     plt.close(fig)
     return path
 
@@ -418,7 +419,7 @@ def _check_ours(paths: dict[str, Path]) -> None:
     if not existing:
         return
     try:
-        ours = json.loads(paths["json"].read_text()).get("written_by") == "taskvec"
+        ours = parse_json(paths["json"].read_bytes()).get("written_by") == "taskvec"
     except (OSError, ValueError, AttributeError):
         ours = False
     if not ours:

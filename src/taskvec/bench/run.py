@@ -28,11 +28,10 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from safetensors.torch import load_file
 from torch import nn
 
 from taskvec.bench.backbones import Backbone, load_backbone, match_state
-from taskvec.bench.cache import default_cache, save_atomic
+from taskvec.bench.cache import default_cache, load_cached, save_atomic
 from taskvec.bench.finetune import finetune
 from taskvec.bench.heads import HeadContext, build_head
 from taskvec.bench.models import accuracy, forward_features
@@ -42,6 +41,7 @@ from taskvec.core import TaskVector
 from taskvec.errors import ConfigError, OutputError
 from taskvec.grid import LAMBDAS, extend_search
 from taskvec.io.atomic import write_text_atomic
+from taskvec.io.readers import parse_json
 from taskvec.methods import compose
 from taskvec.progress import Advance, active, bar, sub_bar
 
@@ -143,7 +143,11 @@ def _check_recipe(folder: Path, suite: SuiteSpec, task: TaskSpec, *, write: bool
     from a different recipe is refused rather than silently reused."""
     stamp, want = folder / "recipe.json", suite.task_hash(task)
     if stamp.exists():
-        have = json.loads(stamp.read_text()).get("hash")
+        try:
+            recorded = parse_json(stamp.read_bytes(), max_bytes=2**20)
+        except ValueError:
+            recorded = None
+        have = recorded.get("hash") if isinstance(recorded, dict) else None
         if have != want:
             raise ConfigError(
                 f"{folder}: cached for a different recipe of task {task.name!r} ({have}, now {want}); "
@@ -210,8 +214,9 @@ def finetune_task(prep: Prepared, task: str, *, progress: bool = True, console: 
             optional=prep.loaded.optional,
         )
         return None
-    if ft_path.exists():
-        prep.finetuned[task] = load_file(ft_path)
+    cached = load_cached(ft_path, prep.pretrained) if ft_path.exists() else None
+    if cached is not None:
+        prep.finetuned[task] = cached
         if console is not None:
             console.print(f"[dim]{task}: fine-tuned weights from cache {ft_path}[/]")
         return None
@@ -417,7 +422,7 @@ def load_stage(folder: Path, name: str, key: str | None) -> dict[str, Any] | Non
     if not path.exists():
         return None
     try:
-        saved = json.loads(path.read_text())
+        saved = parse_json(path.read_bytes())
     except (OSError, ValueError):
         saved = None
     if not isinstance(saved, dict) or saved.get("format") != STAGE_FORMAT or "result" not in saved:

@@ -24,7 +24,8 @@ import numpy as np
 from pydantic import Field
 
 from taskvec.config import Strict
-from taskvec.errors import ConfigError
+from taskvec.errors import ConfigError, TaskVecError
+from taskvec.io.readers import check_regular, read_text
 from taskvec.registry import Registry
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -59,7 +60,7 @@ def resolve(root: Path, path: str) -> Path:
 
 
 def import_object(spec: str) -> Any:
-    """The object named by 'package.module:attribute'."""
+    """The function (or other callable) named by 'package.module:attribute'."""
     module, sep, attr = spec.partition(":")
     if not sep or not module or not attr:
         raise ConfigError(f"{spec!r}: expected 'module:function'")
@@ -71,6 +72,8 @@ def import_object(spec: str) -> Any:
         if not hasattr(obj, part):
             raise ConfigError(f"{spec!r}: module {module!r} has no {attr!r}")
         obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{spec!r}: {attr!r} is a {type(obj).__name__}, not a function to call")
     return obj
 
 
@@ -108,21 +111,93 @@ class TableSource(Strict):
     classes: list[str] | None = Field(default=None, description="class names in label order (default: sorted labels)")
 
 
+MAX_TABLE_BYTES = 4 * 2**30
+MAX_FIELD = 128 * 1024  # the csv module's default field limit: a longer field is refused, not truncated
+
+
+def _text(path: Path) -> str:
+    try:
+        return read_text(path, max_bytes=MAX_TABLE_BYTES)
+    except TaskVecError as e:
+        raise ConfigError(str(e)) from None
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """Rows of a CSV file with a header line, read strictly: an unterminated quote, a row with more
+    or fewer fields than the header, a field over 128 KiB or text that is not UTF-8 is a
+    ConfigError naming the file and line (never rows silently merged or padded)."""
+    import io
+
+    reader = csv.reader(io.StringIO(_text(path), newline=""), strict=True)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        if len(set(header)) != len(header):
+            raise ConfigError(f"{path}:1: a column name appears twice in the header {header}")
+        rows = []
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise ConfigError(
+                    f"{path}:{reader.line_num}: {len(row)} fields, the header has {len(header)} "
+                    "(a missing or extra separator, or an unbalanced quote)"
+                )
+            rows.append(dict(zip(header, row, strict=True)))
+    except csv.Error as e:
+        msg = str(e)
+        if "field larger than field limit" in msg:
+            msg = f"a field is longer than {MAX_FIELD // 1024} KiB"
+        elif "unexpected end of data" in msg or "EOF" in msg:
+            msg = "a quote is never closed"
+        raise ConfigError(f"{path}:{reader.line_num}: not a valid CSV file ({msg})") from None
+    return rows
+
+
+def read_npz(path: Path, want: Sequence[str], optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """The arrays `want` (required) and `optional` of an .npz file, loaded without pickle: a damaged
+    file, a file that is not an .npz, or object arrays are a ConfigError naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such .npz file")
+    try:
+        check_regular(path)
+        z = np.load(path, allow_pickle=False)
+        if not hasattr(z, "files"):
+            raise ConfigError(f"{path}: a single .npy array, not an .npz archive of named arrays")
+        with z:
+            for key in want:
+                if key not in z.files:
+                    raise ConfigError(f"{path}: no array {key!r}; arrays: {', '.join(z.files) or '(none)'}")
+            return {k: z[k] for k in [*want, *optional] if k in z.files}
+    except TaskVecError as e:
+        raise ConfigError(str(e)) from None
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise ConfigError(
+                f"{path}: holds object (pickled) arrays, which could run code when loaded; refused "
+                "(save numeric or string arrays)"
+            ) from None
+        raise ConfigError(f"{path}: not a readable .npz file ({e})") from None
+    except Exception as e:  # OSError, EOFError, zipfile.BadZipFile, zlib.error: a damaged archive
+        raise ConfigError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+
+
 def read_table(path: Path, fmt: str) -> list[dict[str, Any]]:
     """Rows of a csv, jsonl or parquet file as dicts."""
     if not path.is_file():
         raise ConfigError(f"{path}: no such {fmt} file")
     if fmt == "csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+        return read_csv(path)
     if fmt == "jsonl":
         rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(_text(path).splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                except (json.JSONDecodeError, RecursionError) as e:
+                    msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+                    raise ConfigError(f"{path}:{i}: not valid JSON ({msg})") from None
         return rows
     try:
         import pandas as pd  # type: ignore[import-untyped]
@@ -240,16 +315,11 @@ def from_arrays(x: Any, y: Any, classes: Sequence[str] | None, where: str) -> Ra
 def load_npz(cfg: NpzSource, root: Path) -> RawData:
     """Arrays `x` and `y` of the file."""
     path = resolve(root, cfg.path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such .npz file")
-    with np.load(path, allow_pickle=False) as z:
-        for key in (cfg.x, cfg.y):
-            if key not in z:
-                raise ConfigError(f"{path}: no array {key!r}; arrays: {', '.join(z.files)}")
-        classes = cfg.classes
-        if isinstance(classes, str):
-            classes = [str(c) for c in z[classes]] if classes in z else None
-        return from_arrays(z[cfg.x], z[cfg.y], classes, str(path))
+    classes = cfg.classes
+    z = read_npz(path, [cfg.x, cfg.y], [classes] if isinstance(classes, str) else [])
+    if isinstance(classes, str):
+        classes = [str(c) for c in z[classes]] if classes in z else None
+    return from_arrays(z[cfg.x], z[cfg.y], classes, str(path))
 
 
 SOURCES.register("npz", NpzSource, load_npz)

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from taskvec.cli.common import Force, _fail, console, finite
+from taskvec.cli.common import Force, _fail, console, err_console, finite
 from taskvec.errors import ConfigError, TaskVecError, format_validation_error
 
 if TYPE_CHECKING:
@@ -191,7 +192,7 @@ def build(
 @app.command()
 def info(
     bank_path: Annotated[Path, typer.Argument(metavar="BANK", help="a bank folder")],
-    top: Annotated[int, typer.Option(help="show the N tasks of largest error")] = 20,
+    top: Annotated[int, typer.Option(min=0, help="show the N tasks of largest error")] = 20,
 ) -> None:
     """Method, bases, per-task reconstruction errors and exact memory accounting of a bank."""
     from taskvec.bases.bank import Bank
@@ -211,6 +212,13 @@ def add(
     new_basis_below: Annotated[
         float | None, typer.Option(help="cluster: open a new basis if the best cosine is below this")
     ] = None,
+    allow_changed_sources: Annotated[
+        bool,
+        typer.Option(
+            "--allow-changed-sources",
+            help="cluster: re-merge members whose recorded source file changed since it was recorded, as it is now",
+        ),
+    ] = False,
 ) -> None:
     """Continual mode: add a task vector (cluster: joins and re-merges its most similar basis)."""
     from taskvec.bases.bank import Bank
@@ -219,7 +227,13 @@ def add(
     try:
         bank = Bank.load(bank_path)
         label = name or Path(task_vector).name.removesuffix(".safetensors")
-        k = bank.add(TaskVector.load(task_vector), label, new_basis_below=new_basis_below, progress=True)
+        k = bank.add(
+            TaskVector.load(task_vector),
+            label,
+            new_basis_below=new_basis_below,
+            progress=True,
+            allow_changed_sources=allow_changed_sources,
+        )
     except TaskVecError as e:
         _fail(e)
     where = f"basis {k}" if k is not None else f"least-squares coefficients on the {bank.m} bases"
@@ -281,3 +295,12 @@ def verify(
         _fail(e)
     what = "recorded the sha256 of" if rehash else "verified"
     console.print(f"{bank.path}: {what} {bank.m} basis files ({_gib(bank.memory().bases_files)}); the bank is sound")
+    changed = bank.changed_sources()
+    for name, why in changed.items():
+        err_console.print(
+            f"[yellow]warning:[/] task {escape(name)}: its recorded source {escape(why)}; "
+            "`bases add` will refuse to re-merge it (--allow-changed-sources uses it as it is now)",
+            soft_wrap=True,
+        )
+    if changed:
+        console.print(f"{len(changed)} of {bank.t} recorded source files are no longer as recorded (see the warnings)")

@@ -28,9 +28,12 @@ AllowNonfinite = Annotated[
 
 
 def finite(value: float | None) -> float | None:
-    """Option callback: refuse NaN and infinite numbers (they would write an all-NaN model)."""
+    """Option callback: refuse NaN and infinite numbers (they would write an all-NaN model), and
+    magnitudes beyond float32 (the weights' arithmetic could only give infinities)."""
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"{value} is not a finite number")
+    if value is not None and abs(value) > 3.4028234663852886e38:
+        raise typer.BadParameter(f"{value:g} is beyond the float32 range (|x| <= 3.403e+38)")
     return value
 
 
@@ -78,7 +81,9 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        with warnings.catch_warnings():
+        from taskvec.io.readers import tracking_inputs
+
+        with warnings.catch_warnings(), tracking_inputs():  # no output of the command may replace a file it read
             warnings.showwarning = _show_warning
             try:
                 return fn(*args, **kwargs)

@@ -106,6 +106,7 @@ def predict(
 ) -> None:
     """Predict new inputs of a task; write one JSON line per input."""
     from taskvec.bench.compose import (
+        check_inputs_file,
         composer_suite,
         load_on_suite,
         predict,
@@ -119,6 +120,7 @@ def predict(
     check_output(out, overwrite=force, inputs=[inputs, composer], owned=predictions_owned)
     if not inputs.exists():
         raise ConfigError(f"{inputs}: no such input file or folder")
+    check_inputs_file(inputs)  # a damaged table or archive fails before the composer is loaded
     composer_suite(composer, suite)
     comp, prep = load_on_suite(composer, suite, cache)
     raw, labels = read_inputs(inputs, prep, task, column)

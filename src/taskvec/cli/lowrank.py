@@ -37,7 +37,7 @@ def compress(
         str | None, typer.Option(help="base model of a LoRA adapter (needed when it saves whole tensors)")
     ] = None,
     shard_size: Annotated[str, typer.Option(help="largest shard, e.g. 2GB")] = "2GB",
-    show: Annotated[int, typer.Option(help="tensors listed, largest error first (0: none)")] = 20,
+    show: Annotated[int, typer.Option(min=0, help="tensors listed, largest error first (0: none)")] = 20,
     force: Force = False,
 ) -> None:
     """Store TASK_VECTOR as factors U diag(s) V^T per matrix (truncated SVD), reporting the error."""

@@ -46,7 +46,7 @@ def extract(
     tv = TaskVector.from_checkpoints(
         pretrained, finetuned, include=include, exclude=exclude, allow_nonfinite=allow_nonfinite
     )
-    path = tv.save(out, dtype=dt, shard_size=size, overwrite=force, progress=True)
+    path = tv.save(out, dtype=dt, shard_size=size, overwrite=force, progress=True, allow_nonfinite=allow_nonfinite)
     console.print(f"wrote task vector of {len(tv)} tensors, {tv.numel():,} parameters to [bold]{path}[/]")
 
 
@@ -121,14 +121,14 @@ def apply(
     dt = torch_dtype(dtype)
     check_output(out, overwrite=force, inputs=[base, task_vector])
     tv = TaskVector.load(task_vector, allow_nonfinite=allow_nonfinite)
-    path = tv.apply_to(base, coef, out=out, dtype=dt, overwrite=force, progress=True)
+    path = tv.apply_to(base, coef, out=out, dtype=dt, overwrite=force, progress=True, allow_nonfinite=allow_nonfinite)
     console.print(f"wrote [bold]{path}[/]")
 
 
 @app.command()
 def info(
     file: Annotated[str, typer.Argument(help="checkpoint or task vector (file or folder)")],
-    top: Annotated[int, typer.Option(help="show the N tensors of largest norm")] = 10,
+    top: Annotated[int, typer.Option(min=0, help="show the N tensors of largest norm")] = 10,
 ) -> None:
     """Tensors, size, sparsity and norms of a checkpoint or task vector."""
     from taskvec.summary import summarize
@@ -162,9 +162,9 @@ def info(
 @app.command()
 def similarity(
     task_vectors: Annotated[list[str], typer.Argument(help="two or more saved task vectors")],
-    png: Annotated[Path | None, typer.Option(help="write a heatmap PNG here")] = None,
+    png: Annotated[Path | None, typer.Option(help="write a heatmap here (.png, .pdf or .svg)")] = None,
     allow_nonfinite: AllowNonfinite = False,
-    force: Annotated[bool, typer.Option("--force", help="replace the PNG if it exists")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace the plot if taskvec wrote it")] = False,
     device: Annotated[str, typer.Option(help="where the Gram matrix's products run: cpu or cuda")] = "cpu",
 ) -> None:
     """Cosine similarity matrix of task vectors (streamed Gram matrix), as a table and a heatmap."""
@@ -172,14 +172,13 @@ def similarity(
     from taskvec.core import TaskVector
     from taskvec.core.similarity import cosine_matrix
     from taskvec.methods.compose import resolve_device
-    from taskvec.report import heatmap
+    from taskvec.report import check_plot, heatmap
 
     if len(task_vectors) < 2:
         raise ConfigError("similarity needs at least two task vectors")
-    if png is not None and png.exists() and not force:
-        raise ConfigError(f"{png}: already exists (pass --force to replace it)")
     if png is not None:
-        require("matplotlib", "plot")  # fail before the work, not after it
+        check_plot(png, overwrite=force, inputs=task_vectors)  # fail before the work, not after it
+        require("matplotlib", "plot")
     dev = resolve_device(device)  # a clear error where there is no such device
     tvs = [TaskVector.load(p, allow_nonfinite=allow_nonfinite) for p in task_vectors]
     cos = cosine_matrix(tvs, device=dev)
@@ -198,7 +197,15 @@ def similarity(
             "the cosine with a zero vector is undefined"
         )
     if png is not None:
-        heatmap(cos.numpy(), names, names, png, title="cosine similarity of task vectors")
+        heatmap(
+            cos.numpy(),
+            names,
+            names,
+            png,
+            title="cosine similarity of task vectors",
+            overwrite=force,
+            inputs=task_vectors,
+        )
         console.print(f"heatmap written to [bold]{png}[/]")
 
 

@@ -13,9 +13,12 @@ from taskvec.io import Source, TensorSpec
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """The dtype arithmetic on tensors of `dtypes` runs in: float32 at least, wider if one is wider."""
+    """The dtype arithmetic on tensors of `dtypes` runs in: float32 at least, wider if one is wider.
+    8-bit floats (float8_e4m3fn, float8_e5m2) are computed in float32."""
     out = torch.float32
     for d in dtypes:
+        if d.is_floating_point and d.itemsize == 1:
+            continue
         out = torch.promote_types(out, d)
     return out
 

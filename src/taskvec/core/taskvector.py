@@ -40,6 +40,7 @@ class WriteOptions(TypedDict, total=False):
     shard_size: int
     overwrite: bool
     progress: bool
+    allow_nonfinite: bool
 
 
 ALLOW_HINT = "allow_nonfinite=True (--allow-nonfinite of extract, apply, merge, similarity) uses it anyway"
@@ -49,6 +50,8 @@ def all_finite(x: torch.Tensor) -> bool:
     """Whether every entry of floating `x` is finite. A NaN or an infinity makes the sum non-finite,
     and a sum is one fast pass (`isfinite` is several, with a boolean temporary): the exact test
     runs only when the sum is not finite, which finite entries can also cause by overflowing it."""
+    if x.element_size() == 1:  # 8-bit floats have no sum of their own
+        x = x.float()
     acc = torch.float32 if x.element_size() < 4 else None  # 16-bit floats: accumulate in float32
     return math.isfinite(x.sum(dtype=acc).item()) or bool(torch.isfinite(x).all())
 
@@ -76,6 +79,19 @@ def cast_checked(x: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
                 f"{str(dtype).removeprefix('torch.')}; store as float32 or bfloat16"
             )
     return y
+
+
+def check_overflow(x: torch.Tensor, key: str, what: str) -> torch.Tensor:
+    """`x`, a result computed from finite inputs; refuse it if it overflowed to infinity (or NaN).
+    `what` names the result, e.g. 'base + 1e+38 x task vector'."""
+    if all_finite(x):
+        return x
+    bad = ~torch.isfinite(x)
+    raise NonFiniteError(
+        f"tensor {key!r}: {int(bad.sum())} values of {what} overflow {str(x.dtype).removeprefix('torch.')} "
+        "although every input is finite; lower the coefficients (--coef, scale, weights). "
+        "Refused, nothing was written"
+    )
 
 
 class DiffSource:
@@ -383,13 +399,15 @@ class TaskVector:
         shard_size: int = DEFAULT_SHARD_BYTES,
         overwrite: bool = False,
         progress: bool = False,
+        allow_nonfinite: bool = False,
     ) -> nn.Module | dict[str, torch.Tensor] | Path:
         """theta0 + coef * tau.
 
         An `nn.Module` base gives a new module (the base is left untouched); a state dict gives a new
         state dict; a checkpoint on disk needs `out` and is streamed to it tensor by tensor. A Hugging
         Face base folder gives a folder `from_pretrained` loads: its config (with the new dtype) and
-        tokenizer/processor files come along.
+        tokenizer/processor files come along. A result written to `out` that overflows to infinity
+        is refused unless `allow_nonfinite` (for inputs already allowed to hold NaN/inf).
         """
         if isinstance(base, nn.Module):
             model = copy.deepcopy(base)
@@ -412,6 +430,7 @@ class TaskVector:
             overwrite=overwrite,
             progress=progress,
             extra_files=hf_output_files(base, out, dtype),
+            allow_nonfinite=allow_nonfinite,
         )
 
     def _apply_dict(self, base: Mapping[str, torch.Tensor], coef: Coef) -> dict[str, torch.Tensor]:
@@ -431,13 +450,24 @@ class TaskVector:
         shard_size: int = DEFAULT_SHARD_BYTES,
         overwrite: bool = False,
         progress: bool = False,
+        allow_nonfinite: bool = False,
     ) -> Path:
-        """Write to a .safetensors file or a shard folder, streamed and atomic; `dtype` is the storage dtype."""
+        """Write to a .safetensors file or a shard folder, streamed and atomic; `dtype` is the storage dtype.
+
+        Values that overflowed to infinity in the arithmetic (e.g. a sum of huge coefficients) are
+        refused, naming the tensor, unless `allow_nonfinite`."""
         specs = {k: TensorSpec(self.spec(k).shape, dtype or self.spec(k).dtype) for k in self.keys()}
+
+        def slice_fn(k: str, s: int, e: int) -> torch.Tensor:
+            x = self.source.read_flat(k, s, e)
+            if not allow_nonfinite:
+                check_overflow(x, k, "the task vector")
+            return cast_checked(x, specs[k].dtype, k)
+
         return write_checkpoint(
             path,
             specs,
-            lambda k, s, e: cast_checked(self.source.read_flat(k, s, e), specs[k].dtype, k),
+            slice_fn,
             max_shard_bytes=shard_size,
             metadata={"taskvec": TASK_VECTOR_FORMAT},
             overwrite=overwrite,
@@ -493,10 +523,12 @@ def apply_streaming(
     chunk_elems: int = CHUNK_ELEMS,
     metadata: dict[str, str] | None = None,
     extra_files: Callable[[Path], None] | None = None,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Write theta0 + coef * tau to `out`, slice by slice. Tensors outside tau are copied from the base.
 
-    `extra_files(tmp)` adds non-weight files (see `taskvec.io.hf.hf_output_files`) before the rename."""
+    `extra_files(tmp)` adds non-weight files (see `taskvec.io.hf.hf_output_files`) before the rename.
+    A result that overflows to infinity is refused, naming the tensor, unless `allow_nonfinite`."""
     base = base if isinstance(base, LastSliceCache) else LastSliceCache(base)
     delta_keys = set(tv.keys())
     check_same_tensors(base, tv.source, sorted(delta_keys))
@@ -511,7 +543,10 @@ def apply_streaming(
         if k not in delta_keys:
             return b
         c = resolve(coef, k)
-        return cast_checked(add_scaled(b, tv.source.read_flat(k, s, e), c), specs[k].dtype, k)
+        x = add_scaled(b, tv.source.read_flat(k, s, e), c)
+        if not allow_nonfinite:
+            check_overflow(x, k, f"base + {c:g} x task vector")
+        return cast_checked(x, specs[k].dtype, k)
 
     def prefetch_fn(k: str, s: int, e: int) -> None:
         prefetch(base, k, s, e)

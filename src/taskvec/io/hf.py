@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from taskvec.errors import CheckpointError
+from taskvec.io.readers import read_json
 
 # Files a model folder holds besides its weights (configs, tokenizers, processors, chat templates).
 MODEL_FILE_PATTERNS = (
@@ -117,7 +118,7 @@ def hf_output_files(
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path, max_bytes=64 * 2**20)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read it as JSON ({e})") from None
     if not isinstance(data, dict):

@@ -13,13 +13,13 @@ stored as `KEY::U` (m, r), `KEY::S` (r,) and `KEY::V` (n, r), with the dense mat
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from taskvec.errors import CheckpointError, tensor_entry
+from taskvec.io.readers import parse_json
 from taskvec.io.safetensors_file import TensorSpec
 
 LOWRANK_FORMAT = "taskvec/low_rank_task_vector"
@@ -176,8 +176,8 @@ def open_lowrank(source: object) -> FactoredSource:
     name: str = src.name  # type: ignore[attr-defined]
     meta: dict[str, str] = dict(getattr(src, "metadata", {}) or {})
     try:
-        shapes: dict[str, list[int]] = json.loads(meta.get(SHAPES_KEY, "{}"))
-    except json.JSONDecodeError as e:
+        shapes: dict[str, list[int]] = parse_json(meta.get(SHAPES_KEY, "{}"))
+    except ValueError as e:  # JSON syntax, nested too deep
         raise CheckpointError(f"{name}: metadata {SHAPES_KEY} is not valid JSON ({e})") from None
     stored = set(src.keys())  # type: ignore[attr-defined]
     specs: dict[str, TensorSpec] = {}

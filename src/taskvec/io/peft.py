@@ -12,24 +12,27 @@ become dense deltas against the base, so they need the base model.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from taskvec.errors import (
     CheckpointError,
     ConfigError,
+    DtypeError,
     KeyMismatchError,
     ShapeMismatchError,
+    format_validation_error,
 )
 from taskvec.io.lowrank import FactoredSource, Factors, check_factors
+from taskvec.io.readers import check_regular, note_input, read_json
 from taskvec.io.safetensors_file import SafetensorsFile, TensorSpec
 
 CONFIG_NAME = "adapter_config.json"
@@ -59,11 +62,25 @@ def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
     return None
 
 
+class _LoraOptions(BaseModel):
+    """The options of an adapter config that decide tau, with the types PEFT writes (strict: a
+    string "8" or `true` is not a rank)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    r: int = Field(gt=0)
+    lora_alpha: float
+    rank_pattern: dict[str, Annotated[int, Field(gt=0)]] | None = None
+    alpha_pattern: dict[str, float] | None = None
+    use_rslora: bool | None = None
+    fan_in_fan_out: bool | None = None
+
+
 def _load_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        cfg = read_json(path, max_bytes=16 * 2**20)
+    except ValueError as e:  # JSON syntax, not UTF-8, nested too deep, too large
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
@@ -75,6 +92,16 @@ def _load_config(folder: Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: {what} is not supported")
     if cfg.get("r") is None or cfg.get("lora_alpha") is None:
         raise ConfigError(f"{path}: 'r' and 'lora_alpha' are required")
+    try:
+        _LoraOptions.model_validate(cfg)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {format_validation_error(e)}") from None
+    for field in ("rank_pattern", "alpha_pattern"):
+        for p in cfg.get(field) or {}:
+            try:
+                re.compile(rf"(.*\.)?({p})$")
+            except re.error as e:
+                raise ConfigError(f"{path}: {field}: {p!r} is not a valid regular expression ({e})") from None
     return cfg
 
 
@@ -88,10 +115,17 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
             f.close()
     binp = folder / WEIGHTS_NAMES[1]
     if binp.exists():
+        check_regular(binp)
+        note_input(binp)
         try:
             sd = torch.load(binp, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-            raise CheckpointError(f"{binp}: cannot be read ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{binp}: cannot be read ({type(e).__name__}: {' '.join(str(e).split())})") from None
+        if not isinstance(sd, Mapping):
+            raise CheckpointError(f"{binp}: holds a {type(sd).__name__}, not a dict of adapter tensors")
+        bad = next((k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+        if bad is not None:
+            raise CheckpointError(f"{binp}: entry {bad!r} is a {type(sd[bad]).__name__}, not a tensor")
         return dict(sd)
     raise CheckpointError(f"{folder}: adapter folder has {CONFIG_NAME} but no {' or '.join(WEIGHTS_NAMES)}")
 
@@ -161,6 +195,8 @@ def open_lora(adapter: str | os.PathLike[str], base: Any | None = None) -> Facto
         if "lora_magnitude_vector" in key:
             raise ConfigError(f"{where}: tensor {raw!r} belongs to a DoRA adapter, which is not supported")
         m = re.fullmatch(r"(.+)\.lora_(embedding_)?([AB])(?:\.(?!weight$|bias$)[^.]+)?(\.weight|\.bias)?", key)
+        if m and not t.is_floating_point():
+            raise DtypeError(f"{where}: LoRA tensor {raw!r} has dtype {t.dtype}; LoRA weights must be floating")
         if m:
             module, emb, ab, tail = m.group(1), m.group(2), m.group(3), m.group(4)
             entry = lora.setdefault(module, {})

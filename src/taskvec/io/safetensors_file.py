@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from taskvec.errors import CheckpointError, DtypeError
+from taskvec.io.readers import check_regular, note_input, parse_json
 
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -149,6 +150,8 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
     """Return (tensor entries, metadata, offset of the data section), checking the header as strictly
     as the `safetensors` library does (see `validate_header`) and that the file is whole."""
     try:
+        check_regular(path)
+        note_input(path)
         size = path.stat().st_size
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -159,8 +162,8 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
                 raise CheckpointError(
                     f"{path}: truncated or corrupt safetensors header ({n} bytes announced, file is {size})"
                 )
-            text = f.read(n).decode("utf-8")
-        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+            text = f.read(n)
+        header = parse_json(text, max_bytes=MAX_HEADER, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
         entries, meta = validate_header(header, size - 8 - n)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
@@ -170,7 +173,7 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
         raise CheckpointError(f"{path}: {e}") from None
     except _Corrupt as e:
         raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # JSON syntax, not UTF-8, nested too deep
         raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
     except DtypeError as e:
         raise DtypeError(f"{path}: {e}") from None

@@ -7,7 +7,6 @@ tensors at a time whatever the size of the model.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import warnings
@@ -22,6 +21,7 @@ from torch import nn
 from taskvec.errors import CheckpointError, tensor_entry
 from taskvec.io.lowrank import is_lowrank, open_lowrank
 from taskvec.io.peft import is_adapter_folder, open_lora
+from taskvec.io.readers import check_regular, note_input, read_json
 from taskvec.io.safetensors_file import SafetensorsFile, TensorSpec
 
 INDEX_NAMES = ("model.safetensors.index.json", "taskvec.safetensors.index.json")
@@ -77,8 +77,8 @@ class SafetensorsSource:
 def _weight_map(index: Path) -> dict[str, str]:
     """The index's tensor -> shard file map, checked: names are plain file names in the folder."""
     try:
-        data = json.loads(index.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = read_json(index)
+    except ValueError as e:  # JSON syntax, not UTF-8, nested too deep
         raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
@@ -179,6 +179,8 @@ _WARNED: set[Path] = set()
 def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The state dict of a `torch.save`d file, unpickling tensors only (weights_only). Zip files
     (torch >= 1.6) are memory-mapped; the legacy format cannot be, so it is read whole into memory."""
+    check_regular(path)
+    note_input(path)
     legacy = not zipfile.is_zipfile(path)
     try:
         obj = torch.load(path, map_location="cpu", mmap=not legacy, weights_only=True)
@@ -231,6 +233,7 @@ def open_checkpoint(x: CheckpointLike) -> Source:
     path = Path(x)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
+    check_regular(path)
     if path.is_dir():
         if is_adapter_folder(path):
             return open_lora(path)

@@ -20,8 +20,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from taskvec.errors import ConfigError, KeyMismatchError, format_validation_error
+from taskvec.errors import CheckpointError, ConfigError, KeyMismatchError, format_validation_error
 from taskvec.io.atomic import atomic_path, check_output
+from taskvec.io.readers import read_json
 from taskvec.variational.blocks import BlockSpec
 from taskvec.variational.engine import ForwardFn, TaskVectorLike, default_forward
 from taskvec.variational.methods import COMPOSERS, ComposerConfig, composer_config
@@ -122,10 +123,10 @@ def read_composer_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_dir():
         raise ConfigError(f"{path}: no such composer folder")
     try:
-        meta = json.loads((path / "config.json").read_text())
+        meta = read_json(path / "config.json", max_bytes=64 * 2**20)
     except FileNotFoundError:
         raise ConfigError(f"{path}: not a saved composer (no config.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, CheckpointError) as e:  # JSON syntax, not UTF-8, nested too deep, not a regular file
         raise ConfigError(f"{path / 'config.json'}: corrupt ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ConfigError(f"{path}: config.json is not a taskvec composer")
