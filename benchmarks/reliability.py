@@ -391,9 +391,10 @@ def all_cases() -> list[Callable[[Path], Result]]:
     return cases
 
 
-def main() -> None:
+def run_cases(cases: list[Callable[[Path], Result]]) -> list[tuple[str, str, str]]:
+    """Run each case in a fresh empty folder; a broken case is reported, not hidden."""
     rows = []
-    for case in all_cases():
+    for case in cases:
         with tempfile.TemporaryDirectory(prefix="taskvec-reliability-") as tmp:
             try:
                 fault, seen, lost = case(Path(tmp))
@@ -401,6 +402,10 @@ def main() -> None:
                 fault, seen, lost = case.__name__, f"the case itself failed: {type(e).__name__}: {e}", "?"
         rows.append((fault, seen.replace("|", "\\|"), lost.replace("|", "\\|")))
         print(f"{fault}: {seen} | {lost}", flush=True)
+    return rows
+
+
+def write_report(rows: list[tuple[str, str, str]]) -> None:
     bad = [r for r in rows if not r[2].startswith("nothing")]
     text = [
         "# Reliability: bad input and faults, tried through the real CLI",
@@ -436,6 +441,10 @@ def main() -> None:
     ]
     OUT.write_text("\n".join(text))
     print(f"wrote {OUT}")
+
+
+def main() -> None:
+    write_report(run_cases(all_cases()))
 
 
 if __name__ == "__main__":

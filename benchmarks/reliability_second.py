@@ -353,16 +353,7 @@ CASES: list[Callable[[Path], Result]] = [
         "1",
         "--force",
     ),
-    simple(
-        "`bases add` beside user files `basis-007.safetensors`, `basis-000.r9.safetensors`",
-        bank_with_lookalikes,
-        "bases",
-        "add",
-        "bank",
-        "tv2.safetensors",
-        grep="added",
-        outputs=("bank/",),
-    ),
+    add_beside_lookalikes,
     simple(
         "a user folder `.mrg.partial-PID/` of a dead PID beside `merge -o mrg`",
         partial_lookalike,

@@ -302,6 +302,7 @@ def stale_partial(d: Path) -> Result:
     stale = d / f".merged.partial-{p.pid}"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half written")
+    (d / ".merged.lock").write_text(f"{p.pid}\n")  # what the killed writer leaves: its lock, naming it
     (d / f".notes.partial-{p.pid}").write_text("not beside this output: kept")
     before = snapshot(
         d / "base.safetensors", d / "ft0.safetensors", d / "ft1.safetensors", d / f".notes.partial-{p.pid}"
