@@ -110,7 +110,7 @@ def markdown(suite: str, results: list[dict[str, Any]], chosen: str | None) -> s
         v, t = gains(r["val"]), gains(r["test"])
         lr, ep = r["recipe"].split(":")
         mark = " (chosen)" if r["recipe"] == chosen else ""
-        cells = [f"{float(lr):g}, {ep}{mark}", f"+{v['ft_gain']:.1f}", *(f"{v[m]:.1f}" for m in STATIC)]
+        cells = [f"{lr}, {ep}{mark}", f"+{v['ft_gain']:.1f}", *(f"{v[m]:.1f}" for m in STATIC)]
         cells += [f"+{t['ft_gain']:.1f}", *(f"{t[m]:.1f}" for m in methods)]
         cells += [f"{r['lambda']['task_arithmetic']:g}", f"{sum(r['finetune_seconds'].values()):.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -122,13 +122,50 @@ def markdown(suite: str, results: list[dict[str, Any]], chosen: str | None) -> s
     return "\n".join([*lines, "", rule, ""])
 
 
+def sensitivity(suite: str, runs: list[str]) -> str:
+    """Test gain kept (%) per method for whole `bench run` results, one row per "recipe=results.json"."""
+    from taskvec.bench.report import rows, summary
+
+    table: list[tuple[str, dict[str, str]]] = []
+    for item in runs:
+        recipe, path = item.split("=", 1)
+        r = json.loads(Path(path).read_text())
+        cells = {}
+        for row in rows(r)[2:]:
+            name = row.label.split(" (")[0].removeprefix("bank of ").split(" = ")[0]
+            mean, sd = summary(r, row)["gain"]
+            n = len(row.runs)
+            cells["bank" if row.kind == "bank" else name] = f"{100 * mean:.1f}" + (
+                f" ± {100 * sd:.1f} ({n})" if n > 1 else ""
+            )
+        pre, ft = r["pretrained"], r["finetuned"]
+        cells["FT gain"] = f"+{100 * (scores(ft, pre, ft)['avg'] - scores(pre, pre, ft)['avg']):.1f}"
+        table.append((recipe, cells))
+    cols = list(dict.fromkeys(c for _, cells in table for c in cells))
+    cols = ["FT gain", *[c for c in cols if c != "FT gain"]]
+    lines = [
+        f"### {suite}: recipe vs test gain kept (%); learned: mean ± sd (seeds)",
+        "",
+        "| recipe (lr, epochs) | " + " | ".join(cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    lines += ["| " + " | ".join([recipe, *(cells.get(c, "") for c in cols)]) + " |" for recipe, cells in table]
+    return "\n".join([*lines, ""])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("suite")
+    ap.add_argument("--sensitivity", nargs="+", default=None, help="recipe=results.json of whole runs: table only")
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), help="lr:epochs")
     ap.add_argument("--learned", nargs="*", default=[])
     ap.add_argument("-o", "--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.sensitivity:
+        md = sensitivity(args.suite, args.sensitivity)
+        write_text_atomic(args.out or REPO / "benchmarks" / "results" / f"regime_sensitivity_{args.suite}.md", md)
+        print(md)
+        return
     out = args.out or REPO / "benchmarks" / "results" / f"regime_{args.suite}"
     saved = out.with_suffix(".json")
     done = {r["recipe"]: r for r in json.loads(saved.read_text())["recipes"]} if saved.exists() else {}
