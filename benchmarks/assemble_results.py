@@ -31,7 +31,12 @@ rerun that command to reproduce it. GPU rows (the full suites and the composed f
 not measured (no GPU on the measuring machine).
 """
 
-ROOM = """## Suites that separate the methods: vision-6 and tiny
+ROOM = """## Far from the linear regime: vision-6-far and tiny-far
+
+The same suites fine-tuned at five times the learning rate, lr 5e-4 for 4 epochs (the suite files
+`vision-6-far` and `tiny-far`). The task vectors interfere so much that validation drives λ
+to the bottom of the grid and every static merge keeps 0–2 % of the gain, which the field's
+published results do not show; the learned per-input composer still keeps most of it.
 
 Protocol: each task's head is a frozen **prototype head**, the mean pretrained feature of the first
 16 training examples of each class, compared by cosine around the shots' mean feature (no training;
@@ -59,6 +64,36 @@ Seeds vary the learned methods' initialization, batch order and noise; the stati
 deterministic. **Gain kept** = (merged − pretrained) / (fine-tuned − pretrained): per task, and on
 average as the gain of the average accuracy.
 """
+
+REGIME = """## The field's regime: gentle fine-tuning (tiny, vision-6, text-5)
+
+Task arithmetic on the published 8-task CLIP benchmark keeps about half of the fine-tuning gain
+(TIES a little more). The built-in image suites reach that regime with a gentle fine-tuning
+recipe, chosen on tiny's **validation** splits by a rule fixed before the runs
+(`benchmarks/regime.py`): among the recipes whose fine-tuning gains ≥ 15 points of average
+validation accuracy and where task arithmetic keeps 20–60 % of that gain on validation, the one
+where task arithmetic keeps the most. Candidates: lr 1e-4 × 4 epochs, 5e-5 × 4 and 5e-5 × 8
+(AdamW, batch 32, linear warm-up + cosine, BatchNorm frozen); lr 5e-4 × 4, the recipe of the far
+regime (next section), keeps none of the gain. The rule picks **lr 1e-4, 4 epochs**, which tiny
+and vision-6 now use. Everything else is the protocol of the next section: frozen prototype heads,
+λ and every setting chosen on validation, learned methods starting at task arithmetic's λ with the
+settings fixed in the suite file.
+
+text-5 is five text tasks from five different packaged sources on MiniLM-L6 (mean pooling, 32
+tokens) with frozen prototype heads: BBC News topics (5 classes), fortune-cookie categories (4),
+WordNet noun definitions by supersense (8: act, artifact, attribute, cognition, communication,
+person, state, substance), single words by language (German, French, Italian, Spanish, from
+Debian's spelling word lists) and the words, slang and emoticons of VADER's sentiment lexicon
+(negative / positive); 400 training, 100 validation and 300 test items per task, each task's
+items pinned by `items_sha256`. Its recipe (lr 5e-5, 4 epochs) was fixed before its only run.
+"""
+
+REGIME_RUNS = (
+    ("tiny", "taskvec bench run tiny -o benchmarks/results/suites --no-negation --seeds 5"),
+    ("vision-6", "taskvec bench run vision-6 -o benchmarks/results/suites"),
+    ("text-5", "taskvec bench run text-5 -o benchmarks/results/suites --learned variational,atlas_block"),
+)
+"""The suites of the field's regime and the command that made each table."""
 
 SUITES = """## 1. Linear-probe suites: static composition
 
@@ -241,6 +276,15 @@ def section_of(md: str | None, command: str, missing: str, images: list[Path] = 
 
 
 AFTER = {
+    "regime_tiny": """Fine-tuning seconds: measured on 2 cores shared with other jobs (load 12–19); each recipe
+alone fine-tunes tiny in well under a minute. Under lr 5e-4 × 4 (the far regime) task arithmetic keeps
+0.0 % on test. The rule picks lr 1e-4 × 4 on validation although on test it is the recipe where
+task arithmetic keeps the least of the three (28.7 %): the choice is made on validation only.
+""",
+    "regime_sensitivity_tiny": """Rows: the far regime's run (next section), one run with lr 5e-5 × 8 (static
+merges, and the variational composer with seed 0 only), and the chosen recipe (learned rows: mean ±
+sd over the seeds in brackets). Blank: not run for that recipe.
+""",
     "streaming_merge": """These two runs shared the machine with other jobs and used an earlier version of the
 merge, before the changes of section 4c halved its CPU time; section 4b has the current figures.
 """,
@@ -294,7 +338,31 @@ part by about half; the reads and the casts alone already take about three times
 """Notes shown under a table of the list below."""
 
 READINGS: dict[str, str] = {
-    "vision-6": """**Reading.** The pretrained model keeps 68.1 % normalized accuracy (63.0 % against 90.9 % for
+    "tiny": """**Reading.** In this regime fine-tuning gains 24.5 points and the static merges keep 29–37 %
+of the gain (task arithmetic 28.7 %, TIES 31.4 %, magnitude pruning 37.2 %), inside the 20–60 % the
+field reports. Learned block-level coefficients keep 44.9 ± 1.9 % (2 seeds); the variational
+composer keeps **76.8 ± 11.4 %** (3 seeds: 86.7, 64.4 and 79.3 %), 31.9 points of gain kept ahead of
+the best shared-coefficient method (block-level coefficients) and 39.6 ahead of the best static
+merge. Goals not reached: ≥ 90 % of the gain (missed by 13 points on average; seed 0 reaches 86.7 %),
+and p < 0.01 over 5 seeds: with 3 seeds the one-sided p against block-level coefficients is 0.018
+and against magnitude pruning 0.013 (against task arithmetic 0.009). The learned rows have fewer
+seeds than the suite asks for: the run was stopped when its time on the shared machine ran out
+(atlas_task and AdaMerging: seed 0 only; negation not run). The routing ceiling below shows the
+shortfall is not the inputs: a task classifier on the pretrained features identifies the task of
+99.1 % of the test items, and routing by it reaches 84.6 % against 84.8 % for the fine-tuned models,
+so per-input coefficients could keep about 99 % of the gain; the variational composer, trained on
+384 validation items for 10 epochs with settings fixed before the run, does not find them every
+seed (seed 1 keeps 64 %). Under the lr 5e-5 × 8 recipe one seed of it kept 100 %.
+""",
+    "text-5": """**Reading.** The goal of a pretrained model at ≤ 80 % normalized is not met: the frozen
+prototype heads on MiniLM already reach 86.8 % (70.1 % against 80.6 %), fine-tuning at lr 5e-5 for 4
+epochs gains only 10.5 points (BBC News +5.3, fortunes +9.0, WordNet +14.0, languages +9.4,
+sentiment +14.7), and the five text task vectors barely interfere: task arithmetic keeps 86.6 % of
+the gain at λ = 1 and TIES 89.8 %, so this suite sits close to the linear regime and leaves the
+learned composers little to win. The learned rows are missing: no learned run finished in the time
+this run had on the shared machine (its fine-tuning alone took 31 minutes under load).
+""",
+    "vision-6-far": """**Reading.** The pretrained model keeps 68.1 % normalized accuracy (63.0 % against 90.9 % for
 the six fine-tuned models: fine-tuning gains 27.9 points), so the methods have room to differ, and
 they do. Task arithmetic, TIES, DARE, magnitude pruning and the bank of M = 3 bases keep 0–2 % of
 the fine-tuning gain: the six task vectors of this 4.6M-parameter convnet interfere so strongly that
@@ -310,8 +378,8 @@ Fashion-MNIST and textures and 71 % on letters. On textures the pretrained proto
 99.1 %, so that task's gain (0.9 points, a few items) says little. The table below (routing by a task
 classifier) shows how much of the gap per-input routing could close.
 """,
-    "tiny": """**Reading.** The same protocol on three tasks and 512 training items per task (the README's
-main job, about 2 minutes from an empty cache): fine-tuning gains 27.7 points, static merges keep
+    "tiny-far": """**Reading.** The same protocol on three tasks and 512 training items per task: fine-tuning
+gains 27.7 points, static merges keep
 none of it, learned block-level coefficients a quarter, and the variational composer most of it
 (one seed).
 """,
@@ -360,8 +428,31 @@ def kept_note(bank_dir: Path, full_dir: Path, m: int) -> str:
 
 
 def main() -> None:
-    parts = [INTRO, ROOM]
-    for s, seeds in (("vision-6", ""), ("tiny", "")):
+    parts = [INTRO, REGIME]
+    for name, cmd in (
+        ("regime_tiny", "python3 benchmarks/regime.py tiny --recipes 5e-5:8 5e-5:4 1e-4:4"),
+        (
+            "regime_sensitivity_tiny",
+            "python3 benchmarks/regime.py tiny --sensitivity 'RECIPE=RESULTS.json' ...",
+        ),
+        (
+            "routing_ceiling_tiny",
+            "python3 benchmarks/routing_ceiling.py tiny -o benchmarks/results/routing_ceiling_tiny",
+        ),
+    ):
+        md = read(RES / f"{name}.md")
+        if md is not None and md.startswith("# "):
+            md = md.split("\n", 1)[1].lstrip("\n")
+        parts += section_of(md, cmd, cmd)
+        if name in AFTER and (RES / f"{name}.md").exists():
+            parts.append(AFTER[name])
+    for s, cmd in REGIME_RUNS:
+        d = RES / "suites" / s
+        parts += section_of(read(d / "results.md"), cmd, cmd, [d / "accuracy.png"])
+        if s in READINGS and (d / "results.md").exists():
+            parts.append(READINGS[s])
+    parts.append(ROOM)
+    for s, seeds in (("vision-6-far", ""), ("tiny-far", "")):
         d = RES / "suites" / s
         parts += section_of(
             read(d / "results.md"),

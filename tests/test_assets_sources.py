@@ -188,3 +188,72 @@ def test_fortunes_missing_file_is_named(tmp_path: Path) -> None:
     (tmp_path / "other-package").write_text("not read\n")
     texts, y, names = A.load_fortunes(tmp_path)
     assert names == ["zippy"] and texts == ["Are we having FUN yet?", "Yow!"] and y.tolist() == [0, 0]
+
+
+# --------------------------------------------------------------------------- text sources of text-5
+
+
+def test_wordnet_glosses_read_the_database(tmp_path: Path) -> None:
+    lines = [
+        "  1 This software and database is being provided to you, the LICENSEE | not a gloss",
+        '00000001 18 n 01 teacher 0 000 | a person whose occupation is teaching; "she is a teacher"',
+        "00000002 06 n 01 ladle 0 000 | a spoon-shaped vessel with a long handle",
+        "00000003 05 n 01 dog 0 000 | a domesticated canid",  # animal: not asked for
+        "00000004 06 n 01 thing 0 000 | an entity",  # one gloss in two categories: dropped
+        "00000005 18 n 01 being 0 000 | an entity",
+    ]
+    (tmp_path / "data.noun").write_text("\n".join(lines) + "\n")
+    texts, y, names = A.load_wordnet_glosses(("person", "artifact"), root=tmp_path)
+    assert names == ["person", "artifact"]
+    assert texts == ["a person whose occupation is teaching", "a spoon-shaped vessel with a long handle"]
+    assert y.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="unknown WordNet noun categories"):
+        A.load_wordnet_glosses(("animals",), root=tmp_path)
+    with pytest.raises(A.AssetNotFoundError, match="apt-get install wordnet-base"):
+        A.load_wordnet_glosses(root=tmp_path / "none")
+
+
+def test_wordnet_glosses_of_the_debian_package() -> None:
+    texts, y, names = _load(A.load_wordnet_glosses)
+    assert len(texts) == len(set(texts)) == len(y) == 47272
+    assert np.bincount(y).tolist() == [6641, 11569, 3030, 2963, 5525, 11046, 3541, 2957]
+    assert y[texts.index("a person whose occupation is teaching")] == names.index("person")
+
+
+def test_wordlist_languages_drop_shared_words(tmp_path: Path) -> None:
+    (tmp_path / "french").write_text("Maison\nchat\ntable\ncafé\nélève\n")
+    (tmp_path / "spanish").write_text("mesa\ntable\ncasa\nperro\nniño\n")
+    texts, y, names = A.load_wordlist_languages(["french", "spanish"], per_class=10, root=tmp_path)
+    assert names == ["french", "spanish"]
+    # lower-cased, 5-14 letters, "table" is in both lists
+    assert list(zip(texts, y.tolist(), strict=True)) == [("maison", 0), ("élève", 0), ("perro", 1)]
+    with pytest.raises(A.AssetNotFoundError, match="apt-get install witalian"):
+        A.load_wordlist_languages(["italian"], root=tmp_path)
+
+
+def test_wordlist_languages_of_the_debian_packages() -> None:
+    texts, y, names = _load(A.load_wordlist_languages)
+    assert names == ["ngerman", "french", "italian", "spanish"]
+    assert np.bincount(y).tolist() == [1000] * 4 and len(set(texts)) == 4000
+    assert all(t.isalpha() and t == t.lower() and 5 <= len(t) <= 14 for t in texts)
+    assert _load(A.load_wordlist_languages)[0] == texts  # drawn with a fixed seed
+
+
+def test_vader_sentiment_lexicon() -> None:
+    texts, y, names = _load(A.load_vader_sentiment)
+    assert names == ["negative", "positive"] and len(texts) == 5830
+    label = dict(zip(texts, y.tolist(), strict=True))
+    assert label[":)"] == 1 and label["hate"] == 0 and label["love"] == 1
+    fewer = _load(A.load_vader_sentiment, threshold=2.0)[0]
+    assert set(fewer) < set(texts)
+
+
+def test_text5_items_are_pinned() -> None:
+    """Each task of the text-5 suite reads exactly the items its suite file pins (items_sha256)."""
+    from taskvec.bench.suite import items_digest, load_suite, raw_splits
+
+    suite = load_suite("text-5")
+    assert len({t.data.function for t in suite.tasks}) == len(suite.tasks) == 5  # type: ignore[union-attr]
+    for task in suite.tasks:
+        raw = _load(raw_splits, suite, task)
+        assert items_digest(raw) == task.items_sha256

