@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from taskvec.core.stream import chunks, one_torch_thread, prefetch, read_into
 from taskvec.core.taskvector import all_finite
 from taskvec.io import Source
 from taskvec.methods.registry import MergeMethod, MethodParams, method_source, weighted_sum
-from taskvec.methods.selection import magnitude_threshold
+from taskvec.methods.selection import magnitude_threshold, trim_by_threshold
 from taskvec.methods.ties import TiesParams, elect_and_merge
 
 Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (trimmed deltas (T, n), weights (T,)) -> (n,)
@@ -44,6 +45,7 @@ SIGMAS = 5.0  # bracket half-width in standard errors of the sample quantile
 MAX_KEPT = 0.2  # fraction of a tensor's columns kept aside above which the bracket is given up
 LAYOUT = 256  # columns are recomputed in arrays of a multiple of this many columns (see `_recompute`)
 WORKERS = 2
+SUB_BLOCK = 1 << 15  # columns merged at once inside a block (a multiple of LAYOUT)
 
 
 def combine_fn(method: MergeMethod, params: MethodParams) -> Combine | None:
@@ -120,13 +122,17 @@ def merge_tensor(
             return None
         lo, hi = bracket
 
-        def one(s: int, e: int) -> _Block:
+        def one(s: int, e: int) -> list[_Block]:
             d = held.pop((s, e), None)
             if d is None:
                 d = _scratch(t, width, dtype)[:, : e - s]
                 for i, src in enumerate(sources):
                     read_into(src, key, s, e, d[i])
-            return _merge_block(d, s, lo, hi, weights, combine, out)
+            # in parts that stay in cache; a multiple of LAYOUT columns each, the last one taking
+            # the block's tail: every column is summed as in the whole block
+            n = e - s
+            cuts = [*range(0, n - SUB_BLOCK + 1, SUB_BLOCK), n] if n > SUB_BLOCK else [0, n]
+            return [_merge_block(d[:, a:b], s + a, lo, hi, weights, combine, out) for a, b in pairwise(cuts)]
 
         # The kept columns go to two buffers allocated once (pages are mapped as they fill): many
         # small tensors left between the blocks' large temporaries would fragment the heap.
@@ -136,16 +142,17 @@ def merge_tensor(
         blocks: list[_Block] = []
         kept = used = 0
         order = sample + [b for b in layout if b not in held]
-        for b in _window(_pool(), one, order, lambda j: _announce(sources, key, order, j)):
-            kept += b.kept
-            m = b.pos.numel()
-            if kept > cap:
-                return None
-            store_cols[:, used : used + m] = b.cols
-            store_pos[used : used + m] = b.pos
-            b.cols, b.pos = store_cols[:, used : used + m], store_pos[used : used + m]
-            used += m
-            blocks.append(b)
+        for parts in _window(_pool(), one, order, lambda j: _announce(sources, key, order, j)):
+            for b in parts:
+                kept += b.kept
+                m = b.pos.numel()
+                if kept > cap:
+                    return None
+                store_cols[:, used : used + m] = b.cols
+                store_pos[used : used + m] = b.pos
+                b.cols, b.pos = store_cols[:, used : used + m], store_pos[used : used + m]
+                used += m
+                blocks.append(b)
         return _finish(blocks, lo, hi, k, weights, combine, out)
 
 
@@ -163,12 +170,12 @@ def _pool() -> ThreadPoolExecutor:
 
 def _window(
     pool: ThreadPoolExecutor,
-    fn: Callable[[int, int], _Block],
+    fn: Callable[[int, int], list[_Block]],
     order: list[tuple[int, int]],
     announce: Callable[[int], None],
-) -> Iterator[_Block]:
+) -> Iterator[list[_Block]]:
     """`fn` over `order` in the pool, a few blocks in flight, results in order; `announce(j)` as block j starts."""
-    pending: list[Future[_Block]] = []
+    pending: list[Future[list[_Block]]] = []
     ahead = 2 * WORKERS
     try:
         for j, (s, e) in enumerate(order):
@@ -322,8 +329,7 @@ def _merge_whole(
             read_into(src, key, s, e, whole[i, s:e])
     table = torch.tensor([magnitude_threshold(_nan_as_zero(whole[i]), density) for i in range(t)], dtype=torch.float64)
     for s, e in layout:
-        d = whole[:, s:e]
-        out[s:e] = combine(exact_trim(d, table, torch.arange(s, e)), weights)
+        out[s:e] = combine(trim_by_threshold(whole[:, s:e], table, s), weights)
     return table
 
 
