@@ -185,6 +185,8 @@ def test_one_pass_merge_bit_identical_to_two_passes(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(onepass, "SMALL_BYTES", 0)  # every tensor through the bracket
     monkeypatch.setattr(compose_module, "MERGE_BLOCK_BYTES", 1)  # blocks of 4096 columns: many blocks, tails
+    monkeypatch.setattr(onepass, "SUB_BLOCK", 1024)  # merged in parts of 1024 to 2047 columns
+    monkeypatch.setattr(onepass, "SAMPLE_STRIDE", 1)  # the whole sampled blocks: brackets narrow enough here
     outcome: list[tuple[str, bool]] = []  # (tensor, merged in one pass)
     merge_tensor = onepass.merge_tensor
 

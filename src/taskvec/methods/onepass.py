@@ -5,7 +5,7 @@ thresholds of every task: read naively, every input is read, cast and checked tw
 tensor is read once:
 
 1. a few blocks spread over the tensor give, per task, a bracket [lo, hi] that holds the
-   threshold with a wide margin (sample quantiles of |tau| widened by five standard errors);
+   threshold with a wide margin (sample quantiles of |tau| widened by 4.5 standard errors);
 2. every block is merged as if the threshold were `hi` (entries above `hi` are kept whatever the
    exact threshold in the bracket is, entries below `lo` are dropped), the entries above `hi`
    are counted, and the columns with an entry inside a bracket are kept aside (a few percent);
@@ -25,25 +25,27 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import pairwise
 
-import numpy as np
 import torch
 
 from taskvec.core.stream import chunks, one_torch_thread, prefetch, read_into
 from taskvec.core.taskvector import all_finite
 from taskvec.io import Source
 from taskvec.methods.registry import MergeMethod, MethodParams, method_source, weighted_sum
-from taskvec.methods.selection import magnitude_threshold
+from taskvec.methods.selection import magnitude_threshold, trim_by_threshold
 from taskvec.methods.ties import TiesParams, elect_and_merge
 
 Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (trimmed deltas (T, n), weights (T,)) -> (n,)
 
 SMALL_BYTES = 64 << 20  # tensors whose T task-vector slices fit in this are held whole, thresholds exact at once
-SAMPLE_BLOCKS = 4  # blocks spread over a tensor that give the brackets
-SIGMAS = 5.0  # bracket half-width in standard errors of the sample quantile
+SAMPLE_BLOCKS = 4  # blocks spread over a tensor that give the brackets...
+SAMPLE_STRIDE = 4  # ...every 4th column of them
+SIGMAS = 4.5  # bracket half-width in standard errors of the sample quantile
 MAX_KEPT = 0.2  # fraction of a tensor's columns kept aside above which the bracket is given up
 LAYOUT = 256  # columns are recomputed in arrays of a multiple of this many columns (see `_recompute`)
 WORKERS = 2
+SUB_BLOCK = 1 << 15  # columns merged at once inside a block (a multiple of LAYOUT)
 
 
 def combine_fn(method: MergeMethod, params: MethodParams) -> Combine | None:
@@ -115,18 +117,23 @@ def merge_tensor(
             for i, src in enumerate(sources):
                 read_into(src, key, s, e, d[i])
             held[(s, e)] = d
-        bracket = _brackets(torch.cat(list(held.values()), dim=1), density) if held else None
+        picked = torch.cat([d[:, ::SAMPLE_STRIDE] for d in held.values()], dim=1) if held else None
+        bracket = _brackets(picked, density) if picked is not None else None
         if bracket is None:
             return None
         lo, hi = bracket
 
-        def one(s: int, e: int) -> _Block:
+        def one(s: int, e: int) -> list[_Block]:
             d = held.pop((s, e), None)
             if d is None:
                 d = _scratch(t, width, dtype)[:, : e - s]
                 for i, src in enumerate(sources):
                     read_into(src, key, s, e, d[i])
-            return _merge_block(d, s, lo, hi, weights, combine, out)
+            # in parts that stay in cache; a multiple of LAYOUT columns each, the last one taking
+            # the block's tail: every column is summed as in the whole block
+            n = e - s
+            cuts = [*range(0, n - SUB_BLOCK + 1, SUB_BLOCK), n] if n > SUB_BLOCK else [0, n]
+            return [_merge_block(d[:, a:b], s + a, lo, hi, weights, combine, out) for a, b in pairwise(cuts)]
 
         # The kept columns go to two buffers allocated once (pages are mapped as they fill): many
         # small tensors left between the blocks' large temporaries would fragment the heap.
@@ -136,17 +143,18 @@ def merge_tensor(
         blocks: list[_Block] = []
         kept = used = 0
         order = sample + [b for b in layout if b not in held]
-        for b in _window(_pool(), one, order, lambda j: _announce(sources, key, order, j)):
-            kept += b.kept
-            m = b.pos.numel()
-            if kept > cap:
-                return None
-            store_cols[:, used : used + m] = b.cols
-            store_pos[used : used + m] = b.pos
-            b.cols, b.pos = store_cols[:, used : used + m], store_pos[used : used + m]
-            used += m
-            blocks.append(b)
-        return _finish(blocks, lo, hi, k, weights, combine, out)
+        for parts in _window(_pool(), one, order, lambda j: _announce(sources, key, order, j)):
+            for b in parts:
+                kept += b.kept
+                m = b.pos.numel()
+                if kept > cap:
+                    return None
+                store_cols[:, used : used + m] = b.cols
+                store_pos[used : used + m] = b.pos
+                b.cols, b.pos = store_cols[:, used : used + m], store_pos[used : used + m]
+                used += m
+                blocks.append(b)
+        return _finish(blocks, lo, hi, k, weights, combine, out, store_cols[:, :used], store_pos[:used])
 
 
 _pool_lock = threading.Lock()
@@ -163,12 +171,12 @@ def _pool() -> ThreadPoolExecutor:
 
 def _window(
     pool: ThreadPoolExecutor,
-    fn: Callable[[int, int], _Block],
+    fn: Callable[[int, int], list[_Block]],
     order: list[tuple[int, int]],
     announce: Callable[[int], None],
-) -> Iterator[_Block]:
+) -> Iterator[list[_Block]]:
     """`fn` over `order` in the pool, a few blocks in flight, results in order; `announce(j)` as block j starts."""
-    pending: list[Future[_Block]] = []
+    pending: list[Future[list[_Block]]] = []
     ahead = 2 * WORKERS
     try:
         for j, (s, e) in enumerate(order):
@@ -195,23 +203,26 @@ def _announce(sources: Sequence[Source], key: str, order: list[tuple[int, int]],
 
 
 def _brackets(sample: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per task, [lo, hi]: the sample's order statistics of |x| five standard errors either side
+    """Per task, [lo, hi]: the sample's order statistics of |x| `SIGMAS` standard errors either side
     of its top-`density` quantile, from a sample (T, m) of the tensor. Found like the threshold
-    itself: a histogram of the top 16 bits of |x|'s bit pattern, then a sort of one bin."""
+    itself: one histogram of the top 16 bits of |x|'s bit pattern (all tasks at once), then a
+    sort of the few entries in the bins between the two."""
     t, m = sample.shape
     a = sample.abs()
     sd = SIGMAS * math.sqrt(density * (1 - density) * m) + 1
-    ranks = max(1, int(density * m - sd)), min(m, int(math.ceil(density * m + sd)))  # from the top: hi, lo
+    r_hi, r_lo = max(1, int(density * m - sd)), min(m, int(math.ceil(density * m + sd)))  # ranks from the top
+    digits = a.view(torch.int32) >> 16  # |x| >= 0: 15 bits
+    offsets = torch.arange(t, dtype=torch.int32)[:, None] << 15
+    hist = torch.bincount((digits + offsets).reshape(-1), minlength=t << 15).reshape(t, 1 << 15)
+    top = hist.flip(1).cumsum(1).flip(1)  # top[i, d]: entries of task i whose digit is >= d
+    d_hi = (top >= r_hi).sum(1) - 1
+    d_lo = (top >= r_lo).sum(1) - 1
     bounds = torch.empty(2, t, dtype=torch.float32)
     for i in range(t):
-        digits = a[i].view(torch.int32) >> 16
-        hist = np.bincount(digits.numpy(), minlength=1 << 15)
-        top = hist[::-1].cumsum()[::-1]  # top[d]: entries whose digit is >= d
-        for j, r in enumerate(ranks):
-            d = int(np.nonzero(top >= r)[0].max())
-            higher = int(top[d + 1]) if d + 1 < len(top) else 0
-            in_bin = a[i][digits == d].sort(descending=True).values
-            bounds[j, i] = in_bin[r - higher - 1]
+        dh, dl = int(d_hi[i]), int(d_lo[i])
+        higher = int(top[i, dh + 1]) if dh + 1 < (1 << 15) else 0
+        inside = a[i][(digits[i] >= dl) & (digits[i] <= dh)].sort(descending=True).values
+        bounds[0, i], bounds[1, i] = inside[r_hi - higher - 1], inside[r_lo - higher - 1]
     hi, lo = bounds[0], bounds[1]
     if not bool(torch.isfinite(hi).all()) or bool((lo <= 0).any()):  # infinities or NaN, or many zeros: not here
         return None
@@ -263,43 +274,52 @@ def _finish(
     weights: torch.Tensor,
     combine: Combine,
     out: torch.Tensor,
+    cols: torch.Tensor,
+    pos: torch.Tensor,
 ) -> torch.Tensor | None:
-    """Exact thresholds from the counts and the kept columns; recompute those columns."""
-    pieces = [(b.pos, b.cols) for b in blocks] + [
-        (torch.arange(s0, s0 + x.shape[1]), x) for b in blocks if b.tail is not None for s0, x in (b.tail,)
-    ]
-    pos = torch.cat([p for p, _ in pieces])
-    order = torch.argsort(pos)
-    pos = pos[order]
+    """Exact thresholds from the counts and the kept columns (`cols` at flat positions `pos`, the
+    blocks' main parts; the blocks' tails apart); recompute those columns."""
+    tails = [b.tail for b in blocks if b.tail is not None]
+    all_pos = torch.cat([pos] + [torch.arange(s0, s0 + x.shape[1]) for s0, x in tails])
+    order = torch.argsort(all_pos)  # ties at the threshold are kept by position
+    all_pos = all_pos[order]
     above = torch.stack([b.above for b in blocks]).sum(0)
     table = torch.empty(len(lo), 2, dtype=torch.float64)
     for i in range(len(lo)):
-        a = torch.cat([c[i] for _, c in pieces])[order].abs_()
+        a = torch.cat([cols[i]] + [x[i] for _, x in tails])[order].abs_()
         inside = (a >= lo[i]) & (a <= hi[i])
-        cand, cpos = a[inside], pos[inside]
+        cand, cpos = a[inside], all_pos[inside]
         r = k - int(above[i])  # the threshold is the r-th largest candidate
         if not 1 <= r <= cand.numel():
             return None
         thr = cand.kthvalue(cand.numel() - r + 1).values
         need = r - int((cand > thr).sum())
         table[i, 0], table[i, 1] = float(thr), float(cpos[cand == thr][need - 1])
-    for b in blocks:
-        _recompute(b, table, weights, combine, out)
+    _recompute(cols, pos, tails, table, weights, combine, out)
     return table
 
 
-def _recompute(b: _Block, table: torch.Tensor, weights: torch.Tensor, combine: Combine, out: torch.Tensor) -> None:
-    """Merge a block's kept columns with the exact thresholds. Vectorised reductions sum the last
+def _recompute(
+    cols: torch.Tensor,
+    pos: torch.Tensor,
+    tails: list[tuple[int, torch.Tensor]],
+    table: torch.Tensor,
+    weights: torch.Tensor,
+    combine: Combine,
+    out: torch.Tensor,
+) -> None:
+    """Merge the kept columns with the exact thresholds. Vectorised reductions sum the last
     (length mod W) columns of an array in another order than the others, for a vector width W
-    that divides `LAYOUT`: the columns of a block's main part are recomputed in an array of a
-    multiple of `LAYOUT` columns (zero-padded), the block's tail as an array of its own length."""
-    m = b.pos.numel()
-    if m:
-        x = torch.zeros(b.cols.shape[0], -(-m // LAYOUT) * LAYOUT, dtype=b.cols.dtype)
-        x[:, :m] = exact_trim(b.cols, table, b.pos)
-        out[b.pos] = combine(x, weights)[:m]
-    if b.tail is not None:
-        s0, d = b.tail
+    that divides `LAYOUT`: the columns of the blocks' main parts are recomputed in arrays of a
+    multiple of `LAYOUT` columns (zero-padded), each block's tail as an array of its own length."""
+    step = 1 << 18
+    for s in range(0, pos.numel(), step):
+        p, c = pos[s : s + step], cols[:, s : s + step]
+        m = p.numel()
+        x = torch.zeros(c.shape[0], -(-m // LAYOUT) * LAYOUT, dtype=c.dtype)
+        x[:, :m] = exact_trim(c, table, p)
+        out[p] = combine(x, weights)[:m]
+    for s0, d in tails:
         out[s0 : s0 + d.shape[1]] = combine(exact_trim(d, table, torch.arange(s0, s0 + d.shape[1])), weights)
 
 
@@ -322,8 +342,7 @@ def _merge_whole(
             read_into(src, key, s, e, whole[i, s:e])
     table = torch.tensor([magnitude_threshold(_nan_as_zero(whole[i]), density) for i in range(t)], dtype=torch.float64)
     for s, e in layout:
-        d = whole[:, s:e]
-        out[s:e] = combine(exact_trim(d, table, torch.arange(s, e)), weights)
+        out[s:e] = combine(trim_by_threshold(whole[:, s:e], table, s), weights)
     return table
 
 
