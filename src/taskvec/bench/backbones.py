@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from taskvec.bench import clip
 from taskvec.bench.sources import import_object, resolve
 from taskvec.config import Strict
 from taskvec.errors import ConfigError, KeyMismatchError
@@ -169,7 +170,6 @@ def load_backbone(spec: BackboneSpec, root: Path) -> Backbone:
         folder = resolve(root, spec.hf)
         if not (folder / "config.json").is_file():
             raise ConfigError(f"{folder}: not a Hugging Face model folder (no config.json)")
-        from taskvec.bench import clip
 
         if clip.is_clip_folder(folder):
             return load_clip_backbone(spec, folder, root)
@@ -216,7 +216,6 @@ def load_backbone(spec: BackboneSpec, root: Path) -> Backbone:
 
 def load_clip_backbone(spec: BackboneSpec, folder: Path, root: Path) -> Backbone:
     """The image tower of a Hugging Face CLIP folder (see taskvec.bench.clip)."""
-    from taskvec.bench import clip
 
     if spec.text is not None:
         raise ConfigError(f"backbone: {folder} is a CLIP folder, whose backbone is its image tower; remove 'text:'")

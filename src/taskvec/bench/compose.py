@@ -18,6 +18,7 @@ from taskvec.bench.run import Prepared, prepare
 from taskvec.bench.sources import IMAGE_SUFFIXES, column, read_npz, read_table
 from taskvec.config import Strict, dtype_named, known_name, load_yaml_config
 from taskvec.errors import ConfigError, format_validation_error
+from taskvec.io import open_checkpoint, read
 from taskvec.io.atomic import atomic_path, check_output
 from taskvec.io.readers import parse_json
 from taskvec.registry import validation_error
@@ -338,8 +339,6 @@ def export_task(
         for k, v in state.items()
     }
     if prep.loaded.complete_from is not None:  # e.g. a CLIPModel's text tower: the export loads as a CLIPModel
-        from taskvec.io import open_checkpoint, read
-
         src = open_checkpoint(prep.loaded.complete_from)
         for k in src.keys():
             if k not in tensors:

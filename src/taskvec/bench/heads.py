@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from taskvec.bench import clip
 from taskvec.bench.cache import load_cached, save_atomic
-from taskvec.bench.sources import resolve
+from taskvec.bench.sources import import_object, resolve
 from taskvec.config import Strict
 from taskvec.errors import ConfigError
 from taskvec.io.safetensors_file import SafetensorsFile
@@ -222,8 +223,6 @@ class ClipZeroShot(Strict):
 @torch.no_grad()
 def build_clip_zero_shot(cfg: ClipZeroShot, ctx: HeadContext) -> nn.Module:
     """Class embeddings from templates x class names; the task's images decide nothing."""
-    from taskvec.bench import clip
-    from taskvec.bench.sources import import_object
 
     if ctx.backbone.kind != "images":
         raise ConfigError("head kind 'clip_zero_shot' needs an image backbone")
