@@ -25,7 +25,7 @@ from taskvec.bench.models import accuracy
 from taskvec.bench.suite import SuiteSpec, TaskData, TaskSpec, load_suite, load_task
 from taskvec.core import TaskVector
 from taskvec.errors import ConfigError
-from taskvec.grid import LAMBDAS, extend_search
+from taskvec.grid import LAMBDAS, OnEval, extend_search
 from taskvec.io.atomic import write_text_atomic
 from taskvec.methods import compose
 
@@ -138,9 +138,12 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def choose_lambda(prep: Prepared, tv: TaskVector, lambdas: Sequence[float] = LAMBDAS) -> dict[str, object]:
+def choose_lambda(
+    prep: Prepared, tv: TaskVector, lambdas: Sequence[float] = LAMBDAS, on_eval: OnEval | None = None
+) -> dict[str, object]:
     """theta0 + lambda * tv, lambda chosen on validation (mean accuracy over tasks; ties to the
-    smaller lambda; the grid grows past its edge while the best sits there), then scored once on test."""
+    smaller lambda; searched coarse to fine, past the grid's edge while the best sits there), then
+    scored once on test. `on_eval(done, planned)` follows the validation evaluations."""
     delta = TaskVector.from_tensors(tv.to_state_dict())  # materialise once, reuse for every lambda
     val: dict[float, dict[str, float]] = {}
 
@@ -148,7 +151,7 @@ def choose_lambda(prep: Prepared, tv: TaskVector, lambdas: Sequence[float] = LAM
         val[lam] = prep.evaluate(delta.apply_to(prep.pretrained, lam), "val")
         return _mean(list(val[lam].values()))
 
-    best, _ = extend_search(score, lambdas, lo=0.005)
+    best, _ = extend_search(score, lambdas, lo=0.005, on_eval=on_eval)
     test = prep.evaluate(delta.apply_to(prep.pretrained, best), "test")
     return {"lambda": best, "val": {str(k): v for k, v in sorted(val.items())}, "test": test}
 

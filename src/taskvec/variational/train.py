@@ -35,7 +35,7 @@ from taskvec.config import DTYPES
 from taskvec.errors import ConfigError, NonFiniteError
 from taskvec.variational import shared as _shared  # noqa: F401 (registers the 'shared' method)
 from taskvec.variational.config import ComposerConfig, ComposeTrainConfig, TrainConfig
-from taskvec.variational.data import ComposeData, sample_noise
+from taskvec.variational.data import ComposeData, length_order, sample_noise
 from taskvec.variational.engine import (
     ComposedModel,
     ForwardFn,
@@ -379,7 +379,7 @@ def evaluate_composer(
             f"evaluate_composer: coefficients of shape {tuple(coefficients.shape)}; expected "
             f"({t}, {b}) shared or ({n}, {t}, {b}) per sample (tasks, blocks, samples of the data)"
         )
-    for index in torch.arange(n).split(batch_size):
+    for index in length_order(data.inputs).split(batch_size):  # texts of similar length together
         batch = data.batch(index, device, dtype)
         if coefficients is None:
             alpha = composer.coefficients(batch.features)
