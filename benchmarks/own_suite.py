@@ -17,7 +17,8 @@ of the measure.
   accuracy and the time.
 
 Run it once with the code to compare (e.g. `PYTHONPATH=/path/to/other/src`) and once with this
-checkout, each writing its JSON, then `--table` prints the markdown table of docs/results.md:
+checkout, each writing its JSON (`--part static` and `--part tune` may run as separate processes
+once the fine-tunes are cached), then `--table` prints the markdown table of docs/results.md:
 
     PYTHONPATH=src python3 benchmarks/own_suite.py --out /tmp/own --label after
     PYTHONPATH=/other/src python3 benchmarks/own_suite.py --out /tmp/own --label before
@@ -68,6 +69,7 @@ def minilm_folder() -> Path:
 
 
 def write_suite(out: Path) -> Path:
+    """The suite file in `out` (written unless one is there: a smaller suite may stand in for it)."""
     path = out / "suite.yaml"
     if not path.exists():
         out.mkdir(parents=True, exist_ok=True)
@@ -109,12 +111,14 @@ def bare_checkpoints(prep: Any, out: Path) -> list[Path]:
             path.parent.mkdir(parents=True, exist_ok=True)
             tensors = {k.removeprefix("model."): v.contiguous() for k, v in state.items()}
             tensors.update({k: v for k, v in base.items() if k not in tensors})
-            save_file(tensors, path)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            save_file(tensors, tmp)
+            tmp.replace(path)  # two runs may write it at once
         paths.append(path)
     return paths
 
 
-def run(out: Path, label: str, tune: bool) -> dict[str, Any]:
+def run(out: Path, label: str, static: bool, tune: bool) -> dict[str, Any]:
     import taskvec
     from taskvec.bench.run import DEFAULT_PARAMS, prepare, run_bank, run_method
     from taskvec.config import MergeConfig
@@ -127,30 +131,31 @@ def run(out: Path, label: str, tune: bool) -> dict[str, Any]:
     result["prepare"] = clock.read()
     result["items"] = {t: {s: len(getattr(d, s)) for s in ("train", "val", "test")} for t, d in prep.tasks.items()}
     counts = count_evaluations(prep)
-    prep.evaluate(prep.pretrained, "val")  # warm-up
-    unit = {}
-    for split in ("val", "test"):
+    if static:
+        prep.evaluate(prep.pretrained, "val")  # warm-up
+        unit = {}
+        for split in ("val", "test"):
+            clock = Clock()
+            prep.evaluate(prep.pretrained, split)
+            unit[split] = clock.read()
+        result["forward"] = unit
+        counts.update(val=0, test=0)
+        result["load_before"] = os.getloadavg()
         clock = Clock()
-        prep.evaluate(prep.pretrained, split)
-        unit[split] = clock.read()
-    result["forward"] = unit
-    counts.update(val=0, test=0)
-    result["load_before"] = os.getloadavg()
-    clock = Clock()
-    lambdas = {}
-    for m in METHODS:
-        r = run_method(prep, m, dict(DEFAULT_PARAMS.get(m, {})))
-        lambdas[m] = r["lambda"]
-        print(f"{label}: {m} λ {r['lambda']} after {counts['val']:g} validation evaluations", flush=True)
-    r = run_bank(prep, {"m": 2}, out / f"bank-{label}")
-    lambdas["bank"] = r["lambda"]
-    result["static"] = clock.read()
-    result["static_evaluations"] = dict(counts)
-    result["static_lambdas"] = lambdas
-    result["load_after"] = os.getloadavg()
-    need = {k: sum(counts[s] * unit[s][k] for s in ("val", "test")) for k in ("wall", "cpu")}
-    result["static_forward_needed"] = need
-    print(f"{label}: static {result['static']} vs forward passes {need}", flush=True)
+        lambdas = {}
+        for m in METHODS:
+            r = run_method(prep, m, dict(DEFAULT_PARAMS.get(m, {})))
+            lambdas[m] = r["lambda"]
+            print(f"{label}: {m} λ {r['lambda']} after {counts['val']:g} validation evaluations", flush=True)
+        r = run_bank(prep, {}, out / f"bank-{label}")  # M = ceil(T / 2) bases
+        lambdas["bank"] = r["lambda"]
+        result["static"] = clock.read()
+        result["static_evaluations"] = dict(counts)
+        result["static_lambdas"] = lambdas
+        result["load_after"] = os.getloadavg()
+        need = {k: sum(counts[s] * unit[s][k] for s in ("val", "test")) for k in ("wall", "cpu")}
+        result["static_forward_needed"] = need
+        print(f"{label}: static {result['static']} vs forward passes {need}", flush=True)
     if tune:
         from taskvec.tune import tune_merge
 
@@ -173,12 +178,19 @@ def run(out: Path, label: str, tune: bool) -> dict[str, Any]:
             "load_after": os.getloadavg(),
         }
         print(f"{label}: tune {result['tune']}", flush=True)
-    (out / f"{label}.json").write_text(json.dumps(result, indent=1))
+    part = "all" if static and tune else ("static" if static else "tune")
+    (out / f"{label}-{part}.json").write_text(json.dumps(result, indent=1))
     return result
 
 
 def table(out: Path) -> str:
-    runs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
+    runs: dict[str, dict[str, Any]] = {}
+    for p in sorted(out.glob("*-*.json")):  # label-part.json: the parts of one label merged
+        label = p.stem.rsplit("-", 1)[0]
+        part = json.loads(p.read_text())
+        if "static" not in part:
+            part = {k: v for k, v in part.items() if k not in ("forward", "prepare")}
+        runs.setdefault(label, {}).update(part)
     b, a = runs.get("before"), runs.get("after")
     lines = [
         "| | before (main) | after | after / before |",
@@ -216,8 +228,9 @@ def table(out: Path) -> str:
     for name, r in runs.items():
         lines.append("")
         lines.append(
-            f"{name}: λ {r['static_lambdas']}; tune-on {r.get('tune', {}).get('scale')} "
-            f"{r.get('tune', {}).get('params')}; load average {r['load_before']} -> {r['load_after']}"
+            f"{name}: λ {r.get('static_lambdas')}; tune-on {r.get('tune', {}).get('scale')} "
+            f"{r.get('tune', {}).get('params')}; load average {r.get('load_before')} -> {r.get('load_after')}, "
+            f"tune {r.get('load_before_tune')} -> {r.get('tune', {}).get('load_after')}"
         )
     return "\n".join(lines)
 
@@ -226,13 +239,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/taskvec-own-suite"))
     ap.add_argument("--label", default="after")
-    ap.add_argument("--no-tune", action="store_true", help="skip `merge --tune-on`")
+    ap.add_argument("--part", choices=("all", "static", "tune"), default="all", help="what to measure")
     ap.add_argument("--table", action="store_true", help="print the table of the saved runs")
     args = ap.parse_args()
     if args.table:
         print(table(args.out))
     else:
-        run(args.out, args.label, not args.no_tune)
+        run(args.out, args.label, args.part in ("all", "static"), args.part in ("all", "tune"))
 
 
 if __name__ == "__main__":

@@ -84,9 +84,7 @@ def merge(
     from taskvec.merge import merge_checkpoints
 
     cfg = load_merge_config(config)
-    check_output(
-        out, overwrite=force, inputs=[config, cfg.base, *(source_path(m) for m in cfg.models)]
-    )
+    check_output(out, overwrite=force, inputs=[config, cfg.base, *(source_path(m) for m in cfg.models)])
     if tune_on is not None:
         from taskvec.bench.suite import suite_path
 
