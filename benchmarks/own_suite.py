@@ -131,7 +131,7 @@ def run(out: Path, label: str, static: bool, tune: bool) -> dict[str, Any]:
     result["prepare"] = clock.read()
     result["items"] = {t: {s: len(getattr(d, s)) for s in ("train", "val", "test")} for t, d in prep.tasks.items()}
     counts = count_evaluations(prep)
-    if static:
+    if static or not tune:  # the forward passes alone: `--part forward`
         prep.evaluate(prep.pretrained, "val")  # warm-up
         unit = {}
         for split in ("val", "test"):
@@ -139,6 +139,7 @@ def run(out: Path, label: str, static: bool, tune: bool) -> dict[str, Any]:
             prep.evaluate(prep.pretrained, split)
             unit[split] = clock.read()
         result["forward"] = unit
+    if static:
         counts.update(val=0, test=0)
         result["load_before"] = os.getloadavg()
         clock = Clock()
@@ -178,7 +179,7 @@ def run(out: Path, label: str, static: bool, tune: bool) -> dict[str, Any]:
             "load_after": os.getloadavg(),
         }
         print(f"{label}: tune {result['tune']}", flush=True)
-    part = "all" if static and tune else ("static" if static else "tune")
+    part = "all" if static and tune else ("static" if static else "tune" if tune else "forward")
     (out / f"{label}-{part}.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -188,7 +189,7 @@ def table(out: Path) -> str:
     for p in sorted(out.glob("*-*.json")):  # label-part.json: the parts of one label merged
         label = p.stem.rsplit("-", 1)[0]
         part = json.loads(p.read_text())
-        if "static" not in part:
+        if "static" not in part and "tune" in part:
             part = {k: v for k, v in part.items() if k not in ("forward", "prepare")}
         runs.setdefault(label, {}).update(part)
     b, a = runs.get("before"), runs.get("after")
@@ -239,7 +240,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/taskvec-own-suite"))
     ap.add_argument("--label", default="after")
-    ap.add_argument("--part", choices=("all", "static", "tune"), default="all", help="what to measure")
+    ap.add_argument("--part", choices=("all", "static", "tune", "forward"), default="all", help="what to measure")
     ap.add_argument("--table", action="store_true", help="print the table of the saved runs")
     args = ap.parse_args()
     if args.table:
