@@ -50,7 +50,7 @@ def test_exact_on_every_single_peaked_grid(n: int) -> None:
     for peak in range(n):
         calls: list[float] = []
 
-        def score(v: float, peak: int = peak) -> float:
+        def score(v: float, peak: int = peak, calls: list[float] = calls) -> float:
             calls.append(v)
             return -abs(round(v / 0.1) - 1 - peak)
 
