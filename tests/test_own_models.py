@@ -353,7 +353,7 @@ def test_merge_tune_on_chooses_the_scale_on_validation_data(walked: Path) -> Non
         "merge", root / "merge.yaml", "-o", root / "merged", "--tune-on", root / "suite.yaml", "--cache", root / "cache"
     )
     out = " ".join(out.split())
-    assert "searched by --tune-on" in out and "chosen: scale" in out
+    assert "chosen: scale" in out and "evaluations" in out
     result = tune_merge(
         load_merge_config(root / "merge.yaml"), root / "suite.yaml", cache=root / "cache", progress=False
     )
@@ -375,6 +375,61 @@ def test_merge_tune_on_chooses_the_scale_on_validation_data(walked: Path) -> Non
         val = raw_splits(suite, task)["val"]
         rows = [{"text": t, "label": val.classes[int(y)]} for t, y in zip(val.x, val.y, strict=True)]
         accs.append(_accuracy(root, {k: v.float() for k, v in ref.items()}, task.name, rows))
+    assert result.val == pytest.approx(sum(accs) / len(accs), abs=1e-9)
+
+
+def test_merge_tune_on_with_a_lora_model_and_ties(walked: Path, tmp_path: Path) -> None:
+    """A LoRA adapter next to a fine-tuned checkpoint: TIES's scale and density chosen on the suite's
+    validation data in fewer evaluations than the full grid; the merge written with them is the one
+    `merge_checkpoints` writes for that config, and its score is the accuracy recomputed from it."""
+    peft = pytest.importorskip("peft")
+    from taskvec.bench.suite import load_suite, raw_splits
+    from taskvec.config import load_merge_config
+    from taskvec.merge import merge_checkpoints
+    from taskvec.tune import full_grid_size, tune_merge, tuned_config
+
+    root = walked
+    model = transformers.BertModel.from_pretrained(root / "bert-base")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    lora.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "merge.yaml").write_text(
+        f"method: ties\nbase: {root / 'bert-base'}\nparams: {{density: 0.4}}\n"
+        "include: ['*.query.weight', '*.value.weight']\n"  # the tensors the adapter changes
+        f"models: [{{lora: {tmp_path / 'adapter'}}}, {{finetuned: {root / 'ft-topic'}}}]\n"
+    )
+    out = _invoke(
+        "merge",
+        tmp_path / "merge.yaml",
+        "-o",
+        tmp_path / "merged",
+        "--tune-on",
+        root / "suite.yaml",
+        "--cache",
+        root / "cache",
+    )
+    cfg = load_merge_config(tmp_path / "merge.yaml")
+    result = tune_merge(cfg, root / "suite.yaml", cache=root / "cache", progress=False)
+    out = " ".join(out.split())
+    assert f"chosen: scale {result.scale:g}, density={result.params['density']}" in out
+    assert f"{result.evaluations} evaluations" in out
+    assert result.evaluations == len({(r["density"], r["scale"]) for r in result.grid})
+    assert result.evaluations < full_grid_size()
+    assert result.val == max(r["val"] for r in result.grid)
+    merged = load_file(next((tmp_path / "merged").glob("*.safetensors")))
+    ref = merge_checkpoints(tuned_config(cfg, result), tmp_path / "ref.safetensors")
+    for k, v in load_file(ref).items():
+        assert torch.equal(merged[k], v), k
+    suite = load_suite(root / "suite.yaml")
+    accs = []
+    for task in suite.tasks:
+        val = raw_splits(suite, task)["val"]
+        rows = [{"text": t, "label": val.classes[int(y)]} for t, y in zip(val.x, val.y, strict=True)]
+        accs.append(_accuracy(root, {k: v.float() for k, v in merged.items()}, task.name, rows))
     assert result.val == pytest.approx(sum(accs) / len(accs), abs=1e-9)
 
 

@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 
 from taskvec.config import DTYPES, MergeConfig
-from taskvec.core import TaskVector, apply_streaming
+from taskvec.core import apply_streaming
 from taskvec.core.coef import check_patterns
+from taskvec.core.source import open_task
 from taskvec.core.stream import LastSliceCache
 from taskvec.io import open_checkpoint, parse_size
 from taskvec.io.hf import hf_output_files
@@ -30,27 +31,10 @@ def merge_checkpoints(
     ("cpu" or "cuda")."""
     base = LastSliceCache(open_checkpoint(cfg.base))  # each base slice is read once for all task vectors
     check_patterns(base.keys(), cfg.include, cfg.exclude, base.name)
-    tvs: list[TaskVector] = []
-    for m in cfg.models:
-        if m.finetuned is not None:
-            tv = TaskVector.from_checkpoints(
-                base,
-                m.finetuned,
-                include=cfg.include,
-                exclude=cfg.exclude,
-                name=m.name,
-                allow_nonfinite=allow_nonfinite,
-            )
-        elif m.lora is not None:
-            tv = TaskVector.from_lora(m.lora, base, name=m.name, allow_nonfinite=allow_nonfinite).filter(
-                cfg.include, cfg.exclude or None
-            )
-        else:
-            assert m.task_vector is not None
-            tv = TaskVector.load(m.task_vector, allow_nonfinite=allow_nonfinite).filter(
-                cfg.include, cfg.exclude or None
-            )
-        tvs.append(tv)
+    tvs = [
+        open_task(m, base, include=cfg.include, exclude=cfg.exclude, allow_nonfinite=allow_nonfinite)
+        for m in cfg.models
+    ]
     merged = compose(tvs, cfg.method, [m.weight for m in cfg.models], device=device, **cfg.params)
     dtype = DTYPES[cfg.dtype] if cfg.dtype else None
     metadata = {"taskvec_method": cfg.method, "taskvec_models": str(len(tvs))}

@@ -10,6 +10,7 @@ from pydantic import AliasPath, BaseModel, Field, SerializeAsAny, field_validato
 
 from taskvec.bases.fit import BASES, ClusterOptions
 from taskvec.config import DtypeName, Strict, TaskSource, load_yaml_config
+from taskvec.core.source import open_task, source_label
 from taskvec.core.taskvector import TaskVector
 from taskvec.io.writer import parse_size
 from taskvec.registry import validation_error
@@ -120,21 +121,10 @@ def load_bases_config(path: str | Path) -> BasesConfig:
     return load_yaml_config(path, BasesConfig)
 
 
-def task_vectors_of(cfg: BasesConfig) -> tuple[list[TaskVector], list[str]]:
+def task_vectors_of(cfg: BasesConfig, *, allow_nonfinite: bool = False) -> tuple[list[TaskVector], list[str]]:
     """Open every task of the config lazily; a task without a name is named after its file."""
-    tvs, names = [], []
-    for t in cfg.tasks:
-        if t.finetuned is not None:
-            assert cfg.base is not None
-            tv = TaskVector.from_checkpoints(cfg.base, t.finetuned, include=cfg.include, exclude=cfg.exclude)
-            path = t.finetuned
-        else:
-            given = t.task_vector or t.lora
-            assert given is not None
-            path = given
-            tv = TaskVector.load(path) if t.lora is None else TaskVector.from_lora(path, cfg.base)
-            if cfg.include or cfg.exclude:
-                tv = tv.filter(cfg.include, cfg.exclude)
-        tvs.append(tv)
-        names.append(t.name or Path(path).name.removesuffix(".safetensors"))
-    return tvs, names
+    tvs = [
+        open_task(t, cfg.base, include=cfg.include, exclude=cfg.exclude, allow_nonfinite=allow_nonfinite)
+        for t in cfg.tasks
+    ]
+    return tvs, [source_label(t) for t in cfg.tasks]

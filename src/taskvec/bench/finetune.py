@@ -45,6 +45,26 @@ def load_state(path: Path) -> dict[str, object]:
     return state
 
 
+BUCKET = 16
+"""Batches per bucket of similar-length texts (see `epoch_batches`)."""
+
+
+def epoch_batches(train: Split, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """One epoch's batches of row indices, from one seeded permutation: for texts, each run of
+    `BUCKET` batches is sorted by length before it is cut (a batch is padded to its own longest
+    text) and the batches are then shuffled, so every epoch still sees every item once."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(train), generator=g)
+    if not (isinstance(train.x, dict) and "attention_mask" in train.x):
+        return list(order.split(batch_size))
+    lengths = train.x["attention_mask"].sum(1)
+    batches: list[torch.Tensor] = []
+    for chunk in order.split(batch_size * BUCKET):
+        chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
+        batches += list(chunk.split(batch_size))
+    return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+
+
 def finetune(
     backbone: nn.Module,
     head: nn.Module,
@@ -104,11 +124,12 @@ def finetune(
     ]
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task(description, total=total, completed=step, loss=float("nan"))
+        batches: list[torch.Tensor] = []
         while step < total:
             epoch, i = divmod(step, steps_per_epoch)
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-            idx = order[i * spec.batch_size : (i + 1) * spec.batch_size]
-            x, y = train.batch(idx)
+            if i == 0 or not batches:
+                batches = epoch_batches(train, spec.batch_size, seed * 1000 + epoch)
+            x, y = train.batch(batches[i])
             loss = F.cross_entropy(head(forward_features(backbone, x)), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

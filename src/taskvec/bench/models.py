@@ -13,14 +13,28 @@ def forward_features(backbone: nn.Module, x: Inputs) -> torch.Tensor:
     return backbone(x)
 
 
+def eval_batches(split: Split, batch_size: int = 256) -> list[torch.Tensor]:
+    """Row indices of a split in batches for evaluation: texts sorted by length, so each batch is
+    padded only to its own longest text (images in order)."""
+    if isinstance(split.x, dict) and "attention_mask" in split.x:
+        order = torch.argsort(split.x["attention_mask"].sum(1), stable=True)
+    else:
+        order = torch.arange(len(split))
+    return list(order.split(batch_size))
+
+
 @torch.no_grad()
 def features(backbone: nn.Module, split: Split, batch_size: int = 256) -> torch.Tensor:
-    """Features of a whole split, in eval mode, batch by batch."""
+    """Features of a whole split, in eval mode, batch by batch (texts bucketed by length), in split order."""
     backbone.eval()
-    out = [
-        forward_features(backbone, split.batch(slice(i, i + batch_size))[0]) for i in range(0, len(split), batch_size)
-    ]
-    return torch.cat(out)
+    out: torch.Tensor | None = None
+    for idx in eval_batches(split, batch_size):
+        f = forward_features(backbone, split.batch(idx)[0])
+        if out is None:
+            out = f.new_empty((len(split), *f.shape[1:]))
+        out[idx] = f
+    assert out is not None, "features of an empty split"
+    return out
 
 
 def fit_head(
@@ -53,14 +67,15 @@ def fit_head(
     return head
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(backbone: nn.Module, head: nn.Module, split: Split, batch_size: int = 256) -> torch.Tensor:
+    """Predicted class of every row of a split (texts bucketed by length), in split order."""
     backbone.eval()
-    out = []
-    for i in range(0, len(split), batch_size):
-        x, _ = split.batch(slice(i, i + batch_size))
-        out.append(head(forward_features(backbone, x)).argmax(-1))
-    return torch.cat(out)
+    out = torch.empty(len(split), dtype=torch.long)
+    for idx in eval_batches(split, batch_size):
+        x, _ = split.batch(idx)
+        out[idx] = head(forward_features(backbone, x)).argmax(-1)
+    return out
 
 
 def accuracy(backbone: nn.Module, head: nn.Module, split: Split, batch_size: int = 256) -> float:

@@ -39,7 +39,7 @@ from taskvec.bench.sources import resolve
 from taskvec.bench.suite import SuiteSpec, TaskData, TaskSpec, load_suite, load_task
 from taskvec.core import TaskVector
 from taskvec.errors import ConfigError, OutputError
-from taskvec.grid import LAMBDAS, extend_search
+from taskvec.grid import LAMBDAS, OnEval, extend_search
 from taskvec.io.atomic import write_text_atomic
 from taskvec.io.readers import parse_json
 from taskvec.methods import compose
@@ -271,9 +271,11 @@ def choose_lambda(
     *,
     progress: bool = False,
     description: str = "choosing λ",
+    on_eval: OnEval | None = None,
 ) -> dict[str, object]:
     """theta0 + lambda * tv, lambda chosen on validation (mean accuracy over tasks; ties to the
-    smaller lambda; the grid grows past its edge while the best sits there), then scored once on test."""
+    smaller lambda; searched coarse to fine, past the grid's edge while the best sits there), then
+    scored once on test. `on_eval(done, planned)` follows the validation evaluations."""
     delta = TaskVector.from_tensors(tv.to_state_dict())  # materialise once, reuse for every lambda
     val: dict[float, dict[str, float]] = {}
     n_val, n_test = _items(prep, "val"), _items(prep, "test")
@@ -285,7 +287,7 @@ def choose_lambda(
             val[lam] = prep.evaluate(delta.apply_to(prep.pretrained, lam), "val", advance=advance)
             return _mean(list(val[lam].values()))
 
-        best, _ = extend_search(score, lambdas, lo=0.005)
+        best, _ = extend_search(score, lambdas, lo=0.005, on_eval=on_eval)
         test = prep.evaluate(delta.apply_to(prep.pretrained, best), "test", advance=advance)
     return {"lambda": best, "val": {str(k): v for k, v in sorted(val.items())}, "test": test}
 

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from taskvec.cli.common import Force, _fail, console, err_console, finite
+from taskvec.cli.common import AllowNonfinite, Force, _fail, console, err_console, finite
 from taskvec.errors import ConfigError, TaskVecError, format_validation_error
 
 if TYPE_CHECKING:
@@ -121,12 +121,14 @@ def build(
     shard_size: Annotated[
         str | None, typer.Option(help="a basis larger than this becomes a shard folder [default: 2GB]")
     ] = None,
+    allow_nonfinite: AllowNonfinite = False,
     force: Force = False,
 ) -> None:
     """Fit M bases to many task vectors and write them as a bank (one safetensors file per basis + manifest.json)."""
     from taskvec.bases.bank import build_bank
     from taskvec.bases.config import BasesConfig, load_bases_config, task_vectors_of
     from taskvec.config import DTYPES
+    from taskvec.core.source import source_path
     from taskvec.io import parse_size
     from taskvec.io.atomic import check_output
 
@@ -167,10 +169,8 @@ def build(
                 if isinstance(e, ValidationError):
                     raise ConfigError(format_validation_error(e, option=True)) from None
                 raise
-        check_output(
-            out, overwrite=force, inputs=[*inputs, cfg.base, *(t.task_vector or t.finetuned for t in cfg.tasks)]
-        )
-        tvs, labels = task_vectors_of(cfg)
+        check_output(out, overwrite=force, inputs=[*inputs, cfg.base, *(source_path(t) for t in cfg.tasks)])
+        tvs, labels = task_vectors_of(cfg, allow_nonfinite=allow_nonfinite)
         bank = build_bank(
             tvs,
             labels,

@@ -24,7 +24,13 @@ Mode = Annotated[str, typer.Option(help="deterministic (gate * mu) or mc (poster
 Suite = Annotated[
     str | None, typer.Option(help="suite file or built-in name (default: the one the composer was trained on)")
 ]
-Cache = Annotated[Path | None, typer.Option(help="cache of fine-tuned checkpoints (default: the one used in training)")]
+Cache = Annotated[
+    Path | None,
+    typer.Option(
+        help="cache of fine-tuned checkpoints and heads [default: the one used in training, else "
+        "$TASKVEC_CACHE or ~/.cache/taskvec]"
+    ),
+]
 
 
 def _show(result: EvalResult, names: list[str], title: str) -> None:
@@ -57,6 +63,13 @@ def train(
         Path, typer.Argument(help="YAML: suite (file or built-in name), preset, composer overrides, train options")
     ],
     out: Annotated[Path, typer.Option("-o", "--out", help="folder of the saved composer")],
+    cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="cache of fine-tuned checkpoints and heads [default: the config's 'cache', else "
+            "$TASKVEC_CACHE or ~/.cache/taskvec]"
+        ),
+    ] = None,
     force: Force = False,
 ) -> None:
     """Train a composer on a suite's validation splits (entropy presets: unlabeled test inputs), save it, score it."""
@@ -64,6 +77,8 @@ def train(
     from taskvec.bench.suite import suite_path
 
     cfg = load_run_config(config)
+    if cache is not None:
+        cfg = cfg.model_copy(update={"cache": str(cache)})
     suite_path(cfg.suite)  # a missing suite file is named before anything loads
     _, result, prep = train_on_suite(cfg, out, overwrite=force)
     _show(result, list(prep.tasks), f"{cfg.preset} on {prep.suite.name}")

@@ -17,6 +17,7 @@ from taskvec.errors import ConfigError
 from taskvec.io.atomic import check_output
 
 if TYPE_CHECKING:
+    from taskvec.config import MergeConfig
     from taskvec.tune import TuneResult
 
 app = typer.Typer()
@@ -63,45 +64,66 @@ def merge(
             help="choose the scale (and density) on this suite's validation data: a suite YAML file or a built-in name"
         ),
     ] = None,
-    cache: Annotated[Path | None, typer.Option(help="--tune-on: cache of the suite's heads and checkpoints")] = None,
+    cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="--tune-on: cache of the suite's heads and checkpoints [default: $TASKVEC_CACHE or ~/.cache/taskvec]"
+        ),
+    ] = None,
 ) -> None:
     """Merge task vectors into the base model as CONFIG says, streamed and atomic."""
     from taskvec.config import load_merge_config
+    from taskvec.core.source import source_path
     from taskvec.merge import merge_checkpoints
 
     cfg = load_merge_config(config)
-    check_output(
-        out, overwrite=force, inputs=[config, cfg.base, *(m.finetuned or m.task_vector or m.lora for m in cfg.models)]
-    )
+    check_output(out, overwrite=force, inputs=[config, cfg.base, *(source_path(m) for m in cfg.models)])
     if tune_on is not None:
-        from taskvec.bench.run import evaluation_progress
         from taskvec.bench.suite import suite_path
-        from taskvec.tune import tune_merge, tuned_config
 
         suite_path(tune_on)
-        with evaluation_progress(f"tuning {cfg.method} on {Path(tune_on).stem}: evaluations", console=console):
-            result = tune_merge(cfg, tune_on, cache=cache)
-        _show_grid(result)
-        cfg = tuned_config(cfg, result)
+        cfg = _tune(cfg, tune_on, cache, allow_nonfinite)
     path = merge_checkpoints(cfg, out, overwrite=force, progress=True, allow_nonfinite=allow_nonfinite, device=device)
     console.print(f"merged {len(cfg.models)} task vectors with [bold]{cfg.method}[/] into [bold]{path}[/]")
 
 
-def _show_grid(result: TuneResult) -> None:
-    """The searched grid: mean validation accuracy per scale (rows) and density (columns)."""
-    dens: list[float | None] = [*result.densities] if result.densities else [None]
-    scales = sorted({r["scale"] for r in result.grid})
-    t = Table(title="validation accuracy (%) searched by --tune-on")
-    t.add_column("scale λ", justify="right")
-    for d in dens:
-        t.add_column("mean" if d is None else f"density {d:g}", justify="right")
-    val = {(r["density"], r["scale"]): r["val"] for r in result.grid}
-    for s in scales:
-        t.add_row(f"{s:g}", *(f"{100 * val[(d, s)]:.2f}" if (d, s) in val else "" for d in dens))
-    console.print(t)
+def _tune(cfg: MergeConfig, suite: str, cache: Path | None, allow_nonfinite: bool) -> MergeConfig:
+    """`cfg` with the scale (and density) chosen on `suite`'s validation data, with a progress bar."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from taskvec.tune import tune_merge, tuned_config
+
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("--tune-on: validation evaluations", total=None)
+
+        def on_eval(done: int, planned: int) -> None:
+            bar.update(task, completed=done, total=planned)
+
+        result = tune_merge(cfg, suite, cache=cache, on_eval=on_eval, allow_nonfinite=allow_nonfinite)
+    _show_choice(result)
+    return tuned_config(cfg, result)
+
+
+def _show_choice(result: TuneResult) -> None:
+    """The chosen point and how many evaluations found it."""
     chosen = ", ".join(f"{k}={v}" for k, v in result.params.items())
     console.print(
-        f"chosen: scale {result.scale:g}{', ' + chosen if chosen else ''} (validation {100 * result.val:.2f} %)"
+        f"chosen: scale {result.scale:g}{', ' + chosen if chosen else ''} "
+        f"(validation {100 * result.val:.2f} %, {result.evaluations} evaluations)"
     )
 
 

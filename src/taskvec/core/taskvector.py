@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TypedDict, Unpack, overload
@@ -19,7 +20,7 @@ from torch import nn
 
 from taskvec.core.coef import Coef, check_coef_map, check_patterns, matches, resolve
 from taskvec.core.similarity import gram_matrix
-from taskvec.core.sources import LinearSource, check_same_tensors, compute_dtype
+from taskvec.core.sources import LinearSource, _key_list, check_same_tensors, compute_dtype
 from taskvec.core.stream import CHUNK_ELEMS, LastSliceCache, prefetch, read_cast, read_into, write_checkpoint
 from taskvec.errors import ConfigError, DtypeError, KeyMismatchError, NonFiniteError
 from taskvec.io import CheckpointLike, DictSource, Source, TensorSpec, open_checkpoint
@@ -94,8 +95,85 @@ def check_overflow(x: torch.Tensor, key: str, what: str) -> torch.Tensor:
     )
 
 
+BUFFER_NAMES = ("position_ids", "token_type_ids", "num_batches_tracked", "running_mean", "running_var")
+"""Last name parts of tensors that are buffers a model computes or counts, not trained weights."""
+
+
+def is_buffer(key: str, spec: TensorSpec) -> bool:
+    """A non-trainable buffer: an integer or boolean tensor, or one named like a known buffer."""
+    return not spec.dtype.is_floating_point or key.rsplit(".", 1)[-1] in BUFFER_NAMES
+
+
+class RenamedSource:
+    """A source under other names: `names` maps each new name to the source's own."""
+
+    def __init__(self, source: Source, names: dict[str, str]):
+        self.source, self.names = source, names
+        self.name = source.name
+
+    def keys(self) -> list[str]:
+        return list(self.names)
+
+    def spec(self, key: str) -> TensorSpec:
+        if key not in self.names:
+            raise KeyMismatchError(f"{self.name}: no tensor named {key!r}")
+        return self.source.spec(self.names[key])
+
+    def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        self.spec(key)
+        return self.source.read_flat(self.names[key], start, stop)
+
+    def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        if key in self.names:
+            prefetch(self.source, self.names[key], start, stop)
+
+
+def _prefix_map(ours: set[str], theirs: set[str]) -> tuple[dict[str, str], str]:
+    """Our names -> their names when theirs carry one more leading module than ours (a wrapped
+    model's `model.`, a task model's `bert.`): the most common such module, and the map under it."""
+    counts: dict[str, int] = {}
+    for k in theirs:
+        head, dot, rest = k.partition(".")
+        if dot and rest in ours:
+            counts[head + "."] = counts.get(head + ".", 0) + 1
+    if not counts:
+        return {}, ""
+    prefix = max(counts, key=lambda p: (counts[p], p))
+    return {k: prefix + k for k in ours if prefix + k in theirs}, prefix
+
+
+def align_names(pretrained: Source, finetuned: Source) -> Source:
+    """`finetuned` under `pretrained`'s tensor names, as for a suite's `finetuned:` checkpoint: a
+    name is found as is, without a leading module the pretrained names carry (a checkpoint saved
+    unwrapped), or under one more leading module (`model.` of the bench cache, `bert.` of a task
+    model). When the names only match that way, the finetuned tensors outside the match (a
+    classifier) are left out with a warning."""
+    pk, fk = set(pretrained.keys()), set(finetuned.keys())
+    same = len(pk & fk)
+    down, down_prefix = _prefix_map(pk, fk)  # finetuned = prefix + pretrained
+    up_rev, up_prefix = _prefix_map(fk, pk)  # pretrained = prefix + finetuned
+    up = {p: f for f, p in up_rev.items()}
+    names, prefix = max(((down, down_prefix), (up, up_prefix)), key=lambda x: len(x[0]))
+    if len(names) <= same:
+        return finetuned
+    if up is names:
+        names.update({k: k for k in pk & fk if k not in names})
+    left = sorted(fk - set(names.values()))
+    if left:
+        warnings.warn(
+            f"{finetuned.name}: names matched to {pretrained.name}'s through the leading {prefix!r}; "
+            f"{len(left)} other tensors left out ({_key_list(left, 3)})",
+            stacklevel=3,
+        )
+    return RenamedSource(finetuned, names)
+
+
 class DiffSource:
-    """finetuned - pretrained, over the floating tensors both hold, computed in at least float32."""
+    """finetuned - pretrained, over the floating tensors both hold, computed in at least float32.
+
+    The finetuned names are matched to the pretrained ones (`align_names`); a non-trainable buffer
+    (`is_buffer`: position ids, BatchNorm statistics and counters) that only one side holds is
+    skipped with a warning."""
 
     def __init__(
         self,
@@ -106,15 +184,26 @@ class DiffSource:
         dtype: torch.dtype | None = None,
         allow_nonfinite: bool = False,
     ):
+        finetuned = align_names(pretrained, finetuned)
         self.pretrained, self.finetuned = pretrained, finetuned
         self.allow_nonfinite = allow_nonfinite
         self.name = f"{finetuned.name} - {pretrained.name}"
-        pk = set(pretrained.keys())
+        pk, fk = set(pretrained.keys()), set(finetuned.keys())
         check_patterns(
             [*pretrained.keys(), *(k for k in finetuned.keys() if k not in pk)], include, exclude, pretrained.name
         )
         wanted = [k for k in pretrained.keys() if matches(k, include, exclude)]
         wanted += [k for k in finetuned.keys() if k not in pk and matches(k, include, exclude)]
+        one_side = [
+            k for k in wanted if (k in pk) != (k in fk) and is_buffer(k, (pretrained if k in pk else finetuned).spec(k))
+        ]
+        if one_side:
+            warnings.warn(
+                f"skipped {len(one_side)} buffers that only one of {pretrained.name} and {finetuned.name} "
+                f"holds ({_key_list(one_side, 3)}): they are computed or counted, not trained",
+                stacklevel=3,
+            )
+            wanted = [k for k in wanted if k not in set(one_side)]
         check_same_tensors(pretrained, finetuned, wanted)
         self._keys: list[str] = []
         self._dtype: dict[str, torch.dtype] = {}

@@ -127,13 +127,26 @@ def compute_features(
     batch_size: int = 256,
 ) -> torch.Tensor:
     """f0(x): the frozen pretrained backbone's output for every input, in batches (eval mode, no
-    gradients, padding trimmed per batch), on the backbone's device; returned on CPU."""
+    gradients, texts bucketed by length and padding trimmed per batch), on the backbone's device;
+    returned on CPU in input order."""
     fn = forward_fn or default_forward
     was_training = backbone.training
     backbone.eval()
     device = next(iter(backbone.parameters())).device
-    outs = []
-    for index in torch.arange(count(inputs)).split(batch_size):
-        outs.append(fn(backbone, to_device(trim_padding(take(inputs, index)), device)).cpu())
+    out: torch.Tensor | None = None
+    for index in length_order(inputs).split(batch_size):
+        f = fn(backbone, to_device(trim_padding(take(inputs, index)), device)).cpu()
+        if out is None:
+            out = f.new_empty((count(inputs), *f.shape[1:]))
+        out[index] = f
     backbone.train(was_training)
-    return torch.cat(outs)
+    assert out is not None, "features of no inputs"
+    return out
+
+
+def length_order(inputs: Any) -> torch.Tensor:
+    """Row order that puts texts of similar length together (by attention mask; stable), so
+    batches cut from it carry little padding; other inputs keep their order."""
+    if isinstance(inputs, Mapping) and "attention_mask" in inputs:
+        return torch.argsort(inputs["attention_mask"].sum(1), stable=True)
+    return torch.arange(count(inputs))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from taskvec.config import DTYPES
 from taskvec.errors import ConfigError, NonFiniteError
 from taskvec.variational.config import ComposerConfig, ComposeTrainConfig, TrainConfig
-from taskvec.variational.data import ComposeData, sample_noise
+from taskvec.variational.data import ComposeData, length_order, sample_noise
 from taskvec.variational.engine import (
     ComposedModel,
     ForwardFn,
@@ -134,10 +134,25 @@ def dist_setup(device: str = "auto") -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def global_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[torch.Tensor]:
-    """Shuffled data indices cut into global batches (same on every rank: seeded by seed, epoch)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return list(perm.split(batch_size))
+BUCKET = 16
+"""Batches per bucket of similar-length texts (see `global_batches`)."""
+
+
+def global_batches(
+    n: int, batch_size: int, epoch: int, seed: int, lengths: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Shuffled data indices cut into global batches (same on every rank: seeded by seed, epoch).
+
+    With `lengths` (tokens per text), each run of `BUCKET` batches of the permutation is sorted by
+    length before it is cut, and the batches are shuffled: a batch is padded to its own longest text."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    if lengths is None:
+        return list(perm.split(batch_size))
+    batches: list[torch.Tensor] = []
+    for chunk in perm.split(batch_size * BUCKET):
+        batches += list(chunk[torch.argsort(lengths[chunk], stable=True)].split(batch_size))
+    return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
 
 
 # --------------------------------------------------------------------------- one step
@@ -240,6 +255,8 @@ def fit(
     channels = getattr(composer.coef, "noise_channels", 0)
     shape = (composer.model.num_tasks, composer.model.num_blocks)
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
+    mask = data.inputs.get("attention_mask") if isinstance(data.inputs, Mapping) else None
+    lengths = mask.sum(1) if isinstance(mask, torch.Tensor) else None  # texts: batches of similar length
     total = config.epochs * steps_per_epoch if max_steps is None else min(max_steps, config.epochs * steps_per_epoch)
     step = 0
     with _progress(config.progress and rank == 0) as bar:
@@ -248,7 +265,7 @@ def fit(
         for epoch in range(config.epochs):
             composer.coef.train()  # dropout on (evaluation switches it off)
             sums = {"data": 0.0, "kl": 0.0, "n": 0}
-            for gbatch in global_batches(len(data), config.batch_size, epoch, config.seed):
+            for gbatch in global_batches(len(data), config.batch_size, epoch, config.seed, lengths):
                 if step >= total:
                     break
                 if len(gbatch) < world:
@@ -380,7 +397,7 @@ def evaluate_composer(
             f"evaluate_composer: coefficients of shape {tuple(coefficients.shape)}; expected "
             f"({t}, {b}) shared or ({n}, {t}, {b}) per sample (tasks, blocks, samples of the data)"
         )
-    for index in torch.arange(n).split(batch_size):
+    for index in length_order(data.inputs).split(batch_size):  # texts of similar length together
         batch = data.batch(index, device, dtype)
         if coefficients is None:
             alpha = composer.coefficients(batch.features)
