@@ -24,7 +24,8 @@ def _size(n: int) -> str:
 @app.command("list")
 def list_cache(cache: CacheOption = None) -> None:
     """Suites, tasks, recipes and fine-tuned checkpoints (paths and sizes) in the cache."""
-    from taskvec.bench.cache import cache_entries, default_cache
+    from taskvec.bench.cache import default_cache
+    from taskvec.bench.cache_index import cache_entries
 
     where = cache or default_cache()
     entries = cache_entries(where)
@@ -50,6 +51,6 @@ def path(
     cache: CacheOption = None,
 ) -> None:
     """Print the fine-tuned checkpoint of SUITE's TASK (a path `merge`, `extract` and `bases build` take)."""
-    from taskvec.bench.cache import cached_checkpoint
+    from taskvec.bench.cache_index import cached_checkpoint
 
     typer.echo(str(cached_checkpoint(suite, task, cache)))
