@@ -89,25 +89,12 @@ def merge(
 
 def _tune(cfg: MergeConfig, suite: str, cache: Path | None, allow_nonfinite: bool) -> MergeConfig:
     """`cfg` with the scale (and density) chosen on `suite`'s validation data, with a progress bar."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import Progress
 
+    from taskvec.progress import columns
     from taskvec.tune import tune_merge, tuned_config
 
-    columns = [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=console, transient=True) as bar:
+    with Progress(*columns(), console=console, transient=True) as bar:
         task = bar.add_task("--tune-on: validation evaluations", total=None)
 
         def on_eval(done: int, planned: int) -> None:
