@@ -103,14 +103,20 @@ class ZeroShot(Strict):
     scale: float = Field(default=20.0, gt=0, description="logit scale (inverse temperature)")
 
 
+def _labels(given: list[str] | None, ctx: HeadContext, what: str) -> list[str]:
+    """The label text of each class, in class order: `head.labels`, else the class names."""
+    labels = given or ctx.task.classes
+    if len(labels) != len(ctx.task.classes):
+        raise ConfigError(f"head.labels: {len(labels)} {what} for {len(ctx.task.classes)} classes")
+    return list(labels)
+
+
 @torch.no_grad()
 def build_zero_shot(cfg: ZeroShot, ctx: HeadContext) -> nn.Module:
     """Class embeddings from the label texts, through the same encoder and pooling as the inputs."""
     if ctx.backbone.kind != "text":
         raise ConfigError("head kind 'zero_shot' needs a text backbone")
-    labels = cfg.labels or ctx.task.classes
-    if len(labels) != len(ctx.task.classes):
-        raise ConfigError(f"head.labels: {len(labels)} texts for {len(ctx.task.classes)} classes")
+    labels = _labels(cfg.labels, ctx, "texts")
     ctx.backbone.module.eval()
     emb = ctx.backbone.module(ctx.backbone.encode([cfg.template.format(t) for t in labels]))
     return CosineHead(emb.float(), cfg.scale)
@@ -226,9 +232,7 @@ def build_clip_zero_shot(cfg: ClipZeroShot, ctx: HeadContext) -> nn.Module:
 
     if ctx.backbone.kind != "images":
         raise ConfigError("head kind 'clip_zero_shot' needs an image backbone")
-    labels = cfg.labels or ctx.task.classes
-    if len(labels) != len(ctx.task.classes):
-        raise ConfigError(f"head.labels: {len(labels)} names for {len(ctx.task.classes)} classes")
+    labels = _labels(cfg.labels, ctx, "names")
     texts = [t.format(c) for c in labels for t in cfg.templates]
     projection: nn.Module | None = None
     if cfg.text_encoder is not None:
