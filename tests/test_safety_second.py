@@ -14,25 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from taskvec.cli import app
-
-runner = CliRunner()
-
-
-def cli(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `taskvec ARGS` in this process through Typer's runner (same app, messages, exit codes)."""
-    old = Path.cwd()
-    if cwd is not None:
-        os.chdir(cwd)
-    try:
-        r = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "1000"})
-    finally:
-        os.chdir(old)
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    return subprocess.CompletedProcess(["taskvec", *map(str, args)], r.exit_code, r.stdout, r.stderr)
+from test_safety_write import cli  # the in-process CLI runner the safety tests share
 
 
 def error(r: subprocess.CompletedProcess[str]) -> str:
