@@ -85,7 +85,7 @@ def test_reports_are_written_and_consistent(tiny) -> None:  # type: ignore[no-un
         assert str(r["lambda"]) in r["val"]  # lambda chosen among the validation scores
         best = max(sum(v.values()) for v in r["val"].values())
         assert sum(r["val"][str(r["lambda"])].values()) == best
-    # fine-tuning helps on average (the full suites' per-task bars are in docs/results.md)
+    # fine-tuning helps on average (the full suites' per-task bars are in benchmarks/results/suites)
     tasks = list(results["finetuned"])
     assert sum(results["finetuned"][t] for t in tasks) > sum(results["pretrained"][t] for t in tasks)
     # negation lowers the target while the controls keep >= 95% of their pretrained accuracy on validation
