@@ -92,9 +92,9 @@ def count_evaluations(prep: Any) -> dict[str, int]:
     counts = {"val": 0, "test": 0}
     inner = prep.evaluate
 
-    def evaluate(state: Any, split: str = "test", tasks: Any = None) -> Any:
+    def evaluate(state: Any, split: str = "test", tasks: Any = None, **kw: Any) -> Any:
         counts[split] = counts.get(split, 0) + (len(tasks) if tasks else len(prep.tasks)) / len(prep.tasks)
-        return inner(state, split, tasks)
+        return inner(state, split, tasks, **kw)
 
     prep.evaluate = evaluate
     return counts
