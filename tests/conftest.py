@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # pytest-xdist runs one worker per core: more torch threads per worker would only contend with
+    # the other workers. Subprocesses the tests start (OMP_NUM_THREADS) get the same share.
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_share)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 
 
 def random_state(seed: int, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
