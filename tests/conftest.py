@@ -67,3 +67,9 @@ def one_thread():  # type: ignore[no-untyped-def]
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """End-to-end suite tests (the longest files) first: with one worker per core, the longest file
+    then starts at once and the other workers share the rest meanwhile."""
+    items.sort(key=lambda item: item.get_closest_marker("suite") is None)
