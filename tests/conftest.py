@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # pytest-xdist runs one worker per core: more torch threads per worker would only contend with
+    # the other workers. Subprocesses the tests start (OMP_NUM_THREADS) get the same share.
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_share)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 
 
 def random_state(seed: int, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
@@ -59,3 +67,9 @@ def one_thread():  # type: ignore[no-untyped-def]
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """End-to-end suite tests (the longest files) first: with one worker per core, the longest file
+    then starts at once and the other workers share the rest meanwhile."""
+    items.sort(key=lambda item: item.get_closest_marker("suite") is None)

@@ -7,27 +7,34 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from taskvec.bench.run import prepare, run_suite
-from taskvec.bench.suite import load_suite
+from taskvec.bench.suite import load_suite, suite_path
 from taskvec.errors import OutputError
 
 pytestmark = pytest.mark.suite
 
 
-def _short_tiny():  # type: ignore[no-untyped-def]
-    """The tiny suite with shorter learned runs: these tests check behaviour, not accuracy."""
-    suite = load_suite("tiny")
-    suite.compose.train["epochs"] = 3
-    return suite
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny suite (same backbone, heads and pinned items) with shorter fine-tuning and learned
+    runs, as a suite file: these tests check behaviour, not accuracy, and `prepare` and
+    `taskvec compose` find the run's cache entries through the same file."""
+    spec = yaml.safe_load(suite_path("tiny").read_text())
+    spec["finetune"]["epochs"] = 1
+    spec["compose"]["train"]["epochs"] = 1
+    path = tmp_path_factory.mktemp("suite") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def tiny(tiny_file: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     cache = tmp_path_factory.mktemp("cache")
     out = tmp_path_factory.mktemp("runs")
     results = run_suite(
-        _short_tiny(),
+        load_suite(tiny_file),
         ["task_arithmetic", "ties"],
         learned=["atlas_task", "variational"],
         out_dir=out,
@@ -37,9 +44,16 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
     return cache, out, results
 
 
-def test_coefficient_zero_and_one_give_back_pretrained_and_finetuned_exactly(tiny) -> None:  # type: ignore[no-untyped-def]
-    cache, _, results = tiny
-    prep = prepare("tiny", cache, progress=False)  # from the cache written by the run
+@pytest.fixture(scope="module")
+def prepared(tiny, tiny_file: Path):  # type: ignore[no-untyped-def]
+    """The suite prepared again from the cache written by the run."""
+    cache, _, _ = tiny
+    return prepare(tiny_file, cache, progress=False)
+
+
+def test_coefficient_zero_and_one_give_back_pretrained_and_finetuned_exactly(tiny, prepared) -> None:  # type: ignore[no-untyped-def]
+    _, _, results = tiny
+    prep = prepared
     assert prep.finetune_seconds == {}  # nothing was trained again
     for task in prep.tasks:
         tv = prep.task_vector(task)
@@ -51,9 +65,8 @@ def test_coefficient_zero_and_one_give_back_pretrained_and_finetuned_exactly(tin
         assert all(torch.equal(merged_one[k], prep.finetuned[task][k]) for k in merged_one)
 
 
-def test_batchnorm_statistics_stay_frozen(tiny) -> None:  # type: ignore[no-untyped-def]
-    cache, _, _ = tiny
-    prep = prepare("tiny", cache, progress=False)
+def test_batchnorm_statistics_stay_frozen(prepared) -> None:  # type: ignore[no-untyped-def]
+    prep = prepared
     stats = [k for k in prep.pretrained if k.endswith(("running_mean", "running_var"))]
     assert stats
     for task in prep.tasks:
@@ -99,7 +112,7 @@ def test_reports_are_written_and_consistent(tiny) -> None:  # type: ignore[no-un
             assert n["target"] == results["pretrained"][t]  # λ = 0 is the pretrained model itself
 
 
-def test_rerun_takes_finished_stages_from_disk(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_rerun_takes_finished_stages_from_disk(tiny, tiny_file: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """An interrupted `bench run` resumes: each finished stage is saved and reused when its suite,
     settings and seed are the same, and run again when they are not."""
     import shutil
@@ -121,111 +134,71 @@ def test_rerun_takes_finished_stages_from_disk(tiny, tmp_path: Path) -> None:  #
             progress=False,
         )
 
-    again = rerun(_short_tiny())
+    again = rerun(load_suite(tiny_file))
     assert again["learned"]["atlas_task"] == results["learned"]["atlas_task"]  # read back, not retrained
     assert again["methods"]["task_arithmetic"] == results["methods"]["task_arithmetic"]
-    spec = _short_tiny()
-    spec.compose.train["epochs"] = 1  # other settings: trained again
+    spec = load_suite(tiny_file)
+    spec.compose.train["lr"] = 5.0e-3  # other settings: trained again
     other = rerun(spec)
-    assert other["learned"]["atlas_task"][0]["config"]["train"]["epochs"] == 1
+    assert other["learned"]["atlas_task"][0]["config"]["train"]["lr"] == 5.0e-3
     mine = out / "tiny" / "stages" / "learned-atlas_block-s0.json"  # a file taskvec did not write: refused, kept
     mine.write_text('{"my": "notes"}')
     with pytest.raises(OutputError, match="learned-atlas_block-s0.json: not a stage written by taskvec"):
-        rerun(_short_tiny(), "atlas_block")
+        rerun(load_suite(tiny_file), "atlas_block")
     assert mine.read_text() == '{"my": "notes"}'
 
 
-def test_rerun_after_interrupted_finetuning_resumes(tmp_path: Path) -> None:
-    """A state file left by an interrupted run is picked up, and the result is the cached checkpoint."""
-    from taskvec.bench.backbones import load_backbone
-    from taskvec.bench.finetune import finetune
-    from taskvec.bench.models import features, fit_head
-    from taskvec.bench.suite import FinetuneSpec, load_task
-
-    suite = load_suite("tiny")
-    loaded = load_backbone(suite.backbone, suite.root)
-    backbone = loaded.module
-    pre = {k: v.clone() for k, v in backbone.state_dict().items()}
-    data = load_task(suite, suite.tasks[2], loaded)
-    head = fit_head(features(backbone, data.train), data.train.y, 10)
-    spec = FinetuneSpec(epochs=1, batch_size=64, lr=1e-4)
-    torch.manual_seed(0)
-    full = finetune(
-        backbone, head, data.train, spec, seed=0, state_path=tmp_path / "a.pt", progress=False, save_every=100
-    )
-    # interrupted after 2 of 4 steps: a state file at step 2 exists; rerunning finishes the same run
-    backbone.load_state_dict(pre)
-
-    class Stop(Exception):
-        pass
-
-    calls = {"n": 0}
-    orig = torch.optim.AdamW.step
-
-    def step(self, *a, **k):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise Stop
-        return orig(self, *a, **k)
-
-    torch.optim.AdamW.step = step  # type: ignore[method-assign]
-    try:
-        with pytest.raises(Stop):
-            finetune(
-                backbone, head, data.train, spec, seed=0, state_path=tmp_path / "b.pt", progress=False, save_every=2
-            )
-    finally:
-        torch.optim.AdamW.step = orig  # type: ignore[method-assign]
-    assert (tmp_path / "b.pt").exists()
-    backbone.load_state_dict(pre)
-    resumed = finetune(
-        backbone, head, data.train, spec, seed=0, state_path=tmp_path / "b.pt", progress=False, save_every=2
-    )
-    for k in full:
-        torch.testing.assert_close(resumed[k], full[k], rtol=1e-5, atol=1e-6)
-
-
-def test_variational_composer_on_tiny_saves_and_reloads(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """`taskvec compose train/eval` path on real data: train one epoch on the validation splits,
-    save, reload on a fresh backbone and get the same test predictions."""
-    from taskvec.bench.compose import ComposeRunConfig, evaluate_on_suite, load_on_suite, train_on_suite
+@pytest.fixture(scope="module")
+def composer(tiny, tiny_file: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A variational composer trained for one epoch on the validation splits and saved (the
+    `taskvec compose train` path), with its test result."""
+    from taskvec.bench.compose import ComposeRunConfig, train_on_suite
 
     cache, _, _ = tiny
     cfg = ComposeRunConfig(
-        suite="tiny", preset="variational", train={"epochs": 1, "batch_size": 64, "progress": False}, cache=str(cache)
+        suite=str(tiny_file),
+        preset="variational",
+        train={"epochs": 1, "batch_size": 64, "progress": False},
+        cache=str(cache),
     )
-    _, result, _ = train_on_suite(cfg, tmp_path / "composer")
+    folder = tmp_path_factory.mktemp("composer") / "composer"
+    _, result, _ = train_on_suite(cfg, folder)
+    return folder, result
+
+
+def test_variational_composer_on_tiny_saves_and_reloads(tiny, tiny_file: Path, composer) -> None:  # type: ignore[no-untyped-def]
+    """`taskvec compose train/eval` path on real data: train one epoch on the validation splits,
+    save, reload on a fresh backbone and get the same test predictions."""
+    from taskvec.bench.compose import evaluate_on_suite, load_on_suite
+
+    cache, _, _ = tiny
+    folder, result = composer
     assert set(result.accuracy) == {0, 1, 2} and all(0.0 <= a <= 1.0 for a in result.accuracy.values())
     assert all(0.0 <= v <= 1.0 for v in result.active.values())
-    composer, prep = load_on_suite(tmp_path / "composer", "tiny", cache)
-    again = evaluate_on_suite(composer, prep)
+    reloaded, prep = load_on_suite(folder, tiny_file, cache)
+    again = evaluate_on_suite(reloaded, prep)
     assert torch.equal(again.predictions, result.predictions)
 
 
-def test_predict_an_image_folder_with_the_tiny_composer(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_predict_an_image_folder_with_the_tiny_composer(composer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """`taskvec compose predict` on a folder of PNG files: the same predictions and coefficients as
     the composer gives the same images inside the suite's test split."""
     from PIL import Image
 
-    from taskvec.bench.compose import ComposeRunConfig, load_on_suite, predict, read_inputs, suite_data, train_on_suite
+    from taskvec.bench.compose import load_on_suite, predict, read_inputs, suite_data
     from taskvec.bench.suite import raw_splits
     from taskvec.variational import evaluate_composer
 
-    cache, _, _ = tiny
-    cfg = ComposeRunConfig(
-        suite="tiny", preset="variational", train={"epochs": 1, "batch_size": 64, "progress": False}, cache=str(cache)
-    )
-    train_on_suite(cfg, tmp_path / "composer")
-    composer, prep = load_on_suite(tmp_path / "composer")
+    saved, prep = load_on_suite(composer[0])  # the suite and cache it records
     raw = raw_splits(prep.suite, prep.suite.task("digits"))["test"]
     (tmp_path / "imgs").mkdir()
     for i in range(6):
         Image.fromarray(raw.x[i]).save(tmp_path / "imgs" / f"{i}.png")
     x, labels = read_inputs(tmp_path / "imgs", prep, "digits")
-    records = predict(composer, prep, "digits", x)
+    records = predict(saved, prep, "digits", x)
     data = suite_data(prep, "test", tasks=["digits"])
-    result = evaluate_composer(composer, data)
-    alpha = composer.coefficients(data.features[:6])
+    result = evaluate_composer(saved, data)
+    alpha = saved.coefficients(data.features[:6])
     for i, r in enumerate(records):
         assert (
             r["class_index"] == int(result.predictions[i])

@@ -26,6 +26,16 @@ from taskvec.variational import (
 from taskvec.variational.toy import toy_problem
 
 
+@pytest.fixture(autouse=True)
+def _registries_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kinds a test registers are gone after it: tests of other files (in this process, in any
+    order) see only the built-in ones."""
+    for registry in (COMPOSERS, BASES):
+        registry.load()
+        for attr in ("_kinds", "_origin", "_presets"):
+            monkeypatch.setattr(registry, attr, dict(getattr(registry, attr)))
+
+
 class TaskWeights(nn.Module):
     """One coefficient per task, the same for every block and sample."""
 
