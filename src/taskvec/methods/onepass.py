@@ -129,11 +129,7 @@ def merge_tensor(
                 d = _scratch(t, width, dtype)[:, : e - s]
                 for i, src in enumerate(sources):
                     read_into(src, key, s, e, d[i])
-            # in parts that stay in cache; a multiple of LAYOUT columns each, the last one taking
-            # the block's tail: every column is summed as in the whole block
-            n = e - s
-            cuts = [*range(0, n - SUB_BLOCK + 1, SUB_BLOCK), n] if n > SUB_BLOCK else [0, n]
-            return [_merge_block(d[:, a:b], s + a, lo, hi, weights, combine, out) for a, b in pairwise(cuts)]
+            return [_merge_block(d[:, a:b], s + a, lo, hi, weights, combine, out) for a, b in _parts(e - s)]
 
         # The kept columns go to two buffers allocated once (pages are mapped as they fill): many
         # small tensors left between the blocks' large temporaries would fragment the heap.
@@ -244,16 +240,15 @@ def _merge_block(
     t, n = d.shape
     a, keep = _buffers(t, n, d.dtype)
     torch.abs(d, out=a)
-    torch.sub(a, hi[:, None], out=keep)
-    torch.gt(keep, 0, out=keep)  # 1 where |x| > hi: kept whatever the exact threshold
+    torch.gt(a, hi[:, None], out=keep)  # 1 where |x| > hi: kept whatever the exact threshold
     above = keep.sum(1)  # integers below 2^24: exact in float32
     torch.ge(a, lo[:, None], out=a).sub_(keep)  # 1 where lo <= |x| <= hi
-    cols = torch.ones(t, dtype=d.dtype) @ a  # per column, how many tasks are inside their bracket
+    cols = a.sum(0)  # per column, how many tasks are inside their bracket (exact in any order)
     main = n - n % LAYOUT
     idx = cols[:main].nonzero().reshape(-1)
     tail = (s + main, d[:, main:].clone()) if main < n and bool(cols[main:].any()) else None
     kept = idx.numel() + (n - main if tail is not None else 0)
-    block = _Block(above.to(torch.int64), idx + s, d[:, idx], tail, kept)
+    block = _Block(above.to(torch.int64), idx + s, d.index_select(1, idx), tail, kept)
     out[s : s + n] = combine(torch.mul(d, keep, out=keep), weights)
     return block
 
@@ -342,8 +337,16 @@ def _merge_whole(
             read_into(src, key, s, e, whole[i, s:e])
     table = torch.tensor([magnitude_threshold(_nan_as_zero(whole[i]), density) for i in range(t)], dtype=torch.float64)
     for s, e in layout:
-        out[s:e] = combine(trim_by_threshold(whole[:, s:e], table, s), weights)
+        for a, b in _parts(e - s):
+            out[s + a : s + b] = combine(trim_by_threshold(whole[:, s + a : s + b], table, s + a), weights)
     return table
+
+
+def _parts(n: int) -> list[tuple[int, int]]:
+    """A block of `n` columns in parts that stay in cache: a multiple of `LAYOUT` columns each, the
+    last one taking the block's tail, so that every column is summed as in the whole block."""
+    cuts = [*range(0, n - SUB_BLOCK + 1, SUB_BLOCK), n] if n > SUB_BLOCK else [0, n]
+    return list(pairwise(cuts))
 
 
 def _nan_as_zero(x: torch.Tensor) -> torch.Tensor:
