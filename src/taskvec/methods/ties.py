@@ -28,7 +28,8 @@ def elect_and_merge(trimmed: torch.Tensor, weights: torch.Tensor, majority: str)
     sign = torch.sign(trimmed, out=_buffer(trimmed, 0))
     # sums of small integers (counts) are exact in any order
     mass = trimmed.sum(0) if majority == "total" else sign.sum(0)
-    elected = (mass >= 0).to(trimmed.dtype).mul_(2).sub_(1)  # +1 where mass >= 0, else -1
+    # +1 where mass >= 0, else -1 (a compare into a float tensor: much faster than through a boolean one)
+    elected = torch.ge(mass, 0, out=torch.empty_like(mass)).mul_(2).sub_(1)
     agree = torch.eq(sign, elected, out=sign)  # 1 where the entry has the elected sign, else 0
     count = agree.sum(0).clamp_(min=1)
     weighted = trimmed if bool((w == 1).all()) else torch.mul(trimmed, w[:, None], out=_buffer(trimmed, 1))
