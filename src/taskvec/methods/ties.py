@@ -25,12 +25,13 @@ def elect_and_merge(trimmed: torch.Tensor, weights: torch.Tensor, majority: str)
     than boolean masks on CPU and gives the same values; the (T, n) temporaries are per-thread
     buffers reused from call to call (no large allocation, and they stay in cache)."""
     w = weights.to(trimmed.dtype)
-    sign = torch.sign(trimmed, out=_buffer(trimmed, 0))
-    # sums of small integers (counts) are exact in any order
-    mass = trimmed.sum(0) if majority == "total" else sign.sum(0)
+    agree = _buffer(trimmed, 0)
+    # by count: sums of small integers, exact in any order
+    mass = trimmed.sum(0) if majority == "total" else torch.sign(trimmed, out=agree).sum(0)
     # +1 where mass >= 0, else -1 (a compare into a float tensor: much faster than through a boolean one)
     elected = torch.ge(mass, 0, out=torch.empty_like(mass)).mul_(2).sub_(1)
-    agree = torch.eq(sign, elected, out=sign)  # 1 where the entry has the elected sign, else 0
+    # 1 where the entry has the elected sign, else 0 (zeros have neither): one product and one compare
+    torch.gt(torch.mul(trimmed, elected, out=agree), 0, out=agree)
     count = agree.sum(0).clamp_(min=1)
     weighted = trimmed if bool((w == 1).all()) else torch.mul(trimmed, w[:, None], out=_buffer(trimmed, 1))
     total = torch.mul(weighted, agree, out=agree).sum(0)  # agree is not needed any more: no new buffer
