@@ -26,7 +26,7 @@ def elect_and_merge(trimmed: torch.Tensor, weights: torch.Tensor, majority: str)
     buffers reused from call to call (no large allocation, and they stay in cache)."""
     w = weights.to(trimmed.dtype)
     agree = _buffer(trimmed, 0)
-    # by count: sums of small integers, exact in any order
+    # by count: the sum of the signs (small integers, exact in any order)
     mass = trimmed.sum(0) if majority == "total" else torch.sign(trimmed, out=agree).sum(0)
     # +1 where mass >= 0, else -1 (a compare into a float tensor: much faster than through a boolean one)
     elected = torch.ge(mass, 0, out=torch.empty_like(mass)).mul_(2).sub_(1)
