@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import pairwise
 
 import torch
@@ -111,14 +112,16 @@ def merge_tensor(
             return None
         sample = [layout[i * len(layout) // SAMPLE_BLOCKS] for i in range(SAMPLE_BLOCKS)]
         sample = sorted(set(sample))
-        held: dict[tuple[int, int], torch.Tensor] = {}
-        for s, e in sample:
-            d = torch.empty(t, e - s, dtype=dtype)
+
+        def read(block: tuple[int, int]) -> torch.Tensor:
+            d = torch.empty(t, block[1] - block[0], dtype=dtype)
             for i, src in enumerate(sources):
-                read_into(src, key, s, e, d[i])
-            held[(s, e)] = d
+                read_into(src, key, *block, d[i])
+            return d
+
+        held = dict(zip(sample, _pool().map(read, sample), strict=True))  # read by the block threads
         picked = torch.cat([d[:, ::SAMPLE_STRIDE] for d in held.values()], dim=1) if held else None
-        bracket = _brackets(picked, density) if picked is not None else None
+        bracket = _brackets(picked, density, _pool()) if picked is not None else None
         if bracket is None:
             return None
         lo, hi = bracket
@@ -129,11 +132,7 @@ def merge_tensor(
                 d = _scratch(t, width, dtype)[:, : e - s]
                 for i, src in enumerate(sources):
                     read_into(src, key, s, e, d[i])
-            # in parts that stay in cache; a multiple of LAYOUT columns each, the last one taking
-            # the block's tail: every column is summed as in the whole block
-            n = e - s
-            cuts = [*range(0, n - SUB_BLOCK + 1, SUB_BLOCK), n] if n > SUB_BLOCK else [0, n]
-            return [_merge_block(d[:, a:b], s + a, lo, hi, weights, combine, out) for a, b in pairwise(cuts)]
+            return [_merge_block(d[:, a:b], s + a, lo, hi, weights, combine, out) for a, b in _parts(e - s)]
 
         # The kept columns go to two buffers allocated once (pages are mapped as they fill): many
         # small tensors left between the blocks' large temporaries would fragment the heap.
@@ -202,29 +201,34 @@ def _announce(sources: Sequence[Source], key: str, order: list[tuple[int, int]],
                 prefetch(src, key, *order[i])
 
 
-def _brackets(sample: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per task, [lo, hi]: the sample's order statistics of |x| `SIGMAS` standard errors either side
-    of its top-`density` quantile, from a sample (T, m) of the tensor. Found like the threshold
-    itself: one histogram of the top 16 bits of |x|'s bit pattern (all tasks at once), then a
-    sort of the few entries in the bins between the two."""
-    t, m = sample.shape
+def _brackets(
+    sample: torch.Tensor, density: float, pool: ThreadPoolExecutor | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per task, [lo, hi] (`_bracket` of each row of the sample (T, m)), the tasks in parallel in `pool`."""
+    one = partial(_bracket, density=density)
+    found = [f for f in (pool.map(one, sample) if pool is not None else map(one, sample)) if f is not None]
+    if len(found) < sample.shape[0]:
+        return None
+    return torch.tensor([lo for lo, _ in found]), torch.tensor([hi for _, hi in found])
+
+
+def _bracket(sample: torch.Tensor, density: float) -> tuple[float, float] | None:
+    """[lo, hi]: the sample's order statistics of |x| `SIGMAS` standard errors either side of its
+    top-`density` quantile, from a sample (m,) of one task's tensor. Found like the threshold
+    itself: a histogram of the top 16 bits of |x|'s bit pattern, then a sort of the few entries
+    in the bins between the two. None when it cannot hold the threshold (infinities or NaN, or
+    many zeros)."""
+    m = sample.numel()
     a = sample.abs()
     sd = SIGMAS * math.sqrt(density * (1 - density) * m) + 1
     r_hi, r_lo = max(1, int(density * m - sd)), min(m, int(math.ceil(density * m + sd)))  # ranks from the top
     digits = a.view(torch.int32) >> 16  # |x| >= 0: 15 bits
-    offsets = torch.arange(t, dtype=torch.int32)[:, None] << 15
-    hist = torch.bincount((digits + offsets).reshape(-1), minlength=t << 15).reshape(t, 1 << 15)
-    top = hist.flip(1).cumsum(1).flip(1)  # top[i, d]: entries of task i whose digit is >= d
-    d_hi = (top >= r_hi).sum(1) - 1
-    d_lo = (top >= r_lo).sum(1) - 1
-    bounds = torch.empty(2, t, dtype=torch.float32)
-    for i in range(t):
-        dh, dl = int(d_hi[i]), int(d_lo[i])
-        higher = int(top[i, dh + 1]) if dh + 1 < (1 << 15) else 0
-        inside = a[i][(digits[i] >= dl) & (digits[i] <= dh)].sort(descending=True).values
-        bounds[0, i], bounds[1, i] = inside[r_hi - higher - 1], inside[r_lo - higher - 1]
-    hi, lo = bounds[0], bounds[1]
-    if not bool(torch.isfinite(hi).all()) or bool((lo <= 0).any()):  # infinities or NaN, or many zeros: not here
+    top = torch.bincount(digits, minlength=1 << 15).flip(0).cumsum(0).flip(0)  # top[d]: entries whose digit is >= d
+    dh, dl = int((top >= r_hi).sum()) - 1, int((top >= r_lo).sum()) - 1
+    higher = int(top[dh + 1]) if dh + 1 < (1 << 15) else 0
+    inside = a[(digits >= dl) & (digits <= dh)].sort(descending=True).values
+    hi, lo = float(inside[r_hi - higher - 1]), float(inside[r_lo - higher - 1])
+    if not math.isfinite(hi) or not lo > 0:
         return None
     return lo, hi
 
@@ -244,16 +248,15 @@ def _merge_block(
     t, n = d.shape
     a, keep = _buffers(t, n, d.dtype)
     torch.abs(d, out=a)
-    torch.sub(a, hi[:, None], out=keep)
-    torch.gt(keep, 0, out=keep)  # 1 where |x| > hi: kept whatever the exact threshold
+    torch.gt(a, hi[:, None], out=keep)  # 1 where |x| > hi: kept whatever the exact threshold
     above = keep.sum(1)  # integers below 2^24: exact in float32
     torch.ge(a, lo[:, None], out=a).sub_(keep)  # 1 where lo <= |x| <= hi
-    cols = torch.ones(t, dtype=d.dtype) @ a  # per column, how many tasks are inside their bracket
+    cols = a.sum(0)  # per column, how many tasks are inside their bracket (exact in any order)
     main = n - n % LAYOUT
     idx = cols[:main].nonzero().reshape(-1)
     tail = (s + main, d[:, main:].clone()) if main < n and bool(cols[main:].any()) else None
     kept = idx.numel() + (n - main if tail is not None else 0)
-    block = _Block(above.to(torch.int64), idx + s, d[:, idx], tail, kept)
+    block = _Block(above.to(torch.int64), idx + s, d.index_select(1, idx), tail, kept)
     out[s : s + n] = combine(torch.mul(d, keep, out=keep), weights)
     return block
 
@@ -278,24 +281,27 @@ def _finish(
     pos: torch.Tensor,
 ) -> torch.Tensor | None:
     """Exact thresholds from the counts and the kept columns (`cols` at flat positions `pos`, the
-    blocks' main parts; the blocks' tails apart); recompute those columns."""
+    blocks' main parts; the blocks' tails apart); recompute those columns. Tasks, then column
+    chunks, are done in parallel by the block threads."""
     tails = [b.tail for b in blocks if b.tail is not None]
-    all_pos = torch.cat([pos] + [torch.arange(s0, s0 + x.shape[1]) for s0, x in tails])
-    order = torch.argsort(all_pos)  # ties at the threshold are kept by position
-    all_pos = all_pos[order]
+    parts = [(pos, cols)] + [(torch.arange(s0, s0 + x.shape[1]), x) for s0, x in tails]
     above = torch.stack([b.above for b in blocks]).sum(0)
-    table = torch.empty(len(lo), 2, dtype=torch.float64)
-    for i in range(len(lo)):
-        a = torch.cat([cols[i]] + [x[i] for _, x in tails])[order].abs_()
-        inside = (a >= lo[i]) & (a <= hi[i])
-        cand, cpos = a[inside], all_pos[inside]
-        r = k - int(above[i])  # the threshold is the r-th largest candidate
-        if not 1 <= r <= cand.numel():
-            return None
-        thr = cand.kthvalue(cand.numel() - r + 1).values
-        need = r - int((cand > thr).sum())
-        table[i, 0], table[i, 1] = float(thr), float(cpos[cand == thr][need - 1])
-    _recompute(cols, pos, tails, table, weights, combine, out)
+
+    def threshold(i: int) -> tuple[float, float] | None:
+        """Task i's (threshold, cut) from its entries inside the bracket."""
+        found = []
+        for p, x in parts:
+            a = x[i].abs()
+            j = _inside(a, lo[i], hi[i])
+            found.append((a.index_select(0, j), p.index_select(0, j)))
+        return _select(torch.cat([c for c, _ in found]), torch.cat([q for _, q in found]), k - int(above[i]))
+
+    pool = _pool()
+    found = list(pool.map(threshold, range(len(lo))))
+    if any(f is None for f in found):
+        return None
+    table = torch.tensor(found, dtype=torch.float64)
+    list(pool.map(lambda job: job(), _recompute(cols, pos, tails, table, weights, combine, out)))
     return table
 
 
@@ -307,20 +313,28 @@ def _recompute(
     weights: torch.Tensor,
     combine: Combine,
     out: torch.Tensor,
-) -> None:
-    """Merge the kept columns with the exact thresholds. Vectorised reductions sum the last
-    (length mod W) columns of an array in another order than the others, for a vector width W
-    that divides `LAYOUT`: the columns of the blocks' main parts are recomputed in arrays of a
-    multiple of `LAYOUT` columns (zero-padded), each block's tail as an array of its own length."""
-    step = 1 << 18
-    for s in range(0, pos.numel(), step):
-        p, c = pos[s : s + step], cols[:, s : s + step]
+) -> list[Callable[[], None]]:
+    """Jobs that merge the kept columns with the exact thresholds (each writes its own entries of
+    `out`). Vectorised reductions sum the last (length mod W) columns of an array in another
+    order than the others, for a vector width W that divides `LAYOUT`: the columns of the blocks'
+    main parts are recomputed in arrays of a multiple of `LAYOUT` columns (zero-padded), each
+    block's tail as an array of its own length."""
+
+    def main(s: int) -> None:
+        p, c = pos[s : s + RECOMPUTE_COLS], cols[:, s : s + RECOMPUTE_COLS]
         m = p.numel()
         x = torch.zeros(c.shape[0], -(-m // LAYOUT) * LAYOUT, dtype=c.dtype)
         x[:, :m] = exact_trim(c, table, p)
         out[p] = combine(x, weights)[:m]
-    for s0, d in tails:
+
+    def tail(s0: int, d: torch.Tensor) -> None:
         out[s0 : s0 + d.shape[1]] = combine(exact_trim(d, table, torch.arange(s0, s0 + d.shape[1])), weights)
+
+    jobs: list[Callable[[], None]] = [partial(main, s) for s in range(0, pos.numel(), RECOMPUTE_COLS)]
+    return jobs + [partial(tail, s0, d) for s0, d in tails]
+
+
+RECOMPUTE_COLS = 1 << 15  # kept columns recomputed at once (a multiple of LAYOUT)
 
 
 def _merge_whole(
@@ -342,8 +356,33 @@ def _merge_whole(
             read_into(src, key, s, e, whole[i, s:e])
     table = torch.tensor([magnitude_threshold(_nan_as_zero(whole[i]), density) for i in range(t)], dtype=torch.float64)
     for s, e in layout:
-        out[s:e] = combine(trim_by_threshold(whole[:, s:e], table, s), weights)
+        for a, b in _parts(e - s):
+            out[s + a : s + b] = combine(trim_by_threshold(whole[:, s + a : s + b], table, s + a), weights)
     return table
+
+
+def _parts(n: int) -> list[tuple[int, int]]:
+    """A block of `n` columns in parts that stay in cache: a multiple of `LAYOUT` columns each, the
+    last one taking the block's tail, so that every column is summed as in the whole block."""
+    cuts = [*range(0, n - SUB_BLOCK + 1, SUB_BLOCK), n] if n > SUB_BLOCK else [0, n]
+    return list(pairwise(cuts))
+
+
+def _inside(a: torch.Tensor, lo: torch.Tensor | float, hi: torch.Tensor | float) -> torch.Tensor:
+    """Positions, in increasing order, of the entries of |x| (`a`, 1-D) with lo <= a <= hi."""
+    inside = a >= lo
+    inside &= a <= hi
+    return inside.nonzero().reshape(-1)
+
+
+def _select(cand: torch.Tensor, pos: torch.Tensor, r: int) -> tuple[float, float] | None:
+    """(threshold, cut) that keeps the top `r` of the candidates |x| `cand` at flat positions
+    `pos` (ties at the threshold kept by position), or None when they do not hold the r-th."""
+    if not 1 <= r <= cand.numel():
+        return None
+    thr = cand.kthvalue(cand.numel() - r + 1).values
+    need = r - int((cand > thr).sum())
+    return float(thr), float(pos[cand == thr].sort().values[need - 1])
 
 
 def _nan_as_zero(x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ entry, and average only the entries that agree with it (disjoint mean)."""
 
 from __future__ import annotations
 
+import threading
 from typing import Literal
 
 import torch
@@ -21,18 +22,36 @@ def elect_and_merge(trimmed: torch.Tensor, weights: torch.Tensor, majority: str)
     """Sign election on the trimmed (unweighted) deltas, then the weighted disjoint mean.
 
     Written with float arithmetic only (masks as 0/1 factors), which is several times faster
-    than boolean masks on CPU and gives the same values."""
-    sign = trimmed.sign()
-    ones = torch.ones(trimmed.shape[0], dtype=trimmed.dtype, device=trimmed.device)
-    # sums of small integers are exact in any order: a matrix-vector product, faster than sum(0)
-    mass = trimmed.sum(0) if majority == "total" else ones @ sign
-    elected = (mass >= 0).to(trimmed.dtype).mul_(2).sub_(1)  # +1 where mass >= 0, else -1
-    agree = torch.eq(sign, elected, out=sign)  # 1 where the entry has the elected sign, else 0
-    count = (ones @ agree).clamp_(min=1)
+    than boolean masks on CPU and gives the same values; the (T, n) temporaries are per-thread
+    buffers reused from call to call (no large allocation, and they stay in cache)."""
     w = weights.to(trimmed.dtype)
-    weighted = trimmed if bool((w == 1).all()) else trimmed * w[:, None]
+    agree = _buffer(trimmed, 0)
+    # by count: the sum of the signs (small integers, exact in any order)
+    mass = trimmed.sum(0) if majority == "total" else torch.sign(trimmed, out=agree).sum(0)
+    # +1 where mass >= 0, else -1 (a compare into a float tensor: much faster than through a boolean one)
+    elected = torch.ge(mass, 0, out=torch.empty_like(mass)).mul_(2).sub_(1)
+    # 1 where the entry has the elected sign, else 0 (zeros have neither): one product and one compare
+    torch.gt(torch.mul(trimmed, elected, out=agree), 0, out=agree)
+    count = agree.sum(0).clamp_(min=1)
+    weighted = trimmed if bool((w == 1).all()) else torch.mul(trimmed, w[:, None], out=_buffer(trimmed, 1))
     total = torch.mul(weighted, agree, out=agree).sum(0)  # agree is not needed any more: no new buffer
     return total.div_(count)
+
+
+SCRATCH_ELEMS = 1 << 19  # largest (T, n) whose temporaries are kept per thread (2 MiB of float32 each)
+_local = threading.local()
+
+
+def _buffer(like: torch.Tensor, i: int) -> torch.Tensor:
+    """Buffer `i` (0 or 1) of `like`'s shape and dtype: a per-thread one kept for the next call
+    when `like` is a small CPU tensor (the blocks of a streamed merge), else a new one."""
+    n = like.numel()
+    if like.device.type != "cpu" or n > SCRATCH_ELEMS:
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.dtype != like.dtype:
+        buf = _local.buf = torch.empty(2 * SCRATCH_ELEMS, dtype=like.dtype)
+    return buf[i * SCRATCH_ELEMS : i * SCRATCH_ELEMS + n].view(like.shape)
 
 
 def merge(deltas: torch.Tensor, weights: torch.Tensor, params: MethodParams, ctx: SliceContext) -> torch.Tensor:
