@@ -120,7 +120,8 @@ def bare_checkpoints(prep: Any, out: Path) -> list[Path]:
 
 def run(out: Path, label: str, static: bool, tune: bool) -> dict[str, Any]:
     import taskvec
-    from taskvec.bench.run import DEFAULT_PARAMS, prepare, run_bank, run_method
+    from taskvec.bench.prepare import prepare
+    from taskvec.bench.run import DEFAULT_PARAMS, run_bank, run_method
     from taskvec.config import MergeConfig
 
     suite = write_suite(out)
@@ -158,7 +159,7 @@ def run(out: Path, label: str, static: bool, tune: bool) -> dict[str, Any]:
         result["static_forward_needed"] = need
         print(f"{label}: static {result['static']} vs forward passes {need}", flush=True)
     if tune:
-        from taskvec.tune import tune_merge
+        from taskvec.bench.tune import tune_merge
 
         ckpts = bare_checkpoints(prep, out)
         cfg = MergeConfig(

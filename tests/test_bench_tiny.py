@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from taskvec.bench.run import prepare, run_suite
+from taskvec.bench.prepare import prepare
+from taskvec.bench.run import run_suite
 from taskvec.bench.suite import load_suite
 from taskvec.errors import OutputError
 
@@ -207,7 +208,8 @@ def test_predict_an_image_folder_with_the_tiny_composer(tiny, tmp_path: Path) ->
     the composer gives the same images inside the suite's test split."""
     from PIL import Image
 
-    from taskvec.bench.compose import ComposeRunConfig, load_on_suite, predict, read_inputs, suite_data, train_on_suite
+    from taskvec.bench.compose import ComposeRunConfig, load_on_suite, predict, read_inputs, train_on_suite
+    from taskvec.bench.learned import suite_data
     from taskvec.bench.suite import raw_splits
     from taskvec.variational import evaluate_composer
 

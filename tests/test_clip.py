@@ -196,7 +196,7 @@ def ran(project: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def prep(project: Path, ran: dict[str, Any]) -> Any:
-    from taskvec.bench.run import prepare
+    from taskvec.bench.prepare import prepare
 
     return prepare(project / "suite.yaml", project / "cache", progress=False)
 

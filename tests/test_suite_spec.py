@@ -205,7 +205,7 @@ def test_hf_image_backbone_with_its_processor_statistics(tmp_path: Path) -> None
     std, features = the first token; checked against the model run by hand."""
     transformers = pytest.importorskip("transformers")
     from taskvec.bench.models import features
-    from taskvec.bench.run import prepare
+    from taskvec.bench.prepare import prepare
 
     torch.manual_seed(0)
     cfg = transformers.ViTConfig(

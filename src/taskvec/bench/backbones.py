@@ -19,6 +19,7 @@ from taskvec.bench import clip
 from taskvec.bench.sources import import_object, resolve
 from taskvec.config import Strict
 from taskvec.errors import ConfigError, KeyMismatchError
+from taskvec.io import open_checkpoint, read
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 Pool = Literal["mean", "cls", "pooler", "none", "image_embeds"]
@@ -269,8 +270,6 @@ def match_state(
     one more leading module (e.g. 'bert.' of a task model with a classifier); extra tensors (a
     classifier) are ignored; a missing one is an error naming the file, unless it is `optional`
     (it then keeps its value in `target`)."""
-    from taskvec.io import open_checkpoint, read
-
     src = open_checkpoint(path)
     have = set(src.keys())
     prefixes = [prefix] if isinstance(prefix, str) else list(prefix)

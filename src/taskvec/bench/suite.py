@@ -32,11 +32,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field, PrivateAttr, SerializeAsAny, field_validator, model_validator
 
-from taskvec.bench.backbones import Backbone, BackboneSpec, Inputs
+from taskvec.bench.backbones import Backbone, BackboneSpec
+from taskvec.bench.data import Split
 from taskvec.bench.heads import HEADS
 from taskvec.bench.sources import SOURCES, RawData, load_source
 from taskvec.config import Strict, known_name, load_yaml_config
 from taskvec.errors import ConfigError
+from taskvec.variational import PRESETS
 
 SPLITS = ("train", "val", "test")
 
@@ -146,8 +148,6 @@ class ComposeSpec(Strict):
 
     @model_validator(mode="after")
     def _known(self) -> ComposeSpec:
-        from taskvec.variational import PRESETS
-
         for name in [*self.learned, *self.presets]:
             known_name(name, PRESETS, "composer preset")
         return self
@@ -270,29 +270,6 @@ def load_suite(name_or_path: str | Path) -> SuiteSpec:
 
 
 # ----------------------------------------------------------------------------- data
-
-
-@dataclass
-class Split:
-    """Model-ready inputs (an image tensor, or token ids + mask) and labels."""
-
-    x: Inputs
-    y: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    def take(self, idx: torch.Tensor) -> Split:
-        """The rows `idx` as a split of their own."""
-        x = {k: v[idx] for k, v in self.x.items()} if isinstance(self.x, dict) else self.x[idx]
-        return Split(x, self.y[idx])
-
-    def batch(self, idx: torch.Tensor | slice) -> tuple[Inputs, torch.Tensor]:
-        if isinstance(self.x, dict):
-            x = {k: v[idx] for k, v in self.x.items()}
-            n = int(x["attention_mask"].sum(1).max())  # trim padding to the longest item in the batch
-            return {k: v[:, :n] for k, v in x.items()}, self.y[idx]
-        return self.x[idx], self.y[idx]
 
 
 @dataclass

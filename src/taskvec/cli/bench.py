@@ -51,7 +51,8 @@ def run(
     same command again goes on from the first unfinished stage."""
     import torch
 
-    from taskvec.bench.run import load_data, plan_suite, print_plan, run_suite
+    from taskvec.bench.prepare import load_data
+    from taskvec.bench.run import plan_suite, print_plan, run_suite
     from taskvec.bench.suite import load_suite
     from taskvec.methods import get_method
 
