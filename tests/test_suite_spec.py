@@ -86,6 +86,26 @@ def test_every_builtin_suite_loads_and_keeps_its_cache_entries() -> None:
             assert t.cache_key == h({"b": b, "task": old, "ft": ft, "c": s.head.c}), (name, t.name)
 
 
+def test_a_backbone_named_by_kind_is_the_short_form_with_the_same_cache_keys(tmp_path: Path) -> None:
+    """`{hf: ...}` and `{factory: ...}` are the built-in kinds 'hf' and 'factory'; written either way,
+    a suite hashes as its backbone always did (the recorded hashes of the built-in suites are
+    checked above), so cached heads and checkpoints stay valid."""
+    tasks = "tasks:\n  - name: a\n    data: {kind: csv, path: a.csv}\n    split: {train: 1, val: 1, test: 1}\n"
+    for short, named in [
+        ("{hf: m, pool: cls}", "{kind: hf, hf: m, pool: cls}"),
+        ("{factory: m:f, images: {size: 8}}", "{kind: factory, factory: m:f, images: {size: 8}}"),
+    ]:
+        a = _suite(tmp_path, f"name: s\nbackbone: {short}\n{tasks}")
+        b = _suite(tmp_path, f"name: s\nbackbone: {named}\n{tasks}")
+        assert a.backbone == b.backbone and a.task_hash(a.tasks[0]) == b.task_hash(b.tasks[0])
+    with pytest.raises(ConfigError, match=r"backbone: .*exactly one of 'hf'"):
+        _suite(tmp_path, f"name: s\nbackbone: {{hf: m, factory: m:f}}\n{tasks}")
+    with pytest.raises(ConfigError, match=r"backbone: .*unknown backbone kind 'onnx'"):
+        _suite(tmp_path, f"name: s\nbackbone: {{kind: onnx, path: m.onnx}}\n{tasks}")
+    with pytest.raises(ConfigError, match=r"backbone: .*text"):
+        _suite(tmp_path, f"name: s\nbackbone: {{kind: clip, hf: m, text: {{max_length: 8}}}}\n{tasks}")
+
+
 def test_table_sources_read_named_columns_and_string_labels(tmp_path: Path) -> None:
     (tmp_path / "a.csv").write_text('review,stars\n"good, really",pos\nbad,neg\nfine,pos\n')
     raw = load_source(SOURCES.parse({"kind": "csv", "path": "a.csv", "text": "review", "label": "stars"}), tmp_path)
@@ -319,11 +339,11 @@ def test_items_digest_pins_the_exact_items(tmp_path: Path) -> None:
 
 def test_zero_shot_head_on_real_minilm_names_obvious_topics(tmp_path: Path) -> None:
     """The real MiniLM encoder, label texts in a template: clear-cut news sentences get their topic."""
-    from taskvec.bench.backbones import BackboneSpec, load_backbone
+    from taskvec.bench.backbones import backbone_spec, load_backbone
     from taskvec.bench.suite import Split
 
     loaded = load_backbone(
-        BackboneSpec(factory="taskvec.bench.assets:load_minilm", pool="mean", text={"max_length": 32}), tmp_path
+        backbone_spec(factory="taskvec.bench.assets:load_minilm", pool="mean", text={"max_length": 32}), tmp_path
     )
     classes = ["sport", "business", "technology", "politics"]
     texts = [

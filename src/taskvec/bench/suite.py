@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field, PrivateAttr, SerializeAsAny, field_validator, model_validator
 
-from taskvec.bench.backbones import Backbone, BackboneSpec
+from taskvec.bench.backbones import Backbone, backbone_fields, parse_backbone
 from taskvec.bench.data import Split
 from taskvec.bench.heads import HEADS
 from taskvec.bench.sources import SOURCES, RawData, load_source
@@ -158,7 +158,7 @@ class SuiteSpec(Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     description: str = ""
-    backbone: BackboneSpec
+    backbone: SerializeAsAny[BaseModel]
     tasks: list[TaskSpec] = Field(min_length=1)
     head: SerializeAsAny[BaseModel] = Field(default_factory=lambda: HEADS.parse({"kind": "linear_probe"}))
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
@@ -168,6 +168,7 @@ class SuiteSpec(Strict):
     _source: str = PrivateAttr(default="")
 
     _suite_head = field_validator("head", mode="before")(_head)
+    _backbone = field_validator("backbone", mode="before")(parse_backbone)
 
     @model_validator(mode="after")
     def _unique(self) -> SuiteSpec:
@@ -203,10 +204,8 @@ class SuiteSpec(Strict):
 
     def backbone_hash(self) -> str:
         """Hash of everything that changes the backbone or its inputs (not the tasks)."""
-        paths = [self.backbone.hf, self.backbone.checkpoint]
-        return _hash(
-            {"backbone": self.backbone.model_dump(mode="json"), "root": self._root_if(paths), "seed": self.seed}
-        )
+        paths = [getattr(self.backbone, f, None) for f in ("hf", "checkpoint", "path")]
+        return _hash({"backbone": backbone_fields(self.backbone), "root": self._root_if(paths), "seed": self.seed})
 
     def task_hash(self, task: TaskSpec) -> str:
         """Hash of everything that changes one task's head or fine-tuned checkpoint."""

@@ -102,7 +102,9 @@ def list_suites() -> None:
         for name in builtin_suites():
             s = load_suite(name)
             tasks = ", ".join(f"{x.name} ({_split(x)})" for x in s.tasks)
-            t.add_row(s.name, s.backbone.hf or s.backbone.factory or "", tasks, s.description)
+            b = s.backbone
+            where = getattr(b, "hf", None) or getattr(b, "factory", None) or getattr(b, "kind", "")
+            t.add_row(s.name, where, tasks, s.description)
     except TaskVecError as e:
         _fail(e)
     console.print(t)
