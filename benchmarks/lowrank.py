@@ -90,7 +90,7 @@ def accuracy(args: argparse.Namespace) -> None:
     from taskvec.bench.learned import learned_config, suite_data, task_parts
     from taskvec.bench.models import forward_features
     from taskvec.bench.prepare import prepare
-    from taskvec.bench.run import DEFAULT_PARAMS, choose_lambda
+    from taskvec.bench.run import choose_lambda
     from taskvec.variational import evaluate_composer, train_composer
 
     prep = prepare(args.suite)
@@ -110,7 +110,7 @@ def accuracy(args: argparse.Namespace) -> None:
     def statics(tvs: list[TaskVector]) -> dict[str, float]:
         out: dict[str, float] = {}
         for method in ("task_arithmetic", "ties"):
-            r = choose_lambda(prep, compose(tvs, method, **DEFAULT_PARAMS.get(method, {})))
+            r = choose_lambda(prep, compose(tvs, method, **prep.suite.compose.params(method)))
             out[method] = 100 * statistics.fmean(r["test"].values())  # type: ignore[union-attr]
             out[f"{method}_lambda"] = float(r["lambda"])  # type: ignore[arg-type]
         return out

@@ -121,7 +121,8 @@ def bare_checkpoints(prep: Any, out: Path) -> list[Path]:
 def run(out: Path, label: str, static: bool, tune: bool) -> dict[str, Any]:
     import taskvec
     from taskvec.bench.prepare import prepare
-    from taskvec.bench.run import DEFAULT_PARAMS, run_bank, run_method
+    from taskvec.bench.run import run_bank, run_method
+    from taskvec.bench.suite import BankSpec
     from taskvec.config import MergeConfig
 
     suite = write_suite(out)
@@ -146,10 +147,10 @@ def run(out: Path, label: str, static: bool, tune: bool) -> dict[str, Any]:
         clock = Clock()
         lambdas = {}
         for m in METHODS:
-            r = run_method(prep, m, dict(DEFAULT_PARAMS.get(m, {})))
+            r = run_method(prep, m, prep.suite.compose.params(m))
             lambdas[m] = r["lambda"]
             print(f"{label}: {m} λ {r['lambda']} after {counts['val']:g} validation evaluations", flush=True)
-        r = run_bank(prep, {}, out / f"bank-{label}")  # M = ceil(T / 2) bases
+        r = run_bank(prep, BankSpec(), out / f"bank-{label}")  # M = ceil(T / 2) bases
         lambdas["bank"] = r["lambda"]
         result["static"] = clock.read()
         result["static_evaluations"] = dict(counts)

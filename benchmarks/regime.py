@@ -32,7 +32,7 @@ import torch
 
 from taskvec.bench.prepare import prepare
 from taskvec.bench.report import scores
-from taskvec.bench.run import DEFAULT_PARAMS, run_method
+from taskvec.bench.run import run_method
 from taskvec.bench.suite import SuiteSpec, load_suite
 from taskvec.io.atomic import write_text_atomic
 
@@ -64,7 +64,7 @@ def sweep_one(suite: str, recipe: str, learned: list[str]) -> dict[str, Any]:
         "lambda": {},
     }
     for m in STATIC:
-        r = run_method(prep, m, dict(DEFAULT_PARAMS.get(m, {})))
+        r = run_method(prep, m, prep.suite.compose.params(m))
         out["lambda"][m] = r["lambda"]
         out["val"][m] = r["val"][str(r["lambda"])]
         out["test"][m] = r["test"]

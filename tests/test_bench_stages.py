@@ -164,8 +164,11 @@ def test_an_interrupted_run_writes_its_table_and_the_rerun_goes_on(
     assert calls == {}
 
     # a changed setting of one stage: only that stage runs again
-    monkeypatch.setitem(run_mod.DEFAULT_PARAMS, "ties", {"density": 0.5})
-    _run(suite_file, out, cache)
+    ties = suite_file.with_name("ties-0.5.yaml")
+    static = "compose:\n  static: {task_arithmetic: {}, ties: {density: 0.5}}\n"
+    ties.write_text(suite_file.read_text().replace("compose:\n", static))
+    assert load_suite(ties).compose.params("ties") == {"density": 0.5}
+    _run(ties, out, cache)
     assert calls == {"run_method": 1}
 
 

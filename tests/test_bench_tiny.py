@@ -19,7 +19,7 @@ pytestmark = pytest.mark.suite
 def _short_tiny():  # type: ignore[no-untyped-def]
     """The tiny suite with shorter learned runs: these tests check behaviour, not accuracy."""
     suite = load_suite("tiny")
-    suite.compose.train["epochs"] = 3
+    suite.compose.train.epochs = 3
     return suite
 
 
@@ -126,7 +126,7 @@ def test_rerun_takes_finished_stages_from_disk(tiny, tmp_path: Path) -> None:  #
     assert again["learned"]["atlas_task"] == results["learned"]["atlas_task"]  # read back, not retrained
     assert again["methods"]["task_arithmetic"] == results["methods"]["task_arithmetic"]
     spec = _short_tiny()
-    spec.compose.train["epochs"] = 1  # other settings: trained again
+    spec.compose.train.epochs = 1  # other settings: trained again
     other = rerun(spec)
     assert other["learned"]["atlas_task"][0]["config"]["train"]["epochs"] == 1
     mine = out / "tiny" / "stages" / "learned-atlas_block-s0.json"  # a file taskvec did not write: refused, kept

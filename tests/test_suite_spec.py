@@ -365,3 +365,65 @@ def test_zero_shot_head_on_real_minilm_names_obvious_topics(tmp_path: Path) -> N
 
     f = features(loaded.module, Split(loaded.encode(texts), torch.arange(4)))
     assert head(f).argmax(-1).tolist() == [0, 1, 2, 3]
+
+
+TASKS = "tasks:\n  - name: a\n    data: {kind: csv, path: a.csv}\n    split: {train: 1, val: 1, test: 1}\n"
+
+
+def test_a_bad_compose_key_fails_in_load_suite_before_any_work(tmp_path: Path) -> None:
+    from taskvec.bench.run import run_suite
+
+    bad = {
+        "train: {epoch: 10}": r"compose\.train\.epoch: Extra inputs are not permitted",
+        "presets: {atlas_task: {train: {lr: -1}}}": r"compose\.presets\.atlas_task\.train\.lr: .*greater than 0",
+        "presets: {variational: {composer: {kl_wieght: 1}}}": r"presets\.variational\.composer\.kl_wieght",
+        "bases: {m: 2, nonsense: 1}": r"compose\.bases: .*nonsense",
+        "static: {ties: {density: 2}}": r"compose\.static: ties\.density: .*less than or equal to 1",
+        "static: {tiez: {}}": r"compose\.static: unknown merge method 'tiez'",
+    }
+    for text, msg in bad.items():
+        (tmp_path / "s.yaml").write_text(HEAD + f"compose: {{{text}}}\n" + TASKS)
+        with pytest.raises(ConfigError, match=msg) as e:
+            load_suite(tmp_path / "s.yaml")
+        assert "\n" not in str(e.value)
+        with pytest.raises(ConfigError, match=msg):  # the run stops there: nothing loaded, nothing written
+            run_suite(tmp_path / "s.yaml", out_dir=tmp_path / "runs", cache=tmp_path / "cache")
+        assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+def test_static_merges_and_training_options_are_typed(tmp_path: Path) -> None:
+    from taskvec.methods import get_method
+
+    text = (
+        "compose:\n  static: {dare: {density: 0.3}, ties: {}}\n"
+        "  train: {epochs: 3, lr: 0.01}\n  presets: {atlas_task: {train: {epochs: 5}}}\n  bases: {m: 2, merge: ties}\n"
+    )
+    spec = _suite(tmp_path, HEAD + text + TASKS).compose
+    assert list(spec.static) == ["dare", "ties"]  # the suite's order is the run's
+    assert spec.static["dare"] == get_method("dare").params(density=0.3, seed=0)
+    assert spec.params("dare") == {"density": 0.3} and spec.params("ties") == {}  # as given: the stage keys
+    assert spec.params("magnitude") == {}  # not in the suite: the method's defaults
+    assert spec.train_options("atlas_task") == {"epochs": 5, "lr": 0.01}
+    assert spec.train_options("variational") == {"epochs": 3, "lr": 0.01}
+    assert spec.bases is not None and spec.bases.options() == {"m": 2, "merge": "ties"}
+    assert spec.bases.method == "cluster" and spec.bases.method_options() == {"merge": "ties"}
+
+
+def test_the_default_static_merges_are_the_four_methods_with_their_usual_params(tmp_path: Path) -> None:
+    """A suite without `static:` runs what bench run always ran, with the same params (so the same
+    stage keys and results)."""
+    from taskvec.methods import get_method
+
+    spec = _suite(tmp_path, HEAD + TASKS).compose
+    usual = {
+        "task_arithmetic": {},
+        "ties": {"density": 0.2},
+        "dare": {"density": 0.5, "seed": 0},
+        "magnitude": {"density": 0.2},
+    }
+    assert list(spec.static) == list(usual)
+    for m, params in usual.items():
+        assert spec.params(m) == params
+        assert spec.static[m] == get_method(m).params(**params)
+    assert spec.bases is not None and spec.bases.options() == {}
+    assert spec.train_options("atlas_task") == {}

@@ -69,7 +69,7 @@ def learned_config(prep: Prepared, name: str, seed: int, init_coef: float | None
     over: dict[str, Any] = dict(own.composer) if own else {}
     if init_coef is not None:
         over.setdefault("init_coef", init_coef)
-    train = {**spec.train, **(own.train if own else {}), "seed": seed, "progress": progress}
+    train = {**spec.train_options(name), "seed": seed, "progress": progress}
     return ComposeTrainConfig(composer=suite_composer(name, **over), train=TrainConfig(**train))
 
 

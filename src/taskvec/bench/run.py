@@ -32,22 +32,16 @@ from taskvec.bench.learned import learned_config, run_learned, suite_data
 from taskvec.bench.models import forward_features
 from taskvec.bench.prepare import Prepared, build_heads, finetune_task, finetuned_source, load_data
 from taskvec.bench.report import check_ours, print_stage, write_reports
-from taskvec.bench.suite import SuiteSpec, load_suite
+from taskvec.bench.suite import BankSpec, SuiteSpec, load_suite
 from taskvec.core import TaskVector
 from taskvec.errors import ConfigError, OutputError
 from taskvec.grid import LAMBDAS, OnEval, extend_search
 from taskvec.io.atomic import write_text_atomic
 from taskvec.io.readers import parse_json
-from taskvec.methods import compose
+from taskvec.methods import compose, get_method
 from taskvec.progress import bar
 from taskvec.variational import PRESETS
 
-DEFAULT_METHODS = ("task_arithmetic", "ties", "dare", "magnitude")
-DEFAULT_PARAMS: dict[str, dict[str, object]] = {
-    "ties": {"density": 0.2},
-    "dare": {"density": 0.5, "seed": 0},
-    "magnitude": {"density": 0.2},
-}
 NEG_LAMBDAS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 1.5, 2.0)
 CONTROL_KEEP = 0.95
 STAGE_FORMAT = "taskvec/bench-stage"
@@ -146,14 +140,15 @@ def run_negation(
 
 
 def run_bank(
-    prep: Prepared, options: dict[str, Any], out: Path, lambdas: Sequence[float] = LAMBDAS, *, progress: bool = False
+    prep: Prepared, spec: BankSpec, out: Path, lambdas: Sequence[float] = LAMBDAS, *, progress: bool = False
 ) -> dict[str, object]:
     """A bank of M bases (default M = ceil(T/2)) built from the task vectors into `out`, then task
     addition from the bank, lambda chosen on validation; memory is the bank's files on disk."""
     names = list(prep.tasks)
-    opts = dict(options)
-    m = int(opts.pop("m", None) or -(-len(names) // 2))
-    method = str(opts.pop("method", "cluster"))
+    m = spec.m or -(-len(names) // 2)
+    method = spec.method
+    opts: dict[str, Any] = {"affinity": spec.affinity, "max_m": spec.max_m, **spec.method_options()}
+    opts = {k: v for k, v in opts.items() if v is not None}
     if method == "cluster":
         opts.setdefault("merge", "mean")
     t0 = time.perf_counter()
@@ -244,9 +239,9 @@ def _method_key(prep: Prepared, method: str, params: dict[str, Any], lambdas: Se
     return None if base is None else _hash([base, method, params, sorted(lambdas)])
 
 
-def _bank_key(prep: Prepared, options: dict[str, Any], lambdas: Sequence[float]) -> str | None:
+def _bank_key(prep: Prepared, spec: BankSpec, lambdas: Sequence[float]) -> str | None:
     base = suite_key(prep)
-    return None if base is None else _hash([base, "bank", options, sorted(lambdas)])
+    return None if base is None else _hash([base, "bank", spec.options(), sorted(lambdas)])
 
 
 def _learned_key(prep: Prepared, name: str, seed: int, init: float | None) -> str | None:
@@ -264,6 +259,15 @@ def _negation_key(prep: Prepared, lambdas: Sequence[float]) -> str | None:
 
 
 # --------------------------------------------------------------------------- the plan
+
+
+def _check_static(suite: SuiteSpec, methods: Sequence[str] | None) -> list[str]:
+    """The static merges to run (default: the suite's `compose.static`), refused before any work if
+    unknown; one the suite gives no params for takes its method's defaults."""
+    names = list(suite.compose.static if methods is None else methods)
+    for m in names:
+        get_method(m)
+    return names
 
 
 def _check_learned(suite: SuiteSpec, learned: Sequence[str] | None) -> list[str]:
@@ -332,7 +336,7 @@ def _when(seconds: float) -> str:
 
 def plan_suite(
     prep: Prepared,
-    methods: Sequence[str] = DEFAULT_METHODS,
+    methods: Sequence[str] | None = None,
     *,
     out_dir: Path = Path("runs"),
     negation: bool = True,
@@ -345,6 +349,7 @@ def plan_suite(
     (cached fine-tunes, saved stages under out_dir), and an estimate of the rest from a timed
     forward pass (training steps: forward plus a backward of about twice its cost)."""
     suite = prep.suite
+    methods = _check_static(suite, methods)
     learned = _check_learned(suite, learned)
     n_seeds = seeds or suite.compose.seeds
     stages = out_dir / suite.name / "stages"
@@ -381,7 +386,7 @@ def plan_suite(
     per_method = n_lam * val + test
     done = 0
     for m in methods:
-        params = dict(DEFAULT_PARAMS.get(m, {}))
+        params = suite.compose.params(m)
         saved = load_stage(stages, f"static-{m}", _method_key(prep, m, params, lambdas))
         done += saved is not None
         if saved is not None and m == "task_arithmetic":
@@ -476,7 +481,7 @@ def _task_stage(prep: Prepared, task: str, seconds: float | None, progress: bool
 
 def run_suite(
     suite_name: str | Path | SuiteSpec,
-    methods: Sequence[str] = DEFAULT_METHODS,
+    methods: Sequence[str] | None = None,
     *,
     out_dir: Path = Path("runs"),
     cache: Path | None = None,
@@ -489,15 +494,17 @@ def run_suite(
     show_plan: bool = True,
 ) -> dict[str, object]:
     """The whole benchmark of one suite; writes results.json, results.md and accuracy.png under
-    out_dir/suite. Static merges (`methods`), a bank of bases (the suite's `compose.bases`), and
-    the learned compositions (`learned`, default the suite's `compose.learned`) over `seeds` seeds
-    (default the suite's `compose.seeds`), each learned one starting at task arithmetic's lambda.
+    out_dir/suite. Static merges (`methods`, default the suite's `compose.static`), a bank of bases
+    (the suite's `compose.bases`), and the learned compositions (`learned`, default the suite's
+    `compose.learned`) over `seeds` seeds (default the suite's `compose.seeds`), each learned one
+    starting at task arithmetic's lambda.
 
     Each stage is saved under out_dir/suite/stages when it finishes and its result printed; a
     rerun reads back the finished ones. On KeyboardInterrupt the table of the finished stages is
     written (results.json says `"complete": false`) and the interrupt goes on."""
     console = console or Console()
     suite = suite_name if isinstance(suite_name, SuiteSpec) else load_suite(suite_name)
+    methods = _check_static(suite, methods)
     learned = _check_learned(suite, learned)
     n_seeds = seeds or suite.compose.seeds
     folder = out_dir / suite.name
@@ -533,7 +540,7 @@ def run_suite(
             print_stage(results, "task", task, console, saved=saved)
         for m in methods:
             stage = f"static merge {m}"
-            params = dict(DEFAULT_PARAMS.get(m, {}))
+            params = suite.compose.params(m)
             key = _method_key(prep, m, params, LAMBDAS)
             assert key is not None
             res = load_stage(stages, f"static-{m}", key)

@@ -21,7 +21,10 @@ app = typer.Typer(
 @app.command("run")
 def run(
     suite: Annotated[str, typer.Argument(help="a suite YAML file, or a built-in suite (taskvec bench list)")],
-    methods: Annotated[str, typer.Option(help="comma-separated merge methods")] = "task_arithmetic,ties,dare,magnitude",
+    methods: Annotated[
+        str | None,
+        typer.Option(help="comma-separated merge methods (default: the suite's compose.static, with their params)"),
+    ] = None,
     out: Annotated[Path, typer.Option("-o", "--out", help="folder for results.json/.md and accuracy.png")] = Path(
         "runs"
     ),
@@ -59,8 +62,8 @@ def run(
     if threads:
         torch.set_num_threads(threads)
     try:
-        names = [m.strip() for m in methods.split(",") if m.strip()]
-        for m in names:
+        names = None if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
+        for m in names or []:
             get_method(m)
         spec = load_suite(suite)
         chosen = None if learned is None else [m.strip() for m in learned.split(",") if m.strip()]
