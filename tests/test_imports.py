@@ -173,6 +173,16 @@ def test_the_library_does_not_import_the_bench(
     assert {m: r for m, r in reached.items() if r} == {}
 
 
+def test_no_private_name_is_imported_from_another_module() -> None:
+    """A name shared between modules is public (no leading underscore)."""
+    found = []
+    for module in module_names():
+        for node in ast.walk(ast.parse(_path(module).read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("taskvec"):
+                found += [f"{module}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert found == []
+
+
 def test_the_graph_sees_real_imports() -> None:
     """The reader finds what the files import (a check of the test itself)."""
     known = set(module_names())

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from taskvec.cli.common import _fail, console
+from taskvec.cli.common import console, fail
 from taskvec.errors import TaskVecError
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ def run(
             console=console,
         )
     except TaskVecError as e:
-        _fail(e)
+        fail(e)
     except KeyboardInterrupt:
         console.print("stopped; run the same command again to go on from the first unfinished stage")
         raise typer.Exit(130) from None
@@ -109,7 +109,7 @@ def list_suites() -> None:
             where = getattr(b, "hf", None) or getattr(b, "factory", None) or getattr(b, "kind", "")
             t.add_row(s.name, where, tasks, s.description)
     except TaskVecError as e:
-        _fail(e)
+        fail(e)
     console.print(t)
 
 
