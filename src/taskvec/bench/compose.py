@@ -1,6 +1,8 @@
-"""Learned compositions on a suite: train the variational composer or a learned-coefficient
-baseline on the validation splits (labels) or on unlabeled test inputs (AdaMerging's entropy
-objective), score it on the test splits, predict new inputs of a task, and export a task's model."""
+"""What `taskvec compose` does with a suite: its config file, training a composer (the variational
+one or a learned-coefficient baseline) on the validation splits or on unlabeled test inputs
+(AdaMerging's entropy objective) and saving it, scoring a saved one on the test splits, predicting
+new inputs of a task, and exporting a task's model. The learned runs of `bench run` and the
+stacked splits they learn from are in taskvec.bench.learned."""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ class HeadContext:
     """What a head builder may use: the pretrained backbone, the task's data, its cache folder."""
 
     backbone: Any  # taskvec.bench.backbones.Backbone, with pretrained weights loaded
-    task: Any  # taskvec.bench.spec.TaskData
+    task: Any  # taskvec.bench.suite.TaskData
     cache: Path
     root: Path
 
