@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from taskvec.bases import Bank, build_bank
-from taskvec.bench.run import choose_lambda, negate, prepare
+from taskvec.bench.prepare import prepare
+from taskvec.bench.run import choose_lambda, negate
 from taskvec.core import TaskVector
 from taskvec.io.atomic import write_text_atomic
 

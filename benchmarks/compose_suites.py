@@ -55,9 +55,9 @@ from typing import Any
 
 import torch
 
-from taskvec.bench.compose import suite_composer, suite_data, training_data
+from taskvec.bench.learned import suite_composer, suite_data, training_data
 from taskvec.bench.models import forward_features
-from taskvec.bench.run import prepare
+from taskvec.bench.prepare import prepare
 from taskvec.io.atomic import write_text_atomic
 from taskvec.variational import (
     ComposeTrainConfig,

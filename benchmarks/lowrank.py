@@ -87,9 +87,10 @@ def compress_at(
 
 
 def accuracy(args: argparse.Namespace) -> None:
-    from taskvec.bench.compose import learned_config, suite_data, task_parts
+    from taskvec.bench.learned import learned_config, suite_data, task_parts
     from taskvec.bench.models import forward_features
-    from taskvec.bench.run import DEFAULT_PARAMS, choose_lambda, prepare
+    from taskvec.bench.prepare import prepare
+    from taskvec.bench.run import choose_lambda
     from taskvec.variational import evaluate_composer, train_composer
 
     prep = prepare(args.suite)
@@ -109,7 +110,7 @@ def accuracy(args: argparse.Namespace) -> None:
     def statics(tvs: list[TaskVector]) -> dict[str, float]:
         out: dict[str, float] = {}
         for method in ("task_arithmetic", "ties"):
-            r = choose_lambda(prep, compose(tvs, method, **DEFAULT_PARAMS.get(method, {})))
+            r = choose_lambda(prep, compose(tvs, method, **prep.suite.compose.params(method)))
             out[method] = 100 * statistics.fmean(r["test"].values())  # type: ignore[union-attr]
             out[f"{method}_lambda"] = float(r["lambda"])  # type: ignore[arg-type]
         return out
@@ -412,9 +413,10 @@ def forward(args: argparse.Namespace) -> None:
 def forward_suite(args: argparse.Namespace) -> None:
     """The composed forward on a real suite: its backbone, its task vectors at each of --ranks, the
     coefficients a trained variational composer gives its test inputs, against the backbone alone."""
-    from taskvec.bench.compose import learned_config, suite_data, task_parts
+    from taskvec.bench.learned import learned_config, suite_data, task_parts
     from taskvec.bench.models import forward_features
-    from taskvec.bench.run import choose_lambda, prepare
+    from taskvec.bench.prepare import prepare
+    from taskvec.bench.run import choose_lambda
     from taskvec.variational import ComposedModel, ops, train_composer
     from taskvec.variational.engine import take
 

@@ -120,7 +120,9 @@ def bare_checkpoints(prep: Any, out: Path) -> list[Path]:
 
 def run(out: Path, label: str, static: bool, tune: bool) -> dict[str, Any]:
     import taskvec
-    from taskvec.bench.run import DEFAULT_PARAMS, prepare, run_bank, run_method
+    from taskvec.bench.prepare import prepare
+    from taskvec.bench.run import run_bank, run_method
+    from taskvec.bench.suite import BankSpec
     from taskvec.config import MergeConfig
 
     suite = write_suite(out)
@@ -145,10 +147,10 @@ def run(out: Path, label: str, static: bool, tune: bool) -> dict[str, Any]:
         clock = Clock()
         lambdas = {}
         for m in METHODS:
-            r = run_method(prep, m, dict(DEFAULT_PARAMS.get(m, {})))
+            r = run_method(prep, m, prep.suite.compose.params(m))
             lambdas[m] = r["lambda"]
             print(f"{label}: {m} λ {r['lambda']} after {counts['val']:g} validation evaluations", flush=True)
-        r = run_bank(prep, {}, out / f"bank-{label}")  # M = ceil(T / 2) bases
+        r = run_bank(prep, BankSpec(), out / f"bank-{label}")  # M = ceil(T / 2) bases
         lambdas["bank"] = r["lambda"]
         result["static"] = clock.read()
         result["static_evaluations"] = dict(counts)
@@ -158,7 +160,7 @@ def run(out: Path, label: str, static: bool, tune: bool) -> dict[str, Any]:
         result["static_forward_needed"] = need
         print(f"{label}: static {result['static']} vs forward passes {need}", flush=True)
     if tune:
-        from taskvec.tune import tune_merge
+        from taskvec.bench.tune import tune_merge
 
         ckpts = bare_checkpoints(prep, out)
         cfg = MergeConfig(

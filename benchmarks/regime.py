@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
+from taskvec.bench.prepare import prepare
 from taskvec.bench.report import scores
-from taskvec.bench.run import DEFAULT_PARAMS, prepare, run_method
+from taskvec.bench.run import run_method
 from taskvec.bench.suite import SuiteSpec, load_suite
 from taskvec.io.atomic import write_text_atomic
 
@@ -51,7 +52,7 @@ def with_recipe(suite: str, recipe: str) -> SuiteSpec:
 
 def sweep_one(suite: str, recipe: str, learned: list[str]) -> dict[str, Any]:
     """Fine-tune (or read from the cache) with one recipe; validation and test numbers."""
-    from taskvec.bench.compose import run_learned, suite_data
+    from taskvec.bench.learned import run_learned, suite_data
 
     t0 = time.perf_counter()
     prep = prepare(with_recipe(suite, recipe), progress=False)
@@ -63,7 +64,7 @@ def sweep_one(suite: str, recipe: str, learned: list[str]) -> dict[str, Any]:
         "lambda": {},
     }
     for m in STATIC:
-        r = run_method(prep, m, dict(DEFAULT_PARAMS.get(m, {})))
+        r = run_method(prep, m, prep.suite.compose.params(m))
         out["lambda"][m] = r["lambda"]
         out["val"][m] = r["val"][str(r["lambda"])]
         out["test"][m] = r["test"]

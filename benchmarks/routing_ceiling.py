@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from taskvec.bench.compose import suite_composer, suite_data, task_parts
+from taskvec.bench.learned import suite_composer, suite_data, task_parts
 from taskvec.bench.models import forward_features
-from taskvec.bench.run import prepare
+from taskvec.bench.prepare import prepare
 from taskvec.io.atomic import write_text_atomic
 from taskvec.variational import evaluate_composer
 from taskvec.variational.train import build_composer

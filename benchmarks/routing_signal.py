@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from taskvec.bench.compose import suite_data
-from taskvec.bench.run import prepare
+from taskvec.bench.learned import suite_data
+from taskvec.bench.prepare import prepare
 from taskvec.io.atomic import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]

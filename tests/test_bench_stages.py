@@ -16,9 +16,11 @@ from rich.console import Console
 from torch import nn
 from typer.testing import CliRunner
 
+import taskvec.bench.prepare as prepare_mod
 import taskvec.bench.run as run_mod
+from taskvec.bench.prepare import load_data
 from taskvec.bench.report import print_table
-from taskvec.bench.run import load_data, plan_suite, run_suite
+from taskvec.bench.run import plan_suite, run_suite
 from taskvec.bench.suite import load_suite
 from taskvec.cli import app
 from taskvec.errors import OutputError
@@ -114,8 +116,6 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> None:
 def test_an_interrupted_run_writes_its_table_and_the_rerun_goes_on(
     project: tuple[Path, Path, Path, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import taskvec.bench.compose as compose_mod
-
     suite_file, cache, _, full = project  # full: an uninterrupted run, for reference
     out = tmp_path / "runs"
     assert full["complete"] is True
@@ -149,9 +149,9 @@ def test_an_interrupted_run_writes_its_table_and_the_rerun_goes_on(
     ]
 
     calls: dict[str, int] = {}
-    for name in ("finetune", "_task_stage", "run_method", "run_bank", "run_negation"):
+    _count(monkeypatch, "finetune", calls, prepare_mod)
+    for name in ("_task_stage", "run_method", "run_bank", "run_negation", "run_learned"):
         _count(monkeypatch, name, calls)
-    _count(monkeypatch, "run_learned", calls, compose_mod)
     again = _run(suite_file, out, cache)
     assert calls == {"run_bank": 1, "run_learned": 1, "run_negation": 1}  # only the unfinished stages ran
     assert again["complete"] is True
@@ -164,19 +164,20 @@ def test_an_interrupted_run_writes_its_table_and_the_rerun_goes_on(
     assert calls == {}
 
     # a changed setting of one stage: only that stage runs again
-    monkeypatch.setitem(run_mod.DEFAULT_PARAMS, "ties", {"density": 0.5})
-    _run(suite_file, out, cache)
+    ties = suite_file.with_name("ties-0.5.yaml")
+    static = "compose:\n  static: {task_arithmetic: {}, ties: {density: 0.5}}\n"
+    ties.write_text(suite_file.read_text().replace("compose:\n", static))
+    assert load_suite(ties).compose.params("ties") == {"density": 0.5}
+    _run(ties, out, cache)
     assert calls == {"run_method": 1}
 
 
 def test_an_interrupt_inside_learned_runs_keeps_the_finished_seeds(
     project: tuple[Path, Path, Path, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import taskvec.bench.compose as compose_mod
-
     suite_file, cache, _, _ = project
     out = tmp_path / "runs"
-    orig = compose_mod.run_learned
+    orig = run_mod.run_learned
     seen: list[int] = []
 
     def second_seed_stops(prep: Any, name: str, seed: int, *a: Any, **k: Any) -> Any:
@@ -188,7 +189,7 @@ def test_an_interrupt_inside_learned_runs_keeps_the_finished_seeds(
     spec = load_suite(suite_file)
     spec.compose.seeds = 2
     kw: dict[str, Any] = dict(out_dir=out, cache=cache, progress=False, negation=False, bases=False)
-    monkeypatch.setattr(compose_mod, "run_learned", second_seed_stops)
+    monkeypatch.setattr(run_mod, "run_learned", second_seed_stops)
     with pytest.raises(KeyboardInterrupt):
         run_suite(spec, [], console=Console(record=True), **kw)
     partial = json.loads((out / "stages" / "results.json").read_text())
@@ -200,7 +201,7 @@ def test_an_interrupt_inside_learned_runs_keeps_the_finished_seeds(
         seen.append(seed)
         return orig(prep, name, seed, *a, **k)
 
-    monkeypatch.setattr(compose_mod, "run_learned", counted)
+    monkeypatch.setattr(run_mod, "run_learned", counted)
     again = run_suite(spec, [], console=Console(record=True), **kw)
     assert seen == [1]  # seed 0 read back, seed 1 trained
     assert [r["seed"] for r in again["learned"]["atlas_task"]] == [0, 1]

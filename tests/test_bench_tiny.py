@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from taskvec.bench.run import prepare, run_suite
+from taskvec.bench.prepare import prepare
+from taskvec.bench.run import run_suite
 from taskvec.bench.suite import load_suite, suite_path
 from taskvec.errors import OutputError
 
@@ -138,7 +139,7 @@ def test_rerun_takes_finished_stages_from_disk(tiny, tiny_file: Path, tmp_path: 
     assert again["learned"]["atlas_task"] == results["learned"]["atlas_task"]  # read back, not retrained
     assert again["methods"]["task_arithmetic"] == results["methods"]["task_arithmetic"]
     spec = load_suite(tiny_file)
-    spec.compose.train["lr"] = 5.0e-3  # other settings: trained again
+    spec.compose.train.lr = 5.0e-3  # other settings: trained again
     other = rerun(spec)
     assert other["learned"]["atlas_task"][0]["config"]["train"]["lr"] == 5.0e-3
     mine = out / "tiny" / "stages" / "learned-atlas_block-s0.json"  # a file taskvec did not write: refused, kept
@@ -185,7 +186,8 @@ def test_predict_an_image_folder_with_the_tiny_composer(composer, tmp_path: Path
     the composer gives the same images inside the suite's test split."""
     from PIL import Image
 
-    from taskvec.bench.compose import load_on_suite, predict, read_inputs, suite_data
+    from taskvec.bench.compose import load_on_suite, predict, read_inputs
+    from taskvec.bench.learned import suite_data
     from taskvec.bench.suite import raw_splits
     from taskvec.variational import evaluate_composer
 

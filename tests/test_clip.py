@@ -196,7 +196,7 @@ def ran(project: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def prep(project: Path, ran: dict[str, Any]) -> Any:
-    from taskvec.bench.run import prepare
+    from taskvec.bench.prepare import prepare
 
     return prepare(project / "suite.yaml", project / "cache", progress=False)
 
@@ -284,7 +284,7 @@ def test_task_arithmetic_accuracy_equals_a_float64_merge_of_the_pool_files(
 def test_a_clip_vision_folder_with_the_text_tower_of_a_clip_folder(project: Path, prep: Any, tmp_path: Path) -> None:
     """A bare CLIPVisionModel backbone gives the pooled output; the head of a separate CLIPModel
     folder applies that folder's projection, frozen: the same logits as the CLIPModel backbone."""
-    from taskvec.bench.backbones import BackboneSpec, load_backbone
+    from taskvec.bench.backbones import backbone_spec, load_backbone
     from taskvec.bench.heads import HEADS, HeadContext, build_head
     from taskvec.bench.suite import load_task
     from taskvec.errors import ConfigError
@@ -294,7 +294,7 @@ def test_a_clip_vision_folder_with_the_text_tower_of_a_clip_folder(project: Path
     _vision_inner(vision).load_state_dict(_vision(clip).state_dict())
     vision.save_pretrained(tmp_path / "vision")
     transformers.AutoImageProcessor.from_pretrained(project / "clip-vit").save_pretrained(tmp_path / "vision")
-    loaded = load_backbone(BackboneSpec(hf=str(tmp_path / "vision")), project)
+    loaded = load_backbone(backbone_spec(hf=str(tmp_path / "vision")), project)
     assert loaded.clip == "pooler" and "visual_projection.weight" not in loaded.module.state_dict()
     task = load_task(prep.suite, prep.suite.task("high"), loaded)
     cfg = HEADS.parse({"kind": "clip_zero_shot", "templates": TEMPLATES, "text_model": "clip-vit"})
@@ -303,7 +303,7 @@ def test_a_clip_vision_folder_with_the_text_tower_of_a_clip_folder(project: Path
         got = head(loaded.module(task.test.x))
         ref = prep.heads["high"](prep.backbone(prep.tasks["high"].test.x))
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    pooled = load_backbone(BackboneSpec(hf="clip-vit", pool="pooler"), project)  # FusionBench's split
+    pooled = load_backbone(backbone_spec(hf="clip-vit", pool="pooler"), project)  # FusionBench's split
     assert pooled.clip == "pooler" and set(pooled.module.state_dict()) == set(loaded.module.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(pooled.module(task.test.x), loaded.module(task.test.x), atol=0, rtol=0)
@@ -362,14 +362,14 @@ def test_per_sample_composition_of_clip_equals_one_model_per_sample(prep: Any) -
 def test_clip_settings_that_cannot_work_are_refused(project: Path) -> None:
     from pydantic_core import PydanticCustomError
 
-    from taskvec.bench.backbones import BackboneSpec, load_backbone
+    from taskvec.bench.backbones import backbone_spec, load_backbone
     from taskvec.bench.heads import HEADS
     from taskvec.errors import ConfigError
 
     with pytest.raises(ConfigError, match="pool.*'image_embeds'.*'pooler'"):
-        load_backbone(BackboneSpec(hf="clip-vit", pool="mean"), project)
+        load_backbone(backbone_spec(hf="clip-vit", pool="mean"), project)
     with pytest.raises(ConfigError, match="remove 'text:'"):
-        load_backbone(BackboneSpec(hf="clip-vit", text={"max_length": 8}), project)
+        load_backbone(backbone_spec(hf="clip-vit", text={"max_length": 8}), project)
     with pytest.raises(PydanticCustomError, match="exactly one '{}'"):
         HEADS.parse({"kind": "clip_zero_shot", "templates": ["no placeholder"]})
 
@@ -405,7 +405,7 @@ def test_the_field_protocol_suite_in_the_docs_is_a_valid_suite(tmp_path: Path) -
 
     import yaml
 
-    from taskvec.bench.backbones import BackboneSpec
+    from taskvec.bench.backbones import backbone_spec
     from taskvec.bench.heads import HEADS
     from taskvec.bench.suite import load_suite
 
@@ -426,16 +426,16 @@ def test_the_field_protocol_suite_in_the_docs_is_a_valid_suite(tmp_path: Path) -
     assert all(suite.head_of(t).kind == "clip_zero_shot" and t.finetuned for t in suite.tasks)
     assert len(suite.task("eurosat").head.labels) == 10  # type: ignore[union-attr]
     factory = yaml.safe_load(factory_yaml)
-    assert BackboneSpec(**factory["backbone"]).factory == "myclip:visual"
+    assert backbone_spec(**factory["backbone"]).factory == "myclip:visual"
     assert HEADS.parse(factory["head"]).text_encoder == "myclip:text"  # type: ignore[attr-defined]
 
 
 def test_images_override_the_clip_image_processor(project: Path) -> None:
     """`images: {size}` replaces the processor's resize and crop; mean and std stay the processor's."""
-    from taskvec.bench.backbones import BackboneSpec, load_backbone, prepare_images
+    from taskvec.bench.backbones import backbone_spec, load_backbone, prepare_images
 
     x, _ = _digits()
-    loaded = load_backbone(BackboneSpec(hf="clip-vit", images={"size": 32}), project)
+    loaded = load_backbone(backbone_spec(hf="clip-vit", images={"size": 32}), project)
     proc = transformers.AutoImageProcessor.from_pretrained(project / "clip-vit")
     want = prepare_images(x[:8], 32, tuple(proc.image_mean), tuple(proc.image_std))
     assert torch.equal(loaded.encode(x[:8]), want)

@@ -4,8 +4,8 @@ one file (or by another package) is tested here without being named.
 - merge methods: merging a slice equals slicing the merge; a merge streamed from files equals one
   in memory; float32 agrees with the float64 merge; a bad option is an error naming it.
 - composer kinds and presets: each builds on a toy problem and trains one step.
-- data sources and heads: a config missing a required option, or with an unknown one, is refused
-  with an error naming it.
+- data sources, heads and backbones: a config missing a required option, or with an unknown one,
+  is refused with an error naming it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from taskvec.bench.backbones import BACKBONES
 from taskvec.bench.heads import HEADS
 from taskvec.bench.sources import SOURCES
 from taskvec.core import TaskVector
@@ -138,14 +139,20 @@ def test_composer_options_of_another_kind_are_refused() -> None:
         preset("atlas_task", kl_weight=0.1)  # only the variational kind has a KL term
 
 
-# --------------------------------------------------------------------------- data sources and heads
+# --------------------------------------------------------------------------- data sources, heads, backbones
 
 
 def _kinds(registry: Registry) -> list[tuple[Registry, str]]:  # type: ignore[type-arg]
     return [(registry, name) for name in registry.names()]
 
 
-@pytest.mark.parametrize(("registry", "name"), _kinds(SOURCES) + _kinds(HEADS), ids=lambda x: getattr(x, "what", x))
+# Options a kind needs beside its required ones (a rule between options rather than a required field).
+COMPANIONS: dict[tuple[str, str], dict[str, object]] = {("backbone kind", "factory"): {"images": {"size": 8}}}
+
+
+@pytest.mark.parametrize(
+    ("registry", "name"), _kinds(SOURCES) + _kinds(HEADS) + _kinds(BACKBONES), ids=lambda x: getattr(x, "what", x)
+)
 def test_configs_refuse_unknown_and_missing_options(registry: Registry, name: str) -> None:  # type: ignore[type-arg]
     check_config(registry, name)
 
@@ -154,6 +161,7 @@ def check_config(registry: Registry, name: str) -> None:  # type: ignore[type-ar
     config = registry.get(name).config
     required = [f for f, info in config.model_fields.items() if info.is_required() and f != registry.key]
     filled = {f: _example(config.model_fields[f].annotation) for f in required}
+    filled.update(COMPANIONS.get((registry.what, name), {}))
     ok = registry.get_config({registry.key: name, **filled})
     assert type(ok) is config
     with pytest.raises(ConfigError, match="nonsense"):
@@ -220,6 +228,25 @@ def build_fixed(cfg, ctx):
 HEAD = Kind("fixed", FixedHead, build_fixed, "a linear head given in the suite file")
 
 
+class RandomFeatures(Strict):
+    \"\"\"A seeded random linear map of flattened images.\"\"\"
+
+    kind: Literal["random_features"]
+    width: int = Field(4, ge=1)
+    pixels: int
+
+
+def build_random_features(cfg, root):
+    from taskvec.bench.backbones import Backbone
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Flatten(), nn.Linear(cfg.pixels, cfg.width))
+    return Backbone(module.eval(), lambda x: torch.as_tensor(x, dtype=torch.float32) / 255, "images")
+
+
+BACKBONE = Kind("random_features", RandomFeatures, build_random_features, "a seeded random linear map")
+
+
 def presets():
     COMPOSERS.add_preset("atlas_half", "shared", {"objective": "supervised", "blocks": "all", "init_coef": 0.5})
 """
@@ -231,6 +258,9 @@ largest = tvconform:METHOD
 [taskvec.heads]
 fixed = tvconform:HEAD
 
+[taskvec.backbones]
+random_features = tvconform:BACKBONE
+
 [taskvec.composers]
 atlas_half = tvconform:presets
 """
@@ -238,11 +268,11 @@ atlas_half = tvconform:presets
 
 @pytest.fixture
 def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    """An installed distribution, as pip leaves it, adding a merge method, a head and a composer
-    preset through entry points; the registries are restored after."""
+    """An installed distribution, as pip leaves it, adding a merge method, a head, a backbone and
+    a composer preset through entry points; the registries are restored after."""
     import sys
 
-    for registry in (METHODS, HEADS, COMPOSERS):
+    for registry in (METHODS, HEADS, BACKBONES, COMPOSERS):
         registry.load()
         for attr in ("_kinds", "_origin", "_presets"):
             monkeypatch.setattr(registry, attr, dict(getattr(registry, attr)))
@@ -279,6 +309,22 @@ def test_kinds_of_another_package_are_found_and_keep_the_contract(plugin: Path, 
     x = torch.tensor([[1.0, 2.0]])
     torch.testing.assert_close(head(x), torch.tensor([[1.0, 5.5]]))
     assert not any(p.requires_grad for p in head.parameters())
+
+    # the backbone: validated in a suite like the built-in ones, and it builds
+    from taskvec.bench.backbones import load_backbone
+    from taskvec.bench.suite import SuiteSpec
+
+    assert "random_features" in BACKBONES.names() and BACKBONES.source("random_features") == "tvconform"
+    split = {"train": 1, "val": 1, "test": 1}
+    suite = {"name": "s", "tasks": [{"name": "t", "data": {"kind": "npz", "path": "d.npz"}, "split": split}]}
+    with pytest.raises(ValueError, match="nonsense"):
+        SuiteSpec(**suite, backbone={"kind": "random_features", "pixels": 4, "nonsense": 1})
+    spec = SuiteSpec(**suite, backbone={"kind": "random_features", "pixels": 4, "width": 3})
+    loaded = load_backbone(spec.backbone, tmp_path)
+    images = torch.arange(8, dtype=torch.uint8).view(2, 2, 2)
+    lin = loaded.module[1]
+    ref = (images.float() / 255).view(2, 4) @ lin.weight.T + lin.bias
+    torch.testing.assert_close(loaded.module(loaded.encode(images)), ref)
 
     # the composer preset: a preset of the 'shared' kind, which builds and trains like the others
     assert "atlas_half" in PRESETS and COMPOSERS.source("atlas_half") == "tvconform"

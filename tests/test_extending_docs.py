@@ -17,6 +17,7 @@ from taskvec import TaskVector
 from taskvec.bases import fit_bases
 from taskvec.bases.config import BasesConfig
 from taskvec.bases.fit import BASES
+from taskvec.bench.backbones import BACKBONES, backbone_spec, load_backbone
 from taskvec.bench.heads import HEADS, HeadContext, build_head
 from taskvec.bench.sources import SOURCES, load_source
 from taskvec.methods import METHODS, compose
@@ -29,7 +30,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 def examples(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """Every python block of the page executed in order, each in a namespace of its own; the
     registries are restored after the test."""
-    for registry in (METHODS, COMPOSERS, HEADS, SOURCES, BASES):
+    for registry in (METHODS, COMPOSERS, HEADS, SOURCES, BASES, BACKBONES):
         registry.load()
         for attr in ("_kinds", "_origin", "_presets"):
             monkeypatch.setattr(registry, attr, dict(getattr(registry, attr)))
@@ -62,6 +63,14 @@ def test_the_worked_examples_register_and_work(examples: dict[str, Any], tmp_pat
     cfg = HEADS.get_config({"kind": "fixed", "weight": [[1.0, 0.0], [0.0, 2.0]], "bias": [0.5, 0.0]})
     head = build_head(cfg, HeadContext(backbone=None, task=None, cache=tmp_path, root=tmp_path))
     torch.testing.assert_close(head(torch.tensor([[1.0, 1.0]])), torch.tensor([[1.5, 2.0]]))
+
+    # backbone
+    loaded = load_backbone(backbone_spec(kind="random_projection", pixels=4, width=3), tmp_path)
+    images = np.arange(8, dtype=np.uint8).reshape(2, 2, 2)
+    lin = loaded.module[1]
+    ref = torch.from_numpy(images).float().reshape(2, 4) / 255 @ lin.weight.T + lin.bias
+    torch.testing.assert_close(loaded.module(loaded.encode(images)), ref)
+    assert loaded.kind == "images" and lin.out_features == 3
 
     # data source
     (tmp_path / "reviews").mkdir()

@@ -15,33 +15,11 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "taskvec"
 
-# Imports of taskvec modules inside functions that remain, with the module-level cycle each one
-# avoids, in files other work is restructuring; remove an entry once its file has none.
-ALLOWED_FUNCTION_IMPORTS = {
-    # bench/run <-> bench/compose (the harness split)
-    ("taskvec.bench.run", "taskvec.bench.compose"),
-    ("taskvec.bench.run", "taskvec.bench.report"),
-    ("taskvec.bench.run", "taskvec.bases"),
-    ("taskvec.bench.run", "taskvec.errors"),
-    ("taskvec.bench.run", "taskvec.variational"),
-    # bench/heads -> bench/models -> bench/suite -> bench/heads
-    ("taskvec.bench.heads", "taskvec.bench.models"),
-    ("taskvec.bench.suite", "taskvec.variational"),
-    # tune (library) -> bench (harness): to go with tune moving under bench/
-    ("taskvec.tune", "taskvec.bench.backbones"),
-    ("taskvec.tune", "taskvec.bench.run"),
-    # optional-dependency helper and lazy loaders in files being restructured
-    ("taskvec.bench.report", "taskvec._optional"),
-    ("taskvec.bench.report", "taskvec.report"),
-    ("taskvec.bench.report", "taskvec.errors"),
-    ("taskvec.bench.models", "taskvec._optional"),
-    ("taskvec.bench.backbones", "taskvec.io"),
-}
-# Cycles through those imports, as the set of modules on each (same files, same reason).
-ALLOWED_CYCLES = [
-    {"taskvec.bench.run", "taskvec.bench.compose"},
-    {"taskvec.bench.heads", "taskvec.bench.models", "taskvec.bench.suite"},
-]
+# Imports of taskvec modules inside functions allowed outside the CLI (none: optional third-party
+# dependencies are imported through taskvec._optional at call time, the helper itself at the top).
+ALLOWED_FUNCTION_IMPORTS: set[tuple[str, str]] = set()
+# Cycles allowed through imports inside functions (none).
+ALLOWED_CYCLES: list[set[str]] = []
 
 
 def module_names() -> list[str]:
@@ -174,6 +152,35 @@ def test_imports_inside_functions_only_in_the_cli_or_for_optional_dependencies(
     _, inner = graphs
     found = {(m, t) for m, ts in inner.items() if not m.startswith("taskvec.cli") for t in ts}
     assert found - ALLOWED_FUNCTION_IMPORTS == set()
+
+
+def test_the_library_does_not_import_the_bench(
+    graphs: tuple[dict[str, set[str]], dict[str, set[str]]],
+) -> None:
+    """Only the CLI and the bench itself reach taskvec.bench (the harness sits on the library)."""
+    top, inner = graphs
+    both = {m: top[m] | inner[m] for m in top}
+    library = [m for m in both if not m.startswith(("taskvec.bench", "taskvec.cli"))]
+    reached: dict[str, set[str]] = {}
+    for m in library:
+        seen, todo = set(), [m]
+        while todo:
+            for t in both.get(todo.pop(), ()):
+                if t not in seen:
+                    seen.add(t)
+                    todo.append(t)
+        reached[m] = {t for t in seen if t.startswith("taskvec.bench")}
+    assert {m: r for m, r in reached.items() if r} == {}
+
+
+def test_no_private_name_is_imported_from_another_module() -> None:
+    """A name shared between modules is public (no leading underscore)."""
+    found = []
+    for module in module_names():
+        for node in ast.walk(ast.parse(_path(module).read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("taskvec"):
+                found += [f"{module}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert found == []
 
 
 def test_the_graph_sees_real_imports() -> None:

@@ -342,8 +342,8 @@ def test_extend_search_walks_past_the_grid_edges() -> None:
 
 def test_merge_tune_on_chooses_the_scale_on_validation_data(walked: Path) -> None:
     from taskvec.bench.suite import load_suite, raw_splits
+    from taskvec.bench.tune import tune_merge
     from taskvec.config import load_merge_config
-    from taskvec.tune import tune_merge
 
     root = walked
     (root / "merge.yaml").write_text(
@@ -384,9 +384,9 @@ def test_merge_tune_on_with_a_lora_model_and_ties(walked: Path, tmp_path: Path) 
     `merge_checkpoints` writes for that config, and its score is the accuracy recomputed from it."""
     peft = pytest.importorskip("peft")
     from taskvec.bench.suite import load_suite, raw_splits
+    from taskvec.bench.tune import full_grid_size, tune_merge, tuned_config
     from taskvec.config import load_merge_config
     from taskvec.merge import merge_checkpoints
-    from taskvec.tune import full_grid_size, tune_merge, tuned_config
 
     root = walked
     model = transformers.BertModel.from_pretrained(root / "bert-base")
@@ -443,7 +443,7 @@ def random_bert(folder: str):  # type: ignore[no-untyped-def]
 def test_factory_checkpoint_recipe_and_task_model_checkpoints(project: Path, tmp_path: Path) -> None:
     """A `module:function` backbone with a checkpoint loaded into it; one task fine-tuned by the
     tool from the suite's recipe (once, then cached); one given as a task model with a classifier."""
-    from taskvec.bench.run import prepare
+    from taskvec.bench.prepare import prepare
 
     root = project
     clf = transformers.BertForSequenceClassification.from_pretrained(root / "ft-sentiment", num_labels=2)

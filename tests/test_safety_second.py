@@ -536,11 +536,11 @@ def test_a_damaged_cached_finetune_is_computed_again(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("target", ["os:sep", "math:pi"])
 def test_a_suite_factory_that_is_not_callable_is_refused(tmp_path: Path, target: str) -> None:
-    from taskvec.bench.backbones import BackboneSpec, load_backbone
+    from taskvec.bench.backbones import backbone_spec, load_backbone
     from taskvec.bench.sources import FunctionSource, load_function
     from taskvec.errors import ConfigError
 
     with pytest.raises(ConfigError, match="not a function to call"):
-        load_backbone(BackboneSpec(factory=target, images={"size": 8}), tmp_path)
+        load_backbone(backbone_spec(factory=target, images={"size": 8}), tmp_path)
     with pytest.raises(ConfigError, match="not a function to call"):
         load_function(FunctionSource(kind="function", function=target), tmp_path)

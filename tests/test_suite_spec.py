@@ -86,6 +86,26 @@ def test_every_builtin_suite_loads_and_keeps_its_cache_entries() -> None:
             assert t.cache_key == h({"b": b, "task": old, "ft": ft, "c": s.head.c}), (name, t.name)
 
 
+def test_a_backbone_named_by_kind_is_the_short_form_with_the_same_cache_keys(tmp_path: Path) -> None:
+    """`{hf: ...}` and `{factory: ...}` are the built-in kinds 'hf' and 'factory'; written either way,
+    a suite hashes as its backbone always did (the recorded hashes of the built-in suites are
+    checked above), so cached heads and checkpoints stay valid."""
+    tasks = "tasks:\n  - name: a\n    data: {kind: csv, path: a.csv}\n    split: {train: 1, val: 1, test: 1}\n"
+    for short, named in [
+        ("{hf: m, pool: cls}", "{kind: hf, hf: m, pool: cls}"),
+        ("{factory: m:f, images: {size: 8}}", "{kind: factory, factory: m:f, images: {size: 8}}"),
+    ]:
+        a = _suite(tmp_path, f"name: s\nbackbone: {short}\n{tasks}")
+        b = _suite(tmp_path, f"name: s\nbackbone: {named}\n{tasks}")
+        assert a.backbone == b.backbone and a.task_hash(a.tasks[0]) == b.task_hash(b.tasks[0])
+    with pytest.raises(ConfigError, match=r"backbone: .*exactly one of 'hf'"):
+        _suite(tmp_path, f"name: s\nbackbone: {{hf: m, factory: m:f}}\n{tasks}")
+    with pytest.raises(ConfigError, match=r"backbone: .*unknown backbone kind 'onnx'"):
+        _suite(tmp_path, f"name: s\nbackbone: {{kind: onnx, path: m.onnx}}\n{tasks}")
+    with pytest.raises(ConfigError, match=r"backbone: .*text"):
+        _suite(tmp_path, f"name: s\nbackbone: {{kind: clip, hf: m, text: {{max_length: 8}}}}\n{tasks}")
+
+
 def test_table_sources_read_named_columns_and_string_labels(tmp_path: Path) -> None:
     (tmp_path / "a.csv").write_text('review,stars\n"good, really",pos\nbad,neg\nfine,pos\n')
     raw = load_source(SOURCES.parse({"kind": "csv", "path": "a.csv", "text": "review", "label": "stars"}), tmp_path)
@@ -205,7 +225,7 @@ def test_hf_image_backbone_with_its_processor_statistics(tmp_path: Path) -> None
     std, features = the first token; checked against the model run by hand."""
     transformers = pytest.importorskip("transformers")
     from taskvec.bench.models import features
-    from taskvec.bench.run import prepare
+    from taskvec.bench.prepare import prepare
 
     torch.manual_seed(0)
     cfg = transformers.ViTConfig(
@@ -319,11 +339,11 @@ def test_items_digest_pins_the_exact_items(tmp_path: Path) -> None:
 
 def test_zero_shot_head_on_real_minilm_names_obvious_topics(tmp_path: Path) -> None:
     """The real MiniLM encoder, label texts in a template: clear-cut news sentences get their topic."""
-    from taskvec.bench.backbones import BackboneSpec, load_backbone
+    from taskvec.bench.backbones import backbone_spec, load_backbone
     from taskvec.bench.suite import Split
 
     loaded = load_backbone(
-        BackboneSpec(factory="taskvec.bench.assets:load_minilm", pool="mean", text={"max_length": 32}), tmp_path
+        backbone_spec(factory="taskvec.bench.assets:load_minilm", pool="mean", text={"max_length": 32}), tmp_path
     )
     classes = ["sport", "business", "technology", "politics"]
     texts = [
@@ -345,3 +365,65 @@ def test_zero_shot_head_on_real_minilm_names_obvious_topics(tmp_path: Path) -> N
 
     f = features(loaded.module, Split(loaded.encode(texts), torch.arange(4)))
     assert head(f).argmax(-1).tolist() == [0, 1, 2, 3]
+
+
+TASKS = "tasks:\n  - name: a\n    data: {kind: csv, path: a.csv}\n    split: {train: 1, val: 1, test: 1}\n"
+
+
+def test_a_bad_compose_key_fails_in_load_suite_before_any_work(tmp_path: Path) -> None:
+    from taskvec.bench.run import run_suite
+
+    bad = {
+        "train: {epoch: 10}": r"compose\.train\.epoch: Extra inputs are not permitted",
+        "presets: {atlas_task: {train: {lr: -1}}}": r"compose\.presets\.atlas_task\.train\.lr: .*greater than 0",
+        "presets: {variational: {composer: {kl_wieght: 1}}}": r"presets\.variational\.composer\.kl_wieght",
+        "bases: {m: 2, nonsense: 1}": r"compose\.bases: .*nonsense",
+        "static: {ties: {density: 2}}": r"compose\.static: ties\.density: .*less than or equal to 1",
+        "static: {tiez: {}}": r"compose\.static: unknown merge method 'tiez'",
+    }
+    for text, msg in bad.items():
+        (tmp_path / "s.yaml").write_text(HEAD + f"compose: {{{text}}}\n" + TASKS)
+        with pytest.raises(ConfigError, match=msg) as e:
+            load_suite(tmp_path / "s.yaml")
+        assert "\n" not in str(e.value)
+        with pytest.raises(ConfigError, match=msg):  # the run stops there: nothing loaded, nothing written
+            run_suite(tmp_path / "s.yaml", out_dir=tmp_path / "runs", cache=tmp_path / "cache")
+        assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+def test_static_merges_and_training_options_are_typed(tmp_path: Path) -> None:
+    from taskvec.methods import get_method
+
+    text = (
+        "compose:\n  static: {dare: {density: 0.3}, ties: {}}\n"
+        "  train: {epochs: 3, lr: 0.01}\n  presets: {atlas_task: {train: {epochs: 5}}}\n  bases: {m: 2, merge: ties}\n"
+    )
+    spec = _suite(tmp_path, HEAD + text + TASKS).compose
+    assert list(spec.static) == ["dare", "ties"]  # the suite's order is the run's
+    assert spec.static["dare"] == get_method("dare").params(density=0.3, seed=0)
+    assert spec.params("dare") == {"density": 0.3} and spec.params("ties") == {}  # as given: the stage keys
+    assert spec.params("magnitude") == {}  # not in the suite: the method's defaults
+    assert spec.train_options("atlas_task") == {"epochs": 5, "lr": 0.01}
+    assert spec.train_options("variational") == {"epochs": 3, "lr": 0.01}
+    assert spec.bases is not None and spec.bases.options() == {"m": 2, "merge": "ties"}
+    assert spec.bases.method == "cluster" and spec.bases.method_options() == {"merge": "ties"}
+
+
+def test_the_default_static_merges_are_the_four_methods_with_their_usual_params(tmp_path: Path) -> None:
+    """A suite without `static:` runs what bench run always ran, with the same params (so the same
+    stage keys and results)."""
+    from taskvec.methods import get_method
+
+    spec = _suite(tmp_path, HEAD + TASKS).compose
+    usual = {
+        "task_arithmetic": {},
+        "ties": {"density": 0.2},
+        "dare": {"density": 0.5, "seed": 0},
+        "magnitude": {"density": 0.2},
+    }
+    assert list(spec.static) == list(usual)
+    for m, params in usual.items():
+        assert spec.params(m) == params
+        assert spec.static[m] == get_method(m).params(**params)
+    assert spec.bases is not None and spec.bases.options() == {}
+    assert spec.train_options("atlas_task") == {}

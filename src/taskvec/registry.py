@@ -1,8 +1,8 @@
 """A small named registry: each kind is a name, a pydantic config model and a builder.
 
-Merge methods, composers, bases methods, data sources and heads are registries of this shape, so
-adding a kind is one file that calls `register` (plus its test); nothing else is edited. See
-docs/extending.md.
+Merge methods, composers, bases methods, data sources, heads and backbones are registries of this
+shape, so adding a kind is one file that calls `register` (plus its test); nothing else is edited.
+See docs/extending.md.
 
 Built-in kinds are found by importing every module of the registry's `package` (no hand-kept list
 of imports); kinds of other installed packages come from the registry's entry-point `group`. Both

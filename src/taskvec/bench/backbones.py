@@ -12,13 +12,16 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
+from pydantic_core import PydanticCustomError
 from torch import nn
 
 from taskvec.bench import clip
 from taskvec.bench.sources import import_object, resolve
 from taskvec.config import Strict
 from taskvec.errors import ConfigError, KeyMismatchError
+from taskvec.io import open_checkpoint, read
+from taskvec.registry import Registry, validation_error
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 Pool = Literal["mean", "cls", "pooler", "none", "image_embeds"]
@@ -40,18 +43,12 @@ class ImageInputs(Strict):
     std: tuple[float, float, float] | None = None
 
 
-class BackboneSpec(Strict):
-    """The pretrained model theta0: either `hf` (a Hugging Face folder, loaded with AutoModel and its
-    tokenizer) or `factory` ('module:function' returning an nn.Module, or (module, tokenizer)),
-    optionally with a `checkpoint` loaded into it. `pool` turns the model's output into features:
-    mean over real tokens (or positions), the first token, the model's pooler output, or 'none'
-    (the model already returns features). `text` or `images` says how raw inputs are encoded.
-    A CLIP folder (CLIPModel, CLIPVisionModel[WithProjection]) gives its image tower: features
-    'image_embeds' (through the visual projection) or 'pooler' (see taskvec.bench.clip)."""
+class BackboneOptions(Strict):
+    """What every built-in kind shares: a `checkpoint` loaded into the model, the pooling `pool`
+    that turns its output into features (mean over real tokens or positions, the first token, the
+    model's pooler output, or 'none': the model already returns features), and how raw inputs are
+    encoded (`text` or `images`)."""
 
-    hf: str | None = None
-    factory: str | None = None
-    kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
     pool: Pool | None = Field(
         default=None,
@@ -62,18 +59,96 @@ class BackboneSpec(Strict):
     images: ImageInputs | None = None
 
     @model_validator(mode="after")
-    def _one(self) -> BackboneSpec:
-        if (self.hf is None) == (self.factory is None):
-            raise ValueError("give exactly one of 'hf' (a model folder) or 'factory' ('module:function')")
+    def _inputs(self) -> BackboneOptions:
         if self.text is not None and self.images is not None:
             raise ValueError("give 'text' or 'images' inputs, not both")
-        if self.factory is not None and self.text is None and self.images is None:
+        return self
+
+
+class HfBackbone(BackboneOptions):
+    """A Hugging Face folder `hf`, loaded with AutoModel and its tokenizer (or image processor).
+    A CLIP folder (CLIPModel, CLIPVisionModel[WithProjection]) gives its image tower, as kind
+    'clip' does. Written `backbone: {hf: path}` (the kind is implied)."""
+
+    kind: Literal["hf"] = "hf"
+    hf: str
+
+    @property
+    def pooling(self) -> Pool:
+        return self.pool or "mean"
+
+
+class FactoryBackbone(BackboneOptions):
+    """A model of your own: 'module:function' `factory` called with `kwargs`, returning an
+    nn.Module, or (module, tokenizer) for text. Written `backbone: {factory: ...}` (the kind is
+    implied); `text` or `images` says how inputs are encoded."""
+
+    kind: Literal["factory"] = "factory"
+    factory: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _encoded(self) -> FactoryBackbone:
+        if self.text is None and self.images is None:
             raise ValueError("a factory backbone needs 'text' or 'images' to say how inputs are encoded")
         return self
 
     @property
     def pooling(self) -> Pool:
-        return self.pool or ("mean" if self.hf is not None else "none")
+        return self.pool or "none"
+
+
+class ClipBackbone(Strict):
+    """The image tower of a Hugging Face CLIP folder `hf` (CLIPModel, CLIPVisionModel[WithProjection]):
+    features 'image_embeds' (through the visual projection) or 'pooler' (see taskvec.bench.clip);
+    without `images:` its image processor encodes the inputs as is."""
+
+    kind: Literal["clip"] = "clip"
+    hf: str
+    checkpoint: str | None = None
+    pool: Literal["image_embeds", "pooler"] | None = None
+    images: ImageInputs | None = None
+
+
+BackboneBuilder = Callable[[Any, Path], "Backbone"]
+"""Makes the pretrained backbone of a validated config, relative paths read from the suite's folder."""
+BACKBONES: Registry[BackboneBuilder] = Registry("backbone kind", group="taskvec.backbones")
+"""The backbone kinds by name."""
+
+LEGACY_HASH_FIELDS: dict[str, Any] = {"hf": None, "factory": None, "kwargs": {}}
+"""The fields a suite's backbone was hashed with before kinds were named (see `backbone_fields`)."""
+
+
+def parse_backbone(value: Any) -> BaseModel:
+    """A suite's `backbone:` validated by its kind's config: `{kind: NAME, ...}`, or the short
+    forms `{hf: folder, ...}` and `{factory: 'module:function', ...}` of the built-in kinds."""
+    if isinstance(value, Mapping) and BACKBONES.key not in value:
+        implied = [k for k in ("hf", "factory") if k in value]
+        if len(implied) != 1:
+            raise validation_error(
+                "give exactly one of 'hf' (a model folder) or 'factory' ('module:function'), or a 'kind'"
+            )
+        value = {BACKBONES.key: implied[0], **value}
+    return BACKBONES.parse(value)
+
+
+def backbone_spec(**options: Any) -> BaseModel:
+    """`parse_backbone` of keyword options, with errors as ConfigError (for code and tests)."""
+    try:
+        return parse_backbone(options)
+    except PydanticCustomError as e:
+        raise ConfigError(e.message()) from None
+
+
+def backbone_fields(spec: BaseModel) -> dict[str, Any]:
+    """The backbone's options as hashed into cache keys: the built-in 'hf' and 'factory' kinds
+    without their kind and with the fields the other one had, so that suites written before
+    kinds were named keep their cached heads and fine-tuned checkpoints."""
+    d = spec.model_dump(mode="json")
+    if d.get(BACKBONES.key) in ("hf", "factory"):
+        d.pop(BACKBONES.key)
+        d = {**LEGACY_HASH_FIELDS, **d}
+    return d
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -158,41 +233,69 @@ def _offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def load_backbone(spec: BackboneSpec, root: Path) -> Backbone:
-    """The suite's pretrained backbone in eval mode, with its input encoder."""
+def load_backbone(spec: BaseModel, root: Path) -> Backbone:
+    """The suite's pretrained backbone in eval mode, with its input encoder (built by its kind)."""
+    kind = getattr(spec, BACKBONES.key)
+    loaded = BACKBONES.get(kind).build(spec, root)
+    if not isinstance(loaded, Backbone):
+        raise ConfigError(
+            f"backbone kind {kind!r}: its builder must return a taskvec.bench.backbones.Backbone, "
+            f"got {type(loaded).__name__}"
+        )
+    return loaded
+
+
+def load_hf(spec: HfBackbone, root: Path) -> Backbone:
+    """A Hugging Face folder through AutoModel (a CLIP folder: its image tower)."""
+    _offline()
+    import transformers
+
+    folder = resolve(root, spec.hf)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    if clip.is_clip_folder(folder):
+        return load_clip_backbone(spec, folder, root)
+    model: nn.Module = transformers.AutoModel.from_pretrained(str(folder), local_files_only=True)
     tokenizer: Any = None
     processor: Any = None
-    folder = None
-    if spec.hf is not None:
-        _offline()
-        import transformers
+    if spec.images is None:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    elif spec.images.mean is None or spec.images.std is None:
+        processor = transformers.AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+    return _encoder(spec, model, root, folder, tokenizer, processor, pooled=True)
 
-        folder = resolve(root, spec.hf)
-        if not (folder / "config.json").is_file():
-            raise ConfigError(f"{folder}: not a Hugging Face model folder (no config.json)")
 
-        if clip.is_clip_folder(folder):
-            return load_clip_backbone(spec, folder, root)
-        model: nn.Module = transformers.AutoModel.from_pretrained(str(folder), local_files_only=True)
-        if spec.images is None:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        elif spec.images.mean is None or spec.images.std is None:
-            processor = transformers.AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
-    else:
-        assert spec.factory is not None
-        out = import_object(spec.factory)(**spec.kwargs)
-        model, tokenizer = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
-        if not isinstance(model, nn.Module):
-            raise ConfigError(
-                f"{spec.factory}: must return an nn.Module (or (module, tokenizer)), got {type(model).__name__}"
-            )
+def load_factory(spec: FactoryBackbone, root: Path) -> Backbone:
+    """`module:function(**kwargs)`: an nn.Module, or (module, tokenizer) for text."""
+    out = import_object(spec.factory)(**spec.kwargs)
+    model, tokenizer = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"{spec.factory}: must return an nn.Module (or (module, tokenizer)), got {type(model).__name__}"
+        )
+    if tokenizer is None and spec.images is None:
+        raise ConfigError(f"{spec.factory}: text inputs need a tokenizer: return (module, tokenizer)")
+    return _encoder(spec, model, root, None, tokenizer, None, pooled=spec.pooling != "none")
+
+
+def _encoder(
+    spec: HfBackbone | FactoryBackbone,
+    model: nn.Module,
+    root: Path,
+    folder: Path | None,
+    tokenizer: Any,
+    processor: Any,
+    *,
+    pooled: bool,
+) -> Backbone:
+    """The model (with its checkpoint, pooled unless it gives features itself) and its input encoder."""
     if spec.pooling == "image_embeds":
         raise ConfigError(
             "backbone.pool: 'image_embeds' is for CLIP folders (model_type 'clip' or 'clip_vision_model')"
         )
     if spec.checkpoint is not None:
         load_into(model, resolve(root, spec.checkpoint))
-    module = model if spec.pooling == "none" and spec.hf is None else PooledEncoder(model, spec.pooling)
+    module = PooledEncoder(model, spec.pooling) if pooled else model
     prefix = "model." if module is not model else ""
     if spec.images is not None:
         size = spec.images.size
@@ -203,8 +306,6 @@ def load_backbone(spec: BackboneSpec, root: Path) -> Backbone:
             return prepare_images(np.asarray(x), size, mean, std)
 
         return Backbone(module.eval(), encode, "images", folder, prefix)
-    if tokenizer is None:
-        raise ConfigError(f"{spec.factory}: text inputs need a tokenizer: return (module, tokenizer)")
     max_length = spec.text.max_length if spec.text is not None else TextInputs.model_fields["max_length"].default
 
     def encode_text(x: Any) -> Inputs:
@@ -214,10 +315,17 @@ def load_backbone(spec: BackboneSpec, root: Path) -> Backbone:
     return Backbone(module.eval(), encode_text, "text", folder, prefix, tokenizer)
 
 
-def load_clip_backbone(spec: BackboneSpec, folder: Path, root: Path) -> Backbone:
-    """The image tower of a Hugging Face CLIP folder (see taskvec.bench.clip)."""
+def load_clip(spec: ClipBackbone, root: Path) -> Backbone:
+    """The image tower of a CLIP folder (refused if `hf` is not one)."""
+    folder = resolve(root, spec.hf)
+    if not (folder / "config.json").is_file() or not clip.is_clip_folder(folder):
+        raise ConfigError(f"{folder}: not a CLIP folder (model_type 'clip' or 'clip_vision_model')")
+    return load_clip_backbone(spec, folder, root)
 
-    if spec.text is not None:
+
+def load_clip_backbone(spec: HfBackbone | ClipBackbone, folder: Path, root: Path) -> Backbone:
+    """The image tower of a Hugging Face CLIP folder (see taskvec.bench.clip)."""
+    if getattr(spec, "text", None) is not None:
         raise ConfigError(f"backbone: {folder} is a CLIP folder, whose backbone is its image tower; remove 'text:'")
     module, features = clip.load_clip_vision(folder, spec.pool)
     if spec.images is None:
@@ -269,8 +377,6 @@ def match_state(
     one more leading module (e.g. 'bert.' of a task model with a classifier); extra tensors (a
     classifier) are ignored; a missing one is an error naming the file, unless it is `optional`
     (it then keeps its value in `target`)."""
-    from taskvec.io import open_checkpoint, read
-
     src = open_checkpoint(path)
     have = set(src.keys())
     prefixes = [prefix] if isinstance(prefix, str) else list(prefix)
@@ -296,3 +402,8 @@ def match_state(
     if missing:
         raise KeyMismatchError(f"{path}: lacks {len(missing)} tensors of the backbone, e.g. {missing[:3]}")
     return out
+
+
+BACKBONES.register("hf", HfBackbone, load_hf)
+BACKBONES.register("factory", FactoryBackbone, load_factory)
+BACKBONES.register("clip", ClipBackbone, load_clip)

@@ -1,6 +1,8 @@
-"""Learned compositions on a suite: train the variational composer or a learned-coefficient
-baseline on the validation splits (labels) or on unlabeled test inputs (AdaMerging's entropy
-objective), score it on the test splits, predict new inputs of a task, and export a task's model."""
+"""What `taskvec compose` does with a suite: its config file, training a composer (the variational
+one or a learned-coefficient baseline) on the validation splits or on unlabeled test inputs
+(AdaMerging's entropy objective) and saving it, scoring a saved one on the test splits, predicting
+new inputs of a task, and exporting a task's model. The learned runs of `bench run` and the
+stacked splits they learn from are in taskvec.bench.learned."""
 
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import numpy as np
 import torch
 from pydantic import Field, ValidationError, field_validator
 
+from taskvec.bench.learned import stack_data, suite_composer, suite_data, task_parts
 from taskvec.bench.models import forward_features
-from taskvec.bench.run import Prepared, prepare
+from taskvec.bench.prepare import Prepared, prepare
 from taskvec.bench.sources import IMAGE_SUFFIXES, column, read_npz, read_table
 from taskvec.config import Strict, dtype_named, known_name, load_yaml_config
 from taskvec.errors import ConfigError, format_validation_error
@@ -24,33 +27,19 @@ from taskvec.io.readers import parse_json
 from taskvec.registry import validation_error
 from taskvec.variational import (
     PRESETS,
-    ComposeData,
     Composer,
-    ComposerConfig,
     ComposeTrainConfig,
     EvalResult,
     TrainConfig,
-    compute_features,
     evaluate_composer,
     load_composer,
-    preset,
     read_composer_info,
     save_composer,
     train_composer,
 )
 
-BN_STATS = ["*running_mean", "*running_var"]
-"""Not composed by default: when BatchNorm statistics stay at the pretrained values during
-fine-tuning, every task vector is zero there and a coefficient on them would learn nothing."""
-
 CopyModelFiles = Callable[[Path, Path, torch.dtype | None], object]
 """Copies a Hugging Face folder's config, tokenizer and generation files into an output folder."""
-
-
-def suite_composer(name: str, **overrides: Any) -> ComposerConfig:
-    """Preset `name` with overrides; BatchNorm statistics excluded unless `exclude` is given."""
-    overrides.setdefault("exclude", BN_STATS)
-    return preset(name, **overrides)
 
 
 class ComposeRunConfig(Strict):
@@ -101,35 +90,6 @@ class ComposeRunConfig(Strict):
 
 def load_run_config(path: str | Path) -> ComposeRunConfig:
     return load_yaml_config(path, ComposeRunConfig)
-
-
-def stack_data(prep: Prepared, parts: list[Any], tasks: torch.Tensor, labels: torch.Tensor | None) -> ComposeData:
-    """Splits (or encoded inputs) stacked, with frozen pretrained features f0(x)."""
-    if isinstance(parts[0], dict):
-        inputs: Any = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    else:
-        inputs = torch.cat(parts)
-    prep.backbone.load_state_dict(prep.pretrained)
-    feats = compute_features(prep.backbone, inputs, forward_fn=forward_features)
-    return ComposeData(inputs, feats, tasks, labels)
-
-
-def suite_data(prep: Prepared, split: str, labels: bool = True, tasks: list[str] | None = None) -> ComposeData:
-    """The `split` of every task (or of `tasks`) stacked: inputs, f0(x), task index, labels."""
-    names = list(prep.tasks)
-    chosen = tasks or names
-    parts = [getattr(prep.tasks[t], split) for t in chosen]
-    index = torch.cat(
-        [torch.full((len(p),), names.index(t), dtype=torch.long) for t, p in zip(chosen, parts, strict=True)]
-    )
-    y = torch.cat([p.y for p in parts]) if labels else None
-    return stack_data(prep, [p.x for p in parts], index, y)
-
-
-def task_parts(prep: Prepared) -> tuple[list[Any], list[torch.nn.Module]]:
-    """The suite's task vectors and frozen heads, in task order."""
-    names = list(prep.tasks)
-    return [prep.task_vector(t) for t in names], [prep.heads[t] for t in names]
 
 
 def train_on_suite(
@@ -363,61 +323,3 @@ def export_task(
 
 
 dtype_of = dtype_named
-
-
-# --------------------------------------------------------------------------- bench run
-
-
-def learned_config(prep: Prepared, name: str, seed: int, init_coef: float | None, progress: bool) -> ComposeTrainConfig:
-    """Preset `name` with the suite's `compose` settings (every preset's, then its own)."""
-    spec = prep.suite.compose
-    own = spec.presets.get(name)
-    over: dict[str, Any] = dict(own.composer) if own else {}
-    if init_coef is not None:
-        over.setdefault("init_coef", init_coef)
-    train = {**spec.train, **(own.train if own else {}), "seed": seed, "progress": progress}
-    return ComposeTrainConfig(composer=suite_composer(name, **over), train=TrainConfig(**train))
-
-
-def training_data(cfg: ComposeTrainConfig, val: ComposeData, test: ComposeData) -> ComposeData:
-    """What a composer learns from: the labelled validation splits, or for an entropy objective
-    (AdaMerging) the test inputs without their labels."""
-    if cfg.composer.objective == "entropy":
-        return ComposeData(test.inputs, test.features, test.tasks)
-    return val
-
-
-def run_learned(
-    prep: Prepared,
-    name: str,
-    seed: int,
-    val: ComposeData,
-    test: ComposeData,
-    *,
-    init_coef: float | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train preset `name` on the validation splits (or, for an entropy objective, on the unlabeled
-    test inputs, as AdaMerging does) and score it on the test splits."""
-    import time
-
-    cfg = learned_config(prep, name, seed, init_coef, progress)
-    data = training_data(cfg, val, test)
-    tvs, heads = task_parts(prep)
-    prep.backbone.load_state_dict(prep.pretrained)
-    t0 = time.perf_counter()
-    comp = train_composer(
-        prep.backbone, tvs, heads, data, cfg, forward_fn=forward_features, task_names=list(prep.tasks)
-    )
-    seconds = time.perf_counter() - t0
-    res = evaluate_composer(comp, test, batch_size=cfg.train.eval_batch_size)
-    prep.backbone.float().load_state_dict(prep.pretrained)
-    names = list(prep.tasks)
-    return {
-        "preset": name,
-        "seed": seed,
-        "test": {names[i]: a for i, a in res.accuracy.items()},
-        "kept": {names[i]: a for i, a in res.active.items()},
-        "seconds": seconds,
-        "config": cfg.model_dump(mode="json"),
-    }

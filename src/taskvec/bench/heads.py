@@ -22,6 +22,7 @@ from torch import nn
 
 from taskvec.bench import clip
 from taskvec.bench.cache import load_cached, save_atomic
+from taskvec.bench.models import features, fit_head
 from taskvec.bench.sources import import_object, resolve
 from taskvec.config import Strict
 from taskvec.errors import ConfigError
@@ -34,7 +35,7 @@ class HeadContext:
     """What a head builder may use: the pretrained backbone, the task's data, its cache folder."""
 
     backbone: Any  # taskvec.bench.backbones.Backbone, with pretrained weights loaded
-    task: Any  # taskvec.bench.spec.TaskData
+    task: Any  # taskvec.bench.suite.TaskData
     cache: Path
     root: Path
 
@@ -63,8 +64,6 @@ class LinearProbe(Strict):
 
 def build_linear_probe(cfg: LinearProbe, ctx: HeadContext) -> nn.Module:
     """Fitted once and cached beside the task's fine-tuned checkpoint."""
-    from taskvec.bench.models import features, fit_head
-
     path = ctx.cache / "head.safetensors"
     h = load_cached(path, keys=("weight", "bias")) if path.exists() else None
     if h is not None:
@@ -140,8 +139,6 @@ class Prototype(Strict):
 @torch.no_grad()
 def build_prototype(cfg: Prototype, ctx: HeadContext) -> nn.Module:
     """Class means of the first `shots` examples of each class in the (seeded) training split."""
-    from taskvec.bench.models import features
-
     train = ctx.task.train
     picks: list[int] = []
     for c in range(len(ctx.task.classes)):

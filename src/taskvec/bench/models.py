@@ -6,7 +6,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from taskvec.bench.suite import Inputs, Split
+from taskvec._optional import require
+from taskvec.bench.backbones import Inputs
+from taskvec.bench.data import Split
 
 
 def forward_features(backbone: nn.Module, x: Inputs) -> torch.Tensor:
@@ -44,8 +46,6 @@ def fit_head(
 
     Fitted on raw features by default: standardizing inflates the weights of near-constant
     features, and a large-norm frozen head makes fine-tuning through it unstable."""
-    from taskvec._optional import require
-
     LogisticRegression = require("sklearn.linear_model", "bench").LogisticRegression
 
     x = feats.double().numpy()

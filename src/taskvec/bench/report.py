@@ -16,12 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from taskvec._optional import require
+from taskvec.errors import OutputError
 from taskvec.io.atomic import write_text_atomic
 from taskvec.io.readers import parse_json
+from taskvec.report import atomic_savefig
 
 
 @dataclass
@@ -116,8 +120,6 @@ def welch(r: dict[str, Any], ref: str = "variational") -> list[tuple[str, float,
     """(method, mean difference in average accuracy points, p, test) of `ref` against every other
     shared-coefficient method: a one-sided Welch t-test over the seeds when both have several, a
     one-sided one-sample t-test against a deterministic method's single value."""
-    from taskvec._optional import require
-
     stats = require("scipy.stats", "bench")
     learned = r.get("learned") or {}
     if len(learned.get(ref, [])) < 2:
@@ -233,14 +235,8 @@ def markdown(r: dict[str, Any]) -> str:
 def bar_chart(r: dict[str, Any], path: Path) -> Path:
     """Two panels: test accuracy per task and on average (error bars: sd over seeds), and the
     average share of the fine-tuning gain kept per method."""
-    from taskvec._optional import require
-
     require("matplotlib", "plot").use("Agg")
     plt = require("matplotlib.pyplot", "plot")
-    import numpy as np
-
-    from taskvec.report import atomic_savefig
-
     tasks = list(r["finetuned"])
     all_rows = rows(r)
     fig, (ax, ax2) = plt.subplots(
@@ -413,8 +409,6 @@ def _paths(folder: Path) -> dict[str, Path]:
 def _check_ours(paths: dict[str, Path]) -> None:
     """Refuse to replace report files that an earlier `bench run` did not write: a results.json
     of taskvec's records `"written_by": "taskvec"`, and the .md and .png beside it are its own."""
-    from taskvec.errors import OutputError
-
     existing = [p for p in paths.values() if p.exists()]
     if not existing:
         return

@@ -19,241 +19,34 @@ import json
 import platform
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
-from torch import nn
 
-from taskvec.bench.backbones import Backbone, load_backbone, match_state
-from taskvec.bench.cache import default_cache, load_cached, save_atomic
-from taskvec.bench.finetune import finetune
-from taskvec.bench.heads import HeadContext, build_head
-from taskvec.bench.models import accuracy, forward_features
-from taskvec.bench.sources import resolve
-from taskvec.bench.suite import SuiteSpec, TaskData, TaskSpec, load_suite, load_task
+from taskvec.bases import build_bank
+from taskvec.bench.learned import learned_config, run_learned, suite_data
+from taskvec.bench.models import forward_features
+from taskvec.bench.prepare import Prepared, build_heads, finetune_task, finetuned_source, load_data
+from taskvec.bench.report import check_ours, print_stage, write_reports
+from taskvec.bench.suite import BankSpec, SuiteSpec, load_suite
 from taskvec.core import TaskVector
 from taskvec.errors import ConfigError, OutputError
 from taskvec.grid import LAMBDAS, OnEval, extend_search
 from taskvec.io.atomic import write_text_atomic
 from taskvec.io.readers import parse_json
-from taskvec.methods import compose
-from taskvec.progress import Advance, active, bar, sub_bar
+from taskvec.methods import compose, get_method
+from taskvec.progress import bar
+from taskvec.variational import PRESETS
 
-DEFAULT_METHODS = ("task_arithmetic", "ties", "dare", "magnitude")
-DEFAULT_PARAMS: dict[str, dict[str, object]] = {
-    "ties": {"density": 0.2},
-    "dare": {"density": 0.5, "seed": 0},
-    "magnitude": {"density": 0.2},
-}
 NEG_LAMBDAS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 1.5, 2.0)
 CONTROL_KEEP = 0.95
 STAGE_FORMAT = "taskvec/bench-stage"
 STAGE_VERSION = 1
 """Bumped when what a stage computes changes, so older stage files are computed again."""
-
-
-@dataclass
-class _Counter:
-    """The lazily started display of `evaluation_progress`."""
-
-    description: str
-    console: Console | None
-    stack: ExitStack
-    advance: Advance | None = None
-
-
-_evaluations: ContextVar[_Counter | None] = ContextVar("taskvec_evaluations", default=None)
-
-
-@contextmanager
-def evaluation_progress(description: str, *, enabled: bool = True, console: Console | None = None) -> Iterator[None]:
-    """Every `Prepared.evaluate` inside shows a bar (with time remaining) under one counter of
-    evaluations, started at the first evaluation (fine-tuning before it shows its own bars)."""
-    if not enabled:
-        yield
-        return
-    with ExitStack() as stack:
-        token = _evaluations.set(_Counter(description, console, stack))
-        try:
-            yield
-        finally:
-            _evaluations.reset(token)
-
-
-@dataclass
-class Prepared:
-    """A suite ready to compose: pretrained backbone, frozen heads, fine-tuned weights, data."""
-
-    suite: SuiteSpec
-    backbone: nn.Module
-    pretrained: dict[str, torch.Tensor]
-    tasks: dict[str, TaskData]
-    heads: dict[str, nn.Module]
-    finetuned: dict[str, dict[str, torch.Tensor]]
-    finetune_seconds: dict[str, float] = field(default_factory=dict)
-    loaded: Backbone | None = None
-    """The backbone with its input encoder and the folder it came from."""
-    folders: dict[str, Path] = field(default_factory=dict)
-    """Each task's cache folder (its head, fine-tuned checkpoint and recipe stamp)."""
-
-    def task_vector(self, task: str) -> TaskVector:
-        """tau_task in float64, so theta0 + 1 * tau gives the fine-tuned float32 weights bit for bit."""
-        return TaskVector.from_checkpoints(self.pretrained, self.finetuned[task], dtype=torch.float64, name=task)
-
-    def evaluate(
-        self,
-        state: dict[str, torch.Tensor],
-        split: str = "test",
-        tasks: Sequence[str] | None = None,
-        advance: Callable[[int], None] | None = None,
-    ) -> dict[str, float]:
-        """Accuracy of backbone weights `state` on each task's `split`, through its frozen head.
-        `advance(n)` is told each task's number of items once it is scored."""
-        names = list(tasks or self.tasks)
-        counter = _evaluations.get()
-        if counter is not None and not active():
-            counter.advance = counter.stack.enter_context(bar(counter.description, None, console=counter.console))
-        self.backbone.load_state_dict(state)
-        out = {}
-        total = sum(len(getattr(self.tasks[t], split)) for t in names)
-        with sub_bar(f"  {split} accuracy", total) as sub:
-            for t in names:
-                data = getattr(self.tasks[t], split)
-                out[t] = accuracy(self.backbone, self.heads[t], data)
-                sub(len(data))
-                if advance is not None:
-                    advance(len(data))
-        if counter is not None and counter.advance is not None:
-            counter.advance(1)
-        return out
-
-    def finetuned_accuracy(self, split: str = "test") -> dict[str, float]:
-        """Each task's own fine-tuned model on that task's `split`."""
-        return {t: self.evaluate(self.finetuned[t], split, [t])[t] for t in self.tasks}
-
-
-def _check_recipe(folder: Path, suite: SuiteSpec, task: TaskSpec, *, write: bool = True) -> None:
-    """A cache entry records the recipe hash it was made from; a named entry (`cache_key`) made
-    from a different recipe is refused rather than silently reused."""
-    stamp, want = folder / "recipe.json", suite.task_hash(task)
-    if stamp.exists():
-        try:
-            recorded = parse_json(stamp.read_bytes(), max_bytes=2**20)
-        except ValueError:
-            recorded = None
-        have = recorded.get("hash") if isinstance(recorded, dict) else None
-        if have != want:
-            raise ConfigError(
-                f"{folder}: cached for a different recipe of task {task.name!r} ({have}, now {want}); "
-                "remove the task's cache_key or that folder"
-            )
-        return
-    if not write:
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = stamp.with_name(f".{stamp.name}.tmp")
-    tmp.write_text(json.dumps({"hash": want, "suite": suite.name, "task": task.name}))
-    tmp.replace(stamp)
-
-
-def load_data(suite: SuiteSpec | str | Path, cache: Path | None = None) -> Prepared:
-    """The backbone and every task's data, without heads or fine-tuned weights yet (reads only:
-    a cache entry made from another recipe is refused here, before any work)."""
-    suite = suite if isinstance(suite, SuiteSpec) else load_suite(suite)
-    root = (cache or default_cache()) / "bench" / suite.name
-    torch.manual_seed(suite.seed)
-    loaded = load_backbone(suite.backbone, suite.root)
-    backbone = loaded.module
-    pretrained = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
-    tasks, folders = {}, {}
-    for spec in suite.tasks:
-        tasks[spec.name] = load_task(suite, spec, loaded)
-        folders[spec.name] = root / suite.cache_name(spec)
-        _check_recipe(folders[spec.name], suite, spec, write=False)
-    return Prepared(suite, backbone, pretrained, tasks, {}, {}, {}, loaded, folders)
-
-
-def build_heads(prep: Prepared) -> None:
-    """Each task's frozen head, on the pretrained backbone (cached where its kind caches)."""
-    assert prep.loaded is not None
-    for spec in prep.suite.tasks:
-        folder = prep.folders[spec.name]
-        _check_recipe(folder, prep.suite, spec)
-        prep.backbone.load_state_dict(prep.pretrained)
-        ctx = HeadContext(prep.loaded, prep.tasks[spec.name], folder, prep.suite.root)
-        prep.heads[spec.name] = build_head(prep.suite.head_of(spec), ctx)
-    prep.backbone.load_state_dict(prep.pretrained)
-
-
-def finetuned_source(prep: Prepared, task: str) -> Path:
-    """The checkpoint a task's fine-tuned weights come from: the suite's `finetuned:` or the cache's."""
-    spec = prep.suite.task(task)
-    if spec.finetuned is not None:
-        return resolve(prep.suite.root, spec.finetuned)
-    return prep.folders[task] / "finetuned.safetensors"
-
-
-def finetune_task(prep: Prepared, task: str, *, progress: bool = True, console: Console | None = None) -> float | None:
-    """Fill `prep.finetuned[task]`: the given checkpoint, the cached one, or a fine-tuning run of
-    the suite's recipe (saved to the cache; its seconds are returned, else None)."""
-    spec = prep.suite.task(task)
-    assert prep.loaded is not None
-    folder = prep.folders[task]
-    ft_path = folder / "finetuned.safetensors"
-    if spec.finetuned is not None:
-        prep.finetuned[task] = match_state(
-            prep.pretrained,
-            Path(prep.suite.root, spec.finetuned),
-            (prep.loaded.prefix, *prep.loaded.checkpoint_prefixes),
-            optional=prep.loaded.optional,
-        )
-        return None
-    cached = load_cached(ft_path, prep.pretrained) if ft_path.exists() else None
-    if cached is not None:
-        prep.finetuned[task] = cached
-        if console is not None:
-            console.print(f"[dim]{task}: fine-tuned weights from cache {ft_path}[/]")
-        return None
-    _check_recipe(folder, prep.suite, spec)
-    prep.backbone.load_state_dict(prep.pretrained)
-    t0 = time.perf_counter()
-    state = finetune(
-        prep.backbone,
-        prep.heads[task],
-        prep.tasks[task].train,
-        prep.suite.finetune,
-        seed=prep.suite.seed,
-        state_path=folder / "state.pt",
-        description=f"fine-tuning {task}",
-        progress=progress,
-    )
-    seconds = time.perf_counter() - t0
-    save_atomic(state, ft_path)
-    (folder / "state.pt").unlink(missing_ok=True)
-    prep.finetuned[task] = state
-    prep.finetune_seconds[task] = seconds
-    prep.backbone.load_state_dict(prep.pretrained)
-    return seconds
-
-
-def prepare(
-    suite: SuiteSpec | str | Path, cache: Path | None = None, *, progress: bool = True, console: Console | None = None
-) -> Prepared:
-    """Load the backbone and data, build each task's head, and fine-tune each task without a given
-    checkpoint (cached under `cache`, default $TASKVEC_CACHE or ~/.cache/taskvec)."""
-    console = console or Console()
-    prep = load_data(suite, cache)
-    build_heads(prep)
-    for task in prep.tasks:
-        finetune_task(prep, task, progress=progress, console=console)
-    prep.backbone.load_state_dict(prep.pretrained)
-    return prep
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -347,16 +140,15 @@ def run_negation(
 
 
 def run_bank(
-    prep: Prepared, options: dict[str, Any], out: Path, lambdas: Sequence[float] = LAMBDAS, *, progress: bool = False
+    prep: Prepared, spec: BankSpec, out: Path, lambdas: Sequence[float] = LAMBDAS, *, progress: bool = False
 ) -> dict[str, object]:
     """A bank of M bases (default M = ceil(T/2)) built from the task vectors into `out`, then task
     addition from the bank, lambda chosen on validation; memory is the bank's files on disk."""
-    from taskvec.bases import build_bank
-
     names = list(prep.tasks)
-    opts = dict(options)
-    m = int(opts.pop("m", None) or -(-len(names) // 2))
-    method = str(opts.pop("method", "cluster"))
+    m = spec.m or -(-len(names) // 2)
+    method = spec.method
+    opts: dict[str, Any] = {"affinity": spec.affinity, "max_m": spec.max_m, **spec.method_options()}
+    opts = {k: v for k, v in opts.items() if v is not None}
     if method == "cluster":
         opts.setdefault("merge", "mean")
     t0 = time.perf_counter()
@@ -447,15 +239,13 @@ def _method_key(prep: Prepared, method: str, params: dict[str, Any], lambdas: Se
     return None if base is None else _hash([base, method, params, sorted(lambdas)])
 
 
-def _bank_key(prep: Prepared, options: dict[str, Any], lambdas: Sequence[float]) -> str | None:
+def _bank_key(prep: Prepared, spec: BankSpec, lambdas: Sequence[float]) -> str | None:
     base = suite_key(prep)
-    return None if base is None else _hash([base, "bank", options, sorted(lambdas)])
+    return None if base is None else _hash([base, "bank", spec.options(), sorted(lambdas)])
 
 
 def _learned_key(prep: Prepared, name: str, seed: int, init: float | None) -> str | None:
     """Everything a learned run depends on: the suite's key, the preset's settings and the seed."""
-    from taskvec.bench.compose import learned_config
-
     base = suite_key(prep)
     if base is None:
         return None
@@ -471,10 +261,17 @@ def _negation_key(prep: Prepared, lambdas: Sequence[float]) -> str | None:
 # --------------------------------------------------------------------------- the plan
 
 
+def _check_static(suite: SuiteSpec, methods: Sequence[str] | None) -> list[str]:
+    """The static merges to run (default: the suite's `compose.static`), refused before any work if
+    unknown; one the suite gives no params for takes its method's defaults."""
+    names = list(suite.compose.static if methods is None else methods)
+    for m in names:
+        get_method(m)
+    return names
+
+
 def _check_learned(suite: SuiteSpec, learned: Sequence[str] | None) -> list[str]:
     """The learned presets to run (default: the suite's), refused before any work if unknown."""
-    from taskvec.variational import PRESETS
-
     names = list(suite.compose.learned if learned is None else learned)
     unknown = [m for m in names if m not in PRESETS]
     if unknown:
@@ -539,7 +336,7 @@ def _when(seconds: float) -> str:
 
 def plan_suite(
     prep: Prepared,
-    methods: Sequence[str] = DEFAULT_METHODS,
+    methods: Sequence[str] | None = None,
     *,
     out_dir: Path = Path("runs"),
     negation: bool = True,
@@ -551,9 +348,8 @@ def plan_suite(
     """What `run_suite` will do on `prep` (data loaded, nothing trained), what is finished already
     (cached fine-tunes, saved stages under out_dir), and an estimate of the rest from a timed
     forward pass (training steps: forward plus a backward of about twice its cost)."""
-    from taskvec.bench.compose import learned_config
-
     suite = prep.suite
+    methods = _check_static(suite, methods)
     learned = _check_learned(suite, learned)
     n_seeds = seeds or suite.compose.seeds
     stages = out_dir / suite.name / "stages"
@@ -590,7 +386,7 @@ def plan_suite(
     per_method = n_lam * val + test
     done = 0
     for m in methods:
-        params = dict(DEFAULT_PARAMS.get(m, {}))
+        params = suite.compose.params(m)
         saved = load_stage(stages, f"static-{m}", _method_key(prep, m, params, lambdas))
         done += saved is not None
         if saved is not None and m == "task_arithmetic":
@@ -685,7 +481,7 @@ def _task_stage(prep: Prepared, task: str, seconds: float | None, progress: bool
 
 def run_suite(
     suite_name: str | Path | SuiteSpec,
-    methods: Sequence[str] = DEFAULT_METHODS,
+    methods: Sequence[str] | None = None,
     *,
     out_dir: Path = Path("runs"),
     cache: Path | None = None,
@@ -698,17 +494,17 @@ def run_suite(
     show_plan: bool = True,
 ) -> dict[str, object]:
     """The whole benchmark of one suite; writes results.json, results.md and accuracy.png under
-    out_dir/suite. Static merges (`methods`), a bank of bases (the suite's `compose.bases`), and
-    the learned compositions (`learned`, default the suite's `compose.learned`) over `seeds` seeds
-    (default the suite's `compose.seeds`), each learned one starting at task arithmetic's lambda.
+    out_dir/suite. Static merges (`methods`, default the suite's `compose.static`), a bank of bases
+    (the suite's `compose.bases`), and the learned compositions (`learned`, default the suite's
+    `compose.learned`) over `seeds` seeds (default the suite's `compose.seeds`), each learned one
+    starting at task arithmetic's lambda.
 
     Each stage is saved under out_dir/suite/stages when it finishes and its result printed; a
     rerun reads back the finished ones. On KeyboardInterrupt the table of the finished stages is
     written (results.json says `"complete": false`) and the interrupt goes on."""
-    from taskvec.bench.report import check_ours, print_stage, write_reports
-
     console = console or Console()
     suite = suite_name if isinstance(suite_name, SuiteSpec) else load_suite(suite_name)
+    methods = _check_static(suite, methods)
     learned = _check_learned(suite, learned)
     n_seeds = seeds or suite.compose.seeds
     folder = out_dir / suite.name
@@ -744,7 +540,7 @@ def run_suite(
             print_stage(results, "task", task, console, saved=saved)
         for m in methods:
             stage = f"static merge {m}"
-            params = dict(DEFAULT_PARAMS.get(m, {}))
+            params = suite.compose.params(m)
             key = _method_key(prep, m, params, LAMBDAS)
             assert key is not None
             res = load_stage(stages, f"static-{m}", key)
@@ -804,9 +600,6 @@ def _learned_stages(
     console: Console,
 ) -> None:
     """Each learned run (per preset and seed), read back when finished, else trained and saved."""
-    from taskvec.bench.compose import run_learned, suite_data
-    from taskvec.bench.report import print_stage
-
     ta = results["methods"].get("task_arithmetic")
     init = float(ta["lambda"]) if ta else None
     data: dict[str, Any] = {}

@@ -26,17 +26,32 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field, PrivateAttr, SerializeAsAny, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from taskvec.bench.backbones import Backbone, BackboneSpec, Inputs
+from taskvec.bases.fit import BASES
+from taskvec.bench.backbones import Backbone, backbone_fields, parse_backbone
+from taskvec.bench.data import Split
 from taskvec.bench.heads import HEADS
 from taskvec.bench.sources import SOURCES, RawData, load_source
 from taskvec.config import Strict, known_name, load_yaml_config
-from taskvec.errors import ConfigError
+from taskvec.errors import ConfigError, format_validation_error
+from taskvec.methods import METHODS, get_method
+from taskvec.methods.registry import MethodParams
+from taskvec.registry import validation_error
+from taskvec.variational import PRESETS, TrainConfig, preset
 
 SPLITS = ("train", "val", "test")
 
@@ -118,39 +133,113 @@ class TaskSpec(Strict):
         return self
 
 
+STATIC_DEFAULTS: dict[str, dict[str, Any]] = {
+    "task_arithmetic": {},
+    "ties": {"density": 0.2},
+    "dare": {"density": 0.5, "seed": 0},
+    "magnitude": {"density": 0.2},
+}
+"""The static merges `bench run` composes when a suite names none, with their params."""
+
+
+def static_params(value: Any) -> dict[str, MethodParams]:
+    """`{method: {param: value}}` validated through each merge method's params class."""
+    if not isinstance(value, dict):
+        raise validation_error("a mapping of merge methods to their params, e.g. {ties: {density: 0.2}}")
+    out: dict[str, MethodParams] = {}
+    for name, params in value.items():
+        if name not in METHODS:
+            raise validation_error(f"unknown merge method {name!r}; known: {', '.join(METHODS.known())}")
+        try:
+            out[name] = get_method(name).params.model_validate(params or {})
+        except ValidationError as e:
+            raise validation_error(f"{name}.{format_validation_error(e)}") from None
+    return out
+
+
+class BankSpec(Strict):
+    """The bank of bases `bench run` builds from the task vectors: M bases (default ceil(T/2)), a
+    bases method (taskvec.bases.fit.BASES) with its own options beside it (`merge: ties`, ...),
+    and the affinity and max_m of `build_bank`."""
+
+    model_config = ConfigDict(extra="allow")  # the method's own options, checked by its config below
+
+    m: int | None = Field(default=None, ge=1)
+    method: str = "cluster"
+    affinity: Literal["clip", "shift"] | None = None
+    max_m: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _method_options(self) -> BankSpec:
+        BASES.parse({"method": self.method, **self.method_options()})
+        return self
+
+    def method_options(self) -> dict[str, Any]:
+        """The bases method's own options, as given."""
+        return dict(self.model_extra or {})
+
+    def options(self) -> dict[str, Any]:
+        """Every option as given in the suite (what the bank stage's key is made of)."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
 class PresetSpec(Strict):
-    """Overrides of one learned-composition preset: composer fields and training options."""
+    """Overrides of one learned-composition preset: composer fields (checked against the preset's
+    composer kind) and training options (those set override the suite's `train`)."""
 
     composer: dict[str, Any] = Field(default_factory=dict)
-    train: dict[str, Any] = Field(default_factory=dict)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 class ComposeSpec(Strict):
-    """What `bench run` composes beside the static merges, and how the learned ones train
-    (settings chosen on validation data only; the suite file is the place to record them).
+    """What `bench run` composes, and how the learned compositions train (settings chosen on
+    validation data only; the suite file is the place to record them).
 
         compose:
+          static: {task_arithmetic: {}, ties: {density: 0.2}}   # merges and their params
           bases: {m: 2}                           # a bank of M bases (default: M = ceil(T/2))
           learned: [atlas_task, atlas_block, adamerging_block, variational]
           train: {epochs: 10, lr: 1.0e-3}         # every learned preset
           presets: {variational: {composer: {kl_weight: 1.0e-4}}}
     """
 
-    bases: dict[str, Any] | None = Field(
-        default_factory=dict, description="build_bank options ('m', 'method', ...); null: no bank"
+    static: dict[str, SerializeAsAny[MethodParams]] = Field(
+        default_factory=lambda: static_params(STATIC_DEFAULTS),
+        description="static merges and their params (default: task_arithmetic, ties, dare, magnitude)",
     )
+    bases: BankSpec | None = Field(default_factory=BankSpec, description="the bank of bases; null: no bank")
     learned: list[str] = Field(default_factory=list, description="presets of taskvec.variational.PRESETS")
-    train: dict[str, Any] = Field(default_factory=dict)
+    train: TrainConfig = Field(
+        default_factory=TrainConfig, description="training options of every learned preset (those set)"
+    )
     presets: dict[str, PresetSpec] = Field(default_factory=dict)
     seeds: int = Field(default=1, ge=1, description="seeds of every learned method (mean ± sd when > 1)")
 
+    _static = field_validator("static", mode="before")(static_params)
+
     @model_validator(mode="after")
     def _known(self) -> ComposeSpec:
-        from taskvec.variational import PRESETS
-
         for name in [*self.learned, *self.presets]:
             known_name(name, PRESETS, "composer preset")
+        for name, own in self.presets.items():
+            try:
+                preset(name, **own.composer)
+            except ValidationError as e:
+                raise ValueError(f"presets.{name}.composer.{format_validation_error(e)}") from None
         return self
+
+    def params(self, method: str) -> dict[str, Any]:
+        """The params of a static merge as the suite gives them (none: the method's defaults)."""
+        given = self.static.get(method)
+        return {} if given is None else given.model_dump(mode="json", exclude_unset=True)
+
+    def train_options(self, name: str) -> dict[str, Any]:
+        """The training options preset `name` is given: the suite's, then its own."""
+        own = self.presets.get(name)
+        return {
+            **self.train.model_dump(exclude_unset=True),
+            **(own.train.model_dump(exclude_unset=True) if own else {}),
+        }
 
 
 class SuiteSpec(Strict):
@@ -158,7 +247,7 @@ class SuiteSpec(Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     description: str = ""
-    backbone: BackboneSpec
+    backbone: SerializeAsAny[BaseModel]
     tasks: list[TaskSpec] = Field(min_length=1)
     head: SerializeAsAny[BaseModel] = Field(default_factory=lambda: HEADS.parse({"kind": "linear_probe"}))
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
@@ -168,6 +257,7 @@ class SuiteSpec(Strict):
     _source: str = PrivateAttr(default="")
 
     _suite_head = field_validator("head", mode="before")(_head)
+    _backbone = field_validator("backbone", mode="before")(parse_backbone)
 
     @model_validator(mode="after")
     def _unique(self) -> SuiteSpec:
@@ -203,10 +293,8 @@ class SuiteSpec(Strict):
 
     def backbone_hash(self) -> str:
         """Hash of everything that changes the backbone or its inputs (not the tasks)."""
-        paths = [self.backbone.hf, self.backbone.checkpoint]
-        return _hash(
-            {"backbone": self.backbone.model_dump(mode="json"), "root": self._root_if(paths), "seed": self.seed}
-        )
+        paths = [getattr(self.backbone, f, None) for f in ("hf", "checkpoint", "path")]
+        return _hash({"backbone": backbone_fields(self.backbone), "root": self._root_if(paths), "seed": self.seed})
 
     def task_hash(self, task: TaskSpec) -> str:
         """Hash of everything that changes one task's head or fine-tuned checkpoint."""
@@ -270,29 +358,6 @@ def load_suite(name_or_path: str | Path) -> SuiteSpec:
 
 
 # ----------------------------------------------------------------------------- data
-
-
-@dataclass
-class Split:
-    """Model-ready inputs (an image tensor, or token ids + mask) and labels."""
-
-    x: Inputs
-    y: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    def take(self, idx: torch.Tensor) -> Split:
-        """The rows `idx` as a split of their own."""
-        x = {k: v[idx] for k, v in self.x.items()} if isinstance(self.x, dict) else self.x[idx]
-        return Split(x, self.y[idx])
-
-    def batch(self, idx: torch.Tensor | slice) -> tuple[Inputs, torch.Tensor]:
-        if isinstance(self.x, dict):
-            x = {k: v[idx] for k, v in self.x.items()}
-            n = int(x["attention_mask"].sum(1).max())  # trim padding to the longest item in the batch
-            return {k: v[:, :n] for k, v in x.items()}, self.y[idx]
-        return self.x[idx], self.y[idx]
 
 
 @dataclass

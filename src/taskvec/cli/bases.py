@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from taskvec.cli.common import AllowNonfinite, Force, _fail, console, err_console, finite
+from taskvec.cli.common import AllowNonfinite, Force, console, err_console, fail, finite
 from taskvec.errors import ConfigError, TaskVecError, format_validation_error
 
 if TYPE_CHECKING:
@@ -184,7 +184,7 @@ def build(
             **cfg.options(),
         )
     except TaskVecError as e:
-        _fail(e)
+        fail(e)
     console.print(f"wrote bank of {bank.m} {bank.method} bases for {bank.t} task vectors to [bold]{bank.path}[/]")
     print_bank(bank, top=10)
 
@@ -200,7 +200,7 @@ def info(
     try:
         bank = Bank.load(bank_path)
     except TaskVecError as e:
-        _fail(e)
+        fail(e)
     print_bank(bank, top=top)
 
 
@@ -235,7 +235,7 @@ def add(
             allow_changed_sources=allow_changed_sources,
         )
     except TaskVecError as e:
-        _fail(e)
+        fail(e)
     where = f"basis {k}" if k is not None else f"least-squares coefficients on the {bank.m} bases"
     console.print(f"added [bold]{label}[/] to {where}; relative error {bank.relative_errors()[label]:.4%}")
 
@@ -270,7 +270,7 @@ def compose(
         else:
             path = (tv * coef).save(out, dtype=dt or bank.dtype, overwrite=force, progress=True)
     except TaskVecError as e:
-        _fail(e)
+        fail(e)
     console.print(f"{tv.name}: wrote [bold]{path}[/]")
 
 
@@ -292,7 +292,7 @@ def verify(
     try:
         bank = verify_bank(bank_path, rehash=rehash)
     except TaskVecError as e:
-        _fail(e)
+        fail(e)
     what = "recorded the sha256 of" if rehash else "verified"
     console.print(f"{bank.path}: {what} {bank.m} basis files ({_gib(bank.memory().bases_files)}); the bank is sound")
     changed = bank.changed_sources()

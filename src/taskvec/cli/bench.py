@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from taskvec.cli.common import _fail, console
+from taskvec.cli.common import console, fail
 from taskvec.errors import TaskVecError
 
 if TYPE_CHECKING:
@@ -21,7 +21,10 @@ app = typer.Typer(
 @app.command("run")
 def run(
     suite: Annotated[str, typer.Argument(help="a suite YAML file, or a built-in suite (taskvec bench list)")],
-    methods: Annotated[str, typer.Option(help="comma-separated merge methods")] = "task_arithmetic,ties,dare,magnitude",
+    methods: Annotated[
+        str | None,
+        typer.Option(help="comma-separated merge methods (default: the suite's compose.static, with their params)"),
+    ] = None,
     out: Annotated[Path, typer.Option("-o", "--out", help="folder for results.json/.md and accuracy.png")] = Path(
         "runs"
     ),
@@ -51,15 +54,16 @@ def run(
     same command again goes on from the first unfinished stage."""
     import torch
 
-    from taskvec.bench.run import load_data, plan_suite, print_plan, run_suite
+    from taskvec.bench.prepare import load_data
+    from taskvec.bench.run import plan_suite, print_plan, run_suite
     from taskvec.bench.suite import load_suite
     from taskvec.methods import get_method
 
     if threads:
         torch.set_num_threads(threads)
     try:
-        names = [m.strip() for m in methods.split(",") if m.strip()]
-        for m in names:
+        names = None if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
+        for m in names or []:
             get_method(m)
         spec = load_suite(suite)
         chosen = None if learned is None else [m.strip() for m in learned.split(",") if m.strip()]
@@ -81,7 +85,7 @@ def run(
             console=console,
         )
     except TaskVecError as e:
-        _fail(e)
+        fail(e)
     except KeyboardInterrupt:
         console.print("stopped; run the same command again to go on from the first unfinished stage")
         raise typer.Exit(130) from None
@@ -101,9 +105,11 @@ def list_suites() -> None:
         for name in builtin_suites():
             s = load_suite(name)
             tasks = ", ".join(f"{x.name} ({_split(x)})" for x in s.tasks)
-            t.add_row(s.name, s.backbone.hf or s.backbone.factory or "", tasks, s.description)
+            b = s.backbone
+            where = getattr(b, "hf", None) or getattr(b, "factory", None) or getattr(b, "kind", "")
+            t.add_row(s.name, where, tasks, s.description)
     except TaskVecError as e:
-        _fail(e)
+        fail(e)
     console.print(t)
 
 

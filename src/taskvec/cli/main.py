@@ -17,8 +17,8 @@ from taskvec.errors import ConfigError
 from taskvec.io.atomic import check_output
 
 if TYPE_CHECKING:
+    from taskvec.bench.tune import TuneResult
     from taskvec.config import MergeConfig
-    from taskvec.tune import TuneResult
 
 app = typer.Typer()
 
@@ -91,8 +91,8 @@ def _tune(cfg: MergeConfig, suite: str, cache: Path | None, allow_nonfinite: boo
     """`cfg` with the scale (and density) chosen on `suite`'s validation data, with a progress bar."""
     from rich.progress import Progress
 
+    from taskvec.bench.tune import tune_merge, tuned_config
     from taskvec.progress import columns
-    from taskvec.tune import tune_merge, tuned_config
 
     with Progress(*columns(), console=console, transient=True) as bar:
         task = bar.add_task("--tune-on: validation evaluations", total=None)

@@ -23,7 +23,8 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return out
 
 
-def _key_list(keys: Iterable[str], limit: int = 5) -> str:
+def key_list(keys: Iterable[str], limit: int = 5) -> str:
+    """The first `limit` tensor names, sorted and quoted, for error messages ('and N more')."""
     keys = sorted(keys)
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(repr(k) for k in keys[:limit]) + more
@@ -36,9 +37,9 @@ def check_same_tensors(a: Source, b: Source, keys: Sequence[str] | None = None) 
         if ka != kb:
             parts = []
             if ka - kb:
-                parts.append(f"only in {a.name}: {_key_list(ka - kb)}")
+                parts.append(f"only in {a.name}: {key_list(ka - kb)}")
             if kb - ka:
-                parts.append(f"only in {b.name}: {_key_list(kb - ka)}")
+                parts.append(f"only in {b.name}: {key_list(kb - ka)}")
             raise KeyMismatchError("tensors differ: " + "; ".join(parts))
         keys = a.keys()
     for k in keys:

@@ -20,7 +20,7 @@ from torch import nn
 
 from taskvec.core.coef import Coef, check_coef_map, check_patterns, matches, resolve
 from taskvec.core.similarity import gram_matrix
-from taskvec.core.sources import LinearSource, _key_list, check_same_tensors, compute_dtype
+from taskvec.core.sources import LinearSource, check_same_tensors, compute_dtype, key_list
 from taskvec.core.stream import CHUNK_ELEMS, LastSliceCache, prefetch, read_cast, read_into, write_checkpoint
 from taskvec.errors import ConfigError, DtypeError, KeyMismatchError, NonFiniteError
 from taskvec.io import CheckpointLike, DictSource, Source, TensorSpec, open_checkpoint
@@ -162,7 +162,7 @@ def align_names(pretrained: Source, finetuned: Source) -> Source:
     if left:
         warnings.warn(
             f"{finetuned.name}: names matched to {pretrained.name}'s through the leading {prefix!r}; "
-            f"{len(left)} other tensors left out ({_key_list(left, 3)})",
+            f"{len(left)} other tensors left out ({key_list(left, 3)})",
             stacklevel=3,
         )
     return RenamedSource(finetuned, names)
@@ -200,7 +200,7 @@ class DiffSource:
         if one_side:
             warnings.warn(
                 f"skipped {len(one_side)} buffers that only one of {pretrained.name} and {finetuned.name} "
-                f"holds ({_key_list(one_side, 3)}): they are computed or counted, not trained",
+                f"holds ({key_list(one_side, 3)}): they are computed or counted, not trained",
                 stacklevel=3,
             )
             wanted = [k for k in wanted if k not in set(one_side)]

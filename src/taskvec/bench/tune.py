@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from taskvec.bench.backbones import match_state
+from taskvec.bench.prepare import prepare
 from taskvec.config import MergeConfig
 from taskvec.core.source import open_task
 from taskvec.errors import ConfigError
@@ -64,9 +66,6 @@ def tune_merge(
     then on its grid at that lambda; then lambda and density in turn step to a better neighbour
     until neither improves. The result is the best point scored (ties: smaller lambda, then smaller
     density). `on_eval(done, planned)` is called after each validation evaluation."""
-    from taskvec.bench.backbones import match_state
-    from taskvec.bench.run import prepare
-
     if isinstance(cfg.scale, dict):
         raise ConfigError("--tune-on chooses one scale; remove the per-layer 'scale' map from the config")
     method = get_method(cfg.method)
