@@ -72,7 +72,6 @@ def atomic_savefig(
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format=fmt, metadata={PLOT_FORMATS[fmt]: PLOT_MARK})
 
 
-_atomic_savefig = atomic_savefig  # the former private name, kept for branches that still import it
 
 
 def heatmap(

@@ -54,7 +54,6 @@ def fail(e: BaseException) -> NoReturn:
     raise typer.Exit(2)
 
 
-_fail = fail  # the former private name, kept for branches that still import it
 
 
 @overload

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 app = typer.Typer()
 
 
-_dtype = torch_dtype  # the former private name, kept for branches that still import it
 
 
 @app.command()

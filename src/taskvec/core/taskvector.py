@@ -28,8 +28,6 @@ from taskvec.io.hf import hf_output_files
 from taskvec.io.peft import open_lora
 from taskvec.io.writer import DEFAULT_SHARD_BYTES
 
-_compute_dtype = compute_dtype  # the former private name, kept for branches that still import it
-
 TASK_VECTOR_FORMAT = "taskvec/task_vector"
 
 
