@@ -5,8 +5,6 @@ values must be bit-identical."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
 import torch
@@ -190,9 +188,9 @@ def test_one_pass_merge_bit_identical_to_two_passes(monkeypatch: pytest.MonkeyPa
     outcome: list[tuple[str, bool]] = []  # (tensor, merged in one pass)
     merge_tensor = onepass.merge_tensor
 
-    def recorded(*args: Any) -> torch.Tensor | None:
-        table = merge_tensor(*args)
-        outcome.append((args[1], table is not None))
+    def recorded(job: onepass.Trim) -> torch.Tensor | None:
+        table = merge_tensor(job)
+        outcome.append((job.key, table is not None))
         return table
 
     monkeypatch.setattr(compose_module, "merge_tensor", recorded)

@@ -561,11 +561,112 @@ class Bank:
         progress: bool,
         allow_changed: bool = False,
     ) -> int | None:
-        new_file: list[str] = []  # a basis file this add wrote, removed again if the add fails
+        """Add `task_vector` under `name`; a basis file this add wrote is removed again if it fails
+        (see `_undo`)."""
+        new_file: list[str] = []  # a basis file this add wrote
         try:
-            return self._add_inner(
-                task_vector, name, members, new_basis_below, chunk_elems, progress, allow_changed, new_file
+            mf = self.manifest
+            digests: list[str | None] = list(mf.source_digests) if mf.source_digests is not None else [None] * self.t
+            check_names([*mf.names, name], [task_vector] * (self.t + 1))
+            check_same_tensors(self.basis(0).source, task_vector.source)
+            if new_basis_below is not None and self.method != "cluster":
+                raise ConfigError("new_basis_below: only the 'cluster' method can open a new basis")
+            g1 = gram(
+                [task_vector] + [self.basis(k) for k in range(self.m)], chunk_elems=chunk_elems, progress=progress
             )
+            vv, cnew = float(g1[0, 0]), g1[1:, 0]
+            if vv <= 0:
+                raise ConfigError(f"task vector {name!r} is zero")
+            t, m = self.t, self.m
+            gram_ = _pad(self.gram, t + 1, t + 1)
+            gram_[t, t] = vv
+            cross = _pad(self.cross, m, t + 1)
+            cross[:, t] = cnew
+            decoder = _pad(self.decoder, m, t + 1, fill=0.0)
+            hgram = self.basis_gram.clone()
+            bases = [b.model_copy() for b in mf.bases]
+            assignments = list(mf.assignments) if mf.assignments is not None else None
+            old_file: str | None = None
+            if self.method == "cluster":
+                assert assignments is not None
+                cos = cnew / (hgram.diagonal() * vv).sqrt()
+                k = int(torch.argmax(cos))
+                if new_basis_below is not None and float(cos[k]) < new_basis_below:
+                    k = m
+                idx = [i for i, a in enumerate(assignments) if a == k]
+                tvs = [self._member(i, members, allow_changed, digests) for i in idx] + [task_vector]
+                cluster = [tapped(tv) for tv in tvs]
+                basis = merged_basis(cluster, mf.merge or "mean", mf.merge_params)
+                f = self._new_file(k)
+                write_text_atomic(self.path / PENDING, json.dumps({"files": [f]}) + "\n")
+                new_file.append(f)
+                chunk = chunk_elems or auto_chunk(len(cluster) + 1)
+                h, c, lg = cluster_pass(
+                    basis,
+                    cluster,
+                    self.dtype,
+                    chunk_elems=chunk,
+                    out=self.path / f,
+                    shard_size=mf.shard_size,
+                    progress=progress,
+                    description=f"re-merging basis {k}",
+                )
+                idx.append(t)
+                assignments.append(k)
+                gram_[t, idx[:-1]] = lg[-1, :-1]
+                gram_[idx[:-1], t] = lg[-1, :-1]
+                if k == m:
+                    cross, hgram, decoder = (
+                        _pad(cross, m + 1, t + 1),
+                        _pad(hgram, m + 1, m + 1),
+                        _pad(decoder, m + 1, t + 1, fill=0.0),
+                    )
+                    bases.append(BasisEntry(file=f, bytes=0))
+                else:
+                    old_file = bases[k].file
+                cross[k, :] = float("nan")
+                hgram[k, :] = float("nan")
+                hgram[:, k] = float("nan")
+                cross[k, idx] = c
+                hgram[k, k] = h
+                decoder[:, idx] = 0.0
+                decoder[k, idx] = c / h
+                bases[k] = BasisEntry(
+                    file=f,
+                    bytes=disk_bytes(self.path / f),
+                    members=[*(mf.names[i] for i in idx[:-1]), name],
+                    sha256=file_digest(self.path / f),
+                )
+            else:
+                k = None
+                decoder[:, t] = lsq(hgram, cnew[:, None])[:, 0]
+            info = dict(mf.info)
+            info["added"] = [*info.get("added", []), name]
+            new = mf.model_copy(
+                update={
+                    "T": t + 1,
+                    "M": len(bases),
+                    "names": [*mf.names, name],
+                    "sources": [*mf.sources, source_path(task_vector)],
+                    "source_digests": [*digests, _digest_of(source_path(task_vector))],
+                    "task_bytes": [*mf.task_bytes, task_bytes(task_vector)],
+                    "bases": bases,
+                    "gram": _mat(gram_),
+                    "cross": _mat(cross),
+                    "basis_gram": _mat(hgram),
+                    "decoder": decoder.tolist(),
+                    "assignments": assignments,
+                    "info": info,
+                }
+            )
+            Manifest(**new.model_dump())  # validate before committing
+            write_text_atomic(self.path / MANIFEST, manifest_text(new.model_dump()))
+            (self.path / PENDING).unlink(missing_ok=True)
+            if old_file is not None:
+                _delete_inside(self.path, old_file)
+            loaded = Bank.load(self.path)
+            self.__dict__.update(loaded.__dict__)
+            return k
         except BaseException:
             self._undo(new_file)
             raise
@@ -581,118 +682,6 @@ class Bank:
                 _delete_inside(self.path, f)
         if not any(f in committed for f in new_file):
             (self.path / PENDING).unlink(missing_ok=True)
-
-    def _add_inner(
-        self,
-        task_vector: TaskVector,
-        name: str,
-        members: Mapping[str, TaskVector] | None,
-        new_basis_below: float | None,
-        chunk_elems: int | None,
-        progress: bool,
-        allow_changed: bool,
-        new_file: list[str],
-    ) -> int | None:
-        mf = self.manifest
-        digests: list[str | None] = list(mf.source_digests) if mf.source_digests is not None else [None] * self.t
-        check_names([*mf.names, name], [task_vector] * (self.t + 1))
-        check_same_tensors(self.basis(0).source, task_vector.source)
-        if new_basis_below is not None and self.method != "cluster":
-            raise ConfigError("new_basis_below: only the 'cluster' method can open a new basis")
-        g1 = gram([task_vector] + [self.basis(k) for k in range(self.m)], chunk_elems=chunk_elems, progress=progress)
-        vv, cnew = float(g1[0, 0]), g1[1:, 0]
-        if vv <= 0:
-            raise ConfigError(f"task vector {name!r} is zero")
-        t, m = self.t, self.m
-        gram_ = _pad(self.gram, t + 1, t + 1)
-        gram_[t, t] = vv
-        cross = _pad(self.cross, m, t + 1)
-        cross[:, t] = cnew
-        decoder = _pad(self.decoder, m, t + 1, fill=0.0)
-        hgram = self.basis_gram.clone()
-        bases = [b.model_copy() for b in mf.bases]
-        assignments = list(mf.assignments) if mf.assignments is not None else None
-        old_file: str | None = None
-        if self.method == "cluster":
-            assert assignments is not None
-            cos = cnew / (hgram.diagonal() * vv).sqrt()
-            k = int(torch.argmax(cos))
-            if new_basis_below is not None and float(cos[k]) < new_basis_below:
-                k = m
-            idx = [i for i, a in enumerate(assignments) if a == k]
-            tvs = [self._member(i, members, allow_changed, digests) for i in idx] + [task_vector]
-            cluster = [tapped(tv) for tv in tvs]
-            basis = merged_basis(cluster, mf.merge or "mean", mf.merge_params)
-            f = self._new_file(k)
-            write_text_atomic(self.path / PENDING, json.dumps({"files": [f]}) + "\n")
-            new_file.append(f)
-            chunk = chunk_elems or auto_chunk(len(cluster) + 1)
-            h, c, lg = cluster_pass(
-                basis,
-                cluster,
-                self.dtype,
-                chunk_elems=chunk,
-                out=self.path / f,
-                shard_size=mf.shard_size,
-                progress=progress,
-                description=f"re-merging basis {k}",
-            )
-            idx.append(t)
-            assignments.append(k)
-            gram_[t, idx[:-1]] = lg[-1, :-1]
-            gram_[idx[:-1], t] = lg[-1, :-1]
-            if k == m:
-                cross, hgram, decoder = (
-                    _pad(cross, m + 1, t + 1),
-                    _pad(hgram, m + 1, m + 1),
-                    _pad(decoder, m + 1, t + 1, fill=0.0),
-                )
-                bases.append(BasisEntry(file=f, bytes=0))
-            else:
-                old_file = bases[k].file
-            cross[k, :] = float("nan")
-            hgram[k, :] = float("nan")
-            hgram[:, k] = float("nan")
-            cross[k, idx] = c
-            hgram[k, k] = h
-            decoder[:, idx] = 0.0
-            decoder[k, idx] = c / h
-            bases[k] = BasisEntry(
-                file=f,
-                bytes=disk_bytes(self.path / f),
-                members=[*(mf.names[i] for i in idx[:-1]), name],
-                sha256=file_digest(self.path / f),
-            )
-        else:
-            k = None
-            decoder[:, t] = lsq(hgram, cnew[:, None])[:, 0]
-        info = dict(mf.info)
-        info["added"] = [*info.get("added", []), name]
-        new = mf.model_copy(
-            update={
-                "T": t + 1,
-                "M": len(bases),
-                "names": [*mf.names, name],
-                "sources": [*mf.sources, source_path(task_vector)],
-                "source_digests": [*digests, _digest_of(source_path(task_vector))],
-                "task_bytes": [*mf.task_bytes, task_bytes(task_vector)],
-                "bases": bases,
-                "gram": _mat(gram_),
-                "cross": _mat(cross),
-                "basis_gram": _mat(hgram),
-                "decoder": decoder.tolist(),
-                "assignments": assignments,
-                "info": info,
-            }
-        )
-        Manifest(**new.model_dump())  # validate before committing
-        write_text_atomic(self.path / MANIFEST, manifest_text(new.model_dump()))
-        (self.path / PENDING).unlink(missing_ok=True)
-        if old_file is not None:
-            _delete_inside(self.path, old_file)
-        loaded = Bank.load(self.path)
-        self.__dict__.update(loaded.__dict__)
-        return k
 
     def _member(
         self, i: int, members: Mapping[str, TaskVector] | None, allow_changed: bool, digests: list[str | None]

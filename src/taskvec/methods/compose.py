@@ -14,7 +14,7 @@ from taskvec.core.stream import CHUNK_ELEMS, chunks, prefetch, read_into
 from taskvec.core.taskvector import TaskVector, all_finite, check_same_tensors, compute_dtype
 from taskvec.errors import ConfigError
 from taskvec.io import Source, TensorSpec
-from taskvec.methods.onepass import block_layout, combine_fn, merge_tensor
+from taskvec.methods.onepass import Trim, block_layout, combine_fn, merge_tensor
 from taskvec.methods.registry import MergeMethod, MethodParams, SliceContext, get_method, parse_params
 from taskvec.methods.selection import BLOCK, magnitude_threshold, select_threshold
 
@@ -150,7 +150,7 @@ class ComposedSource:
         out = torch.empty(spec.numel, dtype=spec.dtype)
         density = self.method.magnitude_density(self.params)
         sources = [tv.source for tv in self.tvs]
-        table = merge_tensor(sources, key, spec.numel, spec.dtype, weights, density, self._combine, layout, out)
+        table = merge_tensor(Trim(sources, key, spec.numel, spec.dtype, weights, density, self._combine, layout, out))
         if table is None:
             for s, e in chunks(spec.numel):
                 out[s:e] = self._merge_slice(key, s, e)

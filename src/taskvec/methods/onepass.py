@@ -88,26 +88,34 @@ class _Block:
     kept: int = field(default=0)
 
 
-def merge_tensor(
-    sources: Sequence[Source],
-    key: str,
-    numel: int,
-    dtype: torch.dtype,
-    weights: torch.Tensor,
-    density: float,
-    combine: Combine,
-    layout: list[tuple[int, int]],
-    out: torch.Tensor,
-) -> torch.Tensor | None:
-    """Merge tensor `key` into `out` (flat, `numel`) in one pass; return the (T, 2) float64
-    (threshold, cut) table of `magnitude_threshold`, or None (and `out` undefined) when a bracket
-    missed and the tensor must be merged in two passes."""
+@dataclass(frozen=True)
+class Trim:
+    """One tensor to trim and merge: the task vectors' sources, the tensor's name, size and dtype,
+    the task weights, the density kept, what follows the trim, the blocks and the flat output."""
+
+    sources: Sequence[Source]
+    key: str
+    numel: int
+    dtype: torch.dtype
+    weights: torch.Tensor
+    density: float
+    combine: Combine
+    layout: list[tuple[int, int]]
+    out: torch.Tensor
+
+
+def merge_tensor(job: Trim) -> torch.Tensor | None:
+    """Merge tensor `job.key` into `job.out` in one pass; return the (T, 2) float64 (threshold,
+    cut) table of `magnitude_threshold`, or None (and `out` undefined) when a bracket missed and
+    the tensor must be merged in two passes."""
+    sources, key, numel, dtype = job.sources, job.key, job.numel, job.dtype
+    weights, density, combine, layout, out = job.weights, job.density, job.combine, job.layout, job.out
     t = len(sources)
     k = int(density * numel)
     width = max(e - s for s, e in layout)
     with one_torch_thread():
         if t * numel * dtype.itemsize <= SMALL_BYTES:
-            return _merge_whole(sources, key, numel, dtype, weights, density, combine, layout, out)
+            return _merge_whole(job)
         if density >= 1 or k >= numel or k <= 0 or dtype != torch.float32:
             return None
         sample = [layout[i * len(layout) // SAMPLE_BLOCKS] for i in range(SAMPLE_BLOCKS)]
@@ -337,27 +345,20 @@ def _recompute(
 RECOMPUTE_COLS = 1 << 15  # kept columns recomputed at once (a multiple of LAYOUT)
 
 
-def _merge_whole(
-    sources: Sequence[Source],
-    key: str,
-    numel: int,
-    dtype: torch.dtype,
-    weights: torch.Tensor,
-    density: float,
-    combine: Combine,
-    layout: list[tuple[int, int]],
-    out: torch.Tensor,
-) -> torch.Tensor:
+def _merge_whole(job: Trim) -> torch.Tensor:
     """A small tensor: all T task vectors held at once, exact thresholds, then the blocks."""
-    t = len(sources)
-    whole = torch.empty(t, numel, dtype=dtype)
-    for i, src in enumerate(sources):
-        for s, e in chunks(numel):
-            read_into(src, key, s, e, whole[i, s:e])
-    table = torch.tensor([magnitude_threshold(_nan_as_zero(whole[i]), density) for i in range(t)], dtype=torch.float64)
-    for s, e in layout:
+    t = len(job.sources)
+    whole = torch.empty(t, job.numel, dtype=job.dtype)
+    for i, src in enumerate(job.sources):
+        for s, e in chunks(job.numel):
+            read_into(src, job.key, s, e, whole[i, s:e])
+    table = torch.tensor(
+        [magnitude_threshold(_nan_as_zero(whole[i]), job.density) for i in range(t)], dtype=torch.float64
+    )
+    for s, e in job.layout:
         for a, b in _parts(e - s):
-            out[s + a : s + b] = combine(trim_by_threshold(whole[:, s + a : s + b], table, s + a), weights)
+            trimmed = trim_by_threshold(whole[:, s + a : s + b], table, s + a)
+            job.out[s + a : s + b] = job.combine(trimmed, job.weights)
     return table
 
 
