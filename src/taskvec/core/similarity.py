@@ -88,9 +88,10 @@ def gram_matrix(
     The slice [s, s + chunk) of every task vector is read (cast and checked in place) into one
     (T, chunk) block and G += X X^T is one product per block (`block_gram`: float64 products for
     float64 task vectors, float32 products summed in float64 otherwise), on `device` (default
-    the CPU). The next blocks are read by two threads while the product runs, and the reads
+    the CPU). Two threads each read a block and, on the CPU, take its product, while the reads
     after them are announced to the operating system ahead of time, so reading and arithmetic
-    overlap.
+    overlap and both cores work; the blocks' products are summed in block order, so the result
+    does not depend on which thread finished first.
     """
     if not tvs:
         raise ValueError("a Gram matrix needs at least one task vector")
@@ -109,11 +110,12 @@ def gram_matrix(
     total = sum(tvs[0].spec(k).numel for k in keys) * t * 4
 
     def fill(i: int) -> torch.Tensor:
+        """Block i read into its buffer; on the CPU, its product too (the threads share the work)."""
         key, s, e = jobs[i]
         x = bufs[i % len(bufs)][:, : e - s]
         for j, tv in enumerate(tvs):
             read_into(tv.source, key, s, e, x[j])
-        return x
+        return block_gram(x) if dev.type == "cpu" else x
 
     def announce(i: int) -> None:
         if i < len(jobs):
@@ -127,21 +129,22 @@ def gram_matrix(
         byte_progress(total, description, progress) as advance,
         ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="taskvec-gram-read") as reader,
     ):
-        for i in range(min(READ_AHEAD + 1, len(jobs))):
+        for i in range(min(ANNOUNCE_AHEAD + 1, len(jobs))):
             announce(i)
         ahead: deque[Future[torch.Tensor]] = deque(reader.submit(fill, i) for i in range(min(READ_AHEAD, len(jobs))))
         for i in range(len(jobs)):
             x = ahead.popleft().result()
-            announce(i + READ_AHEAD + 1)
+            announce(i + ANNOUNCE_AHEAD + 1)
             if i + READ_AHEAD < len(jobs):  # into the buffer of block i - 1, whose product is done
                 ahead.append(reader.submit(fill, i + READ_AHEAD))
-            g += block_gram(x.to(dev))
+            g += x if dev.type == "cpu" else block_gram(x.to(dev))  # summed in block order either way
             advance((jobs[i][2] - jobs[i][1]) * t * 4)
     g = g.cpu()
     return (g + g.T) / 2
 
 
-READ_AHEAD = 2  # blocks read (cast and checked) by reader threads while the product of one runs
+READ_AHEAD = 2  # blocks read (cast and checked) and, on the CPU, multiplied by threads at once
+ANNOUNCE_AHEAD = 8  # blocks whose reads the operating system is asked to start ahead (page cache, not RSS)
 
 
 def cosine_matrix(tvs: Sequence[TaskVector], *, device: str | torch.device | None = None) -> torch.Tensor:
