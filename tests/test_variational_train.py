@@ -211,8 +211,11 @@ def test_text_backbone_end_to_end() -> None:
 def test_compute_features_matches_backbone(toy) -> None:
     from taskvec.variational import compute_features
 
-    f0 = compute_features(toy.backbone, toy.test.inputs, batch_size=100)
+    done: list[int] = []  # a progress bar's advances: every input counted once, batch by batch
+    f0 = compute_features(toy.backbone, toy.test.inputs, batch_size=100, advance=done.append)
     torch.testing.assert_close(f0, toy.test.features)
+    n = len(toy.test.features)
+    assert sum(done) == n and len(done) == -(-n // 100)
 
 
 def test_holdout_split_folds_partition_each_task() -> None:

@@ -100,7 +100,7 @@ def train_on_suite(
     tcfg = cfg.train_config()
     prep = prepare(cfg.suite, Path(cfg.cache) if cfg.cache else None)
     entropy = tcfg.composer.objective == "entropy"
-    data = suite_data(prep, "test", labels=False) if entropy else suite_data(prep, "val")
+    data = suite_data(prep, "test", labels=False, progress=True) if entropy else suite_data(prep, "val", progress=True)
     tvs, heads = task_parts(prep)
     composer = train_composer(
         prep.backbone, tvs, heads, data, tcfg, forward_fn=forward_features, task_names=list(prep.tasks)

@@ -11,6 +11,7 @@ import torch
 
 from taskvec.bench.models import forward_features
 from taskvec.bench.prepare import Prepared
+from taskvec.progress import bar
 from taskvec.variational import (
     ComposeData,
     ComposerConfig,
@@ -33,18 +34,24 @@ def suite_composer(name: str, **overrides: Any) -> ComposerConfig:
     return preset(name, **overrides)
 
 
-def stack_data(prep: Prepared, parts: list[Any], tasks: torch.Tensor, labels: torch.Tensor | None) -> ComposeData:
-    """Splits (or encoded inputs) stacked, with frozen pretrained features f0(x)."""
+def stack_data(
+    prep: Prepared, parts: list[Any], tasks: torch.Tensor, labels: torch.Tensor | None, *, progress: bool = False
+) -> ComposeData:
+    """Splits (or encoded inputs) stacked, with frozen pretrained features f0(x) (a progress bar
+    while they are computed when `progress`)."""
     if isinstance(parts[0], dict):
         inputs: Any = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     else:
         inputs = torch.cat(parts)
     prep.backbone.load_state_dict(prep.pretrained)
-    feats = compute_features(prep.backbone, inputs, forward_fn=forward_features)
+    with bar("pretrained features f0(x)", len(tasks), enabled=progress, transient=True) as advance:
+        feats = compute_features(prep.backbone, inputs, forward_fn=forward_features, advance=advance)
     return ComposeData(inputs, feats, tasks, labels)
 
 
-def suite_data(prep: Prepared, split: str, labels: bool = True, tasks: list[str] | None = None) -> ComposeData:
+def suite_data(
+    prep: Prepared, split: str, labels: bool = True, tasks: list[str] | None = None, *, progress: bool = False
+) -> ComposeData:
     """The `split` of every task (or of `tasks`) stacked: inputs, f0(x), task index, labels."""
     names = list(prep.tasks)
     chosen = tasks or names
@@ -53,7 +60,7 @@ def suite_data(prep: Prepared, split: str, labels: bool = True, tasks: list[str]
         [torch.full((len(p),), names.index(t), dtype=torch.long) for t, p in zip(chosen, parts, strict=True)]
     )
     y = torch.cat([p.y for p in parts]) if labels else None
-    return stack_data(prep, [p.x for p in parts], index, y)
+    return stack_data(prep, [p.x for p in parts], index, y, progress=progress)
 
 
 def task_parts(prep: Prepared) -> tuple[list[Any], list[torch.nn.Module]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,10 +125,12 @@ def compute_features(
     *,
     forward_fn: Any = None,
     batch_size: int = 256,
+    advance: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """f0(x): the frozen pretrained backbone's output for every input, in batches (eval mode, no
     gradients, texts bucketed by length and padding trimmed per batch), on the backbone's device;
-    returned on CPU in input order."""
+    returned on CPU in input order. `advance(n)` is called after each batch of n inputs (a
+    progress bar)."""
     fn = forward_fn or default_forward
     was_training = backbone.training
     backbone.eval()
@@ -139,6 +141,8 @@ def compute_features(
         if out is None:
             out = f.new_empty((count(inputs), *f.shape[1:]))
         out[index] = f
+        if advance is not None:
+            advance(len(index))
     backbone.train(was_training)
     assert out is not None, "features of no inputs"
     return out
