@@ -55,16 +55,14 @@ from typing import Any
 
 import torch
 
-from taskvec.bench.learned import suite_composer, suite_data, training_data
-from taskvec.bench.models import forward_features
+from taskvec.bench.learned import run_learned, suite_composer, suite_data
 from taskvec.bench.prepare import prepare
+from taskvec.bench.report import mean_sd, t_tests
 from taskvec.io.atomic import write_text_atomic
 from taskvec.variational import (
     ComposeTrainConfig,
     TrainConfig,
-    evaluate_composer,
     holdout_split,
-    train_composer,
 )
 from taskvec.variational.config import PRESETS
 
@@ -154,9 +152,8 @@ def tuned(folder: Path, preset: str) -> dict[str, Any]:
     }
 
 
-def run_one(
-    prep: Any, tvs: list[Any], tv_names: list[str], val: Any, test: Any, name: str, seed: int, args: argparse.Namespace
-) -> dict[str, Any]:
+def run_config(name: str, seed: int, args: argparse.Namespace) -> ComposeTrainConfig:
+    """Preset `name` with the command line's (or its tuned variant's) composer and training settings."""
     hp = args.hp.get(name, {})
     kl_weight = hp.get("kl_weight", args.kl_weight)
     over: dict[str, Any] = {"kl_weight": kl_weight} if name.startswith("variational") and kl_weight is not None else {}
@@ -168,7 +165,7 @@ def run_one(
     sets = parse_sets(hp.get("set", []) + args.set)
     train_over = sets.pop("train", {})
     over = deep_merge(deep_merge(dict(PRESETS[name]), over), sets)
-    cfg = ComposeTrainConfig(
+    return ComposeTrainConfig(
         composer=suite_composer(name, **over),
         train=TrainConfig(
             **{
@@ -180,63 +177,30 @@ def run_one(
             }
         ),
     )
-    train_data = training_data(cfg, val, test)
-    prep.backbone.load_state_dict(prep.pretrained)
-    t0 = time.perf_counter()
-    comp = train_composer(
-        prep.backbone,
-        tvs,
-        [prep.heads[t] for t in prep.tasks],
-        train_data,
-        cfg,
-        forward_fn=forward_features,
-        task_names=tv_names,
-    )
-    train_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    res = evaluate_composer(comp, test)
-    eval_s = time.perf_counter() - t0
-    names = list(prep.tasks)
-    out: dict[str, Any] = {
-        "preset": name,
-        "seed": seed,
-        "train_seconds": train_s,
-        "eval_seconds": eval_s,
-        "test": {names[i]: a for i, a in res.accuracy.items()},
-        "kept": {names[i]: a for i, a in res.active.items()},
-        "coef_mean": res.coef_mean.tolist(),
-        "blocks": list(comp.model.blocks.names),
-        "history": comp.history,
-        "config": cfg.model_dump(),
-    }
-    if args.mc and cfg.composer.method == "variational":
-        out["test_mc"] = {
-            names[i]: a for i, a in evaluate_composer(comp, test, mode="mc", samples=args.mc).accuracy.items()
-        }
-    return out
 
 
-def mean_sd(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+def run_one(
+    prep: Any, tvs: list[Any], tv_names: list[str], val: Any, test: Any, name: str, seed: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One training run of preset `name`, with the coefficients and history the report and plots use."""
+    cfg = run_config(name, seed, args)
+    r = run_learned(prep, name, seed, val, test, config=cfg, task_vectors=(tvs, tv_names), details=True, mc=args.mc)
+    r["train_seconds"] = r.pop("seconds")
+    return r
 
 
 def welch_lines(runs: dict[str, list[dict[str, Any]]], ref: str = "variational") -> list[str]:
     """Mean difference of `ref` against every other method with >= 2 seeds, and the one-sided Welch
     t-test p-value of 'ref is better' over the seeds' average test accuracies."""
-    from scipy.stats import ttest_ind
-
     if len(runs.get(ref, [])) < 2:
         return []
     avg = {p: [100 * statistics.fmean(r["test"].values()) for r in rs] for p, rs in runs.items()}
-    out = []
-    for p, xs in avg.items():
-        if p != ref and len(xs) >= 2:
-            d = statistics.fmean(avg[ref]) - statistics.fmean(xs)
-            pv = float(ttest_ind(avg[ref], xs, equal_var=False, alternative="greater").pvalue)
-            out.append(
-                f"{ref} − {p}: {d:+.1f} points (one-sided Welch t-test over {len(avg[ref])} vs {len(xs)} "
-                f"seeds, p = {pv:.3f})"
-            )
+    others = {p: xs for p, xs in avg.items() if p != ref and len(xs) >= 2}
+    out = [
+        f"{ref} − {p}: {d:+.1f} points (one-sided Welch t-test over {len(avg[ref])} vs {len(avg[p])} "
+        f"seeds, p = {pv:.3f})"
+        for p, d, pv, _ in t_tests(avg[ref], others)
+    ]
     return ["", "Seeds' average test accuracy compared:", ""] + [f"* {x}" for x in out] if out else []
 
 

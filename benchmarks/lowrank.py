@@ -157,11 +157,13 @@ def accuracy(args: argparse.Namespace) -> None:
 
 def variational_stats(row: dict[str, Any], seeds: int) -> dict[str, float]:
     """Mean and sd over the first `seeds` variational runs of a row: accuracy, active fraction, seconds."""
+    from taskvec.bench.report import mean_sd
+
     runs = [row["variational_runs"][str(s)] for s in range(seeds)]
-    acc = [r["accuracy"] for r in runs]
+    mean, sd = mean_sd([r["accuracy"] for r in runs])
     return {
-        "mean": statistics.fmean(acc),
-        "sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+        "mean": mean,
+        "sd": sd,
         "active": statistics.fmean(r["active"] for r in runs),
         "seconds": statistics.fmean(r["seconds"] for r in runs),
         "lowrank_tensors": runs[0]["lowrank_tensors"],

@@ -208,3 +208,26 @@ def test_predict_an_image_folder_with_the_tiny_composer(composer, tmp_path: Path
         )
         got = torch.tensor([r["coefficients"][t] for t in prep.tasks], dtype=torch.float64)
         torch.testing.assert_close(got, alpha[i].double(), rtol=1e-5, atol=1e-6)
+
+
+def test_run_learned_with_a_given_config_task_vectors_and_details(tiny, prepared) -> None:  # type: ignore[no-untyped-def]
+    """run_learned with the settings of the suite's variational run as `config` trains with exactly
+    those settings and returns the same keys; `task_vectors` sets what is composed, `details` and
+    `mc` add the coefficients, blocks, history and Monte-Carlo accuracies."""
+    from taskvec.bench.learned import run_learned, suite_data
+    from taskvec.variational import ComposeTrainConfig
+
+    _, _, results = tiny
+    prep = prepared
+    (run,) = results["learned"]["variational"]
+    cfg = ComposeTrainConfig.model_validate(run["config"])
+    val, test = suite_data(prep, "val"), suite_data(prep, "test")
+    again = run_learned(prep, "variational", 0, val, test, config=cfg)
+    assert set(again) == set(run) and again["config"] == run["config"] and set(again["test"]) == set(run["test"])
+    names = list(prep.tasks)
+    two = ([prep.task_vector(t) for t in names[:2]], ["first", "second"])
+    r = run_learned(prep, "variational", 0, val, test, config=cfg, task_vectors=two, details=True, mc=2)
+    coef = torch.tensor(r["coef_mean"])
+    assert coef.shape == (len(names), 2, len(r["blocks"]))  # (test task, task vector, block)
+    assert len(r["history"]) > 0 and r["eval_seconds"] > 0
+    assert set(r["test_mc"]) == set(r["test"]) == set(names)

@@ -97,22 +97,35 @@ def run_learned(
     *,
     init_coef: float | None = None,
     progress: bool = True,
+    config: ComposeTrainConfig | None = None,
+    task_vectors: tuple[list[Any], list[str]] | None = None,
+    details: bool = False,
+    mc: int = 0,
 ) -> dict[str, Any]:
     """Train preset `name` on the validation splits (or, for an entropy objective, on the unlabeled
-    test inputs, as AdaMerging does) and score it on the test splits."""
-    cfg = learned_config(prep, name, seed, init_coef, progress)
+    test inputs, as AdaMerging does) and score it on the test splits.
+
+    `config` replaces the suite's settings for the preset (then `init_coef` and `progress` are
+    unused); `task_vectors` (vectors, names) replaces the suite's task vectors, e.g. with a bank's
+    bases, while the heads stay the suite's. With `details` the result also holds the evaluation
+    time, the mean test-time coefficients per (test task, task vector, block), the block names and
+    the training history; with `mc` > 0 a variational composer is also scored with that many
+    posterior samples ("test_mc")."""
+    cfg = config or learned_config(prep, name, seed, init_coef, progress)
     data = training_data(cfg, val, test)
     tvs, heads = task_parts(prep)
+    tv_names = list(prep.tasks)
+    if task_vectors is not None:
+        tvs, tv_names = task_vectors
     prep.backbone.load_state_dict(prep.pretrained)
     t0 = time.perf_counter()
-    comp = train_composer(
-        prep.backbone, tvs, heads, data, cfg, forward_fn=forward_features, task_names=list(prep.tasks)
-    )
+    comp = train_composer(prep.backbone, tvs, heads, data, cfg, forward_fn=forward_features, task_names=tv_names)
     seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
     res = evaluate_composer(comp, test, batch_size=cfg.train.eval_batch_size)
-    prep.backbone.float().load_state_dict(prep.pretrained)
+    eval_seconds = time.perf_counter() - t0
     names = list(prep.tasks)
-    return {
+    out: dict[str, Any] = {
         "preset": name,
         "seed": seed,
         "test": {names[i]: a for i, a in res.accuracy.items()},
@@ -120,3 +133,15 @@ def run_learned(
         "seconds": seconds,
         "config": cfg.model_dump(mode="json"),
     }
+    if details:
+        out |= {
+            "eval_seconds": eval_seconds,
+            "coef_mean": res.coef_mean.tolist(),
+            "blocks": list(comp.model.blocks.names),
+            "history": comp.history,
+        }
+    if mc and cfg.composer.method == "variational":
+        mc_res = evaluate_composer(comp, test, mode="mc", samples=mc, batch_size=cfg.train.eval_batch_size)
+        out["test_mc"] = {names[i]: a for i, a in mc_res.accuracy.items()}
+    prep.backbone.float().load_state_dict(prep.pretrained)
+    return out

@@ -44,10 +44,11 @@ class Row:
         return self.name if self.lam is None else f"{self.name} (λ={self.lam:g})"
 
     def per_task(self, t: str) -> tuple[float, float]:
-        return _mean_sd([r[t] for r in self.runs])
+        return mean_sd([r[t] for r in self.runs])
 
 
-def _mean_sd(xs: list[float]) -> tuple[float, float]:
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
@@ -113,23 +114,16 @@ def _cell(m: float, s: float, n: int, scale: float = 100.0) -> str:
 def summary(r: dict[str, Any], row: Row) -> dict[str, tuple[float, float]]:
     """Mean and sd over the row's runs of avg, norm and gain."""
     per = [scores(run, r["pretrained"], r["finetuned"]) for run in row.runs]
-    return {k: _mean_sd([p[k] for p in per]) for k in ("avg", "norm", "gain")}
+    return {k: mean_sd([p[k] for p in per]) for k in ("avg", "norm", "gain")}
 
 
-def welch(r: dict[str, Any], ref: str = "variational") -> list[tuple[str, float, float, str]]:
-    """(method, mean difference in average accuracy points, p, test) of `ref` against every other
-    shared-coefficient method: a one-sided Welch t-test over the seeds when both have several, a
-    one-sided one-sample t-test against a deterministic method's single value."""
+def t_tests(mine: list[float], others: dict[str, list[float]]) -> list[tuple[str, float, float, str]]:
+    """(method, mean difference, p, test) of the values `mine` against each method's values in
+    `others`, for 'mine are larger': a one-sided Welch t-test when the other has several values, a
+    one-sided one-sample t-test against a single value."""
     stats = require("scipy.stats", "bench")
-    learned = r.get("learned") or {}
-    if len(learned.get(ref, [])) < 2:
-        return []
-    mine = [100 * scores(x["test"], r["pretrained"], r["finetuned"])["avg"] for x in learned[ref]]
     out = []
-    for row in rows(r):
-        if row.kind == "reference" or row.label == ref:
-            continue
-        other = [100 * scores(x, r["pretrained"], r["finetuned"])["avg"] for x in row.runs]
+    for name, other in others.items():
         diff = statistics.fmean(mine) - statistics.fmean(other)
         if len(other) > 1:
             p = float(stats.ttest_ind(mine, other, equal_var=False, alternative="greater").pvalue)
@@ -137,8 +131,24 @@ def welch(r: dict[str, Any], ref: str = "variational") -> list[tuple[str, float,
         else:
             p = float(stats.ttest_1samp(mine, other[0], alternative="greater").pvalue)
             how = f"one-sample, {len(mine)} seeds vs one deterministic value"
-        out.append((row.label, diff, p, how))
+        out.append((name, diff, p, how))
     return out
+
+
+def welch(r: dict[str, Any], ref: str = "variational") -> list[tuple[str, float, float, str]]:
+    """(method, mean difference in average accuracy points, p, test) of `ref` against every other
+    shared-coefficient method: a one-sided Welch t-test over the seeds when both have several, a
+    one-sided one-sample t-test against a deterministic method's single value."""
+    learned = r.get("learned") or {}
+    if len(learned.get(ref, [])) < 2:
+        return []
+    mine = [100 * scores(x["test"], r["pretrained"], r["finetuned"])["avg"] for x in learned[ref]]
+    others = {
+        row.label: [100 * scores(x, r["pretrained"], r["finetuned"])["avg"] for x in row.runs]
+        for row in rows(r)
+        if row.kind != "reference" and row.label != ref
+    }
+    return t_tests(mine, others)
 
 
 def markdown(r: dict[str, Any]) -> str:

@@ -9,8 +9,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from taskvec.cli.common import AllowNonfinite, Force, console, err_console, fail, finite
-from taskvec.errors import ConfigError, TaskVecError, format_validation_error
+from taskvec.cli.common import AllowNonfinite, Force, console, err_console, finite
+from taskvec.errors import ConfigError, format_validation_error
 
 if TYPE_CHECKING:
     from taskvec.bases.bank import Bank
@@ -148,43 +148,40 @@ def build(
         "shard_size": shard_size,
     }
     given = {k: v for k, v in given.items() if v is not None}
-    try:
-        if len(inputs) == 1 and Path(inputs[0]).suffix in (".yaml", ".yml"):
-            if given or names:
-                opts = ", ".join("--" + k.replace("_", "-") for k in [*given, *(["names"] if names else [])])
-                raise ConfigError(f"{opts}: set options in the config file {inputs[0]}, not on the command line")
-            cfg = load_bases_config(inputs[0])
-        else:
-            if len(inputs) < 2:
-                raise ConfigError("INPUTS: give a YAML config, or at least two task vector files")
-            labels = _split(names)
-            if labels and len(labels) != len(inputs):
-                raise ConfigError(f"--names: {len(labels)} names for {len(inputs)} task vectors")
-            tasks = [{"task_vector": p, **({"name": labels[i]} if labels else {})} for i, p in enumerate(inputs)]
-            try:
-                cfg = BasesConfig.model_validate({"tasks": tasks, **given})
-            except Exception as e:  # pydantic's message names the option
-                from pydantic import ValidationError
+    if len(inputs) == 1 and Path(inputs[0]).suffix in (".yaml", ".yml"):
+        if given or names:
+            opts = ", ".join("--" + k.replace("_", "-") for k in [*given, *(["names"] if names else [])])
+            raise ConfigError(f"{opts}: set options in the config file {inputs[0]}, not on the command line")
+        cfg = load_bases_config(inputs[0])
+    else:
+        if len(inputs) < 2:
+            raise ConfigError("INPUTS: give a YAML config, or at least two task vector files")
+        labels = _split(names)
+        if labels and len(labels) != len(inputs):
+            raise ConfigError(f"--names: {len(labels)} names for {len(inputs)} task vectors")
+        tasks = [{"task_vector": p, **({"name": labels[i]} if labels else {})} for i, p in enumerate(inputs)]
+        try:
+            cfg = BasesConfig.model_validate({"tasks": tasks, **given})
+        except Exception as e:  # pydantic's message names the option
+            from pydantic import ValidationError
 
-                if isinstance(e, ValidationError):
-                    raise ConfigError(format_validation_error(e, option=True)) from None
-                raise
-        check_output(out, overwrite=force, inputs=[*inputs, cfg.base, *(source_path(t) for t in cfg.tasks)])
-        tvs, labels = task_vectors_of(cfg, allow_nonfinite=allow_nonfinite)
-        bank = build_bank(
-            tvs,
-            labels,
-            cfg.method,
-            cfg.m,
-            out=out,
-            dtype=DTYPES[cfg.dtype] if cfg.dtype else None,
-            shard_size=parse_size(cfg.shard_size),
-            overwrite=force,
-            progress=True,
-            **cfg.options(),
-        )
-    except TaskVecError as e:
-        fail(e)
+            if isinstance(e, ValidationError):
+                raise ConfigError(format_validation_error(e, option=True)) from None
+            raise
+    check_output(out, overwrite=force, inputs=[*inputs, cfg.base, *(source_path(t) for t in cfg.tasks)])
+    tvs, labels = task_vectors_of(cfg, allow_nonfinite=allow_nonfinite)
+    bank = build_bank(
+        tvs,
+        labels,
+        cfg.method,
+        cfg.m,
+        out=out,
+        dtype=DTYPES[cfg.dtype] if cfg.dtype else None,
+        shard_size=parse_size(cfg.shard_size),
+        overwrite=force,
+        progress=True,
+        **cfg.options(),
+    )
     console.print(f"wrote bank of {bank.m} {bank.method} bases for {bank.t} task vectors to [bold]{bank.path}[/]")
     print_bank(bank, top=10)
 
@@ -197,10 +194,7 @@ def info(
     """Method, bases, per-task reconstruction errors and exact memory accounting of a bank."""
     from taskvec.bases.bank import Bank
 
-    try:
-        bank = Bank.load(bank_path)
-    except TaskVecError as e:
-        fail(e)
+    bank = Bank.load(bank_path)
     print_bank(bank, top=top)
 
 
@@ -224,18 +218,15 @@ def add(
     from taskvec.bases.bank import Bank
     from taskvec.core import TaskVector
 
-    try:
-        bank = Bank.load(bank_path)
-        label = name or Path(task_vector).name.removesuffix(".safetensors")
-        k = bank.add(
-            TaskVector.load(task_vector),
-            label,
-            new_basis_below=new_basis_below,
-            progress=True,
-            allow_changed_sources=allow_changed_sources,
-        )
-    except TaskVecError as e:
-        fail(e)
+    bank = Bank.load(bank_path)
+    label = name or Path(task_vector).name.removesuffix(".safetensors")
+    k = bank.add(
+        TaskVector.load(task_vector),
+        label,
+        new_basis_below=new_basis_below,
+        progress=True,
+        allow_changed_sources=allow_changed_sources,
+    )
     where = f"basis {k}" if k is not None else f"least-squares coefficients on the {bank.m} bases"
     console.print(f"added [bold]{label}[/] to {where}; relative error {bank.relative_errors()[label]:.4%}")
 
@@ -258,19 +249,16 @@ def compose(
     from taskvec.config import DTYPES
     from taskvec.io.atomic import check_output
 
-    try:
-        if dtype is not None and dtype not in DTYPES:
-            raise ConfigError(f"--dtype: unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        check_output(out, overwrite=force, inputs=[bank_path, base])
-        bank = Bank.load(bank_path)
-        tv = bank.combine(add=_split(add), negate=_split(negate))
-        dt = DTYPES[dtype] if dtype else None
-        if base is not None:
-            path = tv.apply_to(base, coef, out=out, dtype=dt, overwrite=force, progress=True)
-        else:
-            path = (tv * coef).save(out, dtype=dt or bank.dtype, overwrite=force, progress=True)
-    except TaskVecError as e:
-        fail(e)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"--dtype: unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    check_output(out, overwrite=force, inputs=[bank_path, base])
+    bank = Bank.load(bank_path)
+    tv = bank.combine(add=_split(add), negate=_split(negate))
+    dt = DTYPES[dtype] if dtype else None
+    if base is not None:
+        path = tv.apply_to(base, coef, out=out, dtype=dt, overwrite=force, progress=True)
+    else:
+        path = (tv * coef).save(out, dtype=dt or bank.dtype, overwrite=force, progress=True)
     console.print(f"{tv.name}: wrote [bold]{path}[/]")
 
 
@@ -289,10 +277,7 @@ def verify(
     """Check every basis file of a bank against the sha256, size and dtype in its manifest."""
     from taskvec.bases.bank import verify_bank
 
-    try:
-        bank = verify_bank(bank_path, rehash=rehash)
-    except TaskVecError as e:
-        fail(e)
+    bank = verify_bank(bank_path, rehash=rehash)
     what = "recorded the sha256 of" if rehash else "verified"
     console.print(f"{bank.path}: {what} {bank.m} basis files ({_gib(bank.memory().bases_files)}); the bank is sound")
     changed = bank.changed_sources()

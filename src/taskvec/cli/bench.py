@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from taskvec.cli.common import console, fail
-from taskvec.errors import TaskVecError
+from taskvec.cli.common import console
 
 if TYPE_CHECKING:
     from taskvec.bench.suite import TaskSpec
@@ -84,8 +83,6 @@ def run(
             seeds=seeds,
             console=console,
         )
-    except TaskVecError as e:
-        fail(e)
     except KeyboardInterrupt:
         console.print("stopped; run the same command again to go on from the first unfinished stage")
         raise typer.Exit(130) from None
@@ -101,15 +98,12 @@ def list_suites() -> None:
     t = Table(title="built-in suites")
     for c in ("suite", "backbone", "tasks (split)", "description"):
         t.add_column(c)
-    try:
-        for name in builtin_suites():
-            s = load_suite(name)
-            tasks = ", ".join(f"{x.name} ({_split(x)})" for x in s.tasks)
-            b = s.backbone
-            where = getattr(b, "hf", None) or getattr(b, "factory", None) or getattr(b, "kind", "")
-            t.add_row(s.name, where, tasks, s.description)
-    except TaskVecError as e:
-        fail(e)
+    for name in builtin_suites():
+        s = load_suite(name)
+        tasks = ", ".join(f"{x.name} ({_split(x)})" for x in s.tasks)
+        b = s.backbone
+        where = getattr(b, "hf", None) or getattr(b, "factory", None) or getattr(b, "kind", "")
+        t.add_row(s.name, where, tasks, s.description)
     console.print(t)
 
 
