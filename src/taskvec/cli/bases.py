@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
@@ -162,12 +163,8 @@ def build(
         tasks = [{"task_vector": p, **({"name": labels[i]} if labels else {})} for i, p in enumerate(inputs)]
         try:
             cfg = BasesConfig.model_validate({"tasks": tasks, **given})
-        except Exception as e:  # pydantic's message names the option
-            from pydantic import ValidationError
-
-            if isinstance(e, ValidationError):
-                raise ConfigError(format_validation_error(e, option=True)) from None
-            raise
+        except ValidationError as e:  # pydantic's message names the option
+            raise ConfigError(format_validation_error(e, option=True)) from None
     check_output(out, overwrite=force, inputs=[*inputs, cfg.base, *(source_path(t) for t in cfg.tasks)])
     tvs, labels = task_vectors_of(cfg, allow_nonfinite=allow_nonfinite)
     bank = build_bank(
