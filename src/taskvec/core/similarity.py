@@ -25,7 +25,7 @@ from taskvec.core.stream import (
 if TYPE_CHECKING:
     from taskvec.core.taskvector import TaskVector
 
-GRAM_BLOCK_BYTES = 32 << 20  # float64 bytes of one block of slices of all task vectors
+GRAM_BLOCK_BYTES = 32 << 20  # bytes of one block of slices of all task vectors, in the products' dtype
 PRODUCT_COLUMNS = 1024  # columns summed in float32 before the float64 sum (see `block_gram`)
 
 
@@ -70,9 +70,9 @@ def gram_error_bound(x: torch.Tensor) -> torch.Tensor:
     return gamma * (a @ a.T)
 
 
-def gram_chunk(n_vectors: int, budget: int = GRAM_BLOCK_BYTES) -> int:
-    """Slice length such that `n_vectors` float64 slices take about `budget` bytes."""
-    return int(max(1 << 12, min(CHUNK_ELEMS, budget // (8 * max(n_vectors, 1)))))
+def gram_chunk(n_vectors: int, budget: int = GRAM_BLOCK_BYTES, itemsize: int = 8) -> int:
+    """Slice length such that `n_vectors` slices of `itemsize`-byte elements take about `budget` bytes."""
+    return int(max(1 << 12, min(CHUNK_ELEMS, budget // (itemsize * max(n_vectors, 1)))))
 
 
 def gram_matrix(
@@ -100,12 +100,12 @@ def gram_matrix(
     if any(is_factored(tv) for tv in tvs):  # low-rank task vectors: inner products from their factors
         return factored_gram(tvs)
     t = len(tvs)
-    chunk = chunk_elems or gram_chunk(t)
     keys = tvs[0].keys()
+    cdt = gram_dtype(tv.spec(k).dtype for tv in tvs for k in keys)
+    chunk = chunk_elems or gram_chunk(t, itemsize=cdt.itemsize)  # float32 blocks: twice the columns of float64
     jobs = [(k, s, e) for k in keys for s, e in chunks(tvs[0].spec(k).numel, chunk)]
     dev = torch.device(device or "cpu")
     g = torch.zeros(t, t, dtype=torch.float64, device=dev)
-    cdt = gram_dtype(tv.spec(k).dtype for tv in tvs for k in keys)
     bufs = [torch.empty(t, chunk, dtype=cdt) for _ in range(READ_AHEAD + 1)]
     total = sum(tvs[0].spec(k).numel for k in keys) * t * 4
 
