@@ -58,6 +58,19 @@ def test_variational_training_improves_on_task_arithmetic(toy) -> None:
     assert mc.mean_accuracy > before - 0.02
 
 
+def test_same_seed_same_composer_whatever_ran_before(toy) -> None:
+    """The initial weights and the training draw only from the seed: a run is the same after any
+    other use of torch's random generator (a resumed run, another run in the same process)."""
+    a = _train(toy, "variational", epochs=2)
+    torch.rand(1000)  # anything that draws from the global generator in between
+    b = _train(toy, "variational", epochs=2)
+    for (name, pa), pb in zip(a.coef.state_dict().items(), b.coef.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    assert torch.equal(evaluate_composer(a, toy.test).predictions, evaluate_composer(b, toy.test).predictions)
+    c = _train(toy, "variational", epochs=2, seed=1)
+    assert not torch.equal(next(iter(c.coef.state_dict().values())), next(iter(a.coef.state_dict().values())))
+
+
 @pytest.mark.parametrize(
     "name", ["variational_no_gate", "variational_gate_uncertainty", "sample_specific", "variational_no_prior"]
 )

@@ -333,6 +333,7 @@ def train_composer(
     config = config or ComposeTrainConfig()
     dtype = DTYPES[config.train.dtype]
     backbone.to(dtype=dtype)
+    torch.manual_seed(config.train.seed)  # the network's initial weights: a function of the seed alone
     composer = build_composer(
         backbone,
         task_vectors,
