@@ -47,6 +47,8 @@ CONTROL_KEEP = 0.95
 STAGE_FORMAT = "taskvec/bench-stage"
 STAGE_VERSION = 1
 """Bumped when what a stage computes changes, so older stage files are computed again."""
+LEARNED_VERSION = 2
+"""The same for learned runs alone (2: the composer's initial weights drawn from its seed)."""
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -250,7 +252,7 @@ def _learned_key(prep: Prepared, name: str, seed: int, init: float | None) -> st
     if base is None:
         return None
     cfg = learned_config(prep, name, seed, init, progress=False).model_dump(mode="json")
-    return _hash([base, "learned", cfg])
+    return _hash([base, "learned", LEARNED_VERSION, cfg])
 
 
 def _negation_key(prep: Prepared, lambdas: Sequence[float]) -> str | None:
