@@ -25,7 +25,7 @@ from taskvec.core.stream import (
 if TYPE_CHECKING:
     from taskvec.core.taskvector import TaskVector
 
-GRAM_BLOCK_BYTES = 32 << 20  # bytes of one block of slices of all task vectors, in the products' dtype
+GRAM_BLOCK_BYTES = 24 << 20  # bytes of one block of slices of all task vectors, in the products' dtype
 PRODUCT_COLUMNS = 1024  # columns summed in float32 before the float64 sum (see `block_gram`)
 
 
@@ -106,7 +106,9 @@ def gram_matrix(
     jobs = [(k, s, e) for k in keys for s, e in chunks(tvs[0].spec(k).numel, chunk)]
     dev = torch.device(device or "cpu")
     g = torch.zeros(t, t, dtype=torch.float64, device=dev)
-    bufs = [torch.empty(t, chunk, dtype=cdt) for _ in range(READ_AHEAD + 1)]
+    # on the CPU a block's product is taken by the thread that read it, so its buffer is free when
+    # its result is; on a GPU the main thread still copies block i while block i + READ_AHEAD is read
+    bufs = [torch.empty(t, chunk, dtype=cdt) for _ in range(READ_AHEAD + (dev.type != "cpu"))]
     total = sum(tvs[0].spec(k).numel for k in keys) * t * 4
 
     def fill(i: int) -> torch.Tensor:
