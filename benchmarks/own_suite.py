@@ -236,6 +236,7 @@ def table(out: Path) -> str:
         "{:.2f}",
     )
     row("`merge --tune-on` (s wall)", lambda r: r["tune"]["wall"] if "tune" in r else None)
+    row("`merge --tune-on` (s CPU)", lambda r: r["tune"]["cpu"] if "tune" in r else None)
     for name, r in runs.items():
         lines.append("")
         lines.append(
