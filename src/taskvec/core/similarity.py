@@ -137,7 +137,7 @@ def gram_matrix(
         for i in range(len(jobs)):
             x = ahead.popleft().result()
             announce(i + ANNOUNCE_AHEAD + 1)
-            if i + READ_AHEAD < len(jobs):  # into the buffer of block i - 1, whose product is done
+            if i + READ_AHEAD < len(jobs):  # into block i's buffer (CPU: product taken) or i - 1's (GPU: copied)
                 ahead.append(reader.submit(fill, i + READ_AHEAD))
             g += x if dev.type == "cpu" else block_gram(x.to(dev))  # summed in block order either way
             advance((jobs[i][2] - jobs[i][1]) * t * 4)
