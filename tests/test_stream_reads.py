@@ -124,3 +124,43 @@ def test_threshold_buffer_reused_gives_the_same_thresholds() -> None:
     for key in ("w", "v"):
         want_thr = torch.tensor([magnitude_threshold(tv[key], 0.2) for tv in tvs], dtype=torch.float64)
         assert torch.equal(merged.source.thresholds(key), want_thr)  # type: ignore[attr-defined]
+
+
+def test_frozen_gc_leaves_the_objects_of_the_time_out_and_gives_them_back() -> None:
+    import gc
+
+    from taskvec.core.stream import frozen_gc
+
+    assert gc.get_freeze_count() == 0
+    with frozen_gc():
+        inside = gc.get_freeze_count()
+        with frozen_gc():  # nested (a pass inside a pass): still frozen, unfrozen once at the outer exit
+            assert gc.get_freeze_count() == inside
+        assert gc.get_freeze_count() == inside
+    assert inside > 0
+    assert gc.get_freeze_count() == 0
+
+    gc.freeze()  # a caller's own freeze is left as it is
+    try:
+        mine = gc.get_freeze_count()
+        with frozen_gc():
+            pass
+        assert gc.get_freeze_count() == mine
+    finally:
+        gc.unfreeze()
+
+
+def test_a_streamed_merge_unfreezes_the_collector_even_when_it_fails(tmp_path) -> None:
+    import gc
+
+    from taskvec.core.stream import write_checkpoint
+    from taskvec.io import TensorSpec
+
+    def broken(key: str, start: int, stop: int) -> torch.Tensor:
+        assert gc.get_freeze_count() > 0  # the objects alive before the pass are out of its collections
+        raise RuntimeError("slice failed")
+
+    with pytest.raises(RuntimeError, match="slice failed"):
+        write_checkpoint(tmp_path / "out.safetensors", {"w": TensorSpec((4,), torch.float32)}, broken)
+    assert gc.get_freeze_count() == 0
+    assert not (tmp_path / "out.safetensors").exists()

@@ -14,7 +14,15 @@ from typing import Any
 import torch
 
 from taskvec.core.similarity import block_gram, gram_dtype
-from taskvec.core.stream import LastSliceCache, byte_progress, chunks, keep_freed_memory, prefetch, write_checkpoint
+from taskvec.core.stream import (
+    LastSliceCache,
+    byte_progress,
+    chunks,
+    frozen_gc,
+    keep_freed_memory,
+    prefetch,
+    write_checkpoint,
+)
 from taskvec.core.taskvector import TaskVector, compute_dtype
 from taskvec.io import CheckpointWriter, TensorSpec
 from taskvec.io.writer import DEFAULT_SHARD_BYTES
@@ -129,6 +137,7 @@ def linear_pass(
     total = sum(sp.numel for sp in specs.values()) * 4 * t
     with ExitStack() as stack:
         stack.enter_context(keep_freed_memory())
+        stack.enter_context(frozen_gc())
         writers = [
             stack.enter_context(
                 CheckpointWriter(Path(o), specs, max_shard_bytes=shard_size, metadata={"taskvec": BASIS_FORMAT})

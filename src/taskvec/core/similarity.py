@@ -16,6 +16,7 @@ from taskvec.core.stream import (
     CHUNK_ELEMS,
     byte_progress,
     chunks,
+    frozen_gc,
     keep_freed_memory,
     one_torch_thread,
     prefetch,
@@ -127,6 +128,7 @@ def gram_matrix(
     description = description or f"Gram matrix of {t} task vectors"
     with (
         keep_freed_memory(),
+        frozen_gc(),
         one_torch_thread(),  # the threads below are the parallelism: teams of OpenMP threads each would spin
         byte_progress(total, description, progress) as advance,
         ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="taskvec-gram-read") as reader,

@@ -4,6 +4,7 @@ as it is produced, so peak memory is a few slices whatever the size of the model
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import threading
 from collections import deque
@@ -169,6 +170,31 @@ def keep_freed_memory() -> Iterator[None]:
                 libc.malloc_trim(0)
 
 
+_freeze_depth = 0
+
+
+@contextmanager
+def frozen_gc() -> Iterator[None]:
+    """Inside, the objects alive at entry are left out of Python's full garbage collections
+    (`gc.freeze`): a streamed pass makes many small tensors, which triggers full collections, and
+    each would scan every object of torch and the model libraries while the other threads wait
+    on the interpreter lock. The objects go back to the collector on exit. Nothing is frozen when
+    the caller froze objects itself (its own `gc.freeze` is left as it is)."""
+    global _freeze_depth
+    with _keep_lock:
+        _freeze_depth += 1
+        own = _freeze_depth == 1 and gc.get_freeze_count() == 0
+        if own:
+            gc.freeze()
+    try:
+        yield
+    finally:
+        with _keep_lock:
+            _freeze_depth -= 1
+            if own:
+                gc.unfreeze()
+
+
 @contextmanager
 def one_torch_thread() -> Iterator[None]:
     """Run torch kernels single-threaded inside: the caller parallelises over slices instead
@@ -212,6 +238,7 @@ def write_checkpoint(
     total = sum(s.nbytes for s in specs.values())
     with (
         keep_freed_memory(),
+        frozen_gc(),
         CheckpointWriter(
             out, specs, max_shard_bytes=max_shard_bytes, metadata=metadata, overwrite=overwrite, extra_files=extra_files
         ) as w,

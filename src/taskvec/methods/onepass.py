@@ -37,7 +37,8 @@ from taskvec.methods.registry import MergeMethod, MethodParams, method_source, w
 from taskvec.methods.selection import magnitude_threshold, trim_by_threshold
 from taskvec.methods.ties import TiesParams, elect_and_merge
 
-Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (trimmed deltas (T, n), weights (T,)) -> (n,)
+# (trimmed deltas (T, n), weights (T,), a free (T, n) buffer or None) -> (n,)
+Combine = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 SMALL_BYTES = 64 << 20  # tensors whose T task-vector slices fit in this are held whole, thresholds exact at once
 SAMPLE_BLOCKS = 4  # blocks spread over a tensor that give the brackets...
@@ -55,9 +56,9 @@ def combine_fn(method: MergeMethod, params: MethodParams) -> Combine | None:
         return None
     if method.name == "ties" and isinstance(params, TiesParams):
         majority = params.majority
-        return lambda trimmed, w: elect_and_merge(trimmed, w, majority)
+        return lambda trimmed, w, scratch: elect_and_merge(trimmed, w, majority, scratch)
     if method.name == "magnitude":
-        return weighted_sum
+        return lambda trimmed, w, scratch: weighted_sum(trimmed, w)
     return None
 
 
@@ -265,7 +266,7 @@ def _merge_block(
     tail = (s + main, d[:, main:].clone()) if main < n and bool(cols[main:].any()) else None
     kept = idx.numel() + (n - main if tail is not None else 0)
     block = _Block(above.to(torch.int64), idx + s, d.index_select(1, idx), tail, kept)
-    out[s : s + n] = combine(torch.mul(d, keep, out=keep), weights)
+    out[s : s + n] = combine(torch.mul(d, keep, out=keep), weights, a)  # a is free once cols is summed
     return block
 
 
@@ -333,10 +334,10 @@ def _recompute(
         m = p.numel()
         x = torch.zeros(c.shape[0], -(-m // LAYOUT) * LAYOUT, dtype=c.dtype)
         x[:, :m] = exact_trim(c, table, p)
-        out[p] = combine(x, weights)[:m]
+        out[p] = combine(x, weights, None)[:m]
 
     def tail(s0: int, d: torch.Tensor) -> None:
-        out[s0 : s0 + d.shape[1]] = combine(exact_trim(d, table, torch.arange(s0, s0 + d.shape[1])), weights)
+        out[s0 : s0 + d.shape[1]] = combine(exact_trim(d, table, torch.arange(s0, s0 + d.shape[1])), weights, None)
 
     jobs: list[Callable[[], None]] = [partial(main, s) for s in range(0, pos.numel(), RECOMPUTE_COLS)]
     return jobs + [partial(tail, s0, d) for s0, d in tails]
@@ -358,7 +359,7 @@ def _merge_whole(job: Trim) -> torch.Tensor:
     for s, e in job.layout:
         for a, b in _parts(e - s):
             trimmed = trim_by_threshold(whole[:, s + a : s + b], table, s + a)
-            job.out[s + a : s + b] = job.combine(trimmed, job.weights)
+            job.out[s + a : s + b] = job.combine(trimmed, job.weights, None)
     return table
 
 

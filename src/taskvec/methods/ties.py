@@ -18,22 +18,26 @@ class TiesParams(MethodParams):
     majority: Literal["total", "frequency"] = Field("total", description="elect the sign by summed mass or by count")
 
 
-def elect_and_merge(trimmed: torch.Tensor, weights: torch.Tensor, majority: str) -> torch.Tensor:
+def elect_and_merge(
+    trimmed: torch.Tensor, weights: torch.Tensor, majority: str, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
     """Sign election on the trimmed (unweighted) deltas, then the weighted disjoint mean.
 
     Written with float arithmetic only (masks as 0/1 factors), which is several times faster
     than boolean masks on CPU and gives the same values; the (T, n) temporaries are per-thread
-    buffers reused from call to call (no large allocation, and they stay in cache)."""
+    buffers reused from call to call (no large allocation, and they stay in cache), or
+    `scratch`, a free buffer of `trimmed`'s shape and dtype that the caller hands over."""
     w = weights.to(trimmed.dtype)
-    agree = _buffer(trimmed, 0)
+    agree = scratch if scratch is not None else _buffer(trimmed, 0)
     # by count: the sum of the signs (small integers, exact in any order)
     mass = trimmed.sum(0) if majority == "total" else torch.sign(trimmed, out=agree).sum(0)
     # +1 where mass >= 0, else -1 (a compare into a float tensor: much faster than through a boolean one)
-    elected = torch.ge(mass, 0, out=torch.empty_like(mass)).mul_(2).sub_(1)
+    elected = torch.ge(mass, 0, out=mass).mul_(2).sub_(1)
     # 1 where the entry has the elected sign, else 0 (zeros have neither): one product and one compare
     torch.gt(torch.mul(trimmed, elected, out=agree), 0, out=agree)
     count = agree.sum(0).clamp_(min=1)
-    weighted = trimmed if bool((w == 1).all()) else torch.mul(trimmed, w[:, None], out=_buffer(trimmed, 1))
+    unit = all(x == 1 for x in w.tolist())  # a list of T numbers: cheaper than a tensor compare per block
+    weighted = trimmed if unit else torch.mul(trimmed, w[:, None], out=_buffer(trimmed, 1))
     total = torch.mul(weighted, agree, out=agree).sum(0)  # agree is not needed any more: no new buffer
     return total.div_(count)
 
