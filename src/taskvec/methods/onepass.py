@@ -40,7 +40,7 @@ from taskvec.methods.ties import TiesParams, elect_and_merge
 # (trimmed deltas (T, n), weights (T,), a free (T, n) buffer or None) -> (n,)
 Combine = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
-SMALL_BYTES = 64 << 20  # tensors whose T task-vector slices fit in this are held whole, thresholds exact at once
+SMALL_BYTES = 1 << 20  # tensors whose T slices fit in this (norms, biases): held whole, exact thresholds at once
 SAMPLE_BLOCKS = 4  # blocks spread over a tensor that give the brackets...
 SAMPLE_STRIDE = 4  # ...every 4th column of them
 SIGMAS = 4.5  # bracket half-width in standard errors of the sample quantile
