@@ -131,23 +131,23 @@ def test_frozen_gc_leaves_the_objects_of_the_time_out_and_gives_them_back() -> N
 
     from taskvec.core.stream import frozen_gc
 
+    # (the frozen count only falls while frozen, as frozen objects are freed: compared with > 0)
     assert gc.get_freeze_count() == 0
     with frozen_gc():
-        inside = gc.get_freeze_count()
+        assert gc.get_freeze_count() > 0
         with frozen_gc():  # nested (a pass inside a pass): still frozen, unfrozen once at the outer exit
-            assert gc.get_freeze_count() == inside
-        assert gc.get_freeze_count() == inside
-    assert inside > 0
+            assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() > 0
     assert gc.get_freeze_count() == 0
 
     gc.freeze()  # a caller's own freeze is left as it is
     try:
-        mine = gc.get_freeze_count()
         with frozen_gc():
             pass
-        assert gc.get_freeze_count() == mine
+        assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+    assert gc.get_freeze_count() == 0
 
 
 def test_a_streamed_merge_unfreezes_the_collector_even_when_it_fails(tmp_path) -> None:
