@@ -170,28 +170,22 @@ def keep_freed_memory() -> Iterator[None]:
                 libc.malloc_trim(0)
 
 
-_freeze_depth = 0
-
-
 @contextmanager
 def frozen_gc() -> Iterator[None]:
     """Inside, the objects alive at entry are left out of Python's full garbage collections
     (`gc.freeze`): a streamed pass makes many small tensors, which triggers full collections, and
     each would scan every object of torch and the model libraries while the other threads wait
     on the interpreter lock. The objects go back to the collector on exit. Nothing is frozen when
-    the caller froze objects itself (its own `gc.freeze` is left as it is)."""
-    global _freeze_depth
+    objects already are (by an enclosing pass, or by the caller's own `gc.freeze`, left as it is)."""
     with _keep_lock:
-        _freeze_depth += 1
-        own = _freeze_depth == 1 and gc.get_freeze_count() == 0
+        own = gc.get_freeze_count() == 0
         if own:
             gc.freeze()
     try:
         yield
     finally:
-        with _keep_lock:
-            _freeze_depth -= 1
-            if own:
+        if own:
+            with _keep_lock:
                 gc.unfreeze()
 
 
