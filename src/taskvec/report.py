@@ -72,8 +72,6 @@ def atomic_savefig(
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format=fmt, metadata={PLOT_FORMATS[fmt]: PLOT_MARK})
 
 
-
-
 def heatmap(
     values: np.ndarray,
     rows: Sequence[str],

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,11 +13,6 @@ from safetensors.torch import save_file
 from taskvec.errors import TaskVecError
 from taskvec.io.atomic import atomic_path
 from taskvec.io.safetensors_file import SafetensorsFile
-
-
-def default_cache() -> Path:
-    """$TASKVEC_CACHE, else ~/.cache/taskvec."""
-    return Path(os.environ.get("TASKVEC_CACHE", Path.home() / ".cache" / "taskvec"))
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -6,9 +6,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from taskvec.bench.cache import default_cache
 from taskvec.bench.suite import load_suite
 from taskvec.errors import ConfigError
+from taskvec.paths import default_cache
 
 
 @dataclass

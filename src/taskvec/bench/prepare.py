@@ -16,7 +16,7 @@ from rich.console import Console
 from torch import nn
 
 from taskvec.bench.backbones import Backbone, load_backbone, match_state
-from taskvec.bench.cache import default_cache, load_cached, save_atomic
+from taskvec.bench.cache import load_cached, save_atomic
 from taskvec.bench.finetune import finetune
 from taskvec.bench.heads import HeadContext, build_head
 from taskvec.bench.models import accuracy
@@ -25,6 +25,7 @@ from taskvec.bench.suite import SuiteSpec, TaskData, TaskSpec, load_suite, load_
 from taskvec.core import TaskVector
 from taskvec.errors import ConfigError
 from taskvec.io.readers import parse_json
+from taskvec.paths import default_cache
 from taskvec.progress import Advance, active, bar, sub_bar
 
 

@@ -24,8 +24,8 @@ def _size(n: int) -> str:
 @app.command("list")
 def list_cache(cache: CacheOption = None) -> None:
     """Suites, tasks, recipes and fine-tuned checkpoints (paths and sizes) in the cache."""
-    from taskvec.bench.cache import default_cache
     from taskvec.bench.cache_index import cache_entries
+    from taskvec.paths import default_cache
 
     where = cache or default_cache()
     entries = cache_entries(where)

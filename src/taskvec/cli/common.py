@@ -54,8 +54,6 @@ def fail(e: BaseException) -> NoReturn:
     raise typer.Exit(2)
 
 
-
-
 @overload
 def torch_dtype(name: str) -> torch.dtype: ...
 @overload

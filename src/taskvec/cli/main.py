@@ -23,8 +23,6 @@ if TYPE_CHECKING:
 app = typer.Typer()
 
 
-
-
 @app.command()
 def extract(
     pretrained: Annotated[str, typer.Argument(help="pre-trained checkpoint (file or folder)")],

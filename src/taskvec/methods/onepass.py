@@ -33,12 +33,24 @@ import torch
 from taskvec.core.stream import chunks, one_torch_thread, prefetch, read_into
 from taskvec.core.taskvector import all_finite
 from taskvec.io import Source
+from taskvec.methods import kernels
 from taskvec.methods.registry import MergeMethod, MethodParams, method_source, weighted_sum
 from taskvec.methods.selection import magnitude_threshold, trim_by_threshold
 from taskvec.methods.ties import TiesParams, elect_and_merge
 
-# (trimmed deltas (T, n), weights (T,), a free (T, n) buffer or None) -> (n,)
-Combine = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+@dataclass(frozen=True)
+class Combine:
+    """What a trimming method does after its trim: `fn(trimmed (T, n), weights (T,), a free (T, n)
+    buffer or None) -> (n,)`. `ties_majority` is set for TIES, whose whole blocks the fused
+    kernel can merge (`kernels.ties_block`)."""
+
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    ties_majority: str | None = None
+
+    def __call__(self, trimmed: torch.Tensor, weights: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
+        return self.fn(trimmed, weights, scratch)
+
 
 SMALL_BYTES = 1 << 20  # tensors whose T slices fit in this (norms, biases): held whole, exact thresholds at once
 SAMPLE_BLOCKS = 4  # blocks spread over a tensor that give the brackets...
@@ -47,7 +59,7 @@ SIGMAS = 4.5  # bracket half-width in standard errors of the sample quantile
 MAX_KEPT = 0.2  # fraction of a tensor's columns kept aside above which the bracket is given up
 LAYOUT = 256  # columns are recomputed in arrays of a multiple of this many columns (see `_recompute`)
 WORKERS = 2
-SUB_BLOCK = 1 << 15  # columns merged at once inside a block (a multiple of LAYOUT)
+SUB_BLOCK = 1 << 16  # columns merged at once inside a block (a multiple of LAYOUT)
 
 
 def combine_fn(method: MergeMethod, params: MethodParams) -> Combine | None:
@@ -56,9 +68,9 @@ def combine_fn(method: MergeMethod, params: MethodParams) -> Combine | None:
         return None
     if method.name == "ties" and isinstance(params, TiesParams):
         majority = params.majority
-        return lambda trimmed, w, scratch: elect_and_merge(trimmed, w, majority, scratch)
+        return Combine(lambda trimmed, w, scratch: elect_and_merge(trimmed, w, majority, scratch), majority)
     if method.name == "magnitude":
-        return lambda trimmed, w, scratch: weighted_sum(trimmed, w)
+        return Combine(lambda trimmed, w, scratch: weighted_sum(trimmed, w))
     return None
 
 
@@ -135,12 +147,16 @@ def merge_tensor(job: Trim) -> torch.Tensor | None:
             return None
         lo, hi = bracket
 
+        group = _fused_group(combine, weights, lo, hi, t)
+
         def one(s: int, e: int) -> list[_Block]:
             d = held.pop((s, e), None)
             if d is None:
                 d = _scratch(t, width, dtype)[:, : e - s]
                 for i, src in enumerate(sources):
                     read_into(src, key, s, e, d[i])
+            if group is not None and e - s >= kernels.MIN_COLS:
+                return [_ties_block(d, s, lo, hi, weights, combine, group, out)]
             return [_merge_block(d[:, a:b], s + a, lo, hi, weights, combine, out) for a, b in _parts(e - s)]
 
         # The kept columns go to two buffers allocated once (pages are mapped as they fill): many
@@ -228,9 +244,12 @@ def _bracket(sample: torch.Tensor, density: float) -> tuple[float, float] | None
     in the bins between the two. None when it cannot hold the threshold (infinities or NaN, or
     many zeros)."""
     m = sample.numel()
-    a = sample.abs()
     sd = SIGMAS * math.sqrt(density * (1 - density) * m) + 1
     r_hi, r_lo = max(1, int(density * m - sd)), min(m, int(math.ceil(density * m + sd)))  # ranks from the top
+    if kernels.available() and kernels.fits(sample) and sample.is_contiguous() and sample.dim() == 1:
+        hi, lo = kernels.abs_order_stats(sample, r_hi, r_lo)  # the same order statistics, in one pass
+        return (lo, hi) if math.isfinite(hi) and lo > 0 else None
+    a = sample.abs()
     digits = a.view(torch.int32) >> 16  # |x| >= 0: 15 bits
     top = torch.bincount(digits, minlength=1 << 15).flip(0).cumsum(0).flip(0)  # top[d]: entries whose digit is >= d
     dh, dl = int((top >= r_hi).sum()) - 1, int((top >= r_lo).sum()) - 1
@@ -256,12 +275,19 @@ def _merge_block(
     allocation per block)."""
     t, n = d.shape
     a, keep = _buffers(t, n, d.dtype)
+    main = n - n % LAYOUT
+    if kernels.fits(d, keep, lo, hi) and lo.is_contiguous() and hi.is_contiguous() and kernels.available():
+        pos, vals = _kept_buffers(t, n)
+        above, m, tail_any = kernels.trim_block(d, lo, hi, main, keep, pos, vals)
+        tail = (s + main, d[:, main:].clone()) if tail_any else None
+        block = _Block(above, pos[:m] + s, vals[:, :m].clone(), tail, m + (n - main if tail is not None else 0))
+        out[s : s + n] = combine(keep, weights, a)
+        return block
     torch.abs(d, out=a)
     torch.gt(a, hi[:, None], out=keep)  # 1 where |x| > hi: kept whatever the exact threshold
     above = keep.sum(1)  # integers below 2^24: exact in float32
     torch.ge(a, lo[:, None], out=a).sub_(keep)  # 1 where lo <= |x| <= hi
     cols = a.sum(0)  # per column, how many tasks are inside their bracket (exact in any order)
-    main = n - n % LAYOUT
     idx = cols[:main].nonzero().reshape(-1)
     tail = (s + main, d[:, main:].clone()) if main < n and bool(cols[main:].any()) else None
     kept = idx.numel() + (n - main if tail is not None else 0)
@@ -270,12 +296,49 @@ def _merge_block(
     return block
 
 
+def _fused_group(combine: Combine, weights: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, t: int) -> int | None:
+    """The column group of torch's sum order (`kernels.sum_group`) when the fused TIES kernel
+    merges this tensor's blocks, else None."""
+    if combine.ties_majority is None or not kernels.available() or not kernels.fits(weights, lo, hi):
+        return None
+    return kernels.sum_group(t)
+
+
+def _ties_block(
+    d: torch.Tensor,
+    s: int,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    weights: torch.Tensor,
+    combine: Combine,
+    group: int,
+    out: torch.Tensor,
+) -> _Block:
+    """`_merge_block` of TIES over a whole block in one kernel call (the same output, bit for bit)."""
+    t, n = d.shape
+    main = n - n % LAYOUT
+    pos, vals = _kept_buffers(t, n)
+    by_count = combine.ties_majority == "frequency"
+    above, m, tail_any = kernels.ties_block(d, lo, hi, weights, by_count, group, main, out[s : s + n], pos, vals)
+    tail = (s + main, d[:, main:].clone()) if tail_any else None
+    return _Block(above, pos[:m] + s, vals[:, :m].clone(), tail, m + (n - main if tail is not None else 0))
+
+
 def _buffers(t: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Two per-thread (T, n) buffers."""
     bufs = getattr(_local, "masks", None)
     if bufs is None or bufs.dtype != dtype or bufs.numel() < 2 * t * n:
         bufs = _local.masks = torch.empty(2 * t * n, dtype=dtype)
     return bufs[: t * n].view(t, n), bufs[t * n : 2 * t * n].view(t, n)
+
+
+def _kept_buffers(t: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-thread buffers of the kept-aside columns of a block: positions (n,) and values (T, n)."""
+    pos, vals = getattr(_local, "kept", (None, None))
+    if pos is None or vals is None or pos.numel() < n or vals.numel() < t * n:
+        pos, vals = torch.empty(n, dtype=torch.int64), torch.empty(t * n, dtype=torch.float32)
+        _local.kept = pos, vals
+    return pos, vals[: t * n].view(t, n)
 
 
 def _finish(
@@ -295,11 +358,16 @@ def _finish(
     tails = [b.tail for b in blocks if b.tail is not None]
     parts = [(pos, cols)] + [(torch.arange(s0, s0 + x.shape[1]), x) for s0, x in tails]
     above = torch.stack([b.above for b in blocks]).sum(0)
+    native = kernels.available() and kernels.fits(cols, lo, hi)
+    lo_i, hi_i = lo.tolist(), hi.tolist()
 
     def threshold(i: int) -> tuple[float, float] | None:
         """Task i's (threshold, cut) from its entries inside the bracket."""
         found = []
         for p, x in parts:
+            if native:
+                found.append(kernels.candidates(x[i], p, lo_i[i], hi_i[i]))
+                continue
             a = x[i].abs()
             j = _inside(a, lo[i], hi[i])
             found.append((a.index_select(0, j), p.index_select(0, j)))
@@ -329,11 +397,17 @@ def _recompute(
     main parts are recomputed in arrays of a multiple of `LAYOUT` columns (zero-padded), each
     block's tail as an array of its own length."""
 
+    native = kernels.available() and kernels.fits(cols)
+    thr, cut = table[:, 0].to(cols.dtype), table[:, 1].to(torch.int64)
+
     def main(s: int) -> None:
         p, c = pos[s : s + RECOMPUTE_COLS], cols[:, s : s + RECOMPUTE_COLS]
         m = p.numel()
         x = torch.zeros(c.shape[0], -(-m // LAYOUT) * LAYOUT, dtype=c.dtype)
-        x[:, :m] = exact_trim(c, table, p)
+        if native:
+            kernels.exact_trim(c, p, thr, cut, x)
+        else:
+            x[:, :m] = exact_trim(c, table, p)
         out[p] = combine(x, weights, None)[:m]
 
     def tail(s0: int, d: torch.Tensor) -> None:

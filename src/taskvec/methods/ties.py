@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from taskvec.methods import kernels
 from taskvec.methods.registry import MergeMethod, MethodParams, SliceContext, register
 from taskvec.methods.selection import trim_by_threshold
 
@@ -31,12 +32,16 @@ def elect_and_merge(
     agree = scratch if scratch is not None else _buffer(trimmed, 0)
     # by count: the sum of the signs (small integers, exact in any order)
     mass = trimmed.sum(0) if majority == "total" else torch.sign(trimmed, out=agree).sum(0)
+    unit = all(x == 1 for x in w.tolist())  # a list of T numbers: cheaper than a tensor compare per block
+    if trimmed.dim() == 2 and kernels.fits(trimmed, agree, mass) and agree.is_contiguous() and kernels.available():
+        # the steps below in one pass (same products and comparisons); torch still does the sum
+        count = kernels.elect(trimmed, mass, w, agree)
+        return agree.sum(0).div_(count)
     # +1 where mass >= 0, else -1 (a compare into a float tensor: much faster than through a boolean one)
     elected = torch.ge(mass, 0, out=mass).mul_(2).sub_(1)
     # 1 where the entry has the elected sign, else 0 (zeros have neither): one product and one compare
     torch.gt(torch.mul(trimmed, elected, out=agree), 0, out=agree)
     count = agree.sum(0).clamp_(min=1)
-    unit = all(x == 1 for x in w.tolist())  # a list of T numbers: cheaper than a tensor compare per block
     weighted = trimmed if unit else torch.mul(trimmed, w[:, None], out=_buffer(trimmed, 1))
     total = torch.mul(weighted, agree, out=agree).sum(0)  # agree is not needed any more: no new buffer
     return total.div_(count)

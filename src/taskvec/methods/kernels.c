@@ -1,0 +1,367 @@
+/* Fused CPU kernels of the trimming merges (TIES, magnitude pruning, DARE-TIES).
+ *
+ * Each one does in one pass over a block what takes several torch operations, with the same
+ * IEEE operations in the same order per entry (comparisons, products by 0/1 and +-1 factors), so
+ * that its output is bit-identical to theirs. The sums across tasks stay with torch: its
+ * reduction order is its own, and the kernels only prepare the arrays it sums.
+ *
+ * Built at first use with the system's C compiler (see taskvec/core/native.py), with
+ * -ffp-contract=off and no fast-math: every product and comparison is rounded as written.
+ */
+#include <stdint.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(TASKVEC_NO_CLONES)
+#define MULTI __attribute__((target_clones("avx2", "default")))
+#else
+#define MULTI
+#endif
+
+#define CHUNK 2048 /* columns per inner loop: a block of T rows of them stays in the first caches */
+
+/* Trim a block d (T rows of n columns, row stride ld) by per-task thresholds, as if each task's
+ * exact top-k threshold were hi[t]:
+ *   tr[t, j] = d[t, j] * (|d[t, j]| > hi[t])          (row stride n; NaN stays NaN, as in torch)
+ *   above[t] += #{j : |d[t, j]| > hi[t]}
+ * and note the columns where some task has lo[t] <= |d| <= hi[t] (its exact threshold may
+ * change that column): those below `main_cols` are listed in increasing order in pos, their T
+ * values copied to vals (row stride vstride); *tail_any is set when a column at or after
+ * `main_cols` has one. Returns how many columns were listed. */
+MULTI int64_t tv_trim_block(const float *restrict d, int64_t ld, int64_t T, int64_t n, int64_t main_cols, const float *lo,
+                            const float *hi, float *restrict tr, int64_t *above, int64_t *restrict pos, float *restrict vals, int64_t vstride,
+                            int64_t *tail_any) {
+    int32_t flag[CHUNK];
+    int64_t m = 0;
+    for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
+        const int64_t len = n - j0 < CHUNK ? n - j0 : CHUNK;
+        memset(flag, 0, sizeof(int32_t) * (size_t)len);
+        for (int64_t t = 0; t < T; t++) {
+            const float *x = d + t * ld + j0;
+            float *y = tr + t * n + j0;
+            const float h = hi[t], l = lo[t];
+            int32_t c = 0;
+            for (int64_t j = 0; j < len; j++) {
+                const float a = fabsf(x[j]);
+                const int32_t k = a > h;
+                y[j] = x[j] * (float)k;
+                c += k;
+                flag[j] |= (a >= l) & (a <= h);
+            }
+            above[t] += c;
+        }
+        for (int64_t j = 0; j < len; j++) {
+            if (!flag[j]) continue;
+            const int64_t col = j0 + j;
+            if (col >= main_cols) {
+                *tail_any = 1;
+                continue;
+            }
+            pos[m] = col;
+            for (int64_t t = 0; t < T; t++) vals[t * vstride + m] = d[t * ld + col];
+            m++;
+        }
+    }
+    return m;
+}
+
+/* The sign election and agreement of TIES on trimmed deltas tr (T rows of n, row stride ld),
+ * given mass (n,), the per-column sum torch computed:
+ *   e[j] = mass[j] >= 0 ? 1 : -1
+ *   agree[t, j] = (tr[t, j] * e[j] > 0)
+ *   q[t, j] = (tr[t, j] * w[t]) * agree[t, j]      (row stride n; unit weights give tr itself)
+ *   count[j] = max(1, sum_t agree[t, j])
+ * so that the merged column is q.sum(0) / count. */
+MULTI void tv_elect(const float *restrict tr, int64_t ld, int64_t T, int64_t n, const float *mass, const float *w,
+                    float *restrict q, float *restrict count) {
+    float e[CHUNK];
+    for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
+        const int64_t len = n - j0 < CHUNK ? n - j0 : CHUNK;
+        float *cnt = count + j0;
+        for (int64_t j = 0; j < len; j++) {
+            e[j] = (float)(mass[j0 + j] >= 0.0f) * 2.0f - 1.0f; /* exact: 1 or -1 */
+            cnt[j] = 0.0f;
+        }
+        for (int64_t t = 0; t < T; t++) {
+            const float *x = tr + t * ld + j0;
+            float *y = q + t * n + j0;
+            const float wt = w[t]; /* x * 1 is x, bit for bit: unit weights need no branch of their own */
+            for (int64_t j = 0; j < len; j++) {
+                const float ag = (float)(x[j] * e[j] > 0.0f);
+                cnt[j] += ag;
+                y[j] = (x[j] * wt) * ag;
+            }
+        }
+        for (int64_t j = 0; j < len; j++) cnt[j] = cnt[j] < 1.0f ? 1.0f : cnt[j];
+    }
+}
+
+/* The order of |x| is that of the float's bit pattern with the sign cleared (a NaN above
+ * infinity): selections below work on those 31-bit keys. */
+static inline uint32_t abs_key(float x) {
+    uint32_t k;
+    memcpy(&k, &x, sizeof k);
+    return k & 0x7FFFFFFFu;
+}
+
+static uint32_t select_key(uint32_t *v, int64_t n, int64_t r) {
+    /* the r-th smallest (0-based) of v[0..n), v reordered (Hoare's selection) */
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const uint32_t pivot = v[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] < pivot) i++;
+            while (v[j] > pivot) j--;
+            if (i <= j) {
+                const uint32_t t = v[i];
+                v[i] = v[j];
+                v[j] = t;
+                i++;
+                j--;
+            }
+        }
+        if (r <= j)
+            hi = j;
+        else if (r >= i)
+            lo = i;
+        else
+            return v[r];
+    }
+    return v[lo];
+}
+
+/* The r_hi-th and r_lo-th largest |x| (1-based ranks, r_hi <= r_lo <= m) of x[0..m), into
+ * out[0] and out[1]: a histogram of the keys' top 16 bits finds the bins that hold them, then a
+ * selection among the entries of those bins. `work` holds m keys. Returns 0, or -1 when the
+ * ranks are out of range. */
+int64_t tv_abs_order_stats(const float *restrict x, int64_t m, int64_t r_hi, int64_t r_lo, uint32_t *restrict work,
+                           float *out) {
+    if (r_hi < 1 || r_lo < r_hi || r_lo > m) return -1;
+    static _Thread_local int64_t hist[1 << 15];
+    memset(hist, 0, sizeof hist);
+    for (int64_t i = 0; i < m; i++) hist[abs_key(x[i]) >> 16]++;
+    /* bins from the top: dh holds the r_hi-th largest, dl the r_lo-th */
+    int64_t above = 0, dh = -1, dl = -1;
+    for (int64_t d = (1 << 15) - 1; d >= 0; d--) {
+        const int64_t c = hist[d];
+        if (dh < 0 && above + c >= r_hi) {
+            dh = d;
+        }
+        if (above + c >= r_lo) {
+            dl = d;
+            break;
+        }
+        above += c;
+    }
+    /* entries with a larger bin than dh */
+    int64_t higher = 0;
+    for (int64_t d = (1 << 15) - 1; d > dh; d--) higher += hist[d];
+    int64_t k = 0;
+    for (int64_t i = 0; i < m; i++) {
+        const uint32_t key = abs_key(x[i]);
+        const int64_t d = key >> 16;
+        if (d >= dl && d <= dh) work[k++] = key;
+    }
+    /* ranks from the top among the candidates -> 0-based ranks from the bottom */
+    const uint32_t khi = select_key(work, k, k - (r_hi - higher));
+    const uint32_t klo = select_key(work, k, k - (r_lo - higher));
+    memcpy(&out[0], &khi, sizeof khi);
+    memcpy(&out[1], &klo, sizeof klo);
+    return 0;
+}
+
+/* The entries of x[0..m) with lo <= |x| <= hi: their |x| into cand and their positions pos[j]
+ * into cpos, in order. Returns how many. */
+int64_t tv_candidates(const float *restrict x, int64_t m, const int64_t *restrict pos, float lo, float hi,
+                      float *restrict cand, int64_t *restrict cpos) {
+    int64_t k = 0;
+    for (int64_t j = 0; j < m; j++) {
+        const float a = fabsf(x[j]);
+        if (a >= lo && a <= hi) {
+            cand[k] = a;
+            cpos[k] = pos[j];
+            k++;
+        }
+    }
+    return k;
+}
+
+/* Trim columns d (T rows of m, row stride ld) at flat positions pos by exact thresholds:
+ *   out[t, j] = d[t, j] * (|d| > thr[t] || (|d| == thr[t] && pos[j] <= cut[t]))   (row stride ldo) */
+MULTI void tv_exact_trim(const float *restrict d, int64_t ld, int64_t T, int64_t m, const int64_t *restrict pos,
+                         const float *thr, const int64_t *cut, float *restrict out, int64_t ldo) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *x = d + t * ld;
+        float *y = out + t * ldo;
+        const float h = thr[t];
+        const int64_t c = cut[t];
+        for (int64_t j = 0; j < m; j++) {
+            const float a = fabsf(x[j]);
+            const int32_t k = (a > h) | ((a == h) & (pos[j] <= c));
+            y[j] = x[j] * (float)k;
+        }
+    }
+}
+
+/* ---- Column sums in torch's order ------------------------------------------------------------
+ * torch sums a (T, n) float32 array over its first dimension (x.sum(0), on one thread) in a fixed
+ * order per column: columns [0, g), g = group * (n / group), with one running sum over the rows
+ * in cascaded chunks of 16 (`multi_row_sum`); the others as four interleaved partial sums of
+ * rows t = 4i + k, then the leftover rows, then the partials (`row_sum`); the result is added
+ * to a zero. `group` is 4 vector widths (32 floats with AVX2). The functions below repeat it so
+ * that a fused kernel's sums are those of torch; `kernels.py` checks them against torch before
+ * using them, and uses torch's own sums otherwise. */
+
+#define LEVEL_STEP 16 /* rows per cascade level (torch: max(4, ceil(log2(size)) / 4) = 4 bits below 2^20 rows) */
+
+/* sum over rows first, first + step, ... (size of them) of buf (row stride ld), columns [0, len) */
+static inline __attribute__((always_inline)) void cascade_cols(const float *restrict buf, int64_t ld, int64_t first, int64_t step, int64_t size,
+                         int64_t len, float *restrict res, float *restrict a1, float *restrict a2,
+                         float *restrict a3) {
+    for (int64_t j = 0; j < len; j++) res[j] = a1[j] = a2[j] = a3[j] = 0.0f;
+    int64_t i = 0;
+    while (i + LEVEL_STEP <= size) {
+        for (int64_t r = 0; r < LEVEL_STEP; r++, i++) {
+            const float *x = buf + (first + i * step) * ld;
+            for (int64_t j = 0; j < len; j++) res[j] += x[j];
+        }
+        for (int64_t j = 0; j < len; j++) {
+            a1[j] += res[j];
+            res[j] = 0.0f;
+        }
+        if (i & (15 << 4)) continue;
+        for (int64_t j = 0; j < len; j++) {
+            a2[j] += a1[j];
+            a1[j] = 0.0f;
+        }
+        if (i & (15 << 8)) continue;
+        for (int64_t j = 0; j < len; j++) {
+            a3[j] += a2[j];
+            a2[j] = 0.0f;
+        }
+    }
+    for (; i < size; i++) {
+        const float *x = buf + (first + i * step) * ld;
+        for (int64_t j = 0; j < len; j++) res[j] += x[j];
+    }
+    for (int64_t j = 0; j < len; j++) res[j] += a1[j];
+    for (int64_t j = 0; j < len; j++) res[j] += a2[j];
+    for (int64_t j = 0; j < len; j++) res[j] += a3[j];
+}
+
+/* torch's column sums of buf (T rows, row stride ld) for columns [0, len), all of one kind:
+ * cascade (ilp = 0) or four interleaved partials (ilp = 1). tmp holds 8 * len floats. */
+static inline __attribute__((always_inline)) void torch_colsum(const float *restrict buf, int64_t ld, int64_t T, int64_t len, int ilp, float *restrict out,
+                         float *restrict tmp) {
+    float *a1 = tmp, *a2 = tmp + len, *a3 = tmp + 2 * len;
+    if (!ilp) {
+        cascade_cols(buf, ld, 0, 1, T, len, out, a1, a2, a3);
+    } else {
+        const int64_t size_ilp = T / 4;
+        float *p[4] = {out, tmp + 3 * len, tmp + 4 * len, tmp + 5 * len};
+        for (int k = 0; k < 4; k++) cascade_cols(buf, ld, k, 4, size_ilp, len, p[k], a1, a2, a3);
+        for (int64_t t = 4 * size_ilp; t < T; t++) {
+            const float *x = buf + t * ld;
+            for (int64_t j = 0; j < len; j++) out[j] += x[j];
+        }
+        for (int k = 1; k < 4; k++)
+            for (int64_t j = 0; j < len; j++) out[j] += p[k][j];
+    }
+    for (int64_t j = 0; j < len; j++) out[j] = 0.0f + out[j]; /* torch adds the sum to a zeroed output */
+}
+
+/* x.sum(0) of x (T rows of n, row stride ld) in torch's order for `group` (see above), n >= 16. */
+int64_t tv_colsum(const float *restrict x, int64_t ld, int64_t T, int64_t n, int64_t group, float *restrict out) {
+    float *tmp = malloc(sizeof(float) * 6 * (size_t)(n > 0 ? n : 1));
+    if (!tmp) return -1;
+    const int64_t g = group * (n / group);
+    torch_colsum(x, ld, T, g, 0, out, tmp);
+    torch_colsum(x + g, ld, T, n - g, 1, out + g, tmp);
+    free(tmp);
+    return 0;
+}
+
+#define FCH 256 /* columns per chunk of the fused TIES kernel */
+
+/* TIES on block d (T rows of n >= 16 columns, row stride ld), as if each task's threshold were
+ * hi[t], in one pass: what `tv_trim_block` computes (above, pos, vals, tail_any; the return
+ * value), and the merged block into out (n,):
+ *   tr = d * (|d| > hi);  mass = sum_t tr (by_count: sum_t sign(tr));  e = mass >= 0 ? 1 : -1
+ *   agree = tr * e > 0;   out = sum_t (tr * w) * agree / max(1, sum_t agree)
+ * with every sum in torch's order for `group` (see `tv_colsum`): bit-identical to the torch
+ * operations of `elect_and_merge` on `trim_block`'s output. Returns -1 when out of memory. */
+MULTI int64_t tv_ties_block(const float *restrict d, int64_t ld, int64_t T, int64_t n, int64_t main_cols,
+                            int64_t group, const float *lo, const float *hi, const float *w, int64_t by_count,
+                            float *restrict out, int64_t *above, int64_t *restrict pos, float *restrict vals,
+                            int64_t vstride, int64_t *tail_any) {
+    float *scratch = malloc(sizeof(float) * ((size_t)(2 * T + 10) * FCH));
+    if (!scratch) return -1;
+    float *tr = scratch, *q = tr + T * FCH, *mass = q + T * FCH, *e = mass + FCH, *cnt = e + FCH, *tmp = cnt + FCH;
+    int32_t flag[FCH];
+    int64_t m = 0;
+    const int64_t g = group * (n / group);
+    for (int ilp = 0; ilp < 2; ilp++) {
+        const int64_t start = ilp ? g : 0, end = ilp ? n : g;
+        for (int64_t j0 = start; j0 < end; j0 += FCH) {
+            const int64_t len = end - j0 < FCH ? end - j0 : FCH;
+            memset(flag, 0, sizeof(int32_t) * (size_t)len);
+            for (int64_t t = 0; t < T; t++) {
+                const float *x = d + t * ld + j0;
+                float *y = tr + t * FCH;
+                const float h = hi[t], l = lo[t];
+                int32_t c = 0;
+                for (int64_t j = 0; j < len; j++) {
+                    const float a = fabsf(x[j]);
+                    const int32_t k = a > h;
+                    y[j] = x[j] * (float)k;
+                    c += k;
+                    flag[j] |= (a >= l) & (a <= h);
+                }
+                above[t] += c;
+            }
+            for (int64_t j = 0; j < len; j++) {
+                if (!flag[j]) continue;
+                const int64_t col = j0 + j;
+                if (col >= main_cols) {
+                    *tail_any = 1;
+                    continue;
+                }
+                pos[m] = col;
+                for (int64_t t = 0; t < T; t++) vals[t * vstride + m] = d[t * ld + col];
+                m++;
+            }
+            if (by_count) {
+                for (int64_t t = 0; t < T; t++) {
+                    const float *x = tr + t * FCH;
+                    float *y = q + t * FCH;
+                    for (int64_t j = 0; j < len; j++) y[j] = (float)(x[j] > 0.0f) - (float)(x[j] < 0.0f);
+                }
+                torch_colsum(q, FCH, T, len, ilp, mass, tmp);
+            } else {
+                torch_colsum(tr, FCH, T, len, ilp, mass, tmp);
+            }
+            for (int64_t j = 0; j < len; j++) {
+                e[j] = (float)(mass[j] >= 0.0f) * 2.0f - 1.0f;
+                cnt[j] = 0.0f;
+            }
+            for (int64_t t = 0; t < T; t++) {
+                const float *x = tr + t * FCH;
+                float *y = q + t * FCH;
+                const float wt = w[t];
+                for (int64_t j = 0; j < len; j++) {
+                    const float ag = (float)(x[j] * e[j] > 0.0f);
+                    cnt[j] += ag;
+                    y[j] = (x[j] * wt) * ag;
+                }
+            }
+            torch_colsum(q, FCH, T, len, ilp, mass, tmp); /* the total, in mass's buffer */
+            for (int64_t j = 0; j < len; j++) cnt[j] = cnt[j] < 1.0f ? 1.0f : cnt[j];
+            float *o = out + j0;
+            for (int64_t j = 0; j < len; j++) o[j] = mass[j] / cnt[j];
+        }
+    }
+    free(scratch);
+    return m;
+}
