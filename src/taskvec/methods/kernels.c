@@ -173,10 +173,17 @@ int64_t tv_abs_order_stats(const float *restrict x, int64_t m, int64_t r_hi, int
 }
 
 /* The entries of x[0..m) with lo <= |x| <= hi: their |x| into cand and their positions pos[j]
- * into cpos, in order. Returns how many. */
+ * into cpos, in order; with cand NULL, only counted. Returns how many. */
 int64_t tv_candidates(const float *restrict x, int64_t m, const int64_t *restrict pos, float lo, float hi,
                       float *restrict cand, int64_t *restrict cpos) {
     int64_t k = 0;
+    if (!cand) {
+        for (int64_t j = 0; j < m; j++) {
+            const float a = fabsf(x[j]);
+            k += (a >= lo) & (a <= hi);
+        }
+        return k;
+    }
     for (int64_t j = 0; j < m; j++) {
         const float a = fabsf(x[j]);
         if (a >= lo && a <= hi) {
@@ -186,6 +193,88 @@ int64_t tv_candidates(const float *restrict x, int64_t m, const int64_t *restric
         }
     }
     return k;
+}
+
+static float select_float(float *v, int64_t n, int64_t r) {
+    /* the r-th smallest (0-based) of v[0..n) (no NaN), v reordered */
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const float pivot = v[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] < pivot) i++;
+            while (v[j] > pivot) j--;
+            if (i <= j) {
+                const float t = v[i];
+                v[i] = v[j];
+                v[j] = t;
+                i++;
+                j--;
+            }
+        }
+        if (r <= j)
+            hi = j;
+        else if (r >= i)
+            lo = i;
+        else
+            return v[r];
+    }
+    return v[lo];
+}
+
+static int64_t select_int(int64_t *v, int64_t n, int64_t r) {
+    /* the r-th smallest (0-based) of v[0..n), v reordered */
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const int64_t pivot = v[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] < pivot) i++;
+            while (v[j] > pivot) j--;
+            if (i <= j) {
+                const int64_t t = v[i];
+                v[i] = v[j];
+                v[j] = t;
+                i++;
+                j--;
+            }
+        }
+        if (r <= j)
+            hi = j;
+        else if (r >= i)
+            lo = i;
+        else
+            return v[r];
+    }
+    return v[lo];
+}
+
+/* Keep the top r of the candidates cand[0..k) (|x| values, no NaN) at flat positions pos: the
+ * threshold (the r-th largest) into *thr and the cut-off position (the need-th smallest position
+ * among the entries equal to it, need = r - #entries above it) into *cut. Returns 0, or -1 when
+ * r is not in [1, k] or memory runs out. */
+int64_t tv_select(const float *restrict cand, const int64_t *restrict pos, int64_t k, int64_t r, float *thr,
+                  int64_t *cut) {
+    if (r < 1 || r > k) return -1;
+    float *v = malloc(sizeof(float) * (size_t)k);
+    int64_t *p = malloc(sizeof(int64_t) * (size_t)k);
+    if (!v || !p) {
+        free(v);
+        free(p);
+        return -1;
+    }
+    memcpy(v, cand, sizeof(float) * (size_t)k);
+    const float t = select_float(v, k, k - r);
+    int64_t above = 0, eq = 0;
+    for (int64_t j = 0; j < k; j++) {
+        above += cand[j] > t;
+        if (cand[j] == t) p[eq++] = pos[j];
+    }
+    *thr = t;
+    *cut = select_int(p, eq, r - above - 1);
+    free(v);
+    free(p);
+    return 0;
 }
 
 /* Trim columns d (T rows of m, row stride ld) at flat positions pos by exact thresholds:

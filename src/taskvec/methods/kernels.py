@@ -37,6 +37,8 @@ def _lib() -> ctypes.CDLL | None:
         lib.tv_abs_order_stats.restype = _I
         lib.tv_candidates.argtypes = [_P, _I, _P, ctypes.c_float, ctypes.c_float, _P, _P]
         lib.tv_candidates.restype = _I
+        lib.tv_select.argtypes = [_P, _P, _I, _I, _P, _P]
+        lib.tv_select.restype = _I
         lib.tv_exact_trim.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, _I]
         lib.tv_exact_trim.restype = None
         lib.tv_colsum.argtypes = [_P, _I, _I, _I, _I, _P]
@@ -136,9 +138,23 @@ def candidates(x: torch.Tensor, pos: torch.Tensor, lo: float, hi: float) -> tupl
     lib = _lib()
     assert lib is not None and fits(x) and x.dim() == 1 and pos.dtype == torch.int64 and pos.is_contiguous()
     m = x.numel()
-    cand, cpos = torch.empty(m, dtype=torch.float32), torch.empty(m, dtype=torch.int64)
-    k = lib.tv_candidates(x.data_ptr(), m, pos.data_ptr(), lo, hi, cand.data_ptr(), cpos.data_ptr())
-    return cand[:k], cpos[:k]
+    k = lib.tv_candidates(x.data_ptr(), m, pos.data_ptr(), lo, hi, None, None)  # counted first: exact buffers
+    cand, cpos = torch.empty(k, dtype=torch.float32), torch.empty(k, dtype=torch.int64)
+    lib.tv_candidates(x.data_ptr(), m, pos.data_ptr(), lo, hi, cand.data_ptr(), cpos.data_ptr())
+    return cand, cpos
+
+
+def select(cand: torch.Tensor, pos: torch.Tensor, r: int) -> tuple[float, float] | None:
+    """(threshold, cut) that keeps the top r of the candidates |x| (float32, no NaN) at flat
+    positions pos (int64): the r-th largest, and the cut-off position among the entries equal to
+    it (see `onepass._select`); None when r is not in [1, len(cand)]."""
+    lib = _lib()
+    assert lib is not None and fits(cand) and cand.is_contiguous() and pos.is_contiguous()
+    assert pos.dtype == torch.int64 and pos.numel() == cand.numel()
+    thr, cut = ctypes.c_float(0.0), ctypes.c_int64(0)
+    if lib.tv_select(cand.data_ptr(), pos.data_ptr(), cand.numel(), r, ctypes.addressof(thr), ctypes.addressof(cut)):
+        return None
+    return float(thr.value), float(cut.value)
 
 
 def exact_trim(d: torch.Tensor, pos: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor, out: torch.Tensor) -> None:

@@ -371,7 +371,10 @@ def _finish(
             a = x[i].abs()
             j = _inside(a, lo[i], hi[i])
             found.append((a.index_select(0, j), p.index_select(0, j)))
-        return _select(torch.cat([c for c, _ in found]), torch.cat([q for _, q in found]), k - int(above[i]))
+        cand, at = torch.cat([c for c, _ in found]), torch.cat([q for _, q in found])
+        if native:
+            return kernels.select(cand, at, k - int(above[i]))
+        return _select(cand, at, k - int(above[i]))
 
     pool = _pool()
     found = list(pool.map(threshold, range(len(lo))))
