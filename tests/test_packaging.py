@@ -262,3 +262,34 @@ def test_broken_or_clashing_plugins_are_named(plugin_path: Path) -> None:
         from taskvec.methods.registry import METHODS
 
         METHODS.load("ties")
+
+
+def test_wheel_carries_the_kernel_sources(tmp_path: Path) -> None:
+    """The C kernels are built at first use from the installed package: the wheel must hold them."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "project"
+    shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("taskvec-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "taskvec/methods/kernels.c" in names and "taskvec/bench/suites/tiny.yaml" in names

@@ -138,10 +138,22 @@ static uint32_t select_key(uint32_t *v, int64_t n, int64_t r) {
  * ranks are out of range. */
 int64_t tv_abs_order_stats(const float *restrict x, int64_t m, int64_t r_hi, int64_t r_lo, uint32_t *restrict work,
                            float *out) {
-    if (r_hi < 1 || r_lo < r_hi || r_lo > m) return -1;
+    if (r_hi < 1 || r_lo < r_hi || r_lo > m || m > INT32_MAX) return -1;
+    /* four histograms filled in turn, summed after: neighbouring entries often share a bin, and
+     * one histogram would make each increment wait for the previous one */
+    static _Thread_local int32_t part[4][1 << 15];
     static _Thread_local int64_t hist[1 << 15];
-    memset(hist, 0, sizeof hist);
-    for (int64_t i = 0; i < m; i++) hist[abs_key(x[i]) >> 16]++;
+    memset(part, 0, sizeof part);
+    int64_t i4 = 0;
+    for (; i4 + 4 <= m; i4 += 4) {
+        part[0][abs_key(x[i4]) >> 16]++;
+        part[1][abs_key(x[i4 + 1]) >> 16]++;
+        part[2][abs_key(x[i4 + 2]) >> 16]++;
+        part[3][abs_key(x[i4 + 3]) >> 16]++;
+    }
+    for (; i4 < m; i4++) part[0][abs_key(x[i4]) >> 16]++;
+    for (int64_t d = 0; d < (1 << 15); d++)
+        hist[d] = (int64_t)part[0][d] + part[1][d] + part[2][d] + part[3][d];
     /* bins from the top: dh holds the r_hi-th largest, dl the r_lo-th */
     int64_t above = 0, dh = -1, dl = -1;
     for (int64_t d = (1 << 15) - 1; d >= 0; d--) {
@@ -173,7 +185,8 @@ int64_t tv_abs_order_stats(const float *restrict x, int64_t m, int64_t r_hi, int
 }
 
 /* The entries of x[0..m) with lo <= |x| <= hi: their |x| into cand and their positions pos[j]
- * into cpos, in order; with cand NULL, only counted. Returns how many. */
+ * into cpos, in order; with cand NULL, only counted. Returns how many. cand and cpos hold one
+ * entry more than that (the last one is written and dropped). */
 int64_t tv_candidates(const float *restrict x, int64_t m, const int64_t *restrict pos, float lo, float hi,
                       float *restrict cand, int64_t *restrict cpos) {
     int64_t k = 0;
@@ -184,13 +197,11 @@ int64_t tv_candidates(const float *restrict x, int64_t m, const int64_t *restric
         }
         return k;
     }
-    for (int64_t j = 0; j < m; j++) {
+    for (int64_t j = 0; j < m; j++) { /* written every time, kept when inside: no branch to mispredict */
         const float a = fabsf(x[j]);
-        if (a >= lo && a <= hi) {
-            cand[k] = a;
-            cpos[k] = pos[j];
-            k++;
-        }
+        cand[k] = a;
+        cpos[k] = pos[j];
+        k += (a >= lo) & (a <= hi);
     }
     return k;
 }

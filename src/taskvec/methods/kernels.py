@@ -139,9 +139,9 @@ def candidates(x: torch.Tensor, pos: torch.Tensor, lo: float, hi: float) -> tupl
     assert lib is not None and fits(x) and x.dim() == 1 and pos.dtype == torch.int64 and pos.is_contiguous()
     m = x.numel()
     k = lib.tv_candidates(x.data_ptr(), m, pos.data_ptr(), lo, hi, None, None)  # counted first: exact buffers
-    cand, cpos = torch.empty(k, dtype=torch.float32), torch.empty(k, dtype=torch.int64)
+    cand, cpos = torch.empty(k + 1, dtype=torch.float32), torch.empty(k + 1, dtype=torch.int64)
     lib.tv_candidates(x.data_ptr(), m, pos.data_ptr(), lo, hi, cand.data_ptr(), cpos.data_ptr())
-    return cand, cpos
+    return cand[:k], cpos[:k]
 
 
 def select(cand: torch.Tensor, pos: torch.Tensor, r: int) -> tuple[float, float] | None:
