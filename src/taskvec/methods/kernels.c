@@ -13,7 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(TASKVEC_NO_CLONES)
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(TASKVEC_NO_CLONES)
 #define MULTI __attribute__((target_clones("avx2", "default")))
 #else
 #define MULTI
@@ -135,15 +135,19 @@ static uint32_t select_key(uint32_t *v, int64_t n, int64_t r) {
 /* The r_hi-th and r_lo-th largest |x| (1-based ranks, r_hi <= r_lo <= m) of x[0..m), into
  * out[0] and out[1]: a histogram of the keys' top 16 bits finds the bins that hold them, then a
  * selection among the entries of those bins. `work` holds m keys. Returns 0, or -1 when the
- * ranks are out of range. */
+ * ranks are out of range or memory runs out. */
 int64_t tv_abs_order_stats(const float *restrict x, int64_t m, int64_t r_hi, int64_t r_lo, uint32_t *restrict work,
                            float *out) {
     if (r_hi < 1 || r_lo < r_hi || r_lo > m || m > INT32_MAX) return -1;
     /* four histograms filled in turn, summed after: neighbouring entries often share a bin, and
      * one histogram would make each increment wait for the previous one */
-    static _Thread_local int32_t part[4][1 << 15];
-    static _Thread_local int64_t hist[1 << 15];
-    memset(part, 0, sizeof part);
+    int32_t(*part)[1 << 15] = calloc(4, sizeof *part);
+    int64_t *hist = malloc(sizeof(int64_t) << 15);
+    if (!part || !hist) {
+        free(part);
+        free(hist);
+        return -1;
+    }
     int64_t i4 = 0;
     for (; i4 + 4 <= m; i4 += 4) {
         part[0][abs_key(x[i4]) >> 16]++;
@@ -177,6 +181,8 @@ int64_t tv_abs_order_stats(const float *restrict x, int64_t m, int64_t r_hi, int
         if (d >= dl && d <= dh) work[k++] = key;
     }
     /* ranks from the top among the candidates -> 0-based ranks from the bottom */
+    free(part);
+    free(hist);
     const uint32_t khi = select_key(work, k, k - (r_hi - higher));
     const uint32_t klo = select_key(work, k, k - (r_lo - higher));
     memcpy(&out[0], &khi, sizeof khi);
