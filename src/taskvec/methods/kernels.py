@@ -2,8 +2,10 @@
 
 Each kernel does in one pass what several torch operations do, with the same per-entry
 arithmetic, so the merged output is bit-identical whether it runs or not (the tests compare
-both). The sums across tasks stay with torch. Where no C compiler is installed, or with
-TASKVEC_NATIVE=0, `available()` is False and the callers run the torch operations.
+both). Sums across tasks are torch's own, except in the fused TIES kernel, which repeats torch's
+order of `x.sum(0)` where a check against torch at first use shows it does (`sum_group`). Where
+no C compiler is installed, or with TASKVEC_NATIVE=0, `available()` is False and the callers run
+the torch operations.
 """
 
 from __future__ import annotations
