@@ -124,7 +124,7 @@ def test_fused_block_equals_the_parts(t: int, majority: str) -> None:
         finally:
             onepass.SUB_BLOCK = old
         out_fused = torch.empty(n)
-        fused = onepass._ties_block(d, 0, lo, hi, weights, combine, group, out_fused)
+        fused = onepass._merge_block(d, 0, lo, hi, weights, combine, out_fused, group)
         assert torch.equal(bits(out_fused), bits(out_parts))
         assert torch.equal(fused.above, torch.stack([p.above for p in parts]).sum(0))
         assert torch.equal(fused.pos, torch.cat([p.pos for p in parts]))

@@ -21,79 +21,98 @@
 
 #define CHUNK 2048 /* columns per inner loop: a block of T rows of them stays in the first caches */
 
-/* Trim a block d (T rows of n columns, row stride ld) by per-task thresholds, as if each task's
- * exact top-k threshold were hi[t]:
- *   tr[t, j] = d[t, j] * (|d[t, j]| > hi[t])          (row stride n; NaN stays NaN, as in torch)
- *   above[t] += #{j : |d[t, j]| > hi[t]}
- * and note the columns where some task has lo[t] <= |d| <= hi[t] (its exact threshold may
- * change that column): those below `main_cols` are listed in increasing order in pos, their T
- * values copied to vals (row stride vstride); *tail_any is set when a column at or after
- * `main_cols` has one. Returns how many columns were listed. */
-MULTI int64_t tv_trim_block(const float *restrict d, int64_t ld, int64_t T, int64_t n, int64_t main_cols, const float *lo,
-                            const float *hi, float *restrict tr, int64_t *above, int64_t *restrict pos, float *restrict vals, int64_t vstride,
-                            int64_t *tail_any) {
-    int32_t flag[CHUNK];
-    int64_t m = 0;
-    for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
-        const int64_t len = n - j0 < CHUNK ? n - j0 : CHUNK;
-        memset(flag, 0, sizeof(int32_t) * (size_t)len);
-        for (int64_t t = 0; t < T; t++) {
-            const float *x = d + t * ld + j0;
-            float *y = tr + t * n + j0;
-            const float h = hi[t], l = lo[t];
-            int32_t c = 0;
-            for (int64_t j = 0; j < len; j++) {
-                const float a = fabsf(x[j]);
-                const int32_t k = a > h;
-                y[j] = x[j] * (float)k;
-                c += k;
-                flag[j] |= (a >= l) & (a <= h);
-            }
-            above[t] += c;
-        }
+#define INLINE static inline __attribute__((always_inline)) /* inlined into each clone of its caller */
+
+/* Trim columns [j0, j0 + len) of d (T rows, row stride ld) as if each task's threshold were hi[t]:
+ *   tr[t, j] = d[t, j0 + j] * (|d| > hi[t])     (row stride ldt; NaN stays NaN, as in torch)
+ *   above[t] += #{j : |d| > hi[t]}
+ *   flag[j] |= some task has lo[t] <= |d| <= hi[t] there (its exact threshold may change it) */
+INLINE void trim_chunk(const float *restrict d, int64_t ld, int64_t T, int64_t j0, int64_t len, const float *lo,
+                       const float *hi, float *restrict tr, int64_t ldt, int64_t *above, int32_t *restrict flag) {
+    memset(flag, 0, sizeof(int32_t) * (size_t)len);
+    for (int64_t t = 0; t < T; t++) {
+        const float *x = d + t * ld + j0;
+        float *y = tr + t * ldt;
+        const float h = hi[t], l = lo[t];
+        int32_t c = 0;
         for (int64_t j = 0; j < len; j++) {
-            if (!flag[j]) continue;
-            const int64_t col = j0 + j;
-            if (col >= main_cols) {
-                *tail_any = 1;
-                continue;
-            }
-            pos[m] = col;
-            for (int64_t t = 0; t < T; t++) vals[t * vstride + m] = d[t * ld + col];
-            m++;
+            const float a = fabsf(x[j]);
+            const int32_t k = a > h;
+            y[j] = x[j] * (float)k;
+            c += k;
+            flag[j] |= (a >= l) & (a <= h);
         }
+        above[t] += c;
+    }
+}
+
+/* The flagged columns of the chunk at j0: those before main_cols appended to pos (from index m)
+ * with their T values in vals (row stride vstride); *tail_any set for one at or after. Returns
+ * the new count. */
+INLINE int64_t list_kept(const float *restrict d, int64_t ld, int64_t T, int64_t j0, int64_t len,
+                         const int32_t *restrict flag, int64_t main_cols, int64_t m, int64_t *restrict pos,
+                         float *restrict vals, int64_t vstride, int64_t *tail_any) {
+    for (int64_t j = 0; j < len; j++) {
+        if (!flag[j]) continue;
+        const int64_t col = j0 + j;
+        if (col >= main_cols) {
+            *tail_any = 1;
+            continue;
+        }
+        pos[m] = col;
+        for (int64_t t = 0; t < T; t++) vals[t * vstride + m] = d[t * ld + col];
+        m++;
     }
     return m;
 }
 
-/* The sign election and agreement of TIES on trimmed deltas tr (T rows of n, row stride ld),
- * given mass (n,), the per-column sum torch computed:
- *   e[j] = mass[j] >= 0 ? 1 : -1
- *   agree[t, j] = (tr[t, j] * e[j] > 0)
- *   q[t, j] = (tr[t, j] * w[t]) * agree[t, j]      (row stride n; unit weights give tr itself)
- *   count[j] = max(1, sum_t agree[t, j])
- * so that the merged column is q.sum(0) / count. */
+/* TIES' election on trimmed columns tr (T rows of len, row stride ldt) given their sums mass:
+ *   e[j] = mass[j] >= 0 ? 1 : -1;  agree[t, j] = (tr[t, j] * e[j] > 0)
+ *   q[t, j] = (tr[t, j] * w[t]) * agree[t, j]  (row stride ldq; unit weights give tr itself)
+ *   cnt[j] = max(1, sum_t agree[t, j]) */
+INLINE void elect_chunk(const float *restrict tr, int64_t ldt, int64_t T, int64_t len, const float *mass,
+                        const float *w, float *restrict q, int64_t ldq, float *restrict e, float *restrict cnt) {
+    for (int64_t j = 0; j < len; j++) {
+        e[j] = (float)(mass[j] >= 0.0f) * 2.0f - 1.0f; /* exact: 1 or -1 */
+        cnt[j] = 0.0f;
+    }
+    for (int64_t t = 0; t < T; t++) {
+        const float *x = tr + t * ldt;
+        float *y = q + t * ldq;
+        const float wt = w[t]; /* x * 1 is x, bit for bit: unit weights need no branch of their own */
+        for (int64_t j = 0; j < len; j++) {
+            const float ag = (float)(x[j] * e[j] > 0.0f);
+            cnt[j] += ag;
+            y[j] = (x[j] * wt) * ag;
+        }
+    }
+    for (int64_t j = 0; j < len; j++) cnt[j] = cnt[j] < 1.0f ? 1.0f : cnt[j];
+}
+
+/* Trim a block d (T rows of n columns, row stride ld) by `trim_chunk` into tr (row stride n),
+ * listing the columns to settle by `list_kept`. Returns how many were listed. */
+MULTI int64_t tv_trim_block(const float *restrict d, int64_t ld, int64_t T, int64_t n, int64_t main_cols,
+                            const float *lo, const float *hi, float *restrict tr, int64_t *above,
+                            int64_t *restrict pos, float *restrict vals, int64_t vstride, int64_t *tail_any) {
+    int32_t flag[CHUNK];
+    int64_t m = 0;
+    for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
+        const int64_t len = n - j0 < CHUNK ? n - j0 : CHUNK;
+        trim_chunk(d, ld, T, j0, len, lo, hi, tr + j0, n, above, flag);
+        m = list_kept(d, ld, T, j0, len, flag, main_cols, m, pos, vals, vstride, tail_any);
+    }
+    return m;
+}
+
+/* `elect_chunk` over trimmed deltas tr (T rows of n, row stride ld) and their sums mass (n,), the
+ * per-column sums torch computed: q (row stride n) and count (n,), so that the merged column is
+ * q.sum(0) / count. */
 MULTI void tv_elect(const float *restrict tr, int64_t ld, int64_t T, int64_t n, const float *mass, const float *w,
                     float *restrict q, float *restrict count) {
     float e[CHUNK];
     for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
         const int64_t len = n - j0 < CHUNK ? n - j0 : CHUNK;
-        float *cnt = count + j0;
-        for (int64_t j = 0; j < len; j++) {
-            e[j] = (float)(mass[j0 + j] >= 0.0f) * 2.0f - 1.0f; /* exact: 1 or -1 */
-            cnt[j] = 0.0f;
-        }
-        for (int64_t t = 0; t < T; t++) {
-            const float *x = tr + t * ld + j0;
-            float *y = q + t * n + j0;
-            const float wt = w[t]; /* x * 1 is x, bit for bit: unit weights need no branch of their own */
-            for (int64_t j = 0; j < len; j++) {
-                const float ag = (float)(x[j] * e[j] > 0.0f);
-                cnt[j] += ag;
-                y[j] = (x[j] * wt) * ag;
-            }
-        }
-        for (int64_t j = 0; j < len; j++) cnt[j] = cnt[j] < 1.0f ? 1.0f : cnt[j];
+        elect_chunk(tr + j0, ld, T, len, mass + j0, w, q + j0, n, e, count + j0);
     }
 }
 
@@ -105,32 +124,36 @@ static inline uint32_t abs_key(float x) {
     return k & 0x7FFFFFFFu;
 }
 
-static uint32_t select_key(uint32_t *v, int64_t n, int64_t r) {
-    /* the r-th smallest (0-based) of v[0..n), v reordered (Hoare's selection) */
-    int64_t lo = 0, hi = n - 1;
-    while (lo < hi) {
-        const uint32_t pivot = v[lo + (hi - lo) / 2];
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (v[i] < pivot) i++;
-            while (v[j] > pivot) j--;
-            if (i <= j) {
-                const uint32_t t = v[i];
-                v[i] = v[j];
-                v[j] = t;
-                i++;
-                j--;
-            }
-        }
-        if (r <= j)
-            hi = j;
-        else if (r >= i)
-            lo = i;
-        else
-            return v[r];
+/* select_T(v, n, r): the r-th smallest (0-based) of v[0..n) (no NaN), v reordered (Hoare's selection) */
+#define DEFINE_SELECT(name, type)                             \
+    static type name(type *v, int64_t n, int64_t r) {         \
+        int64_t lo = 0, hi = n - 1;                           \
+        while (lo < hi) {                                     \
+            const type pivot = v[lo + (hi - lo) / 2];         \
+            int64_t i = lo, j = hi;                           \
+            while (i <= j) {                                  \
+                while (v[i] < pivot) i++;                     \
+                while (v[j] > pivot) j--;                     \
+                if (i <= j) {                                 \
+                    const type t = v[i];                      \
+                    v[i] = v[j];                              \
+                    v[j] = t;                                 \
+                    i++;                                      \
+                    j--;                                      \
+                }                                             \
+            }                                                 \
+            if (r <= j)                                       \
+                hi = j;                                       \
+            else if (r >= i)                                  \
+                lo = i;                                       \
+            else                                              \
+                return v[r];                                  \
+        }                                                     \
+        return v[lo];                                         \
     }
-    return v[lo];
-}
+DEFINE_SELECT(select_key, uint32_t)
+DEFINE_SELECT(select_float, float)
+DEFINE_SELECT(select_int, int64_t)
 
 /* The r_hi-th and r_lo-th largest |x| (1-based ranks, r_hi <= r_lo <= m) of x[0..m), into
  * out[0] and out[1]: a histogram of the keys' top 16 bits finds the bins that hold them, then a
@@ -210,60 +233,6 @@ int64_t tv_candidates(const float *restrict x, int64_t m, const int64_t *restric
         k += (a >= lo) & (a <= hi);
     }
     return k;
-}
-
-static float select_float(float *v, int64_t n, int64_t r) {
-    /* the r-th smallest (0-based) of v[0..n) (no NaN), v reordered */
-    int64_t lo = 0, hi = n - 1;
-    while (lo < hi) {
-        const float pivot = v[lo + (hi - lo) / 2];
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (v[i] < pivot) i++;
-            while (v[j] > pivot) j--;
-            if (i <= j) {
-                const float t = v[i];
-                v[i] = v[j];
-                v[j] = t;
-                i++;
-                j--;
-            }
-        }
-        if (r <= j)
-            hi = j;
-        else if (r >= i)
-            lo = i;
-        else
-            return v[r];
-    }
-    return v[lo];
-}
-
-static int64_t select_int(int64_t *v, int64_t n, int64_t r) {
-    /* the r-th smallest (0-based) of v[0..n), v reordered */
-    int64_t lo = 0, hi = n - 1;
-    while (lo < hi) {
-        const int64_t pivot = v[lo + (hi - lo) / 2];
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (v[i] < pivot) i++;
-            while (v[j] > pivot) j--;
-            if (i <= j) {
-                const int64_t t = v[i];
-                v[i] = v[j];
-                v[j] = t;
-                i++;
-                j--;
-            }
-        }
-        if (r <= j)
-            hi = j;
-        else if (r >= i)
-            lo = i;
-        else
-            return v[r];
-    }
-    return v[lo];
 }
 
 /* Keep the top r of the candidates cand[0..k) (|x| values, no NaN) at flat positions pos: the
@@ -399,7 +368,7 @@ int64_t tv_colsum(const float *restrict x, int64_t ld, int64_t T, int64_t n, int
  * with every sum in torch's order for `group` (see `tv_colsum`): bit-identical to the torch
  * operations of `elect_and_merge` on `trim_block`'s output. Returns -1 when out of memory. */
 MULTI int64_t tv_ties_block(const float *restrict d, int64_t ld, int64_t T, int64_t n, int64_t main_cols,
-                            int64_t group, const float *lo, const float *hi, const float *w, int64_t by_count,
+                            const float *lo, const float *hi, int64_t group, const float *w, int64_t by_count,
                             float *restrict out, int64_t *above, int64_t *restrict pos, float *restrict vals,
                             int64_t vstride, int64_t *tail_any) {
     float *scratch = malloc(sizeof(float) * ((size_t)(2 * T + 10) * FCH));
@@ -412,32 +381,8 @@ MULTI int64_t tv_ties_block(const float *restrict d, int64_t ld, int64_t T, int6
         const int64_t start = ilp ? g : 0, end = ilp ? n : g;
         for (int64_t j0 = start; j0 < end; j0 += FCH) {
             const int64_t len = end - j0 < FCH ? end - j0 : FCH;
-            memset(flag, 0, sizeof(int32_t) * (size_t)len);
-            for (int64_t t = 0; t < T; t++) {
-                const float *x = d + t * ld + j0;
-                float *y = tr + t * FCH;
-                const float h = hi[t], l = lo[t];
-                int32_t c = 0;
-                for (int64_t j = 0; j < len; j++) {
-                    const float a = fabsf(x[j]);
-                    const int32_t k = a > h;
-                    y[j] = x[j] * (float)k;
-                    c += k;
-                    flag[j] |= (a >= l) & (a <= h);
-                }
-                above[t] += c;
-            }
-            for (int64_t j = 0; j < len; j++) {
-                if (!flag[j]) continue;
-                const int64_t col = j0 + j;
-                if (col >= main_cols) {
-                    *tail_any = 1;
-                    continue;
-                }
-                pos[m] = col;
-                for (int64_t t = 0; t < T; t++) vals[t * vstride + m] = d[t * ld + col];
-                m++;
-            }
+            trim_chunk(d, ld, T, j0, len, lo, hi, tr, FCH, above, flag);
+            m = list_kept(d, ld, T, j0, len, flag, main_cols, m, pos, vals, vstride, tail_any);
             if (by_count) {
                 for (int64_t t = 0; t < T; t++) {
                     const float *x = tr + t * FCH;
@@ -448,22 +393,8 @@ MULTI int64_t tv_ties_block(const float *restrict d, int64_t ld, int64_t T, int6
             } else {
                 torch_colsum(tr, FCH, T, len, ilp, mass, tmp);
             }
-            for (int64_t j = 0; j < len; j++) {
-                e[j] = (float)(mass[j] >= 0.0f) * 2.0f - 1.0f;
-                cnt[j] = 0.0f;
-            }
-            for (int64_t t = 0; t < T; t++) {
-                const float *x = tr + t * FCH;
-                float *y = q + t * FCH;
-                const float wt = w[t];
-                for (int64_t j = 0; j < len; j++) {
-                    const float ag = (float)(x[j] * e[j] > 0.0f);
-                    cnt[j] += ag;
-                    y[j] = (x[j] * wt) * ag;
-                }
-            }
+            elect_chunk(tr, FCH, T, len, mass, w, q, FCH, e, cnt);
             torch_colsum(q, FCH, T, len, ilp, mass, tmp); /* the total, in mass's buffer */
-            for (int64_t j = 0; j < len; j++) cnt[j] = cnt[j] < 1.0f ? 1.0f : cnt[j];
             float *o = out + j0;
             for (int64_t j = 0; j < len; j++) o[j] = mass[j] / cnt[j];
         }

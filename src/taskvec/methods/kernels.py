@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ def _lib() -> ctypes.CDLL | None:
         lib.tv_exact_trim.restype = None
         lib.tv_colsum.argtypes = [_P, _I, _I, _I, _I, _P]
         lib.tv_colsum.restype = _I
-        lib.tv_ties_block.argtypes = [_P, _I, _I, _I, _I, _I, _P, _P, _P, _I, _P, _P, _P, _P, _I, _P]
+        lib.tv_ties_block.argtypes = [_P, _I, _I, _I, _I, _P, _P, _I, _P, _I, _P, _P, _P, _P, _I, _P]
         lib.tv_ties_block.restype = _I
     _loaded[:] = [lib]
     return lib
@@ -76,12 +77,27 @@ def trim_block(
     pos[:m] and their values in vals[:, :m]; `tail` says whether a column from `main` on has one.
     `pos` (int64, n) and `vals` (T, n) are buffers of the caller."""
     lib = _lib()
-    assert lib is not None and fits(d, lo, hi, trimmed, vals) and trimmed.is_contiguous()
-    assert lo.is_contiguous() and hi.is_contiguous()
+    assert lib is not None and fits(trimmed) and trimmed.is_contiguous()
+    return _block(lib.tv_trim_block, d, lo, hi, main, [trimmed.data_ptr()], pos, vals)
+
+
+def _block(
+    kernel: Callable[..., int],
+    d: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    main: int,
+    specific: list[int],
+    pos: torch.Tensor,
+    vals: torch.Tensor,
+) -> tuple[torch.Tensor, int, bool]:
+    """Call a block kernel: (d, its row stride, T, n, main, lo, hi, *specific, above, pos, vals,
+    vals' row stride, tail flag) -> (above, m, tail)."""
+    assert fits(d, lo, hi, vals) and lo.is_contiguous() and hi.is_contiguous() and pos.dtype == torch.int64
     t, n = d.shape
     above = torch.zeros(t, dtype=torch.int64)
     tail = ctypes.c_int64(0)
-    m = lib.tv_trim_block(
+    m = kernel(
         d.data_ptr(),
         d.stride(0),
         t,
@@ -89,13 +105,15 @@ def trim_block(
         main,
         lo.data_ptr(),
         hi.data_ptr(),
-        trimmed.data_ptr(),
+        *specific,
         above.data_ptr(),
         pos.data_ptr(),
         vals.data_ptr(),
         vals.stride(0),
         ctypes.addressof(tail),
     )
+    if m < 0:
+        raise MemoryError("taskvec kernel: out of memory")
     return above, int(m), bool(tail.value)
 
 
@@ -225,29 +243,7 @@ def ties_block(
     (n,), bit-identical to `elect_and_merge` of `trim_block`'s output; returns what `trim_block`
     returns. `group` is `sum_group(T)`; `by_count` elects the sign by count instead of mass."""
     lib = _lib()
-    assert lib is not None and fits(d, lo, hi, weights, out, vals) and out.is_contiguous()
-    assert lo.is_contiguous() and hi.is_contiguous() and weights.is_contiguous() and d.shape[1] >= MIN_COLS
-    t, n = d.shape
-    above = torch.zeros(t, dtype=torch.int64)
-    tail = ctypes.c_int64(0)
-    m = lib.tv_ties_block(
-        d.data_ptr(),
-        d.stride(0),
-        t,
-        n,
-        main,
-        group,
-        lo.data_ptr(),
-        hi.data_ptr(),
-        weights.data_ptr(),
-        int(by_count),
-        out.data_ptr(),
-        above.data_ptr(),
-        pos.data_ptr(),
-        vals.data_ptr(),
-        vals.stride(0),
-        ctypes.addressof(tail),
-    )
-    if m < 0:
-        raise MemoryError("fused TIES kernel: out of memory")
-    return above, int(m), bool(tail.value)
+    assert lib is not None and fits(weights, out) and out.is_contiguous() and weights.is_contiguous()
+    assert d.shape[1] >= MIN_COLS
+    specific = [group, weights.data_ptr(), int(by_count), out.data_ptr()]
+    return _block(lib.tv_ties_block, d, lo, hi, main, specific, pos, vals)

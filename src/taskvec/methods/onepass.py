@@ -156,7 +156,7 @@ def merge_tensor(job: Trim) -> torch.Tensor | None:
                 for i, src in enumerate(sources):
                     read_into(src, key, s, e, d[i])
             if group is not None and e - s >= kernels.MIN_COLS:
-                return [_ties_block(d, s, lo, hi, weights, combine, group, out)]
+                return [_merge_block(d, s, lo, hi, weights, combine, out, group)]
             return [_merge_block(d[:, a:b], s + a, lo, hi, weights, combine, out) for a, b in _parts(e - s)]
 
         # The kept columns go to two buffers allocated once (pages are mapped as they fill): many
@@ -269,18 +269,24 @@ def _merge_block(
     weights: torch.Tensor,
     combine: Combine,
     out: torch.Tensor,
+    group: int | None = None,
 ) -> _Block:
     """Merge block d (T, L) at flat `s` as if each threshold were hi; note what the exact one may change.
-    Masks are 0/1 floats in per-thread buffers (float ops are the fast ones on CPU, and no large
-    allocation per block)."""
+    With `group` (`_fused_group`), TIES in one call of the fused kernel; else the trim kernel and
+    the method's combine, or torch operations alone: the same output, bit for bit. Masks are 0/1
+    floats in per-thread buffers (float ops are the fast ones on CPU, and no large allocation per
+    block)."""
     t, n = d.shape
-    a, keep = _buffers(t, n, d.dtype)
     main = n - n % LAYOUT
+    if group is not None:
+        by_count = combine.ties_majority == "frequency"
+        w, part = weights, out[s : s + n]
+        return _kept_block(
+            d, s, main, lambda pos, vals: kernels.ties_block(d, lo, hi, w, by_count, group, main, part, pos, vals)
+        )
+    a, keep = _buffers(t, n, d.dtype)
     if kernels.fits(d, keep, lo, hi) and lo.is_contiguous() and hi.is_contiguous() and kernels.available():
-        pos, vals = _kept_buffers(t, n)
-        above, m, tail_any = kernels.trim_block(d, lo, hi, main, keep, pos, vals)
-        tail = (s + main, d[:, main:].clone()) if tail_any else None
-        block = _Block(above, pos[:m] + s, vals[:, :m].clone(), tail, m + (n - main if tail is not None else 0))
+        block = _kept_block(d, s, main, lambda pos, vals: kernels.trim_block(d, lo, hi, main, keep, pos, vals))
         out[s : s + n] = combine(keep, weights, a)
         return block
     torch.abs(d, out=a)
@@ -304,22 +310,17 @@ def _fused_group(combine: Combine, weights: torch.Tensor, lo: torch.Tensor, hi: 
     return kernels.sum_group(t)
 
 
-def _ties_block(
+def _kept_block(
     d: torch.Tensor,
     s: int,
-    lo: torch.Tensor,
-    hi: torch.Tensor,
-    weights: torch.Tensor,
-    combine: Combine,
-    group: int,
-    out: torch.Tensor,
+    main: int,
+    kernel: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int, bool]],
 ) -> _Block:
-    """`_merge_block` of TIES over a whole block in one kernel call (the same output, bit for bit)."""
+    """The `_Block` of block d at flat `s` from a block kernel that lists the kept-aside columns
+    into a thread's buffers (`kernel(pos, vals) -> (above, m, tail)`)."""
     t, n = d.shape
-    main = n - n % LAYOUT
     pos, vals = _kept_buffers(t, n)
-    by_count = combine.ties_majority == "frequency"
-    above, m, tail_any = kernels.ties_block(d, lo, hi, weights, by_count, group, main, out[s : s + n], pos, vals)
+    above, m, tail_any = kernel(pos, vals)
     tail = (s + main, d[:, main:].clone()) if tail_any else None
     return _Block(above, pos[:m] + s, vals[:, :m].clone(), tail, m + (n - main if tail is not None else 0))
 
