@@ -286,3 +286,22 @@ def test_evaluate_given_coefficients(toy) -> None:
         evaluate_composer(c, toy.test, coefficients=torch.zeros(n - 1, t, b))
     with pytest.raises(ConfigError, match="deterministic"):
         evaluate_composer(c, toy.test, mode="mc", coefficients=own)
+
+
+def test_initial_weights_depend_on_the_seed_alone(toy) -> None:
+    """build_composer draws the coefficient network from its own seed, whatever the caller's
+    random state, and leaves that state as it was."""
+
+    def init(seed: int, other: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(other)
+        torch.rand(3)
+        state = torch.random.get_rng_state()
+        c = build_composer(
+            copy.deepcopy(toy.backbone), toy.task_vectors, toy.heads, 16, preset("variational"), seed=seed
+        )
+        assert torch.equal(torch.random.get_rng_state(), state)
+        return c.coef.state_dict()
+
+    a, b, c = init(3, other=1), init(3, other=2), init(4, other=1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)

@@ -97,8 +97,11 @@ def build_composer(
     forward_fn: ForwardFn = default_forward,
     task_names: Sequence[str] | None = None,
     blocks: Any = None,
+    seed: int = 0,
 ) -> Composer:
-    """Untrained composer; the backbone is put in eval mode and frozen (it is not copied)."""
+    """Untrained composer; the backbone is put in eval mode and frozen (it is not copied). The
+    coefficient network's initial weights are a function of `seed` alone: they are drawn from
+    torch's generator seeded with it, and the caller's random state is left as it was."""
     backbone.eval()
     model = ComposedModel(
         backbone,
@@ -110,7 +113,9 @@ def build_composer(
         forward_fn=forward_fn,
         task_names=task_names,
     )
-    coef = build_coefficients(config, feature_dim, model.num_tasks, model.num_blocks)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        coef = build_coefficients(config, feature_dim, model.num_tasks, model.num_blocks)
     ref = next(iter(backbone.parameters()))
     return Composer(model, heads, coef.to(device=ref.device, dtype=ref.dtype), config, feature_dim).to(ref.device)
 
@@ -333,7 +338,6 @@ def train_composer(
     config = config or ComposeTrainConfig()
     dtype = DTYPES[config.train.dtype]
     backbone.to(dtype=dtype)
-    torch.manual_seed(config.train.seed)  # the network's initial weights: a function of the seed alone
     composer = build_composer(
         backbone,
         task_vectors,
@@ -342,6 +346,7 @@ def train_composer(
         config.composer,
         forward_fn=forward_fn,
         task_names=task_names,
+        seed=config.train.seed,  # the network's initial weights: a function of the seed alone
     )
     return fit(composer, data, config.train, val_data=val_data, max_steps=max_steps)
 
