@@ -5,6 +5,7 @@ and task counts across the points where torch changes its order of summation (5 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -236,16 +237,39 @@ def test_build_cache_and_fallbacks(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert lib is not None and hasattr(lib, "tv_ties_block")
     built = list((tmp_path / "kernels").iterdir())
     assert len(built) == 1 and built[0].suffix == ".so"
-    mtime = built[0].stat().st_mtime_ns
+    inode = built[0].stat().st_ino  # a new build is renamed over it: another inode
     monkeypatch.setattr(native, "_loaded", {})
     assert native.load(kernels._SOURCE) is not None  # found in the cache, not built again
-    assert list((tmp_path / "kernels").iterdir()) == built and built[0].stat().st_mtime_ns == mtime
+    assert list((tmp_path / "kernels").iterdir()) == built and built[0].stat().st_ino == inode
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setenv("TASKVEC_NATIVE", "0")
     assert native.load(kernels._SOURCE) is None
     monkeypatch.delenv("TASKVEC_NATIVE")
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     assert native.load(kernels._SOURCE) is None
+    monkeypatch.delenv("CC")
+    folder = tmp_path / "kernels"
+    day = 86400.0
+    stale, recent = folder / "kernels-0123456789abcdef.so", folder / "kernels-fedcba9876543210.so"
+    others = [folder / "kernels-notes.so", folder / "README.txt", folder / "other-0123456789abcdef.so"]
+    for p in [stale, recent, *others]:
+        p.write_bytes(b"x")
+    now = built[0].stat().st_mtime
+    os.utime(stale, (now - 40 * day, now - 40 * day))
+    os.utime(recent, (now - 2 * day, now - 2 * day))
+    built[0].unlink()  # a new build: the builds no process loaded for 30 days go, nothing else
+    monkeypatch.setattr(native, "_loaded", {})
+    assert native.load(kernels._SOURCE) is not None
+    assert sorted(p.name for p in folder.iterdir()) == sorted([built[0].name, recent.name, *(p.name for p in others)])
+    for p in [recent, *others]:
+        p.unlink()
+    assert "built (" in native.describe(kernels._SOURCE)
+    monkeypatch.setenv("TASKVEC_NATIVE", "0")
+    assert native.describe(kernels._SOURCE) == "off (TASKVEC_NATIVE=0)"
+    monkeypatch.delenv("TASKVEC_NATIVE")
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert native.describe(kernels._SOURCE).startswith("not built: no C compiler")
     monkeypatch.delenv("CC")
     bad = tmp_path / "bad.c"
     bad.write_text("int broken(void) { return }\n")

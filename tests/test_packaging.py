@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from taskvec._optional import MissingDependencyError, require
+from taskvec.methods import kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ["matplotlib", "sklearn", "transformers", "psutil"]
@@ -228,6 +229,7 @@ def test_merge_method_from_an_installed_package(
     row = next(line for line in r.output.splitlines() if "scaled_mean" in line)
     assert "tvplug" in row and "factor=0.5" in row
     assert "taskvec" in next(line for line in r.output.splitlines() if " ties " in line)
+    assert f"CPU kernels of ties and magnitude: {kernels.status()}" in r.output  # built, or why not
     save_file({k: v.float() for k, v in base.items()}, tmp_path / "base.safetensors")
     save_file({k: v.float() for k, v in fts[0].items()}, tmp_path / "ft.safetensors")
     (tmp_path / "m.yaml").write_text(

@@ -7,20 +7,25 @@ sets TASKVEC_NATIVE=0: callers then run torch operations that give the same resu
 slowly. ctypes releases the interpreter lock during a call, so several threads run kernels at once.
 
 `CC` names the compiler (default `cc`). The library is written to a temporary file and renamed
-into place, so processes that build it at the same time never load a half-written one.
+into place, so processes that build it at the same time never load a half-written one. Each
+load marks the library as used; builds of the same C file that no process has loaded for
+`STALE_DAYS` (left by older versions of taskvec) are removed when a new one is built.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -28,9 +33,11 @@ from taskvec.paths import default_cache
 
 FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off"]
 BUILD_TIMEOUT_S = 120
+STALE_DAYS = 30
 
 _lock = threading.Lock()
 _loaded: dict[Path, ctypes.CDLL | None] = {}
+_paths: dict[Path, Path] = {}  # the file each loaded library came from
 
 
 def enabled() -> bool:
@@ -93,6 +100,7 @@ def _build_and_load(source: Path) -> ctypes.CDLL | None:
                 )
                 return None
             os.replace(tmp, lib)
+            _prune(folder, source.stem, keep=lib)
         except (OSError, subprocess.SubprocessError) as e:
             warnings.warn(
                 f"taskvec: cannot build {source.name} into {folder} ({e}); merges run on torch operations (slower)",
@@ -101,9 +109,36 @@ def _build_and_load(source: Path) -> ctypes.CDLL | None:
             )
             return None
     try:
-        return ctypes.CDLL(str(lib))
+        loaded = ctypes.CDLL(str(lib))
+        _paths[source] = lib
+        with contextlib.suppress(OSError):
+            os.utime(lib)  # used now: not stale
+        return loaded
     except OSError as e:
         warnings.warn(
             f"taskvec: cannot load {lib} ({e}); merges run on torch operations (slower)", RuntimeWarning, stacklevel=4
         )
         return None
+
+
+def _prune(folder: Path, stem: str, keep: Path) -> None:
+    """Remove the builds of `stem` (`STEM-<16 hex>.so`, the names `load` gives) other than `keep`
+    that no process has loaded for `STALE_DAYS`; nothing else in the folder is touched."""
+    name = re.compile(re.escape(stem) + r"-[0-9a-f]{16}\.so")
+    limit = time.time() - STALE_DAYS * 86400
+    for path in folder.iterdir():
+        if path != keep and name.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < limit:
+                    path.unlink()
+
+
+def describe(source: Path) -> str:
+    """In a few words, whether the kernels of C file `source` are in use here, and why not."""
+    if not enabled():
+        return "off (TASKVEC_NATIVE=0)"
+    if load(source) is not None:
+        return f"built ({_paths.get(Path(source), '?')})"
+    if compiler() is None or os.name != "posix":
+        return "not built: no C compiler (cc, or $CC); torch operations run instead"
+    return "not built: the build failed (see the warning); torch operations run instead"

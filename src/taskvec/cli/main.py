@@ -218,7 +218,7 @@ def similarity(
 @app.command()
 def methods() -> None:
     """List the registered merge methods and their parameters."""
-    from taskvec.methods import list_methods
+    from taskvec.methods import kernels, list_methods
     from taskvec.methods.registry import method_source
 
     methods = list_methods()
@@ -229,3 +229,4 @@ def methods() -> None:
         ps = ", ".join(f"{n}={f.default!r}" for n, f in m.params.model_fields.items()) or "-"
         t.add_row(m.name, m.summary, ps, method_source(m.name))
     console.print(t)
+    console.print(f"CPU kernels of ties and magnitude: {kernels.status()}")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from taskvec.core.stream import one_torch_thread
-from taskvec.native import load
+from taskvec.native import describe, load
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SOURCE = Path(__file__).with_name("kernels.c")
@@ -55,6 +55,11 @@ def _lib() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the kernels are built and enabled here."""
     return _lib() is not None
+
+
+def status() -> str:
+    """Whether the kernels are in use here, and why not (`taskvec methods` prints it)."""
+    return describe(_SOURCE)
 
 
 def fits(*tensors: torch.Tensor) -> bool:
