@@ -2,10 +2,11 @@
  *
  * Each one does in one pass over a block what takes several torch operations, with the same
  * IEEE operations in the same order per entry (comparisons, products by 0/1 and +-1 factors), so
- * that its output is bit-identical to theirs. The sums across tasks stay with torch: its
- * reduction order is its own, and the kernels only prepare the arrays it sums.
+ * that its output is bit-identical to theirs. The sums across tasks are left to torch, except in
+ * the fused TIES kernel, which repeats torch's own order of summation (see "Column sums in
+ * torch's order" below; kernels.py checks it against torch before using it).
  *
- * Built at first use with the system's C compiler (see taskvec/core/native.py), with
+ * Built at first use with the system's C compiler (see taskvec/native.py), with
  * -ffp-contract=off and no fast-math: every product and comparison is rounded as written.
  */
 #include <stdint.h>
@@ -181,12 +182,14 @@ int64_t tv_abs_order_stats(const float *restrict x, int64_t m, int64_t r_hi, int
     for (; i4 < m; i4++) part[0][abs_key(x[i4]) >> 16]++;
     for (int64_t d = 0; d < (1 << 15); d++)
         hist[d] = (int64_t)part[0][d] + part[1][d] + part[2][d] + part[3][d];
-    /* bins from the top: dh holds the r_hi-th largest, dl the r_lo-th */
-    int64_t above = 0, dh = -1, dl = -1;
+    /* bins from the top: dh holds the r_hi-th largest (`higher` entries are in bins above it),
+     * dl the r_lo-th */
+    int64_t above = 0, higher = 0, dh = -1, dl = -1;
     for (int64_t d = (1 << 15) - 1; d >= 0; d--) {
         const int64_t c = hist[d];
         if (dh < 0 && above + c >= r_hi) {
             dh = d;
+            higher = above;
         }
         if (above + c >= r_lo) {
             dl = d;
@@ -194,9 +197,6 @@ int64_t tv_abs_order_stats(const float *restrict x, int64_t m, int64_t r_hi, int
         }
         above += c;
     }
-    /* entries with a larger bin than dh */
-    int64_t higher = 0;
-    for (int64_t d = (1 << 15) - 1; d > dh; d--) higher += hist[d];
     int64_t k = 0;
     for (int64_t i = 0; i < m; i++) {
         const uint32_t key = abs_key(x[i]);
@@ -292,9 +292,8 @@ MULTI void tv_exact_trim(const float *restrict d, int64_t ld, int64_t T, int64_t
 #define LEVEL_STEP 16 /* rows per cascade level (torch: max(4, ceil(log2(size)) / 4) = 4 bits below 2^20 rows) */
 
 /* sum over rows first, first + step, ... (size of them) of buf (row stride ld), columns [0, len) */
-static inline __attribute__((always_inline)) void cascade_cols(const float *restrict buf, int64_t ld, int64_t first, int64_t step, int64_t size,
-                         int64_t len, float *restrict res, float *restrict a1, float *restrict a2,
-                         float *restrict a3) {
+INLINE void cascade_cols(const float *restrict buf, int64_t ld, int64_t first, int64_t step, int64_t size, int64_t len,
+                         float *restrict res, float *restrict a1, float *restrict a2, float *restrict a3) {
     for (int64_t j = 0; j < len; j++) res[j] = a1[j] = a2[j] = a3[j] = 0.0f;
     int64_t i = 0;
     while (i + LEVEL_STEP <= size) {
@@ -327,8 +326,8 @@ static inline __attribute__((always_inline)) void cascade_cols(const float *rest
 }
 
 /* torch's column sums of buf (T rows, row stride ld) for columns [0, len), all of one kind:
- * cascade (ilp = 0) or four interleaved partials (ilp = 1). tmp holds 8 * len floats. */
-static inline __attribute__((always_inline)) void torch_colsum(const float *restrict buf, int64_t ld, int64_t T, int64_t len, int ilp, float *restrict out,
+ * cascade (ilp = 0) or four interleaved partials (ilp = 1). tmp holds 6 * len floats. */
+INLINE void torch_colsum(const float *restrict buf, int64_t ld, int64_t T, int64_t len, int ilp, float *restrict out,
                          float *restrict tmp) {
     float *a1 = tmp, *a2 = tmp + len, *a3 = tmp + 2 * len;
     if (!ilp) {

@@ -152,7 +152,7 @@ def abs_order_stats(x: torch.Tensor, r_hi: int, r_lo: int) -> tuple[float, float
     work = torch.empty(x.numel(), dtype=torch.int32)
     out = torch.empty(2, dtype=torch.float32)
     if lib.tv_abs_order_stats(x.data_ptr(), x.numel(), r_hi, r_lo, work.data_ptr(), out.data_ptr()) != 0:
-        raise ValueError(f"ranks {r_hi}, {r_lo} out of range for {x.numel()} entries")
+        raise ValueError(f"ranks {r_hi}, {r_lo} out of range for {x.numel()} entries (or out of memory)")
     hi, lo = out.tolist()
     return hi, lo
 

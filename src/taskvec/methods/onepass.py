@@ -280,9 +280,9 @@ def _merge_block(
     main = n - n % LAYOUT
     if group is not None:
         by_count = combine.ties_majority == "frequency"
-        w, part = weights, out[s : s + n]
+        part = out[s : s + n]
         return _kept_block(
-            d, s, main, lambda pos, vals: kernels.ties_block(d, lo, hi, w, by_count, group, main, part, pos, vals)
+            d, s, main, lambda pos, vals: kernels.ties_block(d, lo, hi, weights, by_count, group, main, part, pos, vals)
         )
     a, keep = _buffers(t, n, d.dtype)
     if kernels.fits(d, keep, lo, hi) and lo.is_contiguous() and hi.is_contiguous() and kernels.available():
